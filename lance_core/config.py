@@ -1,0 +1,163 @@
+"""Typed, validated model configs and the two presets: ``tiny`` (CPU, seconds) and ``lance-3b``.
+
+Every config is a pydantic model with ``extra="forbid"``; :func:`load_config` turns a validation failure
+into a :class:`ConfigError` whose message names the field, the bad value and the allowed values.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+AttentionBackend = Literal["auto", "sdpa", "flex", "flash"]
+
+
+class ConfigError(ValueError):
+    """A config field is missing, unknown or out of range; the message names it."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class VAEConfig(StrictModel):
+    """Wan2.2 VAE (diffusers ``AutoencoderKLWan``). ``path`` is a diffusers folder or the original ``.pth``."""
+
+    preset: Literal["tiny", "wan2.2"] = "tiny"
+    path: str | None = None
+    """Weights: a diffusers model folder, or the original single-file ``Wan2.2_VAE.pth``. None = random init."""
+    latent_channels: int = Field(48, gt=0)
+    spatial_ratio: int = Field(16, gt=0)
+    temporal_ratio: int = Field(4, gt=0)
+    base_dim: int = Field(160, gt=0)
+    decoder_base_dim: int = Field(256, gt=0)
+    num_res_blocks: int = Field(2, gt=0)
+    seed: int = 0
+    """Seed of the random initialisation when ``path`` is None (tests, demo)."""
+
+
+class ViTConfig(StrictModel):
+    """Qwen2.5-VL vision tower (transformers). ``path`` is a Qwen2.5-VL checkpoint folder."""
+
+    preset: Literal["tiny", "qwen2.5-vl-3b"] = "tiny"
+    path: str | None = None
+    depth: int = Field(32, gt=0)
+    hidden_size: int = Field(1280, gt=0)
+    intermediate_size: int = Field(3420, gt=0)
+    num_heads: int = Field(16, gt=0)
+    out_hidden_size: int = Field(2048, gt=0)
+    patch_size: int = Field(14, gt=0)
+    temporal_patch_size: int = Field(2, gt=0)
+    spatial_merge_size: int = Field(2, gt=0)
+    window_size: int = Field(112, gt=0)
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    seed: int = 0
+
+
+class ModelConfig(StrictModel):
+    """The dual-stream (UND + GEN) decoder over Qwen2.5-VL. Sizes as MODEL.md."""
+
+    preset: str = "custom"
+    hidden_size: int = Field(gt=0)
+    num_layers: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    num_kv_heads: int = Field(gt=0)
+    head_dim: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0)
+    vocab_size: int = Field(gt=0)
+    """Rows of the embedding and lm_head; logits are cut to the tokenizer's length."""
+    rope_theta: float = Field(1_000_000.0, gt=0)
+    mrope_section: tuple[int, int, int] = (16, 24, 24)
+    """Rotary frequency pairs given to the (t, h, w) axes; sums to head_dim / 2."""
+    rms_norm_eps: float = Field(1e-6, gt=0)
+    latent_channels: int = Field(48, gt=0)
+    latent_grid: int = Field(64, gt=0)
+    """Side of the fixed latent position table (64 x 64 latent tokens, 1024 px)."""
+    max_latent_frames: int = Field(31, gt=0)
+    timestep_freq_dim: int = Field(256, gt=0)
+    qk_norm: bool = True
+    """Per-head RMSNorm on q and k in both experts."""
+    mape: bool = True
+    """Modality-aware temporal position offsets (MaPE)."""
+    attention_backend: AttentionBackend = "auto"
+    flex_block_size: int = Field(128, gt=0)
+    tokens_per_second: float = Field(2.0, gt=0)
+    """mRoPE temporal step per ViT grid frame (Qwen2.5-VL: tokens_per_second x seconds per grid)."""
+    initializer_range: float = Field(0.02, gt=0)
+    vit: ViTConfig = ViTConfig()
+    vae: VAEConfig = VAEConfig()
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> "ModelConfig":
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if sum(self.mrope_section) * 2 != self.head_dim:
+            raise ValueError(f"mrope_section {self.mrope_section} must sum to head_dim / 2 = {self.head_dim // 2}")
+        if self.vit.out_hidden_size != self.hidden_size:
+            raise ValueError(
+                f"vit.out_hidden_size ({self.vit.out_hidden_size}) must equal hidden_size ({self.hidden_size})"
+            )
+        if self.vae.latent_channels != self.latent_channels:
+            raise ValueError(
+                f"vae.latent_channels ({self.vae.latent_channels}) must equal latent_channels "
+                f"({self.latent_channels})"
+            )
+        return self
+
+    @property
+    def kv_groups(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+TINY_VIT = dict(
+    preset="tiny", depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+    patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=56, fullatt_block_indexes=(1,),
+)
+TINY_VAE = dict(preset="tiny", base_dim=16, decoder_base_dim=16, num_res_blocks=1)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        preset="tiny", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+        intermediate_size=128, vocab_size=512, rope_theta=10_000.0, mrope_section=(2, 3, 3),
+        vit=TINY_VIT, vae=TINY_VAE,
+    ),
+    "lance-3b": dict(
+        preset="lance-3b", hidden_size=2048, num_layers=36, num_heads=16, num_kv_heads=2, head_dim=128,
+        intermediate_size=11008, vocab_size=151936, rope_theta=1_000_000.0, mrope_section=(16, 24, 24),
+        vit=dict(preset="qwen2.5-vl-3b"), vae=dict(preset="wan2.2"),
+    ),
+}
+
+T = TypeVar("T", bound=BaseModel)
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for item in err.errors():
+        field = ".".join(str(p) for p in (prefix, *item["loc"]) if p != "") or "<root>"
+        value = item.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"  {field}: {item['msg']}{shown}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def load_config(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
+    """Validate ``data`` into ``cls``; raise :class:`ConfigError` naming every bad field."""
+    try:
+        return cls.model_validate(data or {})
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, prefix)) from None
+
+
+def model_preset(name: str, **overrides: Any) -> ModelConfig:
+    """Build a preset (``tiny`` or ``lance-3b``) with optional field overrides."""
+    if name not in PRESETS:
+        raise ConfigError(f"model.preset: unknown preset {name!r}; allowed: {', '.join(sorted(PRESETS))}")
+    data = {**PRESETS[name]}
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return load_config(ModelConfig, data, prefix="model")

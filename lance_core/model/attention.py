@@ -1,0 +1,124 @@
+"""Packed attention for the generalized 3D causal mask of Lance, with interchangeable backends.
+
+Mask rule (MODEL.md): a query sees a key only inside its own packed sample; inside one span it sees
+everything when the span is ``full`` or ``noise`` and only earlier tokens when it is ``causal``; it sees
+every token of earlier spans except those of a ``noise`` span (nothing outside a noisy target attends
+to it). :func:`mask_rule` states this once; the dense backend evaluates it on an L x L grid, the flex
+backend evaluates it block-wise so fully masked 128 x 128 blocks cost nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+try:  # flex attention: torch >= 2.5
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # pragma: no cover - old torch
+    BlockMask = create_block_mask = flex_attention = None
+
+try:  # flash-attention on CUDA, only when installed (extra "gpu")
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
+
+
+def mask_rule(sample, span, bidirectional, noise, q_idx, kv_idx):
+    same_sample = sample[q_idx] == sample[kv_idx]
+    same_span = span[q_idx] == span[kv_idx]
+    inside = same_span & (bidirectional[q_idx] | (kv_idx <= q_idx))
+    earlier = ~same_span & (kv_idx < q_idx) & ~noise[kv_idx]
+    return same_sample & (inside | earlier)
+
+
+@dataclass
+class AttentionLayout:
+    """Per-token span structure of a packed sequence (see ``PackedBatch``)."""
+
+    sample: torch.Tensor
+    span: torch.Tensor
+    bidirectional: torch.Tensor
+    noise: torch.Tensor
+
+    @classmethod
+    def from_batch(cls, batch) -> "AttentionLayout":
+        return cls(batch.sample_index, batch.span_index, batch.span_bidirectional, batch.span_noise)
+
+    def __len__(self) -> int:
+        return int(self.sample.numel())
+
+    def dense_mask(self) -> torch.Tensor:
+        idx = torch.arange(len(self), device=self.sample.device)
+        return mask_rule(self.sample, self.span, self.bidirectional, self.noise, idx[:, None], idx[None, :])
+
+    def block_mask(self, block_size: int = 128) -> "BlockMask":
+        sample, span, bidir, noise = self.sample, self.span, self.bidirectional, self.noise
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return mask_rule(sample, span, bidir, noise, q_idx, kv_idx)
+
+        n = len(self)
+        return create_block_mask(mask_mod, None, None, n, n, device=self.sample.device, BLOCK_SIZE=block_size)
+
+    def is_single_bidirectional_span(self) -> bool:
+        return bool((self.span == self.span[0]).all() and self.bidirectional.all())
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """``auto`` picks flex on GPU and dense SDPA on CPU; an unavailable backend is a clear error."""
+    if name == "auto":
+        return "flex" if (device.type == "cuda" and flex_attention is not None) else "sdpa"
+    if name == "flex" and flex_attention is None:
+        raise RuntimeError("attention_backend='flex' needs torch >= 2.5 (torch.nn.attention.flex_attention)")
+    if name == "flash" and (flash_attn_func is None or device.type != "cuda"):
+        raise RuntimeError("attention_backend='flash' needs the flash-attn package and a CUDA device")
+    return name
+
+
+def packed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout, backend: str,
+    block_mask: "BlockMask | None" = None,
+) -> torch.Tensor:
+    """q (H, L, d), k/v (H_kv, L, d) -> (H, L, d) under the packed mask."""
+    if backend == "flex":
+        if block_mask is None:
+            block_mask = layout.block_mask()
+        run = _compiled_flex() if q.device.type in ("cuda", "cpu") else flex_attention
+        out = run(q[None], k[None], v[None], block_mask=block_mask, enable_gqa=True)
+        return out[0]
+    if backend == "flash":
+        if layout.is_single_bidirectional_span():
+            return _flash(q, k, v)
+        backend = "flex"
+        return packed_attention(q, k, v, layout, backend, block_mask)
+    mask = layout.dense_mask()
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask[None, None], enable_gqa=True)[0]
+
+
+def cached_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_prefix: torch.Tensor, v_prefix: torch.Tensor,
+    layout: AttentionLayout, backend: str,
+) -> torch.Tensor:
+    """New tokens (q, k, v) of one sample after a cached prefix: every query sees the whole prefix, and the
+    new tokens among themselves follow ``layout``."""
+    keys = torch.cat([k_prefix, k], dim=1)
+    values = torch.cat([v_prefix, v], dim=1)
+    if backend == "flash" and layout.is_single_bidirectional_span():
+        return _flash(q, keys, values)
+    prefix_visible = torch.ones(q.shape[1], k_prefix.shape[1], dtype=torch.bool, device=q.device)
+    mask = torch.cat([prefix_visible, layout.dense_mask()], dim=1)
+    return F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask[None, None],
+                                          enable_gqa=True)[0]
+
+
+def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    out = flash_attn_func(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], causal=False)
+    return out[0].transpose(0, 1)

@@ -1,0 +1,160 @@
+"""The Lance model: shared embedding and heads around a stack of dual-stream layers.
+
+Module names follow the released checkpoint (``language_model.model.layers.{i}.self_attn.q_proj...``,
+``..._moe_gen`` for the GEN expert, ``time_embedder``, ``vae2llm``, ``llm2vae``, ``latent_pos_embed``),
+so ``state_dict()`` already carries the Lance key names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import ModelConfig
+from .attention import AttentionLayout, resolve_backend
+from .embeddings import LatentPositionTable, TimestepEmbedder
+from .layer import DualStreamLayer, LayerCache, Routing, routed
+from .norms import RMSNorm
+from .rotary import mrope_cos_sin
+
+
+class _TextModel(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DualStreamLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class _LanguageModel(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.model = _TextModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+
+@dataclass
+class TokenInputs:
+    """What the backbone reads for a run of tokens (a packed batch or a slice of one)."""
+
+    input_ids: torch.Tensor
+    is_gen: torch.Tensor
+    position_ids: torch.Tensor
+    layout: AttentionLayout
+    vae_positions: torch.Tensor
+    vae_values: torch.Tensor
+    vae_timesteps: torch.Tensor
+    vae_grid: torch.Tensor
+    vit_positions: torch.Tensor
+    vit_features: torch.Tensor
+
+    @classmethod
+    def from_batch(cls, batch, vae_values=None, vae_timesteps=None) -> "TokenInputs":
+        """``vae_values``/``vae_timesteps`` default to the clean latents at t = 0."""
+        values = batch.vae_latents if vae_values is None else vae_values
+        times = torch.zeros(values.shape[0], device=values.device) if vae_timesteps is None else vae_timesteps
+        return cls(batch.input_ids, batch.is_gen, batch.position_ids, AttentionLayout.from_batch(batch),
+                   batch.vae_positions, values, times, batch.vae_grid, batch.vit_positions, batch.vit_features)
+
+
+class LanceModel(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.language_model = _LanguageModel(cfg)
+        self.time_embedder = TimestepEmbedder(cfg.hidden_size, cfg.timestep_freq_dim)
+        self.vae2llm = nn.Linear(cfg.latent_channels, cfg.hidden_size)
+        self.llm2vae = nn.Linear(cfg.hidden_size, cfg.latent_channels)
+        self.latent_pos_embed = LatentPositionTable(cfg.hidden_size, cfg.latent_grid, cfg.max_latent_frames)
+        self.gradient_checkpointing = False
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------------------------------ setup
+    def reset_parameters(self) -> None:
+        if any(p.device.type == "meta" for p in self.parameters()):
+            return
+        std = self.cfg.initializer_range
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        self.latent_pos_embed.rebuild()
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.language_model.model.layers
+
+    def und_modules(self) -> list[nn.Module]:
+        """Modules of the UND expert (text / ViT tokens), the ``_moe_gen``-free half of every layer."""
+        return [m for name, m in self.named_modules() if name and "_moe_gen" not in name]
+
+    def gen_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """GEN expert and the latent-token modules (what GRPO trains)."""
+        return [(n, p) for n, p in self.named_parameters()
+                if "_moe_gen" in n or n.split(".")[0] in ("time_embedder", "vae2llm", "llm2vae")]
+
+    # ------------------------------------------------------------------------------------------ forward
+    def embed(self, inputs: TokenInputs) -> torch.Tensor:
+        h = self.language_model.model.embed_tokens(inputs.input_ids)
+        if inputs.vit_positions.numel():
+            h = h.index_copy(0, inputs.vit_positions, inputs.vit_features.to(h.dtype))
+        if inputs.vae_positions.numel():
+            vae = (self.vae2llm(inputs.vae_values.to(h.dtype))
+                   + self.time_embedder(inputs.vae_timesteps)
+                   + self.latent_pos_embed(inputs.vae_grid).to(h.dtype))
+            h = h.index_copy(0, inputs.vae_positions, vae)
+        return h
+
+    def backbone(
+        self, inputs: TokenInputs, cache: list[LayerCache] | None = None, keep_cache: bool = False,
+    ) -> tuple[torch.Tensor, list[LayerCache] | None]:
+        """Embeddings -> layers -> per-expert final norm. With ``cache`` the tokens continue a prefix."""
+        cfg = self.cfg
+        h = self.embed(inputs)
+        routing = Routing.from_mask(inputs.is_gen)
+        cos, sin = mrope_cos_sin(inputs.position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, h.dtype)
+        backend = resolve_backend(cfg.attention_backend, h.device)
+        block_mask = inputs.layout.block_mask(cfg.flex_block_size) if backend == "flex" and cache is None else None
+        new_caches = [] if keep_cache else None
+        for index, layer in enumerate(self.layers):
+            layer_cache = cache[index] if cache is not None else None
+            args = (routing, cos, sin, inputs.layout, backend, block_mask, layer_cache, keep_cache)
+            if self.gradient_checkpointing and self.training:
+                h, new = checkpoint(layer, h, *args, use_reentrant=False)
+            else:
+                h, new = layer(h, *args)
+            if keep_cache:
+                new_caches.append(new)
+        model = self.language_model.model
+        return routed(h, model.norm, model.norm_moe_gen, routing), new_caches
+
+    def text_logits(self, hidden: torch.Tensor, vocab_limit: int | None = None) -> torch.Tensor:
+        logits = self.language_model.lm_head(hidden)
+        return logits[..., :vocab_limit] if vocab_limit else logits
+
+    def velocity(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.llm2vae(hidden)
+
+    def forward(self, inputs: TokenInputs) -> torch.Tensor:
+        return self.backbone(inputs)[0]
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    """Build :class:`LanceModel`; ``device="meta"`` allocates nothing (parameter counting, sharded init)."""
+    if device is not None and str(device) == "meta":
+        with torch.device("meta"):
+            model = LanceModel(cfg)
+    else:
+        model = LanceModel(cfg)
+        if device is not None or dtype is not None:
+            model = model.to(device=device, dtype=dtype)
+    return model
