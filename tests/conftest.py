@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip("../shared is not present next to the project")
+    return SHARED
+
+
+@pytest.fixture
+def tokenizer():
+    from lance_core.tokenizer import ByteTokenizer
+
+    return ByteTokenizer()
+
+
+@pytest.fixture
+def tiny_cfg():
+    from lance_core.config import model_preset
+
+    return model_preset("tiny")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
