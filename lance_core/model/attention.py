@@ -4,7 +4,8 @@ Mask rule (MODEL.md): a query sees a key only inside its own packed sample; insi
 everything when the span is ``full`` or ``noise`` and only earlier tokens when it is ``causal``; it sees
 every token of earlier spans except those of a ``noise`` span (nothing outside a noisy target attends
 to it). :func:`mask_rule` states this once; the dense backend evaluates it on an L x L grid, the flex
-backend evaluates it block-wise so fully masked 128 x 128 blocks cost nothing.
+backend evaluates it block-wise so fully masked 128 x 128 blocks cost nothing, and the flash backend
+(CUDA, flash-attn installed) runs the same mask as variable-length segments (``varlen.py``).
 """
 
 from __future__ import annotations
@@ -83,22 +84,37 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return name
 
 
-def packed_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout, backend: str,
-    block_mask: "BlockMask | None" = None,
-) -> torch.Tensor:
-    """q (H, L, d), k/v (H_kv, L, d) -> (H, L, d) under the packed mask."""
-    if backend == "flex":
-        if block_mask is None:
-            block_mask = layout.block_mask()
-        run = _compiled_flex() if q.device.type in ("cuda", "cpu") else flex_attention
-        out = run(q[None], k[None], v[None], block_mask=block_mask, enable_gqa=True)
-        return out[0]
+def prepare_attention(layout: AttentionLayout, backend: str, block_size: int):
+    """Work shared by all layers of one forward: the flex block mask or the flash varlen plan.
+
+    Returns (backend, prepared); a layout flash cannot express falls back to flex."""
     if backend == "flash":
-        if layout.is_single_bidirectional_span():
-            return _flash(q, k, v)
+        from .varlen import varlen_plan
+
+        plan = varlen_plan(layout)
+        if plan is not None:
+            return backend, plan
         backend = "flex"
-        return packed_attention(q, k, v, layout, backend, block_mask)
+    if backend == "flex":
+        return backend, layout.block_mask(block_size)
+    return backend, None
+
+
+def packed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout, backend: str, prepared=None,
+) -> torch.Tensor:
+    """q (H, L, d), k/v (H_kv, L, d) -> (H, L, d) under the packed mask.
+
+    ``prepared`` is what :func:`prepare_attention` returned for this layout (computed when None)."""
+    if prepared is None and backend in ("flex", "flash"):
+        backend, prepared = prepare_attention(layout, backend, 128)
+    if backend == "flex":
+        run = _compiled_flex() if q.device.type in ("cuda", "cpu") else flex_attention
+        return run(q[None], k[None], v[None], block_mask=prepared, enable_gqa=True)[0]
+    if backend == "flash":
+        from .varlen import flash_varlen_attention
+
+        return flash_varlen_attention(q, k, v, prepared)
     mask = layout.dense_mask()
     return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask[None, None], enable_gqa=True)[0]
 

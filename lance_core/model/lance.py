@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
-from .attention import AttentionLayout, resolve_backend
+from .attention import AttentionLayout, prepare_attention, resolve_backend
 from .embeddings import LatentPositionTable, TimestepEmbedder
 from .layer import DualStreamLayer, LayerCache, Routing, routed
 from .norms import RMSNorm
@@ -123,11 +123,13 @@ class LanceModel(nn.Module):
         routing = Routing.from_mask(inputs.is_gen)
         cos, sin = mrope_cos_sin(inputs.position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, h.dtype)
         backend = resolve_backend(cfg.attention_backend, h.device)
-        block_mask = inputs.layout.block_mask(cfg.flex_block_size) if backend == "flex" and cache is None else None
+        prepared = None
+        if cache is None:
+            backend, prepared = prepare_attention(inputs.layout, backend, cfg.flex_block_size)
         new_caches = [] if keep_cache else None
         for index, layer in enumerate(self.layers):
             layer_cache = cache[index] if cache is not None else None
-            args = (routing, cos, sin, inputs.layout, backend, block_mask, layer_cache, keep_cache)
+            args = (routing, cos, sin, inputs.layout, backend, prepared, layer_cache, keep_cache)
             if self.gradient_checkpointing and self.training:
                 h, new = checkpoint(layer, h, *args, use_reentrant=False)
             else:

@@ -93,11 +93,11 @@ class DualStreamAttention(nn.Module):
         q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # (heads, L, d)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
-    def forward(self, x, routing, cos, sin, layout: AttentionLayout, backend: str, block_mask=None,
+    def forward(self, x, routing, cos, sin, layout: AttentionLayout, backend: str, prepared=None,
                 cache: LayerCache | None = None, keep_cache: bool = False):
         q, k, v = self.qkv(x, routing, cos, sin)
         if cache is None:
-            out = packed_attention(q, k, v, layout, backend, block_mask)
+            out = packed_attention(q, k, v, layout, backend, prepared)
         else:
             out = cached_attention(q, k, v, cache.keys, cache.values, layout, backend)
         new_cache = None
@@ -119,9 +119,9 @@ class DualStreamLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, routing, cos, sin, layout, backend, block_mask=None, cache=None, keep_cache=False):
+    def forward(self, x, routing, cos, sin, layout, backend, prepared=None, cache=None, keep_cache=False):
         h = routed(x, self.input_layernorm, self.input_layernorm_moe_gen, routing)
-        attn, new_cache = self.self_attn(h, routing, cos, sin, layout, backend, block_mask, cache, keep_cache)
+        attn, new_cache = self.self_attn(h, routing, cos, sin, layout, backend, prepared, cache, keep_cache)
         x = x + attn
         h = routed(x, self.post_attention_layernorm, self.post_attention_layernorm_moe_gen, routing)
         return x + routed(h, self.mlp, self.mlp_moe_gen, routing), new_cache
