@@ -98,3 +98,20 @@ def test_cached_text_decoding_matches_uncached(tokenizer, tiny_cfg):
     sampled = generate_text(model, tokenizer, prompt, max_new_tokens=8, temperature=1.0, top_p=0.9,
                             generator=torch.Generator().manual_seed(0))
     assert all(0 <= t < len(tokenizer) for t in sampled)
+
+
+def test_editing_uses_source_conditions_and_pixel_aligned_positions(tokenizer, tiny_cfg):
+    model = build_model(tiny_cfg).eval()
+    source = VisualInput(latents=torch.randn(1, 2, 3, 48), vit_features=torch.randn(4, 64), vit_grid=(1, 2, 2))
+    sample = build_generation_sample(tokenizer, "i2i", "make it blue", torch.zeros(1, 2, 3, 48), source=source)
+    state = prepare_prefix(model, sample, "cpu")
+    batch = pack_samples([sample])
+    source_tokens = torch.nonzero(batch.token_kind == 2).squeeze(1)
+    assert torch.equal(state.noisy.position_ids, batch.position_ids[:, source_tokens])
+    cfg = SamplingConfig(steps=3)
+    a = generate_latents(model, tokenizer, "i2i", "make it blue", (1, 2, 3), cfg, source=source,
+                         generator=torch.Generator().manual_seed(0))
+    other = VisualInput(latents=torch.randn(1, 2, 3, 48), vit_features=torch.randn(4, 64), vit_grid=(1, 2, 2))
+    b = generate_latents(model, tokenizer, "i2i", "make it blue", (1, 2, 3), cfg, source=other,
+                         generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(a, b)
