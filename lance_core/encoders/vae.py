@@ -1,0 +1,220 @@
+"""The Wan2.2 VAE through diffusers' ``AutoencoderKLWan``: 48 latent channels, 16x spatial, 4x causal
+temporal compression (T frames -> (T - 1)/4 + 1 latent frames; T must be 4k + 1).
+
+Latents leave :meth:`WanVAE.encode` normalised per channel, (z - mean) / std with the published Wan2.2
+statistics; posterior samples draw z = mu + sigma·eps before that normalisation, so the noise is scaled
+consistently with it. Weights load from a diffusers folder or from the original single-file checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+from torch import nn
+
+from ..config import VAEConfig
+
+# Per-channel statistics of Wan2.2 VAE latents (Wan2.2 release).
+WAN22_LATENTS_MEAN = (
+    -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813, 0.0891,
+    0.1570, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+    -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230, -0.0313, -0.1649, 0.0117, 0.0723,
+    -0.2839, -0.2083, -0.0520, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667,
+)
+WAN22_LATENTS_STD = (
+    0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901,
+    0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+    0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
+    0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744,
+)
+
+
+def diffusers_config(cfg: VAEConfig) -> dict:
+    full = cfg.preset == "wan2.2"
+    return dict(
+        base_dim=160 if full else cfg.base_dim,
+        decoder_base_dim=256 if full else cfg.decoder_base_dim,
+        z_dim=cfg.latent_channels,
+        dim_mult=[1, 2, 4, 4],
+        num_res_blocks=2 if full else cfg.num_res_blocks,
+        attn_scales=[],
+        temperal_downsample=[False, True, True],
+        dropout=0.0,
+        is_residual=True,
+        in_channels=12,
+        out_channels=12,
+        patch_size=2,
+        scale_factor_temporal=cfg.temporal_ratio,
+        scale_factor_spatial=cfg.spatial_ratio,
+        latents_mean=list(WAN22_LATENTS_MEAN),
+        latents_std=list(WAN22_LATENTS_STD),
+    )
+
+
+# ------------------------------------------------------------------ original single-file checkpoint keys
+_BLOCK_RENAMES = (  # inside residual blocks: original -> diffusers
+    ("residual.0.", "norm1."), ("residual.2.", "conv1."), ("residual.3.", "norm2."), ("residual.6.", "conv2."),
+    ("shortcut.", "conv_shortcut."),
+)
+_FIXED_RENAMES = (
+    (r"^conv1\.", "quant_conv."), (r"^conv2\.", "post_quant_conv."),
+    (r"^(encoder|decoder)\.conv1\.", r"\1.conv_in."),
+    (r"^(encoder|decoder)\.head\.0\.", r"\1.norm_out."), (r"^(encoder|decoder)\.head\.2\.", r"\1.conv_out."),
+    (r"^(encoder|decoder)\.middle\.0\.", r"\1.mid_block.resnets.0."),
+    (r"^(encoder|decoder)\.middle\.1\.", r"\1.mid_block.attentions.0."),
+    (r"^(encoder|decoder)\.middle\.2\.", r"\1.mid_block.resnets.1."),
+)
+
+
+def _original_to_diffusers_key(key: str) -> str:
+    for pattern, replacement in _FIXED_RENAMES:
+        if re.match(pattern, key):
+            key = re.sub(pattern, replacement, key)
+            break
+    sampler = re.match(r"^(encoder|decoder)\.(downsamples|upsamples)\.(\d+)\.\2\.(\d+)\.(.*)$", key)
+    if sampler:
+        side, _, block, _, rest = sampler.groups()
+        blocks = "down_blocks" if side == "encoder" else "up_blocks"
+        if rest.startswith(("resample.", "time_conv.")):
+            return f"{side}.{blocks}.{block}.{'downsampler' if side == 'encoder' else 'upsampler'}.{rest}"
+        key = f"{side}.{blocks}.{block}.resnets.{sampler.group(4)}.{rest}"
+    if ".resnets." in key:
+        for old, new in _BLOCK_RENAMES:
+            key = key.replace("." + old, "." + new)
+    return key
+
+
+def convert_wan_vae_state_dict(original: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Original Wan2.2 VAE keys (``encoder.downsamples.0.downsamples.1.residual.2.weight``, ...) -> diffusers."""
+    return {_original_to_diffusers_key(k): v for k, v in original.items()}
+
+
+def to_original_wan_state_dict(diffusers_sd: dict[str, torch.Tensor], num_res_blocks: int) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`convert_wan_vae_state_dict`. In the original layout a block's resampler follows its
+    resnets: index ``num_res_blocks`` in the encoder, ``num_res_blocks + 1`` in the decoder."""
+    structural = (
+        (r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.downsamples.\1.downsamples.\2."),
+        (r"^encoder\.down_blocks\.(\d+)\.downsampler\.", rf"encoder.downsamples.\1.downsamples.{num_res_blocks}."),
+        (r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.", r"decoder.upsamples.\1.upsamples.\2."),
+        (r"^decoder\.up_blocks\.(\d+)\.upsampler\.", rf"decoder.upsamples.\1.upsamples.{num_res_blocks + 1}."),
+        (r"^(encoder|decoder)\.mid_block\.resnets\.0\.", r"\1.middle.0."),
+        (r"^(encoder|decoder)\.mid_block\.attentions\.0\.", r"\1.middle.1."),
+        (r"^(encoder|decoder)\.mid_block\.resnets\.1\.", r"\1.middle.2."),
+        (r"^(encoder|decoder)\.conv_in\.", r"\1.conv1."),
+        (r"^(encoder|decoder)\.norm_out\.", r"\1.head.0."),
+        (r"^(encoder|decoder)\.conv_out\.", r"\1.head.2."),
+        (r"^quant_conv\.", "conv1."),
+        (r"^post_quant_conv\.", "conv2."),
+    )
+    out = {}
+    for key, value in diffusers_sd.items():
+        new = key
+        if ".resnets." in new:
+            for old, repl in _BLOCK_RENAMES:
+                new = new.replace("." + repl, "." + old)
+        for pattern, replacement in structural:
+            if re.match(pattern, new):
+                new = re.sub(pattern, replacement, new)
+                break
+        out[new] = value
+    return out
+
+
+def _load_single_file(path: str) -> dict[str, torch.Tensor]:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+class WanVAE(nn.Module):
+    """Frozen Wan2.2 VAE with normalised latents; pixels are (B, 3, T, H, W) in [-1, 1]."""
+
+    def __init__(self, cfg: VAEConfig, autoencoder: nn.Module) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.autoencoder = autoencoder
+        self.register_buffer("latents_mean", torch.tensor(autoencoder.config.latents_mean).view(1, -1, 1, 1, 1),
+                             persistent=False)
+        self.register_buffer("latents_std", torch.tensor(autoencoder.config.latents_std).view(1, -1, 1, 1, 1),
+                             persistent=False)
+        self.requires_grad_(False)
+
+    @classmethod
+    def from_config(cls, cfg: VAEConfig) -> "WanVAE":
+        from diffusers import AutoencoderKLWan
+
+        if cfg.path is None:
+            with torch.random.fork_rng():
+                torch.manual_seed(cfg.seed)
+                return cls(cfg, AutoencoderKLWan(**diffusers_config(cfg)))
+        if not os.path.exists(cfg.path):
+            raise FileNotFoundError(f"VAE weights not found: {cfg.path!r} (model.vae.path)")
+        if os.path.isdir(cfg.path):
+            return cls(cfg, AutoencoderKLWan.from_pretrained(cfg.path, local_files_only=True))
+        autoencoder = AutoencoderKLWan(**diffusers_config(cfg))
+        converted = convert_wan_vae_state_dict(_load_single_file(cfg.path))
+        _load_checked(autoencoder, converted, cfg.path)
+        return cls(cfg, autoencoder)
+
+    # ---------------------------------------------------------------------------------------- shapes
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
+        r_t, r_s = self.cfg.temporal_ratio, self.cfg.spatial_ratio
+        if (frames - 1) % r_t:
+            raise ValueError(f"a clip needs {r_t}k+1 frames, got {frames}")
+        if height % r_s or width % r_s:
+            raise ValueError(f"height and width must be multiples of {r_s}, got {height}x{width}")
+        return (frames - 1) // r_t + 1, height // r_s, width // r_s
+
+    def pixel_shape(self, latent_frames: int, latent_height: int, latent_width: int) -> tuple[int, int, int]:
+        r_t, r_s = self.cfg.temporal_ratio, self.cfg.spatial_ratio
+        return (latent_frames - 1) * r_t + 1, latent_height * r_s, latent_width * r_s
+
+    # ---------------------------------------------------------------------------------------- codec
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None):
+        """(B, 3, T, H, W) in [-1, 1] -> normalised latents (B, C, T', H', W')."""
+        if pixels.dim() != 5 or pixels.shape[1] != 3:
+            raise ValueError(f"pixels must be (B, 3, T, H, W), got {tuple(pixels.shape)}")
+        self.latent_shape(*pixels.shape[2:])
+        dist = self.autoencoder.encode(pixels.to(self.latents_mean.device)).latent_dist
+        z = dist.mean
+        if sample:
+            noise = torch.randn(z.shape, generator=generator, device="cpu").to(z)
+            z = z + dist.std * noise
+        return (z - self.latents_mean.to(z)) / self.latents_std.to(z)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents (B, C, T', H', W') -> pixels (B, 3, T, H, W) in [-1, 1]."""
+        z = latents.to(self.latents_mean.device) * self.latents_std + self.latents_mean
+        return self.autoencoder.decode(z).sample.clamp(-1, 1)
+
+
+def latents_to_tokens(latents: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """(C, T', H', W') -> (T'·H'·W', C) tokens in (t, h, w) raster order, and the grid."""
+    channels, frames, height, width = latents.shape
+    return latents.permute(1, 2, 3, 0).reshape(-1, channels), (frames, height, width)
+
+
+def tokens_to_latents(tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    frames, height, width = grid
+    return tokens.reshape(frames, height, width, -1).permute(3, 0, 1, 2)
+
+
+def _load_checked(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise KeyError(f"{source}: checkpoint keys do not match the Wan2.2 VAE; missing {missing[:5]}, "
+                       f"unexpected {unexpected[:5]}")
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, the model expects "
+                             f"{tuple(expected[key].shape)}")
+    module.load_state_dict(state)

@@ -1,0 +1,133 @@
+"""The Qwen2.5-VL vision tower through transformers: patch 14, temporal patch 2, 2x2 merger, output
+width = LLM hidden. Frames are normalised with the CLIP mean/std; a single image is repeated to two frames.
+Tokens per span = (T/2)·(H/28)·(W/28), laid out in the merger's 2x2 block order like Qwen's processor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from torch import nn
+
+from ..config import ViTConfig
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+VISION_PREFIXES = ("model.visual.", "visual.")
+
+
+def vision_config(cfg: ViTConfig):
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+
+    full = cfg.preset == "qwen2.5-vl-3b"
+    sizes = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
+                 window_size=112, fullatt_block_indexes=[7, 15, 23, 31]) if full else dict(
+        depth=cfg.depth, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_heads=cfg.num_heads, out_hidden_size=cfg.out_hidden_size, window_size=cfg.window_size,
+        fullatt_block_indexes=list(cfg.fullatt_block_indexes))
+    return Qwen2_5_VLVisionConfig(patch_size=cfg.patch_size, temporal_patch_size=cfg.temporal_patch_size,
+                                  spatial_merge_size=cfg.spatial_merge_size, tokens_per_second=2, **sizes)
+
+
+def _read_vision_weights(path: str) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(index):
+        with open(index) as fh:
+            files = sorted(set(json.load(fh)["weight_map"].values()))
+    elif os.path.isfile(single):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path!r} (model.vit.path)")
+    weights = {}
+    for name in files:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"checkpoint shard missing: {file!r}")
+        with safe_open(file, framework="pt") as fh:
+            for key in fh.keys():
+                for prefix in VISION_PREFIXES:
+                    if key.startswith(prefix):
+                        weights[key[len(prefix):]] = fh.get_tensor(key)
+    if not weights:
+        raise KeyError(f"{path!r} holds no vision tower weights (keys under model.visual. or visual.)")
+    return weights
+
+
+class QwenViT(nn.Module):
+    """Frozen Qwen2.5-VL vision tower; frames are (T, 3, H, W) in [0, 1], H and W multiples of 28."""
+
+    def __init__(self, cfg: ViTConfig, tower: nn.Module) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tower = tower
+        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+
+    @classmethod
+    def from_config(cls, cfg: ViTConfig) -> "QwenViT":
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+        config = vision_config(cfg)
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed)
+            tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(config)
+        tower.eval()
+        if cfg.path is not None:
+            if not os.path.isdir(cfg.path):
+                raise FileNotFoundError(f"ViT checkpoint folder not found: {cfg.path!r} (model.vit.path)")
+            weights = _read_vision_weights(cfg.path)
+            expected = tower.state_dict()
+            missing = sorted(set(expected) - set(weights))
+            if missing:
+                raise KeyError(f"{cfg.path!r}: vision weights missing {missing[:5]}")
+            for key, value in weights.items():
+                if key in expected and value.shape != expected[key].shape:
+                    raise ValueError(f"{cfg.path!r}: visual.{key} has shape {tuple(value.shape)}, the vision "
+                                     f"tower expects {tuple(expected[key].shape)}")
+            tower.load_state_dict({k: v for k, v in weights.items() if k in expected})
+        return cls(cfg, tower)
+
+    @property
+    def merge_factor(self) -> int:
+        return self.cfg.patch_size * self.cfg.spatial_merge_size
+
+    def preprocess(self, frames: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """(T, 3, H, W) in [0, 1] -> flattened patches (N, 3·tp·p·p) and the patch grid (t, h, w)."""
+        if frames.dim() != 4 or frames.shape[1] != 3:
+            raise ValueError(f"frames must be (T, 3, H, W), got {tuple(frames.shape)}")
+        _, _, height, width = frames.shape
+        if height % self.merge_factor or width % self.merge_factor:
+            raise ValueError(f"ViT input sides must be multiples of {self.merge_factor}, got {height}x{width}")
+        tp, p, m = self.cfg.temporal_patch_size, self.cfg.patch_size, self.cfg.spatial_merge_size
+        pad = (-frames.shape[0]) % tp
+        if pad:
+            frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)])
+        x = (frames.float() - self.mean.cpu()) / self.std.cpu()
+        gt, gh, gw = x.shape[0] // tp, height // p, width // p
+        x = x.reshape(gt, tp, 3, gh // m, m, p, gw // m, m, p)
+        x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        return x.reshape(gt * gh * gw, 3 * tp * p * p), (gt, gh, gw)
+
+    @torch.no_grad()
+    def encode(self, frames: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """-> features (N, out_hidden) and the LLM token grid (T/2, H/28, W/28)."""
+        features, grids = self.encode_many([frames])
+        return features[0], grids[0]
+
+    @torch.no_grad()
+    def encode_many(self, clips: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[tuple[int, int, int]]]:
+        patches, grids = zip(*(self.preprocess(c) for c in clips))
+        device = next(self.tower.parameters()).device
+        grid_thw = torch.tensor(grids, device=device)
+        dtype = next(self.tower.parameters()).dtype
+        merged = self.tower(torch.cat(patches).to(device, dtype), grid_thw=grid_thw).pooler_output
+        m = self.cfg.spatial_merge_size
+        llm_grids = [(t, h // m, w // m) for t, h, w in grids]
+        sizes = [t * h * w for t, h, w in llm_grids]
+        return list(torch.split(merged, sizes)), llm_grids
