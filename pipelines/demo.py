@@ -183,7 +183,7 @@ def run_demo(cfg: DemoConfig, run_dir: Path) -> dict:
         out.total.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
         optimizer.step()
-        history.append({"step": step, "total": float(out.total), "ce": float(out.ce), "mse": float(out.mse),
+        history.append({"step": step, "total": out.total.item(), "ce": out.ce.item(), "mse": out.mse.item(),
                         "grad_norm": grad_norm, **out.per_task})
     train_seconds = time.perf_counter() - started
     _plot_losses(history, run_dir / "loss_curve.png")
