@@ -62,7 +62,9 @@ class AttentionLayout:
             return mask_rule(sample, span, bidir, noise, q_idx, kv_idx)
 
         n = len(self)
-        return create_block_mask(mask_mod, None, None, n, n, device=self.sample.device, BLOCK_SIZE=block_size)
+        # _compile: evaluate the mask rule block-wise in a compiled kernel instead of on the full L x L grid
+        return create_block_mask(mask_mod, None, None, n, n, device=self.sample.device, BLOCK_SIZE=block_size,
+                                 _compile=True)
 
     def is_single_bidirectional_span(self) -> bool:
         return bool((self.span == self.span[0]).all() and self.bidirectional.all())
