@@ -10,7 +10,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-AttentionBackend = Literal["auto", "sdpa", "flex", "flash"]
+AttentionBackend = Literal["auto", "sdpa", "per_sample", "flex", "flash"]
 
 
 class ConfigError(ValueError):

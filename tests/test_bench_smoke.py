@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script,keys", [
-    ("attention.py", {"tokens", "samples", "dense_ms", "flex_ms", "speedup", "dense_mib", "flex_mib"}),
+    ("attention.py", {"tokens", "samples", "dense_ms", "flex_ms", "per_sample_ms", "speedup", "dense_mib"}),
     ("model_step.py", {"model", "backend", "tokens_per_s", "fill", "step_ms"}),
 ])
 def test_bench_quick(tmp_path, script, keys):

@@ -3,9 +3,13 @@
 Mask rule (MODEL.md): a query sees a key only inside its own packed sample; inside one span it sees
 everything when the span is ``full`` or ``noise`` and only earlier tokens when it is ``causal``; it sees
 every token of earlier spans except those of a ``noise`` span (nothing outside a noisy target attends
-to it). :func:`mask_rule` states this once; the dense backend evaluates it on an L x L grid, the flex
-backend evaluates it block-wise so fully masked 128 x 128 blocks cost nothing, and the flash backend
-(CUDA, flash-attn installed) runs the same mask as variable-length segments (``varlen.py``).
+to it). :func:`mask_rule` states this once. Backends:
+
+- ``sdpa``: the rule on the full L x L grid, one dense SDPA call (cost L^2; the reference).
+- ``per_sample``: dense SDPA inside each packed sample (cost sum of len^2; CPU training default).
+- ``flex``: the rule evaluated block-wise, fully masked 128 x 128 blocks skipped (GPU default; on CPU
+  torch runs it forward only).
+- ``flash``: CUDA with flash-attn installed; the mask as variable-length segments (``varlen.py``).
 """
 
 from __future__ import annotations
@@ -76,9 +80,10 @@ def _compiled_flex():
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
-    """``auto`` picks flex on GPU and dense SDPA on CPU; an unavailable backend is a clear error."""
+    """``auto`` picks flex on GPU and per-sample SDPA on CPU (flex has no CPU backward); an unavailable
+    backend is a clear error."""
     if name == "auto":
-        return "flex" if (device.type == "cuda" and flex_attention is not None) else "sdpa"
+        return "flex" if (device.type == "cuda" and flex_attention is not None) else "per_sample"
     if name == "flex" and flex_attention is None:
         raise RuntimeError("attention_backend='flex' needs torch >= 2.5 (torch.nn.attention.flex_attention)")
     if name == "flash" and (flash_attn_func is None or device.type != "cuda"):
@@ -86,10 +91,26 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return name
 
 
+def sample_blocks(layout: AttentionLayout) -> list[tuple[int, int, torch.Tensor]]:
+    """(start, stop, mask) of every packed sample: samples are contiguous, so each gets its own dense mask."""
+    _, counts = torch.unique_consecutive(layout.sample, return_counts=True)
+    blocks = []
+    start = 0
+    for count in counts.tolist():
+        stop = start + count
+        part = AttentionLayout(layout.sample[start:stop], layout.span[start:stop],
+                               layout.bidirectional[start:stop], layout.noise[start:stop])
+        blocks.append((start, stop, part.dense_mask()))
+        start = stop
+    return blocks
+
+
 def prepare_attention(layout: AttentionLayout, backend: str, block_size: int):
-    """Work shared by all layers of one forward: the flex block mask or the flash varlen plan.
+    """Work shared by all layers of one forward: per-sample masks, the flex block mask or the flash plan.
 
     Returns (backend, prepared); a layout flash cannot express falls back to flex."""
+    if backend == "per_sample":
+        return backend, sample_blocks(layout)
     if backend == "flash":
         from .varlen import varlen_plan
 
@@ -108,8 +129,13 @@ def packed_attention(
     """q (H, L, d), k/v (H_kv, L, d) -> (H, L, d) under the packed mask.
 
     ``prepared`` is what :func:`prepare_attention` returned for this layout (computed when None)."""
-    if prepared is None and backend in ("flex", "flash"):
+    if prepared is None and backend in ("flex", "flash", "per_sample"):
         backend, prepared = prepare_attention(layout, backend, 128)
+    if backend == "per_sample":
+        return torch.cat([
+            F.scaled_dot_product_attention(q[None, :, a:b], k[None, :, a:b], v[None, :, a:b],
+                                           attn_mask=mask[None, None], enable_gqa=True)[0]
+            for a, b, mask in prepared], dim=1)
     if backend == "flex":
         run = _compiled_flex() if q.device.type in ("cuda", "cpu") else flex_attention
         return run(q[None], k[None], v[None], block_mask=prepared, enable_gqa=True)[0]
