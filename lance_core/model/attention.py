@@ -80,10 +80,14 @@ def _compiled_flex():
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
-    """``auto`` picks flex on GPU and per-sample SDPA on CPU (flex has no CPU backward); an unavailable
-    backend is a clear error."""
+    """``auto``: flash-attention's varlen kernel on GPU when installed, else flex; per-sample SDPA on CPU
+    (torch's flex attention has no CPU backward). An unavailable backend is a clear error."""
     if name == "auto":
-        return "flex" if (device.type == "cuda" and flex_attention is not None) else "per_sample"
+        if device.type != "cuda":
+            return "per_sample"
+        if flash_attn_func is not None:
+            return "flash"
+        return "flex" if flex_attention is not None else "per_sample"
     if name == "flex" and flex_attention is None:
         raise RuntimeError("attention_backend='flex' needs torch >= 2.5 (torch.nn.attention.flex_attention)")
     if name == "flash" and (flash_attn_func is None or device.type != "cuda"):
