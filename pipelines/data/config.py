@@ -1,0 +1,100 @@
+"""Typed config of the precompute job (``lance precompute --config jobs/configs/<name>.yaml``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from lance_core.config import StrictModel
+
+InputFormat = Literal["auto", "webdataset", "parquet", "jsonl", "csv"]
+
+
+class FilterConfig(StrictModel):
+    min_side: int = Field(32, ge=1)
+    """Drop media whose shorter side (pixels) is below this."""
+    max_aspect: float = Field(3.0, ge=1.0)
+    """Drop media whose long/short side ratio is above this."""
+    min_caption_chars: int = Field(3, ge=0)
+    max_caption_chars: int = Field(4000, ge=1)
+    min_duration_seconds: float = Field(0.3, ge=0)
+    dedup: bool = True
+    """Drop exact duplicates (same content hash) within the run."""
+    clip_score_min: float | None = None
+    """Drop image-text pairs whose open_clip cosine score is below this (None: score not computed)."""
+    clip_model: str = "tiny"
+    """open_clip model name, or 'tiny' for a small random model (tests); weights from clip_weights."""
+    clip_weights: str | None = None
+    motion_min: float | None = None
+    """Drop videos whose mean frame difference is below this (None: not computed)."""
+
+
+class VideoConfig(StrictModel):
+    fps: float = Field(12.0, gt=0)
+    max_seconds: float = Field(6.0, gt=0)
+    """Clip length; longer videos are cut into several clips."""
+    stride_seconds: float | None = None
+    """Start-to-start distance of clips (default: max_seconds, back to back)."""
+    max_clips_per_video: int = Field(64, ge=1)
+    min_frames: int = Field(5, ge=1)
+
+
+class BucketConfig(StrictModel):
+    image_area: int = Field(768 * 768, gt=0)
+    """Target pixel area of image buckets (released SFT: 768 x 768)."""
+    video_area: int = Field(480 * 848, gt=0)
+    """Target pixel area of video buckets (released SFT: 480 x 848)."""
+    vit_area: int = Field(448 * 448, gt=0)
+    """Target pixel area of the ViT input (sides multiples of 28)."""
+
+
+class EncoderConfig(StrictModel):
+    model_preset: Literal["tiny", "lance-3b"] = "tiny"
+    """Sizes of the VAE and ViT (tiny: random weights for tests and the demo)."""
+    vae_path: str | None = None
+    vit_path: str | None = None
+    vae_actors: int = Field(1, ge=1)
+    vit_actors: int = Field(1, ge=1)
+    batch_size: int = Field(8, ge=1)
+    num_gpus_per_actor: float = Field(0.0, ge=0)
+    """GPU fraction per encoder actor (0 = CPU)."""
+    cpus_per_actor: float = Field(0.5, gt=0)
+    """CPUs reserved per encoder actor; leave room for the decode tasks on small machines."""
+    vit_tasks: tuple[str, ...] = ("i2t", "v2t", "i2i", "v2v")
+    """Tasks whose media also get ViT features (they are large; understanding and edit sources need them)."""
+
+
+class StorageConfig(StrictModel):
+    endpoint_url: str | None = None
+    """S3-compatible endpoint; credentials come from the environment (never from this file)."""
+    region: str | None = None
+    retries: int = Field(4, ge=0)
+    backoff_seconds: float = Field(0.5, ge=0)
+
+
+class PrecomputeConfig(StrictModel):
+    input: str = ""
+    """Input URI: a file or folder, local or s3://."""
+    input_format: InputFormat = "auto"
+    task: str | None = None
+    """Task of rows that do not name one (webdataset, manifests); default t2i for images, t2v for videos."""
+    output: str = "runs/latents"
+    partition_size: int = Field(64, ge=1)
+    """Input records per partition; one partition becomes one shard."""
+    wave_size: int = Field(16, ge=1)
+    """Partitions per Ray Data execution; bounds memory whatever the dataset size."""
+    latent_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    filters: FilterConfig = FilterConfig()
+    video: VideoConfig = VideoConfig()
+    buckets: BucketConfig = BucketConfig()
+    encoders: EncoderConfig = EncoderConfig()
+    storage: StorageConfig = StorageConfig()
+
+    @model_validator(mode="after")
+    def _check_task(self) -> "PrecomputeConfig":
+        from lance_core.packing import TASKS
+
+        if self.task is not None and self.task not in TASKS:
+            raise ValueError(f"task {self.task!r} is unknown; allowed: {', '.join(TASKS)}")
+        return self

@@ -1,0 +1,94 @@
+"""Encoder actors for Ray Data ``map_batches``: the Wan2.2 VAE and the Qwen2.5-VL ViT.
+
+Rows of a batch are grouped by pixel shape (the aspect bucket), so each group is one batched forward.
+Rows that are not ``ok`` pass through untouched. The actors are built once per pool member.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import numpy as np
+import pandas as pd
+import torch
+
+from lance_core.config import model_preset
+from lance_core.encoders import QwenViT, WanVAE
+from lance_core.shards import LATENT_DTYPES, tensor_to_bytes
+
+from .config import PrecomputeConfig
+from .records import frame_to_arrow
+
+
+def _device(num_gpus: float) -> torch.device:
+    return torch.device("cuda") if num_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
+
+
+def _groups(batch: pd.DataFrame, key: str) -> dict[tuple, list[int]]:
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, (status, shape, data) in enumerate(zip(batch["status"], batch[f"{key}_shape"], batch[f"{key}_pixels"])):
+        if status == "ok" and data is not None and len(data):
+            groups[tuple(int(s) for s in shape)].append(i)
+    return groups
+
+
+def _pixels(batch: pd.DataFrame, key: str, rows: list[int], shape: tuple) -> torch.Tensor:
+    arrays = [np.frombuffer(batch[f"{key}_pixels"].iloc[i], dtype=np.uint8).reshape(shape) for i in rows]
+    return torch.from_numpy(np.stack(arrays)).float().div_(255.0)  # (B, T, H, W, 3) in [0, 1]
+
+
+class VAEEncoder:
+    def __init__(self, cfg_json: str) -> None:
+        cfg = PrecomputeConfig.model_validate_json(cfg_json)
+        vae_cfg = model_preset(cfg.encoders.model_preset).vae
+        if cfg.encoders.vae_path:
+            vae_cfg = vae_cfg.model_copy(update={"path": cfg.encoders.vae_path})
+        self.device = _device(cfg.encoders.num_gpus_per_actor)
+        self.vae = WanVAE.from_config(vae_cfg).to(self.device).eval()
+        self.dtype = LATENT_DTYPES[cfg.latent_dtype]
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        started = time.perf_counter()
+        for slot in ("target", "source"):
+            latents, shapes = [b""] * len(batch), [[] for _ in range(len(batch))]
+            for shape, rows in _groups(batch, slot).items():
+                pixels = _pixels(batch, slot, rows, shape).permute(0, 4, 1, 2, 3) * 2 - 1  # (B, 3, T, H, W)
+                encoded = self.vae.encode(pixels.to(self.device)).permute(0, 2, 3, 4, 1).cpu()  # (B, T', H', W', C)
+                for i, lat in zip(rows, encoded):
+                    latents[i] = tensor_to_bytes(lat, self.dtype)
+                    shapes[i] = list(lat.shape)
+            batch[f"{slot}_vae"] = latents
+            batch[f"{slot}_vae_shape"] = shapes
+            batch[f"{slot}_vae_dtype"] = [self.dtype if s else "" for s in shapes]
+            batch = batch.drop(columns=[f"{slot}_pixels"])
+        batch["vae_seconds"] = (time.perf_counter() - started) / max(len(batch), 1)
+        return frame_to_arrow(batch)
+
+
+class ViTEncoder:
+    def __init__(self, cfg_json: str) -> None:
+        cfg = PrecomputeConfig.model_validate_json(cfg_json)
+        vit_cfg = model_preset(cfg.encoders.model_preset).vit
+        if cfg.encoders.vit_path:
+            vit_cfg = vit_cfg.model_copy(update={"path": cfg.encoders.vit_path})
+        self.device = _device(cfg.encoders.num_gpus_per_actor)
+        self.vit = QwenViT.from_config(vit_cfg).to(self.device).eval()
+        self.dtype = LATENT_DTYPES[cfg.latent_dtype]
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        started = time.perf_counter()
+        for slot in ("target", "source"):
+            features, shapes, grids = [b""] * len(batch), [[] for _ in batch.index], [[] for _ in batch.index]
+            for shape, rows in _groups(batch, f"{slot}_vit").items():
+                clips = [c.permute(0, 3, 1, 2) for c in _pixels(batch, f"{slot}_vit", rows, shape)]
+                encoded, llm_grids = self.vit.encode_many(clips)
+                for i, feat, grid in zip(rows, encoded, llm_grids):
+                    features[i] = tensor_to_bytes(feat.cpu(), self.dtype)
+                    shapes[i], grids[i] = list(feat.shape), list(grid)
+            batch[f"{slot}_vit"] = features
+            batch[f"{slot}_vit_feat_shape"] = shapes
+            batch[f"{slot}_vit_grid"] = grids
+            batch = batch.drop(columns=[f"{slot}_vit_pixels"])
+        batch["vit_seconds"] = (time.perf_counter() - started) / max(len(batch), 1)
+        return frame_to_arrow(batch)

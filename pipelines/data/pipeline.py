@@ -1,0 +1,162 @@
+"""The precompute pipeline on Ray Data: plan -> (read + decode + filter + bucket) -> VAE pool -> ViT pool
+-> per-partition shard writer, in waves of partitions so memory stays bounded at any dataset size.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import ray
+from ray.data import ActorPoolStrategy
+
+from .config import PrecomputeConfig
+from .encode import VAEEncoder, ViTEncoder
+from .records import ROW_DEFAULTS, process_record, to_arrow
+from .sources import InputFile, list_inputs, plan_partitions, read_segment
+from .writer import committed_hashes, read_commits, read_json, write_json, write_partition
+
+
+@ray.remote(num_cpus=0)
+class DedupIndex:
+    """Content hashes claimed so far; the first claim of a hash wins."""
+
+    def __init__(self, hashes: list[str]) -> None:
+        self.owner = {h: "committed" for h in hashes}
+
+    def claim(self, hashes: list[str], keys: list[str]) -> list[str]:
+        """Return the hashes among ``hashes`` already owned by another key."""
+        taken = []
+        for digest, key in zip(hashes, keys):
+            owner = self.owner.setdefault(digest, key)
+            if owner != key:
+                taken.append(digest)
+        return taken
+
+
+def load_plan(cfg: PrecomputeConfig) -> tuple[list[InputFile], list]:
+    """The stored plan of the output folder, or a new one; a rerun with other inputs is refused."""
+    stored = read_json(cfg.output, "plan.json", cfg)
+    if stored is not None:
+        files = [InputFile(**f) for f in stored["inputs"]]
+        if stored["input"] != cfg.input or stored["partition_size"] != cfg.partition_size:
+            raise ValueError(f"output {cfg.output!r} was planned for input {stored['input']!r} with partition_size "
+                             f"{stored['partition_size']}; use a new output folder for other inputs")
+        return files, [[tuple(s) for s in p] for p in stored["partitions"]]
+    files = list_inputs(cfg)
+    partitions = plan_partitions(files, cfg.partition_size)
+    write_json(cfg.output, "plan.json", {
+        "input": cfg.input, "partition_size": cfg.partition_size,
+        "inputs": [f.__dict__ for f in files], "partitions": partitions}, cfg)
+    return files, partitions
+
+
+def _partition_rows(items, files: list[InputFile], cfg_json: str):
+    """A batch of partition items -> the Arrow table of all their rows."""
+    cfg = PrecomputeConfig.model_validate_json(cfg_json)
+    rows = []
+    for partition, segments in zip(items["partition"], items["segments"]):
+        rows += _rows_of_partition(int(partition), json.loads(segments), files, cfg)
+    columns = {name: [row.get(name, ROW_DEFAULTS.get(name)) for row in rows]
+               for name in [*ROW_DEFAULTS, "decode_seconds"]}
+    return to_arrow(columns)
+
+
+def _rows_of_partition(partition: int, segments, files: list[InputFile], cfg: PrecomputeConfig) -> list[dict]:
+    rows = []
+    index = 0
+    for file_index, start, stop in segments:
+        for record in read_segment(files[file_index], start, stop, cfg):
+            started = time.perf_counter()
+            produced = process_record(record, partition, index, cfg)
+            seconds = (time.perf_counter() - started) / len(produced)
+            for row in produced:
+                row["decode_seconds"] = seconds
+            rows += produced
+            index += 1
+    return rows
+
+
+@dataclass
+class PrecomputeResult:
+    output: str
+    partitions: int
+    committed_now: int
+    skipped: int
+    stats: dict
+
+
+def _prepare_output(cfg: PrecomputeConfig) -> None:
+    from .sources import filesystem, with_retries
+
+    fs = filesystem(cfg.output, cfg.storage)
+    for sub in ("", "/shards", "/quarantine", "/_commits"):
+        with_retries(f"writing {cfg.output}", cfg.storage,
+                     lambda sub=sub: fs.makedirs(cfg.output.rstrip("/") + sub, exist_ok=True))
+
+
+def run_precompute(cfg: PrecomputeConfig, progress: bool = True) -> PrecomputeResult:
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = progress
+    _prepare_output(cfg)
+    files, partitions = load_plan(cfg)
+    commits = read_commits(cfg.output, cfg)
+    todo = [p for p in range(len(partitions)) if p not in commits]
+    skipped = len(partitions) - len(todo)
+    cfg_json = cfg.model_dump_json()
+    dedup = DedupIndex.remote(committed_hashes(cfg.output, commits, cfg) if cfg.filters.dedup else [])
+    started = time.perf_counter()
+    gpu = cfg.encoders.num_gpus_per_actor
+    for wave_start in range(0, len(todo), cfg.wave_size):
+        wave = todo[wave_start:wave_start + cfg.wave_size]
+        items = [{"partition": p, "segments": json.dumps(partitions[p])} for p in wave]
+        ds = ray.data.from_items(items, override_num_blocks=len(wave))
+        ds = ds.map_batches(_partition_rows, fn_args=(files, cfg_json), batch_size=1, batch_format="numpy")
+        cpus = cfg.encoders.cpus_per_actor
+        ds = ds.map_batches(VAEEncoder, fn_constructor_args=(cfg_json,), batch_size=cfg.encoders.batch_size,
+                            batch_format="pandas", compute=ActorPoolStrategy(size=cfg.encoders.vae_actors),
+                            num_cpus=cpus, num_gpus=gpu or None)
+        ds = ds.map_batches(ViTEncoder, fn_constructor_args=(cfg_json,), batch_size=cfg.encoders.batch_size,
+                            batch_format="pandas", compute=ActorPoolStrategy(size=cfg.encoders.vit_actors),
+                            num_cpus=cpus, num_gpus=gpu or None)
+        written = ds.groupby("partition", num_partitions=max(1, min(len(wave), 8))).map_groups(
+            write_partition, fn_args=(cfg_json, cfg.output, dedup), batch_format="pandas")
+        for row in written.take_all():
+            record = json.loads(row["commit"])
+            commits[record["partition"]] = record
+        write_manifest(cfg, commits, len(partitions), time.perf_counter() - started)
+    stats = write_manifest(cfg, commits, len(partitions), time.perf_counter() - started)
+    return PrecomputeResult(cfg.output, len(partitions), len(todo), skipped, stats)
+
+
+def write_manifest(cfg: PrecomputeConfig, commits: dict[int, dict], total: int, seconds: float) -> dict:
+    ordered = [commits[p] for p in sorted(commits)]
+    write_json(cfg.output, "manifest.json", {
+        "schema": "lance-latent-shards/1", "partitions_planned": total, "partitions_committed": len(ordered),
+        "shards": [{k: c[k] for k in ("partition", "shard", "rows", "bytes", "sha256", "inputs")} for c in ordered],
+    }, cfg)
+    stats = summarize(ordered, total, seconds)
+    write_json(cfg.output, "stats.json", stats, cfg)
+    return stats
+
+
+def summarize(commits: list[dict], total: int, seconds: float) -> dict:
+    filtered, quarantined, stage_seconds = Counter(), Counter(), Counter()
+    for c in commits:
+        filtered.update(c["filtered"])
+        quarantined.update(c["quarantined"])
+        stage_seconds.update(c.get("seconds", {}))
+    inputs = sum(c["inputs"] for c in commits)
+    return {
+        "partitions_planned": total, "partitions_committed": len(commits),
+        "inputs": inputs, "inputs_written": sum(c["inputs_written"] for c in commits),
+        "inputs_filtered": sum(c["filtered_inputs"] for c in commits),
+        "inputs_quarantined": sum(c["quarantined_inputs"] for c in commits),
+        "samples_written": sum(c["rows"] for c in commits), "bytes_written": sum(c["bytes"] for c in commits),
+        "filtered_by_reason": dict(filtered), "quarantined_by_reason": dict(quarantined),
+        "stage_seconds": dict(stage_seconds), "wall_seconds": seconds,
+    }

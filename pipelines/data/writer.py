@@ -1,0 +1,159 @@
+"""Output root: ``shards/part-XXXXX.parquet``, ``quarantine/part-XXXXX.parquet``, ``_commits/part-XXXXX.json``,
+``plan.json``, ``manifest.json``, ``stats.json``.
+
+A partition commits in this order: quarantine file, shard (written under a temporary name, then moved
+into place), then its commit record. The commit record is the truth: a rerun skips partitions that have
+one and redoes the others, overwriting any half-written files of theirs, so no sample is written twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+import uuid
+from collections import Counter
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lance_core.shards import QUARANTINE_SCHEMA, SHARD_SCHEMA
+
+from .config import PrecomputeConfig
+from .sources import filesystem, with_retries
+
+COMMITS = "_commits"
+
+
+def part_name(partition: int) -> str:
+    return f"part-{partition:05d}"
+
+
+def _join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts])
+
+
+def _shard_rows(ok: pd.DataFrame) -> dict[str, list]:
+    columns: dict[str, list] = {f.name: [] for f in SHARD_SCHEMA}
+    for row in ok.to_dict("records"):
+        base = {
+            "sample_id": row["sample_id"], "source_uri": row["source_uri"], "content_sha256": row["content_sha256"],
+            "task": row["task"], "caption": row["caption"], "system": row["system"] or None,
+            "question": row["question"] or None, "answer": row["answer"] or None, "clip_index": row["clip_index"],
+            "clip_score": None, "scores": json.dumps({"motion": None if row["motion"] != row["motion"]
+                                                      else round(float(row["motion"]), 5)}),
+        }
+        for slot in ("target", "source"):
+            has = bool(len(row.get(f"{slot}_vae") or b""))
+            vit = row.get(f"{slot}_vit") or b""
+            base.update({
+                f"{slot}_vae": row[f"{slot}_vae"] if has else None,
+                f"{slot}_vae_shape": list(row[f"{slot}_vae_shape"]) if has else None,
+                f"{slot}_vae_dtype": row[f"{slot}_vae_dtype"] if has else None,
+                f"{slot}_vit": vit if len(vit) else None,
+                f"{slot}_vit_shape": list(row[f"{slot}_vit_feat_shape"]) if len(vit) else None,
+                f"{slot}_vit_grid": list(row[f"{slot}_vit_grid"]) if len(vit) else None,
+                f"{slot}_width": row[f"{slot}_width"] if has else None,
+                f"{slot}_height": row[f"{slot}_height"] if has else None,
+                f"{slot}_frames": row[f"{slot}_frames"] if has else None,
+                f"{slot}_fps": row[f"{slot}_fps"] if has else None,
+            })
+        for name in columns:
+            columns[name].append(base.get(name))
+    return columns
+
+
+def _write_parquet(fs, table: pa.Table, final: str) -> int:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    data = buffer.getvalue()
+    tmp = final.rsplit("/", 1)[0] + f"/.tmp-{uuid.uuid4().hex}.parquet"
+    fs.pipe_file(tmp, data)
+    fs.mv(tmp, final)
+    return len(data)
+
+
+def write_partition(group: pd.DataFrame, cfg_json: str, output: str, dedup_index=None) -> pd.DataFrame:
+    """Write one partition (all its rows) and return its commit record as a one-row frame."""
+    cfg = PrecomputeConfig.model_validate_json(cfg_json)
+    fs = filesystem(output, cfg.storage)
+    partition = int(group["partition"].iloc[0])
+    name = part_name(partition)
+    group = group.sort_values(["record_index", "clip_index"], kind="stable")
+    ok = group[group["status"] == "ok"]
+    duplicate_of_other: set[str] = set()
+    if cfg.filters.dedup and dedup_index is not None and len(ok):
+        import ray
+
+        keys = [f"{partition}:{i}" for i in ok["record_index"]]
+        duplicate_of_other = set(ray.get(dedup_index.claim.remote(list(ok["content_sha256"]), keys)))
+    filtered = Counter(f"{s}:{r}" for s, r in zip(group.loc[group.status == "filtered", "stage"],
+                                                   group.loc[group.status == "filtered", "reason"]))
+    dup_records = set(ok.loc[ok["content_sha256"].isin(duplicate_of_other), "record_index"])
+    filtered["dedup:exact_duplicate"] += len(dup_records)
+    ok = ok[~ok["record_index"].isin(dup_records)]
+    quarantined = group[group["status"] == "quarantined"]
+    inputs = group["record_index"].nunique()
+
+    q_table = pa.table({"source_uri": list(quarantined["source_uri"]),
+                        "partition": [partition] * len(quarantined), "stage": list(quarantined["stage"]),
+                        "reason": list(quarantined["reason"]), "error": list(quarantined["error"])},
+                       schema=QUARANTINE_SCHEMA)
+    with_retries(f"writing {output}", cfg.storage, lambda: _write_parquet(
+        fs, q_table, _join(output, "quarantine", f"{name}.parquet")))
+    table = pa.table(_shard_rows(ok), schema=SHARD_SCHEMA)
+    shard_path = _join(output, "shards", f"{name}.parquet")
+    size = with_retries(f"writing {output}", cfg.storage, lambda: _write_parquet(fs, table, shard_path))
+    checksum = hashlib.sha256(fs.cat_file(shard_path)).hexdigest()
+    record = {
+        "partition": partition, "shard": f"shards/{name}.parquet", "rows": len(ok), "bytes": size,
+        "sha256": checksum, "inputs": int(inputs), "inputs_written": int(ok["record_index"].nunique()),
+        "filtered": dict(filtered), "quarantined": dict(Counter(f"{s}:{r}" for s, r in
+                                                                zip(quarantined["stage"], quarantined["reason"]))),
+        "filtered_inputs": int(group.loc[group.status == "filtered", "record_index"].nunique()) + len(dup_records),
+        "quarantined_inputs": int(quarantined["record_index"].nunique()),
+        "seconds": {stage: float(group[col].sum()) for stage, col in
+                    (("decode", "decode_seconds"), ("vae", "vae_seconds"), ("vit", "vit_seconds")) if col in group},
+        "committed_at": time.time(),
+    }
+    with_retries(f"writing {output}", cfg.storage, lambda: fs.pipe_file(
+        _join(output, COMMITS, f"{name}.json"), json.dumps(record).encode()))
+    return pd.DataFrame([{"commit": json.dumps(record)}])
+
+
+def read_commits(output: str, cfg: PrecomputeConfig) -> dict[int, dict]:
+    fs = filesystem(output, cfg.storage)
+    folder = _join(output, COMMITS)
+    if not with_retries(f"reading {output}", cfg.storage, lambda: fs.exists(folder)):
+        return {}
+    commits = {}
+    for path in with_retries(f"listing {folder}", cfg.storage, lambda: fs.find(folder)):
+        if path.endswith(".json"):
+            record = json.loads(fs.cat_file(path))
+            commits[int(record["partition"])] = record
+    return commits
+
+
+def write_json(output: str, name: str, payload: dict, cfg: PrecomputeConfig) -> None:
+    fs = filesystem(output, cfg.storage)
+    with_retries(f"writing {output}", cfg.storage, lambda: fs.pipe_file(
+        _join(output, name), json.dumps(payload, indent=2).encode()))
+
+
+def read_json(output: str, name: str, cfg: PrecomputeConfig) -> dict | None:
+    fs = filesystem(output, cfg.storage)
+    path = _join(output, name)
+    if not with_retries(f"reading {output}", cfg.storage, lambda: fs.exists(path)):
+        return None
+    return json.loads(fs.cat_file(path))
+
+
+def committed_hashes(output: str, commits: dict[int, dict], cfg: PrecomputeConfig) -> list[str]:
+    fs = filesystem(output, cfg.storage)
+    hashes: list[str] = []
+    for record in commits.values():
+        with fs.open(_join(output, record["shard"]), "rb") as fh:
+            hashes += pq.read_table(fh, columns=["content_sha256"]).column(0).to_pylist()
+    return hashes
