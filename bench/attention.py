@@ -1,26 +1,34 @@
 """Packed attention: flex attention (block mask) and per-sample SDPA vs dense SDPA with an L x L mask.
 
-    python bench/attention.py [--quick] [--out FILE]
+    python bench/attention.py [--quick] [--block-size 128] [--out FILE]
 
 Pack sizes L of 1k-16k tokens hold 4-32 samples of random lengths; each sample is a causal text span, a
 full (bidirectional) visual span and a noisy target span, the layouts of MODEL.md. Heads: 16 query / 2
-key-value heads of width 64 (GQA as in Lance, half its head width to keep CPU runs short).
+key-value heads of width 64 (GQA as in Lance, half its head width to keep CPU runs short), float32.
 
-Each configuration runs in a fresh subprocess: warm-up (flex compiles there), then the median of a few
-timed forward calls. Block-mask creation is timed apart (done once per step, shared by all layers). Peak
-memory is the largest growth of the resident set during one call, sampled at 2 kHz, with glibc told to
-return large blocks to the OS on free (MALLOC_MMAP_THRESHOLD_), so the resident set tracks live memory.
-Cost model: flex work follows sum(len^2) over samples (masked blocks are skipped), dense follows L^2.
+Each configuration runs in a fresh subprocess: one warm-up call (flex compiles there; reported as
+``compile s``), then the median of a few timed forward calls. Block-mask creation is timed apart, after
+its own warm-up (done once per step and shared by all layers). Peak memory is the largest growth of the
+resident set during one call, sampled at 2 kHz, with glibc told to return large blocks to the OS on free
+(MALLOC_MMAP_THRESHOLD_) so the resident set tracks live memory; ``ru_maxrss`` would instead report the
+compile-time peak of the process.
+
+Cost model: dense work follows L^2; per-sample SDPA follows sum(len^2); flex computes every block of the
+block mask that is not empty, so its work is the visited block area, sum(len^2) rounded up to blocks
+(``flex blocks/L²``). The scaling table fits, at each L, the exponent of time against sum(len^2) over
+the sample counts: ~0 means the backend pays L^2 whatever the packing, ~1 means it pays sum(len^2).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import median_seconds, peak_rss_increase, print_table, write_json  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 16, 2, 64
+BACKENDS = ("sdpa", "flex", "per_sample")
 
 
 def sample_lengths(total: int, samples: int, seed: int) -> list[int]:
@@ -39,6 +48,7 @@ def sample_lengths(total: int, samples: int, seed: int) -> list[int]:
 
 
 def build_layout(lengths: list[int]):
+    """Each sample: causal text (1/8), full visual span (1/4), noisy target (the rest)."""
     import torch
 
     from lance_core.model.attention import AttentionLayout
@@ -56,9 +66,14 @@ def build_layout(lengths: list[int]):
     return AttentionLayout(torch.tensor(sample), torch.tensor(span), torch.tensor(bidir), torch.tensor(noise))
 
 
-def worker(tokens: int, samples: int, backend: str, reps: int) -> dict:
-    import time
+def visited_area(block_mask) -> int:
+    """Query-key pairs flex computes: (partial + full) non-empty blocks times the block area."""
+    blocks = int(block_mask.kv_num_blocks.sum()) + int(block_mask.full_kv_num_blocks.sum())
+    q_block, kv_block = block_mask.BLOCK_SIZE
+    return blocks * q_block * kv_block
 
+
+def worker(tokens: int, samples: int, backend: str, reps: int, block_size: int) -> dict:
     import torch
 
     from lance_core.model.attention import packed_attention, prepare_attention
@@ -69,76 +84,130 @@ def worker(tokens: int, samples: int, backend: str, reps: int) -> dict:
     q = torch.randn(HEADS, tokens, HEAD_DIM)
     k = torch.randn(KV_HEADS, tokens, HEAD_DIM)
     v = torch.randn(KV_HEADS, tokens, HEAD_DIM)
-    prepare_attention(layout, backend, 128)  # warm-up, compiles the mask kernel for flex
+    prepare_attention(layout, backend, block_size)  # warm-up, compiles the mask kernel for flex
     start = time.perf_counter()
-    backend, prepared = prepare_attention(layout, backend, 128)
+    backend, prepared = prepare_attention(layout, backend, block_size)
     mask_seconds = time.perf_counter() - start
 
     def run():
         return packed_attention(q, k, v, layout, backend, prepared)
 
-    run()
+    start = time.perf_counter()
+    run()  # warm-up; flex compiles its kernel here
+    first_seconds = time.perf_counter() - start
     seconds = median_seconds(run, reps)
     peak = peak_rss_increase(run)
     return {"tokens": tokens, "samples": samples, "backend": backend, "seconds": seconds,
-            "mask_seconds": mask_seconds, "peak_mib": peak / 2**20,
-            "sum_len_sq": sum(n * n for n in lengths), "l_sq": tokens * tokens}
+            "first_seconds": first_seconds, "mask_seconds": mask_seconds, "peak_mib": peak / 2**20,
+            "sum_len_sq": sum(n * n for n in lengths), "l_sq": tokens * tokens,
+            "visited": visited_area(prepared) if backend == "flex" else None}
 
 
-def run_config(tokens: int, samples: int, backend: str, reps: int) -> dict:
+def run_config(tokens: int, samples: int, backend: str, reps: int, block_size: int) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, __file__, "--worker", str(tokens), str(samples), backend, str(reps)]
+    cmd = [sys.executable, __file__, "--worker", str(tokens), str(samples), backend, str(reps), str(block_size)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"{backend} at L={tokens}, {samples} samples failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def make_row(dense: dict, flex: dict, per_sample: dict) -> dict:
+    sum_sq, l_sq = flex["sum_len_sq"], flex["l_sq"]
+    return {
+        "tokens": flex["tokens"], "samples": flex["samples"], "sum_len_sq": sum_sq,
+        "sum_len_sq_over_l_sq": sum_sq / l_sq, "flex_visited_over_l_sq": flex["visited"] / l_sq,
+        "dense_ms": dense["seconds"] * 1e3, "flex_ms": flex["seconds"] * 1e3, "per_sample_ms": per_sample["seconds"] * 1e3,
+        "speedup": dense["seconds"] / flex["seconds"], "per_sample_speedup": dense["seconds"] / per_sample["seconds"],
+        "mask_ms": flex["mask_seconds"] * 1e3, "flex_compile_s": flex["first_seconds"] - flex["seconds"],
+        "dense_mib": dense["peak_mib"], "flex_mib": flex["peak_mib"], "per_sample_mib": per_sample["peak_mib"],
+        "dense_ns_per_l_sq": dense["seconds"] / l_sq * 1e9,
+        "flex_ns_per_len_sq": flex["seconds"] / sum_sq * 1e9,
+        "flex_ns_per_visited": flex["seconds"] / flex["visited"] * 1e9,
+        "per_sample_ns_per_len_sq": per_sample["seconds"] / sum_sq * 1e9,
+    }
+
+
+def slope(xs: list[float], ys: list[float]) -> float | None:
+    """Least-squares slope of log y against log x."""
+    if len(xs) < 2:
+        return None
+    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    var = sum((a - mx) ** 2 for a in lx)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / var if var else None
+
+
+def scaling(rows: list[dict]) -> list[dict]:
+    """Per L: exponent of time in sum(len^2) across sample counts (0: pays L^2, 1: pays sum(len^2))."""
+    out = []
+    for tokens in sorted({r["tokens"] for r in rows}):
+        group = [r for r in rows if r["tokens"] == tokens]
+        sums = [r["sum_len_sq"] for r in group]
+        out.append({"tokens": tokens, **{f"{name}_exponent": slope(sums, [r[f"{name}_ms"] for r in group])
+                                         for name in ("dense", "flex", "per_sample")},
+                    "flex_visited_exponent": slope([r["flex_visited_over_l_sq"] for r in group],
+                                                   [r["flex_ms"] for r in group])})
+    return out
+
+
+TIME_COLUMNS = [
+    ("tokens", "L", "d"), ("samples", "samples", "d"), ("sum_len_sq_over_l_sq", "Σlen²/L²", ".3f"),
+    ("flex_visited_over_l_sq", "flex blocks/L²", ".3f"), ("dense_ms", "dense ms", ".1f"), ("flex_ms", "flex ms", ".1f"),
+    ("per_sample_ms", "per-sample ms", ".1f"), ("speedup", "flex x", ".2f"), ("per_sample_speedup", "per-sample x", ".2f"),
+    ("mask_ms", "block mask ms", ".1f"), ("flex_compile_s", "flex compile s", ".1f"),
+]
+COST_COLUMNS = [
+    ("tokens", "L", "d"), ("samples", "samples", "d"), ("dense_ns_per_l_sq", "dense ns/L²", ".2f"),
+    ("flex_ns_per_len_sq", "flex ns/Σlen²", ".2f"), ("flex_ns_per_visited", "flex ns/block area", ".2f"),
+    ("per_sample_ns_per_len_sq", "per-sample ns/Σlen²", ".2f"), ("dense_mib", "dense MiB", ".0f"),
+    ("flex_mib", "flex MiB", ".0f"), ("per_sample_mib", "per-sample MiB", ".0f"),
+]
+SCALING_COLUMNS = [
+    ("tokens", "L", "d"), ("dense_exponent", "dense", ".2f"), ("flex_exponent", "flex", ".2f"),
+    ("per_sample_exponent", "per-sample", ".2f"), ("flex_visited_exponent", "flex vs block area", ".2f"),
+]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="two small configurations (smoke test)")
+    parser.add_argument("--quick", action="store_true", help="one small configuration (smoke test)")
+    parser.add_argument("--block-size", type=int, default=128, help="flex block size (MODEL.md: 128)")
     parser.add_argument("--out", help="JSON path (default bench/results/attention.json)")
-    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        tokens, samples, backend, reps = args.worker
-        print(json.dumps(worker(int(tokens), int(samples), backend, int(reps))))
+        tokens, samples, backend, reps, block_size = args.worker
+        print(json.dumps(worker(int(tokens), int(samples), backend, int(reps), int(block_size))))
         return
-    sizes = [512, 1024] if args.quick else [1024, 2048, 4096, 8192, 16384]
+    sizes = [512] if args.quick else [1024, 2048, 4096, 8192, 16384]
     counts = [4] if args.quick else [4, 8, 16, 32]
     rows = []
     for tokens in sizes:
         for samples in counts:
-            reps = 1 if args.quick else (2 if tokens >= 8192 else 3)
-            flex = run_config(tokens, samples, "flex", reps)
-            dense = run_config(tokens, samples, "sdpa", reps)
-            per_sample = run_config(tokens, samples, "per_sample", reps)
-            rows.append({
-                "tokens": tokens, "samples": samples,
-                "dense_ms": dense["seconds"] * 1e3, "flex_ms": flex["seconds"] * 1e3,
-                "per_sample_ms": per_sample["seconds"] * 1e3,
-                "speedup": dense["seconds"] / flex["seconds"],
-                "per_sample_speedup": dense["seconds"] / per_sample["seconds"],
-                "mask_ms": flex["mask_seconds"] * 1e3,
-                "dense_mib": dense["peak_mib"], "flex_mib": flex["peak_mib"], "per_sample_mib": per_sample["peak_mib"],
-                "sum_len_sq_over_l_sq": flex["sum_len_sq"] / flex["l_sq"],
-                "flex_ns_per_len_sq": flex["seconds"] / flex["sum_len_sq"] * 1e9,
-                "dense_ns_per_l_sq": dense["seconds"] / dense["l_sq"] * 1e9,
-            })
+            reps = 1 if args.quick else (3 if tokens >= 8192 else 5)
+            dense, flex, per_sample = (run_config(tokens, samples, b, reps, args.block_size) for b in BACKENDS)
+            rows.append(make_row(dense, flex, per_sample))
             print(f"L={tokens:>5} samples={samples:>2}: dense {dense['seconds'] * 1e3:8.1f} ms, "
                   f"flex {flex['seconds'] * 1e3:8.1f} ms, per-sample {per_sample['seconds'] * 1e3:8.1f} ms", flush=True)
-    print()
-    print_table(rows, COLUMNS)
-    write_json("attention", {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "rows": rows}, args.out)
+    fits = scaling(rows)
+    print(f"\nforward time, {HEADS} q / {KV_HEADS} kv heads x {HEAD_DIM}, float32, flex block {args.block_size}; "
+          "x = speedup over dense")
+    print_table(rows, TIME_COLUMNS)
+    print("\ncost per unit of work and peak memory growth of one call")
+    print_table(rows, COST_COLUMNS)
+    print("\nexponent of time in Σlen² at fixed L (0: cost follows L², 1: cost follows Σlen²)")
+    print_table(fits, SCALING_COLUMNS)
+    write_json("attention", {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "float32",
+                             "block_size": args.block_size, "threads": _threads(), "rows": rows, "scaling": fits},
+               args.out)
 
 
-COLUMNS = [
-    ("tokens", "L", "d"), ("samples", "samples", "d"), ("dense_ms", "dense ms", ".1f"), ("flex_ms", "flex ms", ".1f"),
-    ("per_sample_ms", "per-sample ms", ".1f"), ("speedup", "flex x", ".2f"), ("per_sample_speedup", "per-sample x", ".2f"),
-    ("mask_ms", "block mask ms", ".1f"), ("dense_mib", "dense MiB", ".0f"), ("flex_mib", "flex MiB", ".0f"),
-    ("per_sample_mib", "per-sample MiB", ".0f"), ("sum_len_sq_over_l_sq", "Σlen²/L²", ".3f"),
-    ("flex_ns_per_len_sq", "flex ns/Σlen²", ".3f"), ("dense_ns_per_l_sq", "dense ns/L²", ".3f"),
-]
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
 
 if __name__ == "__main__":
     main()

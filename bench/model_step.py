@@ -1,12 +1,14 @@
-"""Forward + backward throughput of the dual-stream model on packed batches of every task.
+"""Training-step and forward throughput of the dual-stream model on packed batches of every task.
 
     python bench/model_step.py [--quick] [--out FILE]
 
 Models: the ``tiny`` preset and a mid-size config (hidden 512, 4 layers, 8/2 heads of 64) so that
 matmuls, not Python overhead, dominate. Batches: synthetic samples of all eight tasks packed and padded
-to a fixed budget. Reported: real tokens per second (padding excluded) for the dense SDPA and flex
-and per-sample SDPA backends (plus flex on CUDA; torch's flex attention has no CPU backward), their
-ratio, the pack fill ratio, and model FLOP/s from the 6·N_active + attention formula.
+to a fixed budget; ``fill`` is the fraction of real (non-padding) tokens, and tokens/s counts real
+tokens only. For each attention backend: forward + backward (the loss of ``compute_losses``) and
+forward alone under ``no_grad``, as medians after a warm-up (flex compiles there), with ratios against
+dense SDPA measured in the same run. torch's flex attention has no CPU backward, so on CPU flex gets a
+forward row only. GFLOP/s uses the 6·N_active + attention formula of ``lance_core.flops``.
 """
 
 from __future__ import annotations
@@ -33,54 +35,76 @@ MODELS = {
     "mid": dict(hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=64, intermediate_size=1408,
                 mrope_section=(8, 12, 12), vit=dict(out_hidden_size=512)),
 }
+BACKENDS = ("sdpa", "per_sample", "flex")
+
+
+def has_backward(backend: str, device: torch.device) -> bool:
+    return backend != "flex" or device.type == "cuda"
 
 
 def measure(name: str, backend: str, budget: int, per_task: int, image_side: int, reps: int) -> dict:
     torch.manual_seed(0)
     cfg = model_preset("tiny", attention_backend=backend, **MODELS[name])
     model = build_model(cfg)
+    device = next(model.parameters()).device
     samples = synthetic_mix(ByteTokenizer(), cfg, per_task=per_task, image_side=image_side)
     batch = pack_samples(samples, pad_to=budget)
     loss_cfg = LossConfig()
     noised = noise_latents(batch, loss_cfg, torch.Generator().manual_seed(0))
+    real = batch.num_real_tokens
 
-    def step():
+    def step() -> None:
         model.zero_grad(set_to_none=True)
         compute_losses(model, batch, loss_cfg, noised=noised).total.backward()
 
-    step()  # warm-up (flex compiles here)
-    seconds = median_seconds(step, reps)
-    counts = count_parameters(model)
-    context = batch.num_real_tokens / batch.num_samples
-    flops = training_flops_per_token(cfg, counts, int(context)) * batch.num_real_tokens
-    return {"model": name, "backend": backend, "budget": budget, "real_tokens": batch.num_real_tokens,
-            "samples": batch.num_samples, "fill": batch.num_real_tokens / budget, "step_ms": seconds * 1e3,
-            "tokens_per_s": batch.num_real_tokens / seconds, "gflops_per_s": flops / seconds / 1e9}
+    def forward() -> None:
+        with torch.no_grad():
+            compute_losses(model, batch, loss_cfg, noised=noised)
+
+    row = {"model": name, "backend": backend, "budget": budget, "real_tokens": real, "samples": batch.num_samples,
+           "fill": real / budget, "step_ms": None, "tokens_per_s": None, "gflops_per_s": None}
+    forward()  # warm-up (flex compiles here)
+    fwd_seconds = median_seconds(forward, reps)
+    row.update(fwd_ms=fwd_seconds * 1e3, fwd_tokens_per_s=real / fwd_seconds)
+    if has_backward(backend, device):
+        step()
+        seconds = median_seconds(step, reps)
+        counts = count_parameters(model)
+        flops = training_flops_per_token(cfg, counts, int(real / batch.num_samples)) * real
+        row.update(step_ms=seconds * 1e3, tokens_per_s=real / seconds, gflops_per_s=flops / seconds / 1e9)
+    return row
+
+
+COLUMNS = [
+    ("model", "model", "s"), ("backend", "backend", "s"), ("budget", "pack", "d"), ("samples", "samples", "d"),
+    ("fill", "fill", ".3f"), ("step_ms", "fwd+bwd ms", ".1f"), ("tokens_per_s", "fwd+bwd tok/s", ".0f"),
+    ("over_sdpa", "vs sdpa", ".2f"), ("gflops_per_s", "GFLOP/s", ".2f"), ("fwd_ms", "fwd ms", ".1f"),
+    ("fwd_tokens_per_s", "fwd tok/s", ".0f"), ("fwd_over_sdpa", "fwd vs sdpa", ".2f"),
+]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out")
+    parser.add_argument("--quick", action="store_true", help="tiny model, one small pack, one rep (smoke test)")
+    parser.add_argument("--out", help="JSON path (default bench/results/model_step.json)")
     args = parser.parse_args()
     reps = 1 if args.quick else 5
+    # (model, pack budget, samples per task, image side in latents)
     plans = [("tiny", 2048, 1, 4)] if args.quick else [("tiny", 4096, 2, 6), ("mid", 4096, 2, 6)]
     rows = []
     for name, budget, per_task, side in plans:
-        dense = measure(name, "sdpa", budget, per_task, side, reps)
-        rows.append(dense)
-        for backend in ["per_sample"] + (["flex"] if torch.cuda.is_available() else []):
+        dense = None
+        for backend in BACKENDS:
             row = measure(name, backend, budget, per_task, side, reps)
-            row["over_sdpa"] = row["tokens_per_s"] / dense["tokens_per_s"]
+            dense = dense or row
+            row["fwd_over_sdpa"] = row["fwd_tokens_per_s"] / dense["fwd_tokens_per_s"]
+            row["over_sdpa"] = row["tokens_per_s"] / dense["tokens_per_s"] if row["tokens_per_s"] else None
             rows.append(row)
-            print(f"{name}: sdpa {dense['tokens_per_s']:.0f} tok/s, {backend} {row['tokens_per_s']:.0f} tok/s",
-                  flush=True)
-    print()
-    print_table(rows, [("model", "model", "s"), ("backend", "backend", "s"), ("budget", "pack", "d"),
-                       ("samples", "samples", "d"), ("fill", "fill", ".3f"), ("step_ms", "fwd+bwd ms", ".1f"),
-                       ("tokens_per_s", "tokens/s", ".0f"), ("gflops_per_s", "GFLOP/s", ".2f"),
-                       ("over_sdpa", "vs sdpa", ".2f")])
-    write_json("model_step", {"rows": rows}, args.out)
+            step = f"{row['tokens_per_s']:.0f}" if row["tokens_per_s"] else "-"
+            print(f"{name} {backend}: fwd+bwd {step} tok/s, fwd {row['fwd_tokens_per_s']:.0f} tok/s", flush=True)
+    print(f"\nreal tokens per second, {torch.get_num_threads()} threads, float32; vs sdpa = ratio to dense SDPA")
+    print_table(rows, COLUMNS)
+    write_json("model_step", {"threads": torch.get_num_threads(), "rows": rows}, args.out)
 
 
 if __name__ == "__main__":

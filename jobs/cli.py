@@ -8,6 +8,8 @@ import sys
 COMMANDS = {
     "demo": ("jobs.demo", "run the main job on the embedded default (local, tiny presets, generated data)"),
     "model-info": ("jobs.model_info", "parameter counts and training FLOPs per token of a model preset"),
+    "synth": ("jobs.synth", "write sample datasets in every input format"),
+    "precompute": ("jobs.precompute", "encode raw pairs into latent shards with Ray Data"),
 }
 
 

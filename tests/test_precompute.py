@@ -1,0 +1,178 @@
+"""The precompute job on real Ray (local): every input format, the bad-input corpus, resume after a kill."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from lance_core.shards import SHARD_SCHEMA, bytes_to_tensor, check_schema
+from pipelines.data.buckets import bucket_for
+from pipelines.data.config import PrecomputeConfig
+from pipelines.data.synth import synth_all
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+TINY = dict(partition_size=4, wave_size=8, buckets=dict(image_area=64 * 64, video_area=64 * 96, vit_area=56 * 56),
+            video=dict(max_seconds=1.0), filters=dict(dedup=False))
+
+
+def _run(input_uri, output, **overrides):
+    from pipelines.data.pipeline import run_precompute
+
+    cfg = PrecomputeConfig(input=str(input_uri), output=str(output), **{**TINY, **overrides})
+    return run_precompute(cfg, progress=False)
+
+
+def _shard_rows(output: Path) -> list[dict]:
+    manifest = json.loads((output / "manifest.json").read_text())
+    rows = []
+    for shard in manifest["shards"]:
+        table = pq.read_table(output / shard["shard"])
+        check_schema(table.schema, shard["shard"])
+        assert table.num_rows == shard["rows"]
+        rows += table.to_pylist()
+    return rows
+
+
+def _check_invariant(output: Path) -> dict:
+    stats = json.loads((output / "stats.json").read_text())
+    assert stats["inputs"] == stats["inputs_written"] + stats["inputs_filtered"] + stats["inputs_quarantined"]
+    rows = _shard_rows(output)
+    ids = [r["sample_id"] for r in rows]
+    assert len(ids) == len(set(ids)), "a sample was written twice"
+    return stats
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return synth_all(tmp_path_factory.mktemp("synth"), count=6, seed=1)
+
+
+@pytest.mark.parametrize("name,task", [
+    ("parquet_t2i", "t2i"), ("parquet_t2v", "t2v"), ("parquet_i2i", "i2i"), ("parquet_v2v", "v2v"),
+    ("parquet_i2t", "i2t"), ("parquet_v2t", "v2t"), ("webdataset_images", "t2i"), ("webdataset_videos", "t2v"),
+    ("jsonl", "t2i"), ("csv", "t2i"),
+])
+def test_every_input_format(ray_local, synth, tmp_path, name, task):
+    source = synth[name] if not name.startswith(("jsonl", "csv")) else synth[name]
+    result = _run(source, tmp_path / "out")
+    stats = _check_invariant(tmp_path / "out")
+    assert stats["inputs_written"] == stats["inputs"] > 0 and result.partitions >= 1
+    rows = _shard_rows(tmp_path / "out")
+    assert {r["task"] for r in rows} == {task}
+    for row in rows:
+        latents = bytes_to_tensor(row["target_vae"], row["target_vae_shape"], row["target_vae_dtype"])
+        frames, height, width, channels = latents.shape
+        area = TINY["buckets"]["video_area" if row["target_fps"] else "image_area"]
+        _, bucket_w, bucket_h = bucket_for(row["target_width"], row["target_height"], area)
+        assert channels == 48 and (height, width) == (bucket_h // 16, bucket_w // 16)
+        assert frames == (1 if task in ("t2i", "i2i", "i2t") else (row["target_frames"] - 1) // 4 + 1)
+        if task in ("i2i", "v2v"):
+            assert row["source_vae"] is not None and row["source_vit"] is not None
+            assert row["source_vit_shape"][1] == 64
+        if task in ("i2t", "v2t"):
+            assert row["answer"] and row["question"] is not None and row["target_vit"] is not None
+            feats = bytes_to_tensor(row["target_vit"], row["target_vit_shape"], row["target_vae_dtype"])
+            t, h, w = row["target_vit_grid"]
+            assert feats.shape == (t * h * w, 64)
+
+
+def test_shards_read_back_with_ray_data(ray_local, synth, tmp_path):
+    _run(synth["parquet_t2i"], tmp_path / "out")
+    ds = ray_local.data.read_parquet(str(tmp_path / "out" / "shards"))
+    assert ds.count() == 6
+    assert set(SHARD_SCHEMA.names) <= set(ds.schema().names)
+
+
+def test_bad_input_corpus_is_quarantined_and_the_run_goes_on(ray_local, tmp_path):
+    from tests.data_corpus import build_corpus
+
+    manifest, expected = build_corpus(tmp_path / "corpus")
+    _run(manifest, tmp_path / "out", partition_size=5)
+    stats = _check_invariant(tmp_path / "out")
+    quarantine = pq.read_table(tmp_path / "out" / "quarantine").to_pylist()
+    by_name = {q["source_uri"]: q for q in quarantine}
+    lines = [json.loads(l) for l in manifest.read_text().splitlines()]
+    written = {r["source_uri"] for r in _shard_rows(tmp_path / "out")}
+    for index, line in enumerate(lines):
+        name = line["uri"].split("/")[-1]
+        outcome, reason = expected[name]
+        uri = f"{manifest}#{index}"
+        if outcome == "quarantined":
+            assert uri in by_name, name
+            assert by_name[uri]["reason"] == reason, (name, by_name[uri])
+            assert by_name[uri]["stage"] in ("read", "decode")
+        elif outcome == "written":
+            assert uri in written, name
+        else:
+            assert uri not in written and uri not in by_name, name
+    assert stats["filtered_by_reason"].get("size:too_small") == 1
+    assert stats["filtered_by_reason"].get("size:extreme_aspect") == 1
+    assert stats["filtered_by_reason"].get("caption:missing_caption") == 1
+
+
+def test_non_utf8_caption_is_quarantined(ray_local, tmp_path, synth):
+    tar_path = tmp_path / "bad.tar"
+    jpeg = next(iter(tarfile.open(synth["webdataset_images"]).getmembers()))
+    data = tarfile.open(synth["webdataset_images"]).extractfile(jpeg).read()
+    with tarfile.open(tar_path, "w") as tar:
+        for name, payload in (("a.jpg", data), ("a.txt", b"caf\xe9 \xff\xfe")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    _run(tar_path, tmp_path / "out")
+    quarantine = pq.read_table(tmp_path / "out" / "quarantine").to_pylist()
+    assert [q["reason"] for q in quarantine] == ["caption_not_utf8"]
+
+
+def test_exact_duplicates_are_dropped_once(ray_local, tmp_path):
+    from pipelines.data.synth import write_manifest
+
+    folder = tmp_path / "dup"
+    write_manifest(folder, "jsonl", 3, seed=5)
+    lines = (folder / "manifest.jsonl").read_text().splitlines()
+    (folder / "manifest.jsonl").write_text("\n".join(lines + lines) + "\n")
+    _run(folder / "manifest.jsonl", tmp_path / "out", filters=dict(dedup=True), partition_size=2)
+    stats = _check_invariant(tmp_path / "out")
+    assert stats["inputs_written"] == 3 and stats["filtered_by_reason"]["dedup:exact_duplicate"] == 3
+
+
+def test_kill_and_resume_loses_and_duplicates_nothing(ray_local, tmp_path, synth):
+    out = tmp_path / "out"
+    config = tmp_path / "cfg.yaml"
+    config.write_text(json.dumps({**TINY, "partition_size": 2, "wave_size": 1}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.precompute", "--config", str(config), "--input",
+                             str(synth["parquet_t2i"]), "--output", str(out), "--no-progress"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((out / "_commits").glob("*.json")) if (out / "_commits").exists() \
+            else time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    committed_before = len(list((out / "_commits").glob("*.json")))
+    assert 1 <= committed_before < 3, "the kill should land mid-run"
+    result = _run(synth["parquet_t2i"], out, partition_size=2, wave_size=1)
+    assert result.skipped == committed_before
+    stats = _check_invariant(out)
+    assert stats["partitions_committed"] == 3 and stats["inputs_written"] == 6
+
+
+def test_bad_config_field_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("partition_size: 0\nlatent_dtype: fp8\n")
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "precompute", "--config", str(bad)], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "precompute.partition_size" in out.stderr and "precompute.latent_dtype" in out.stderr
