@@ -90,7 +90,7 @@ def main() -> None:
     args = parser.parse_args()
     reps = 1 if args.quick else 5
     # (model, pack budget, samples per task, image side in latents)
-    plans = [("tiny", 2048, 1, 4)] if args.quick else [("tiny", 4096, 2, 6), ("mid", 4096, 2, 6)]
+    plans = [("tiny", 1536, 1, 4)] if args.quick else [("tiny", 4096, 2, 6), ("mid", 4096, 2, 6)]
     rows = []
     for name, budget, per_task, side in plans:
         dense = None

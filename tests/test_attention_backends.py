@@ -1,4 +1,6 @@
-"""Every attention backend agrees with dense SDPA on packed layouts of all tasks."""
+"""Every attention backend agrees with dense SDPA on packed layouts of all tasks and on random layouts."""
+
+import random
 
 import pytest
 import torch
@@ -15,8 +17,26 @@ def layout(tokenizer, tiny_cfg):
     return AttentionLayout.from_batch(pack_samples(synthetic_mix(tokenizer, tiny_cfg, per_task=1), pad_to=1536))
 
 
-def _run(layout, backend, q, k, v, backward):
-    backend, prepared = prepare_attention(layout, backend, 128)
+def random_layout(seed: int, samples: int = 5) -> AttentionLayout:
+    """Samples of 1-4 spans of random modes and lengths (1-40 tokens), so span and sample edges fall
+    anywhere inside flex blocks and noise spans may be followed by other spans."""
+    rng = random.Random(seed)
+    sample, span, bidir, noise = [], [], [], []
+    span_no = 0
+    for index in range(samples):
+        for _ in range(rng.randint(1, 4)):
+            mode = rng.choice(("causal", "full", "noise"))
+            size = rng.randint(1, 40)
+            sample += [index] * size
+            span += [span_no] * size
+            bidir += [mode != "causal"] * size
+            noise += [mode == "noise"] * size
+            span_no += 1
+    return AttentionLayout(torch.tensor(sample), torch.tensor(span), torch.tensor(bidir), torch.tensor(noise))
+
+
+def _run(layout, backend, q, k, v, backward, block_size=128):
+    backend, prepared = prepare_attention(layout, backend, block_size)
     out = packed_attention(q, k, v, layout, backend, prepared)
     if not backward:
         return out.detach(), None
@@ -28,6 +48,7 @@ def _run(layout, backend, q, k, v, backward):
 
 
 def _qkv(n, grad):
+    """GQA: 4 query heads share 2 key-value heads."""
     torch.manual_seed(0)
     return [torch.randn(h, n, 16, requires_grad=grad) for h in (4, 2, 2)]
 
@@ -39,6 +60,31 @@ def test_per_sample_matches_dense_forward_and_backward(layout):
     assert torch.allclose(ours, dense, atol=1e-5)
     for a, b in zip(our_grads, dense_grads):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_per_sample_matches_dense_on_random_layouts(seed):
+    layout = random_layout(seed)
+    q, k, v = _qkv(len(layout), True)
+    dense, dense_grads = _run(layout, "sdpa", q, k, v, True)
+    ours, our_grads = _run(layout, "per_sample", q, k, v, True)
+    assert torch.allclose(ours, dense, atol=1e-5)
+    for a, b in zip(our_grads, dense_grads):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_flex_matches_dense_on_random_layouts():
+    """Block size 16 (cheap to compile, many partial blocks); two layouts of different lengths."""
+    backward = torch.cuda.is_available()  # torch's flex attention has no CPU backward
+    for seed in (0, 1):
+        layout = random_layout(seed)
+        q, k, v = _qkv(len(layout), backward)
+        dense, dense_grads = _run(layout, "sdpa", q, k, v, backward)
+        flex, flex_grads = _run(layout, "flex", q, k, v, backward, block_size=16)
+        assert torch.allclose(flex, dense, atol=1e-5), seed
+        for a, b in zip(flex_grads or [], dense_grads or []):
+            assert torch.allclose(a, b, atol=5e-5), seed
 
 
 @pytest.mark.slow
