@@ -82,7 +82,7 @@ class PrecomputeConfig(StrictModel):
     output: str = "runs/latents"
     partition_size: int = Field(64, ge=1)
     """Input records per partition; one partition becomes one shard."""
-    wave_size: int = Field(16, ge=1)
+    wave_size: int = Field(64, ge=1)
     """Partitions per Ray Data execution; bounds memory whatever the dataset size."""
     latent_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     filters: FilterConfig = FilterConfig()

@@ -1,6 +1,7 @@
 """Encoder actors for Ray Data ``map_batches``: the Wan2.2 VAE and the Qwen2.5-VL ViT.
 
-Rows of a batch are grouped by pixel shape (the aspect bucket), so each group is one batched forward.
+A batch is one partition's block; its rows are grouped by pixel shape (the aspect bucket) and encoded in
+chunks of ``encoders.batch_size``.
 Rows that are not ``ok`` pass through untouched. The actors are built once per pool member.
 """
 
@@ -25,12 +26,14 @@ def _device(num_gpus: float) -> torch.device:
     return torch.device("cuda") if num_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
 
 
-def _groups(batch: pd.DataFrame, key: str) -> dict[tuple, list[int]]:
+def _groups(batch: pd.DataFrame, key: str, chunk: int) -> list[tuple[tuple, list[int]]]:
+    """Rows to encode grouped by pixel shape (the bucket), in chunks of at most ``chunk`` rows."""
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, (status, shape, data) in enumerate(zip(batch["status"], batch[f"{key}_shape"], batch[f"{key}_pixels"])):
         if status == "ok" and data is not None and len(data):
             groups[tuple(int(s) for s in shape)].append(i)
-    return groups
+    return [(shape, rows[start:start + chunk]) for shape, rows in groups.items()
+            for start in range(0, len(rows), chunk)]
 
 
 def _pixels(batch: pd.DataFrame, key: str, rows: list[int], shape: tuple) -> torch.Tensor:
@@ -47,12 +50,13 @@ class VAEEncoder:
         self.device = _device(cfg.encoders.num_gpus_per_actor)
         self.vae = WanVAE.from_config(vae_cfg).to(self.device).eval()
         self.dtype = LATENT_DTYPES[cfg.latent_dtype]
+        self.chunk = cfg.encoders.batch_size
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         started = time.perf_counter()
         for slot in ("target", "source"):
             latents, shapes = [b""] * len(batch), [[] for _ in range(len(batch))]
-            for shape, rows in _groups(batch, slot).items():
+            for shape, rows in _groups(batch, slot, self.chunk):
                 pixels = _pixels(batch, slot, rows, shape).permute(0, 4, 1, 2, 3) * 2 - 1  # (B, 3, T, H, W)
                 encoded = self.vae.encode(pixels.to(self.device)).permute(0, 2, 3, 4, 1).cpu()  # (B, T', H', W', C)
                 for i, lat in zip(rows, encoded):
@@ -75,12 +79,13 @@ class ViTEncoder:
         self.device = _device(cfg.encoders.num_gpus_per_actor)
         self.vit = QwenViT.from_config(vit_cfg).to(self.device).eval()
         self.dtype = LATENT_DTYPES[cfg.latent_dtype]
+        self.chunk = cfg.encoders.batch_size
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         started = time.perf_counter()
         for slot in ("target", "source"):
             features, shapes, grids = [b""] * len(batch), [[] for _ in batch.index], [[] for _ in batch.index]
-            for shape, rows in _groups(batch, f"{slot}_vit").items():
+            for shape, rows in _groups(batch, f"{slot}_vit", self.chunk):
                 clips = [c.permute(0, 3, 1, 2) for c in _pixels(batch, f"{slot}_vit", rows, shape)]
                 encoded, llm_grids = self.vit.encode_many(clips)
                 for i, feat, grid in zip(rows, encoded, llm_grids):

@@ -102,6 +102,7 @@ def run_precompute(cfg: PrecomputeConfig, progress: bool = True) -> PrecomputeRe
         ray.init(include_dashboard=False, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
+    ctx.target_max_block_size = max(ctx.target_max_block_size or 0, 8 * 2**30)
     _prepare_output(cfg)
     files, partitions = load_plan(cfg)
     commits = read_commits(cfg.output, cfg)
@@ -116,15 +117,17 @@ def run_precompute(cfg: PrecomputeConfig, progress: bool = True) -> PrecomputeRe
         items = [{"partition": p, "segments": json.dumps(partitions[p])} for p in wave]
         ds = ray.data.from_items(items, override_num_blocks=len(wave))
         ds = ds.map_batches(_partition_rows, fn_args=(files, cfg_json), batch_size=1, batch_format="numpy")
+        # One block per partition from the read stage to the writer: encoders take whole blocks
+        # (batch_size=None) and blocks are never split, so no shuffle is needed to regroup partitions.
         cpus = cfg.encoders.cpus_per_actor
-        ds = ds.map_batches(VAEEncoder, fn_constructor_args=(cfg_json,), batch_size=cfg.encoders.batch_size,
+        ds = ds.map_batches(VAEEncoder, fn_constructor_args=(cfg_json,), batch_size=None,
                             batch_format="pandas", compute=ActorPoolStrategy(size=cfg.encoders.vae_actors),
                             num_cpus=cpus, num_gpus=gpu or None)
-        ds = ds.map_batches(ViTEncoder, fn_constructor_args=(cfg_json,), batch_size=cfg.encoders.batch_size,
+        ds = ds.map_batches(ViTEncoder, fn_constructor_args=(cfg_json,), batch_size=None,
                             batch_format="pandas", compute=ActorPoolStrategy(size=cfg.encoders.vit_actors),
                             num_cpus=cpus, num_gpus=gpu or None)
-        written = ds.groupby("partition", num_partitions=max(1, min(len(wave), 8))).map_groups(
-            write_partition, fn_args=(cfg_json, cfg.output, dedup), batch_format="pandas")
+        written = ds.map_batches(write_partition, fn_args=(cfg_json, cfg.output, dedup), batch_size=None,
+                                 batch_format="pandas")
         for row in written.take_all():
             record = json.loads(row["commit"])
             commits[record["partition"]] = record

@@ -76,10 +76,13 @@ def _write_parquet(fs, table: pa.Table, final: str) -> int:
 
 
 def write_partition(group: pd.DataFrame, cfg_json: str, output: str, dedup_index=None) -> pd.DataFrame:
-    """Write one partition (all its rows) and return its commit record as a one-row frame."""
+    """Write one partition (all its rows, one block) and return its commit record as a one-row frame."""
     cfg = PrecomputeConfig.model_validate_json(cfg_json)
     fs = filesystem(output, cfg.storage)
-    partition = int(group["partition"].iloc[0])
+    partitions = group["partition"].unique()
+    if len(partitions) != 1:
+        raise RuntimeError(f"a writer block holds partitions {sorted(partitions)}; expected exactly one")
+    partition = int(partitions[0])
     name = part_name(partition)
     group = group.sort_values(["record_index", "clip_index"], kind="stable")
     ok = group[group["status"] == "ok"]
