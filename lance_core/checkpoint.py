@@ -1,11 +1,18 @@
 """Weights in and out: Qwen2.5-VL checkpoints into the UND expert (then copied into GEN), and Lance
 checkpoints under the released key names. Safetensors only; nothing is unpickled.
+
+Qwen2.5-VL key layouts accepted (both appear in the wild):
+- on disk, as ``save_pretrained`` of transformers 5.x and the Hub checkpoints write them:
+  ``model.layers.*``, ``model.embed_tokens.weight``, ``model.norm.weight``, ``lm_head.weight``, ``visual.*``;
+- in memory, as transformers >= 4.52 names the modules (a ``state_dict()`` saved by hand):
+  ``model.language_model.*``, ``lm_head.weight``, ``model.visual.*``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,52 +25,81 @@ from .model import LanceModel
 LANCE_PREFIXES = ("language_model.", "time_embedder.", "vae2llm.", "llm2vae.", "latent_pos_embed.")
 VIT_PREFIX = "vit_model."
 POS_TABLE_KEY = "latent_pos_embed.pos_embed"
-# transformers >= 5 writes model.language_model.*, older releases model.*; vision keys are skipped here.
+LM_HEAD_KEY = "language_model.lm_head.weight"
+EMBED_KEY = "language_model.model.embed_tokens.weight"
 QWEN_TEXT_PREFIXES = ("model.language_model.", "model.")
 QWEN_VISION_PREFIXES = ("model.visual.", "visual.")
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
 
 
 @dataclass
 class LoadReport:
+    """What a load did. ``vit_weights``: the ``vit_model.*`` tensors of a Lance checkpoint, prefix removed."""
+
+    source: str = ""
     loaded: int = 0
     copied_to_gen: int = 0
     skipped_vision: int = 0
+    tied_lm_head: bool = False
+    ignored: list[str] = field(default_factory=list)
     vit_weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def _safetensors_files(path: str | Path) -> list[Path]:
+# ------------------------------------------------------------------------------------------ reading
+def _key_files(path: str | Path) -> dict[str, Path]:
+    """key -> file holding it, for a .safetensors file or a folder (single file or sharded with an index)."""
     path = Path(path)
     if path.is_file():
-        return [path]
-    if not path.is_dir():
+        files = [path]
+    elif not path.is_dir():
         raise FileNotFoundError(f"checkpoint not found: {str(path)!r}")
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [path / n for n in names]
+    elif (path / INDEX_FILE).is_file():
+        weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+        owners = {key: path / name for key, name in weight_map.items()}
+        for file in sorted(set(owners.values())):
+            if not file.is_file():
+                raise FileNotFoundError(f"checkpoint shard missing: {str(file)!r} (listed in {INDEX_FILE})")
+        return owners
+    elif (path / SINGLE_FILE).is_file():
+        files = [path / SINGLE_FILE]
     else:
         files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no .safetensors files in {str(path)!r}")
+        if not files:
+            raise FileNotFoundError(f"no {SINGLE_FILE}, {INDEX_FILE} or *.safetensors in {str(path)!r}")
+    owners = {}
     for file in files:
-        if not file.is_file():
-            raise FileNotFoundError(f"checkpoint shard missing: {str(file)!r}")
-    return files
-
-
-def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a file, or of a folder (single file or sharded with an index)."""
-    tensors: dict[str, torch.Tensor] = {}
-    for file in _safetensors_files(path):
         with safe_open(str(file), framework="pt") as fh:
-            for key in fh.keys():
+            owners.update(dict.fromkeys(fh.keys(), file))
+    return owners
+
+
+def read_safetensors_dir(
+    path: str | Path, select: Callable[[str], bool] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file or folder, read shard by shard; only keys passing ``select`` are read."""
+    by_file: dict[Path, list[str]] = {}
+    for key, file in _key_files(path).items():
+        if select is None or select(key):
+            by_file.setdefault(file, []).append(key)
+    tensors: dict[str, torch.Tensor] = {}
+    for file, keys in by_file.items():
+        with safe_open(str(file), framework="pt") as fh:
+            for key in keys:
                 tensors[key] = fh.get_tensor(key)
     return tensors
 
 
-def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
-                            strict: bool = True) -> None:
-    """Load with errors that name the source and the offending keys or shapes."""
+def _listing(keys: list[str], limit: int = 8) -> str:
+    return f"{keys[:limit]}{f' (+{len(keys) - limit} more)' if len(keys) > limit else ''}"
+
+
+def load_state_dict_checked(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "state dict", strict: bool = True,
+) -> int:
+    """Copy ``state`` into ``model`` (dtype cast, no re-allocation). Shape mismatches always raise
+    ``ValueError`` naming key and shapes; with ``strict``, missing/unexpected keys raise ``KeyError``.
+    Returns how many tensors were copied."""
     expected = model.state_dict()
     for key, value in state.items():
         if key in expected and tuple(value.shape) != tuple(expected[key].shape):
@@ -72,17 +108,20 @@ def load_state_dict_checked(model: torch.nn.Module, state: dict[str, torch.Tenso
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if strict and (missing or unexpected):
-        raise KeyError(f"{source}: missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}; "
-                       f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        raise KeyError(f"{source}: missing keys {_listing(missing)}; unexpected keys {_listing(unexpected)}")
+    copied = 0
     with torch.no_grad():
         for key, value in state.items():
             if key in expected:
                 expected[key].copy_(value.to(expected[key].dtype))
+                copied += 1
+    return copied
 
 
+# ------------------------------------------------------------------------------------------ Qwen2.5-VL
 def _qwen_to_und_key(key: str) -> str | None:
     if key == "lm_head.weight":
-        return "language_model.lm_head.weight"
+        return LM_HEAD_KEY
     for prefix in QWEN_TEXT_PREFIXES:
         if key.startswith(prefix):
             rest = key[len(prefix):]
@@ -91,8 +130,16 @@ def _qwen_to_und_key(key: str) -> str | None:
     return None
 
 
+def _qwen_ties_embeddings(path: str | Path) -> bool:
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    data = json.loads(config.read_text())
+    return bool(data.get("tie_word_embeddings") or (data.get("text_config") or {}).get("tie_word_embeddings"))
+
+
 def copy_und_into_gen(model: LanceModel) -> int:
-    """Every ``_moe_gen`` weight of the decoder takes the value of its UND twin."""
+    """Every ``_moe_gen`` weight (decoder layers and final norm) takes the value of its UND twin."""
     state = model.state_dict()
     copied = 0
     with torch.no_grad():
@@ -103,58 +150,78 @@ def copy_und_into_gen(model: LanceModel) -> int:
     return copied
 
 
+def _is_qwen_vision(key: str) -> bool:
+    return key.startswith(QWEN_VISION_PREFIXES)
+
+
+def _is_qk_norm(key: str) -> bool:
+    return ".q_norm" in key or ".k_norm" in key
+
+
 def load_qwen25vl_weights(model: LanceModel, path: str | Path) -> LoadReport:
-    """A Qwen2.5-VL checkpoint folder: LLM into UND, **then** UND copied into GEN; QK-norms start at 1."""
-    report = LoadReport()
-    source = read_safetensors(path)
+    """A Qwen2.5-VL checkpoint folder: the LLM into UND, **then** UND copied into GEN (MODEL.md; the release
+    copies before loading on one path). QK-norms start at 1 (Qwen2.5-VL has none). Vision weights are
+    counted, not read. A tied (or absent) lm_head takes the embedding."""
+    report = LoadReport(source=str(path))
+    owners = _key_files(path)
+    report.skipped_vision = sum(_is_qwen_vision(key) for key in owners)
+    report.ignored = sorted(k for k in owners if not _is_qwen_vision(k) and _qwen_to_und_key(k) is None)
+    source = read_safetensors_dir(path, lambda k: not _is_qwen_vision(k) and _qwen_to_und_key(k) is not None)
+    und = {_qwen_to_und_key(key): value for key, value in source.items()}
+    if EMBED_KEY in und and (LM_HEAD_KEY not in und or _qwen_ties_embeddings(path)):
+        und[LM_HEAD_KEY] = und[EMBED_KEY]
+        report.tied_lm_head = True
     expected = model.state_dict()
-    und: dict[str, torch.Tensor] = {}
-    for key, value in source.items():
-        if key.startswith(QWEN_VISION_PREFIXES):
-            report.skipped_vision += 1
-            continue
-        target = _qwen_to_und_key(key)
-        if target is not None:
-            und[target] = value
-    if "language_model.lm_head.weight" not in und and "language_model.model.embed_tokens.weight" in und:
-        und["language_model.lm_head.weight"] = und["language_model.model.embed_tokens.weight"]  # tied embeddings
-    needed = [k for k in expected if k.startswith("language_model.") and "_moe_gen" not in k
-              and "q_norm" not in k and "k_norm" not in k]
+    needed = [k for k in expected
+              if k.startswith("language_model.") and "_moe_gen" not in k and not _is_qk_norm(k)]
     missing = [k for k in needed if k not in und]
+    unexpected = sorted(k for k in und if k not in expected)
     if missing:
-        raise KeyError(f"{path}: the Qwen2.5-VL checkpoint lacks {missing[:8]}")
-    load_state_dict_checked(model, und, str(path), strict=False)
+        raise KeyError(f"{path}: the Qwen2.5-VL checkpoint lacks {_listing(missing)}")
+    if unexpected:
+        raise KeyError(f"{path}: the Qwen2.5-VL checkpoint has LLM weights the model lacks (more layers?): "
+                       f"{_listing(unexpected)}")
+    report.loaded = load_state_dict_checked(model, und, str(path), strict=False)
     with torch.no_grad():
         for key, value in expected.items():
-            if "q_norm" in key or "k_norm" in key:
+            if _is_qk_norm(key):
                 value.fill_(1.0)
-    report.loaded = len(und)
     report.copied_to_gen = copy_und_into_gen(model)
     return report
 
 
-def save_lance_checkpoint(model: LanceModel, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """One safetensors file with the released Lance key names (the fixed position table included)."""
+# ------------------------------------------------------------------------------------------ Lance
+def save_lance_checkpoint(
+    model: LanceModel, path: str | Path, metadata: dict[str, str] | None = None,
+) -> Path:
+    """One safetensors file under the released Lance key names, the fixed position table included as the
+    release stores it. ``path`` is a ``.safetensors`` file or a folder (``model.safetensors`` inside).
+    Written to a temporary name, then renamed, so a crash never leaves a half-written checkpoint."""
     path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path / SINGLE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    meta = {"format": "lance", "preset": model.cfg.preset, **(metadata or {})}
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": "pt", "lance_preset": str(model.cfg.preset)}
+    meta.update({key: str(value) for key, value in (metadata or {}).items()})
+    tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata=meta)
     os.replace(tmp, path)
     return path
 
 
 def load_lance_checkpoint(model: LanceModel, path: str | Path, strict: bool = True) -> LoadReport:
-    """Load released-name weights; ``vit_model.*`` keys are returned apart; the fixed table is rebuilt."""
-    report = LoadReport()
-    state = read_safetensors(path)
+    """Released-name weights from a file or folder (single or sharded). ``vit_model.*`` keys come back in
+    the report, not loaded; the fixed position table is rebuilt whatever the file held (missing is fine)."""
+    report = LoadReport(source=str(path))
+    state = read_safetensors_dir(path)
     report.vit_weights = {k[len(VIT_PREFIX):]: v for k, v in state.items() if k.startswith(VIT_PREFIX)}
     lance = {k: v for k, v in state.items() if not k.startswith(VIT_PREFIX)}
-    unknown = sorted(k for k in lance if not k.startswith(LANCE_PREFIXES))
-    if unknown and strict:
-        raise KeyError(f"{path}: keys outside the Lance naming: {unknown[:8]}")
-    load_state_dict_checked(model, lance, str(path), strict=strict)
+    if strict:
+        unknown = sorted(k for k in lance if not k.startswith(LANCE_PREFIXES))
+        if unknown:
+            raise KeyError(f"{path}: keys outside the Lance naming: {_listing(unknown)}")
+    lance.setdefault(POS_TABLE_KEY, model.latent_pos_embed.pos_embed.detach())
+    report.loaded = load_state_dict_checked(model, lance, str(path), strict=strict)
     model.latent_pos_embed.rebuild()
-    report.loaded = len(lance)
     return report

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -6,86 +8,204 @@ from lance_core.checkpoint import (
     LANCE_PREFIXES,
     load_lance_checkpoint,
     load_qwen25vl_weights,
-    read_safetensors,
+    load_state_dict_checked,
+    read_safetensors_dir,
     save_lance_checkpoint,
 )
 from lance_core.config import model_preset
 from lance_core.model import build_model
+from tests.qwen_tiny import random_qwen, save_random_qwen
 
 
 def _randomised(cfg, seed):
     torch.manual_seed(seed)
     model = build_model(cfg)
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.requires_grad:
                 param.add_(torch.randn_like(param) * 0.05)
     return model
 
 
+def _state(model):
+    return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------------------ Lance
 def test_lance_checkpoint_round_trip_is_identical(tmp_path, tiny_cfg):
+    assert tiny_cfg.qk_norm
     model = _randomised(tiny_cfg, 0)
-    first = save_lance_checkpoint(model, tmp_path / "a.safetensors")
+    first = save_lance_checkpoint(model, tmp_path / "a.safetensors", metadata={"step": 7})
     fresh = build_model(tiny_cfg)
-    load_lance_checkpoint(fresh, first)
-    second = save_lance_checkpoint(fresh, tmp_path / "b.safetensors")
+    report = load_lance_checkpoint(fresh, first)
+    assert report.loaded == len(model.state_dict()) and not report.vit_weights
+    second = save_lance_checkpoint(fresh, tmp_path / "b")
+    assert second == tmp_path / "b" / "model.safetensors"
     a, b = load_file(first), load_file(second)
-    assert a.keys() == b.keys()
+    assert a.keys() == b.keys() == model.state_dict().keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert all(k.startswith(LANCE_PREFIXES) for k in a)
-    assert "language_model.model.layers.0.self_attn.q_proj_moe_gen.bias" in a
-    assert "language_model.model.layers.1.self_attn.k_norm_moe_gen.weight" in a
-    assert "language_model.model.norm_moe_gen.weight" in a and "time_embedder.mlp.2.weight" in a
+    for key in ("language_model.model.layers.0.self_attn.q_proj_moe_gen.bias",
+                "language_model.model.layers.1.self_attn.k_norm_moe_gen.weight",
+                "language_model.model.layers.1.mlp_moe_gen.down_proj.weight",
+                "language_model.model.norm_moe_gen.weight", "language_model.lm_head.weight",
+                "time_embedder.mlp.2.weight", "vae2llm.bias", "llm2vae.weight", "latent_pos_embed.pos_embed"):
+        assert key in a, key
+    assert a["latent_pos_embed.pos_embed"].shape == (tiny_cfg.latent_grid ** 2, tiny_cfg.hidden_size)
+    from safetensors import safe_open
+
+    with safe_open(str(first), framework="pt") as fh:
+        assert fh.metadata()["step"] == "7"
 
 
 def test_position_table_is_rebuilt_and_vit_keys_kept_apart(tmp_path, tiny_cfg):
     model = _randomised(tiny_cfg, 1)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state = _state(model)
     table = state["latent_pos_embed.pos_embed"].clone()
-    state["latent_pos_embed.pos_embed"] = torch.zeros_like(table)
+    state["latent_pos_embed.pos_embed"] = torch.randn_like(table)
     state["vit_model.blocks.0.attn.qkv.weight"] = torch.ones(3, 3)
     save_file(state, str(tmp_path / "c.safetensors"))
     fresh = build_model(tiny_cfg)
     report = load_lance_checkpoint(fresh, tmp_path / "c.safetensors")
     assert torch.equal(fresh.latent_pos_embed.pos_embed, table)
     assert list(report.vit_weights) == ["blocks.0.attn.qkv.weight"]
+    assert "vit_model.blocks.0.attn.qkv.weight" not in fresh.state_dict()
+    assert torch.equal(fresh.llm2vae.weight, model.llm2vae.weight)
 
 
-def test_missing_key_shape_mismatch_and_missing_file_are_named(tmp_path, tiny_cfg):
-    state = {k: v.contiguous() for k, v in build_model(tiny_cfg).state_dict().items()}
+def test_sharded_lance_checkpoint_loads(tmp_path, tiny_cfg):
+    state = _state(_randomised(tiny_cfg, 2))
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, part in shards.items():
+        save_file({k: state[k] for k in part}, str(tmp_path / name))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: name for name, part in shards.items() for k in part}}))
+    fresh = build_model(tiny_cfg)
+    load_lance_checkpoint(fresh, tmp_path)
+    assert all(torch.equal(fresh.state_dict()[k], state[k]) for k in keys)
+
+
+def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path, tiny_cfg):
+    state = _state(build_model(tiny_cfg))
     del state["llm2vae.bias"]
     save_file(state, str(tmp_path / "missing.safetensors"))
-    with pytest.raises(KeyError, match="llm2vae.bias"):
+    with pytest.raises(KeyError, match=r"llm2vae\.bias"):
         load_lance_checkpoint(build_model(tiny_cfg), tmp_path / "missing.safetensors")
+    load_lance_checkpoint(build_model(tiny_cfg), tmp_path / "missing.safetensors", strict=False)
+
+    state = _state(build_model(tiny_cfg))
+    state["extra.weight"] = torch.zeros(1)
+    with pytest.raises(KeyError, match=r"extra\.weight"):
+        load_state_dict_checked(build_model(tiny_cfg), state)
+
     bigger = build_model(model_preset("tiny", intermediate_size=96))
     save_lance_checkpoint(bigger, tmp_path / "bigger.safetensors")
-    with pytest.raises(ValueError, match=r"mlp\.(gate|up|down)_proj\.weight has shape"):
+    misshaped = r"mlp(_moe_gen)?\.(gate|up|down)_proj\.weight has shape \((96, 64|64, 96)\), the model"
+    with pytest.raises(ValueError, match=misshaped):
         load_lance_checkpoint(build_model(tiny_cfg), tmp_path / "bigger.safetensors")
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_lance_checkpoint(build_model(tiny_cfg), tmp_path / "nowhere")
 
 
-def test_sharded_folder_reads_all_shards(tmp_path):
-    import json
-
-    save_file({"a": torch.ones(2)}, str(tmp_path / "model-00001-of-00002.safetensors"))
+def test_sharded_folder_reads_all_shards_lazily(tmp_path):
+    save_file({"a": torch.ones(2), "c": torch.ones(1)}, str(tmp_path / "model-00001-of-00002.safetensors"))
     save_file({"b": torch.zeros(3)}, str(tmp_path / "model-00002-of-00002.safetensors"))
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
-    assert set(read_safetensors(tmp_path)) == {"a", "b"}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "c": "model-00001-of-00002.safetensors",
+        "b": "model-00002-of-00002.safetensors"}}))
+    assert set(read_safetensors_dir(tmp_path)) == {"a", "b", "c"}
+    assert set(read_safetensors_dir(tmp_path, select=lambda k: k != "c")) == {"a", "b"}
     (tmp_path / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model-00002-of-00002"):
-        read_safetensors(tmp_path)
+        read_safetensors_dir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors.*empty"):
+        read_safetensors_dir(tmp_path / "empty")
 
 
-def test_qwen_checkpoint_with_other_sizes_names_the_key(tmp_path):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+def _released_lance_keys(num_layers):
+    """The key names of the released Lance checkpoint (MODEL.md, "Released checkpoint key names")."""
+    per_expert = [f"self_attn.{p}_proj{{g}}.{t}" for p in "qkv" for t in ("weight", "bias")]
+    per_expert += ["self_attn.o_proj{g}.weight", "self_attn.q_norm{g}.weight", "self_attn.k_norm{g}.weight"]
+    per_expert += [f"mlp{{g}}.{p}_proj.weight" for p in ("gate", "up", "down")]
+    per_expert += ["input_layernorm{g}.weight", "post_attention_layernorm{g}.weight"]
+    keys = {f"language_model.model.layers.{i}.{name.format(g=g)}"
+            for i in range(num_layers) for name in per_expert for g in ("", "_moe_gen")}
+    keys |= {"language_model.model.embed_tokens.weight", "language_model.lm_head.weight",
+             "language_model.model.norm.weight", "language_model.model.norm_moe_gen.weight",
+             "latent_pos_embed.pos_embed"}
+    keys |= {f"{m}.{t}" for m in ("time_embedder.mlp.0", "time_embedder.mlp.2", "vae2llm", "llm2vae")
+             for t in ("weight", "bias")}
+    return keys
 
-    config = Qwen2_5_VLConfig(
-        text_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=96, vocab_size=512,
-                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3])),
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64))
-    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"mlp\.(gate|up|down)_proj\.weight has shape"):
-        load_qwen25vl_weights(build_model(model_preset("tiny")), tmp_path)
+
+def test_lance_3b_has_the_released_parameter_count_and_key_names():
+    model = build_model(model_preset("lance-3b"), device="meta")
+    state = model.state_dict()
+    assert sum(v.numel() for v in state.values()) == 6_185_205_808
+    assert all(k.startswith(LANCE_PREFIXES) for k in state)
+    assert set(state) == _released_lance_keys(36)
+    assert state["latent_pos_embed.pos_embed"].shape == (4096, 2048)
+
+
+# ------------------------------------------------------------------------------------------ Qwen2.5-VL
+def _qwen_und_pairs(qwen):
+    """(Qwen in-memory key, Lance UND key) for every LLM tensor."""
+    for key in qwen.state_dict():
+        if key.startswith("model.language_model."):
+            yield key, "language_model.model." + key[len("model.language_model."):]
+    yield "lm_head.weight", "language_model.lm_head.weight"
+
+
+def test_qwen_weights_go_into_und_then_gen(tmp_path):
+    cfg = model_preset("tiny")  # qk_norm on: the norms start at 1
+    qwen = save_random_qwen(tmp_path, cfg, seed=3)
+    model = _randomised(cfg, 4)
+    report = load_qwen25vl_weights(model, tmp_path)
+    ours, theirs = model.state_dict(), qwen.state_dict()
+    for qwen_key, lance_key in _qwen_und_pairs(qwen):
+        assert torch.equal(ours[lance_key], theirs[qwen_key]), lance_key
+    for key, value in ours.items():
+        if "_moe_gen" in key:
+            assert torch.equal(value, ours[key.replace("_moe_gen", "")]), key
+        if ".q_norm" in key or ".k_norm" in key:
+            assert torch.equal(value, torch.ones_like(value)), key
+    assert report.skipped_vision == sum(k.startswith("model.visual.") for k in theirs)
+    assert report.loaded == len(list(_qwen_und_pairs(qwen))) and not report.ignored
+
+
+def test_qwen_in_memory_layout_and_tied_embeddings(tmp_path):
+    """``model.language_model.*`` keys (a state_dict saved by hand) and a checkpoint without lm_head."""
+    cfg = model_preset("tiny")
+    qwen = random_qwen(cfg, seed=5, tie_word_embeddings=True)
+    state = {k: v.contiguous() for k, v in qwen.state_dict().items() if k != "lm_head.weight"}
+    assert any(k.startswith("model.language_model.layers.") for k in state)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    model = build_model(cfg)
+    report = load_qwen25vl_weights(model, tmp_path)
+    assert report.tied_lm_head
+    assert torch.equal(model.language_model.lm_head.weight, state["model.language_model.embed_tokens.weight"])
+    final_norm = state["model.language_model.norm.weight"]
+    assert torch.equal(model.language_model.model.norm_moe_gen.weight, final_norm)
+
+
+def test_qwen_errors_name_the_path_and_the_key(tmp_path):
+    cfg = model_preset("tiny")
+    with pytest.raises(FileNotFoundError, match="no_such_qwen"):
+        load_qwen25vl_weights(build_model(cfg), tmp_path / "no_such_qwen")
+
+    save_random_qwen(tmp_path / "wide", cfg, hidden_size=96)
+    with pytest.raises(ValueError, match=r"language_model\.\S+ has shape \(.*96.*\), the model expects"):
+        load_qwen25vl_weights(build_model(cfg), tmp_path / "wide")
+
+    qwen = random_qwen(cfg)
+    state = {k: v.contiguous() for k, v in qwen.state_dict().items()
+             if k != "model.language_model.layers.1.mlp.up_proj.weight"}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(KeyError, match=r"language_model\.model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_qwen25vl_weights(build_model(cfg), tmp_path)
+
+    save_random_qwen(tmp_path / "deep", cfg, num_hidden_layers=3)
+    with pytest.raises(KeyError, match=r"layers\.2\."):
+        load_qwen25vl_weights(build_model(cfg), tmp_path / "deep")
