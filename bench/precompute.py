@@ -7,7 +7,7 @@ Figures (each a ratio against a baseline measured in the same run):
 - pipeline throughput / throughput of its slowest stage run alone in one process on the same data
   (decode + filter + bucket, VAE encode, ViT encode): above 1 means the stages overlap on both cores;
 - our video decode (PyAV, 12 fps resampling, clip cutting) / a bare PyAV decode loop of the same files;
-- peak memory (sum of the resident sets of the driver and all Ray workers, sampled at 10 Hz) at N and 4N
+- peak memory (sum of the resident sets of the driver and its local Ray processes, sampled at 10 Hz) at N and 4N
   images: near 1 means the job streams.
 """
 
@@ -30,7 +30,7 @@ BUCKETS = dict(image_area=64 * 64, video_area=64 * 96, vit_area=56 * 56)
 
 
 class ClusterMemory:
-    """Peak of the summed resident sets of this process and every other Ray process."""
+    """Peak of the summed resident sets of this process and its descendants (the local Ray it started)."""
 
     def __init__(self) -> None:
         self.peak = 0
@@ -38,13 +38,12 @@ class ClusterMemory:
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
+        me = psutil.Process()
         while not self._done.is_set():
-            total = 0
-            for proc in psutil.process_iter(["cmdline", "pid"]):
+            total = me.memory_info().rss
+            for proc in me.children(recursive=True):  # the local Ray: GCS, raylet, workers, actors
                 try:
-                    cmd = " ".join(proc.info["cmdline"] or [])
-                    if proc.pid == psutil.Process().pid or "ray::" in cmd or "default_worker" in cmd:
-                        total += proc.memory_info().rss
+                    total += proc.memory_info().rss
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
             self.peak = max(self.peak, total)
