@@ -32,6 +32,11 @@ WAN22_LATENTS_STD = (
 
 
 def diffusers_config(cfg: VAEConfig) -> dict:
+    """``AutoencoderKLWan`` kwargs: the Wan2.2 sizes for preset "wan2.2", the config's widths for "tiny".
+    Both keep the Wan2.2 layout: 2x2 patchify (12 channels) + 3 spatial and 2 temporal halvings = 16x / 4x."""
+    if (cfg.spatial_ratio, cfg.temporal_ratio) != (16, 4):
+        raise ValueError(f"the Wan2.2 VAE compresses 16x spatially and 4x in time; got spatial_ratio="
+                         f"{cfg.spatial_ratio}, temporal_ratio={cfg.temporal_ratio}")
     full = cfg.preset == "wan2.2"
     return dict(
         base_dim=160 if full else cfg.base_dim,
@@ -91,9 +96,14 @@ def convert_wan_vae_state_dict(original: dict[str, torch.Tensor]) -> dict[str, t
     return {_original_to_diffusers_key(k): v for k, v in original.items()}
 
 
-def to_original_wan_state_dict(diffusers_sd: dict[str, torch.Tensor], num_res_blocks: int) -> dict[str, torch.Tensor]:
+def to_original_wan_state_dict(
+    diffusers_sd: dict[str, torch.Tensor], num_res_blocks: int | None = None
+) -> dict[str, torch.Tensor]:
     """Inverse of :func:`convert_wan_vae_state_dict`. In the original layout a block's resampler follows its
-    resnets: index ``num_res_blocks`` in the encoder, ``num_res_blocks + 1`` in the decoder."""
+    resnets: index ``num_res_blocks`` in the encoder, ``num_res_blocks + 1`` in the decoder. ``None`` reads
+    ``num_res_blocks`` off the encoder's first block."""
+    if num_res_blocks is None:
+        num_res_blocks = _count_encoder_resnets(diffusers_sd)
     structural = (
         (r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.downsamples.\1.downsamples.\2."),
         (r"^encoder\.down_blocks\.(\d+)\.downsampler\.", rf"encoder.downsamples.\1.downsamples.{num_res_blocks}."),
@@ -122,6 +132,13 @@ def to_original_wan_state_dict(diffusers_sd: dict[str, torch.Tensor], num_res_bl
     return out
 
 
+def _count_encoder_resnets(diffusers_sd: dict[str, torch.Tensor]) -> int:
+    found = {int(m.group(1)) for k in diffusers_sd if (m := re.match(r"^encoder\.down_blocks\.0\.resnets\.(\d+)\.", k))}
+    if not found:
+        raise KeyError("no encoder.down_blocks.0.resnets.* keys: not a diffusers AutoencoderKLWan state dict")
+    return max(found) + 1
+
+
 def _load_single_file(path: str) -> dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
@@ -132,20 +149,32 @@ def _load_single_file(path: str) -> dict[str, torch.Tensor]:
 
 
 class WanVAE(nn.Module):
-    """Frozen Wan2.2 VAE with normalised latents; pixels are (B, 3, T, H, W) in [-1, 1]."""
+    """Frozen Wan2.2 VAE with normalised latents; pixels are (B, 3, T, H, W) in [-1, 1].
+
+    Inputs are moved to the module's device and dtype; the per-channel normalisation runs in float32 and
+    latents / pixels come back in the module's dtype.
+    """
 
     def __init__(self, cfg: VAEConfig, autoencoder: nn.Module) -> None:
         super().__init__()
         self.cfg = cfg
         self.autoencoder = autoencoder
-        self.register_buffer("latents_mean", torch.tensor(autoencoder.config.latents_mean).view(1, -1, 1, 1, 1),
-                             persistent=False)
-        self.register_buffer("latents_std", torch.tensor(autoencoder.config.latents_std).view(1, -1, 1, 1, 1),
-                             persistent=False)
+        stats = autoencoder.config
+        if len(stats.latents_mean) != stats.z_dim or len(stats.latents_std) != stats.z_dim:
+            raise ValueError(f"latents_mean/std need {stats.z_dim} values, got {len(stats.latents_mean)} and "
+                             f"{len(stats.latents_std)}")
         self.requires_grad_(False)
 
+    def latent_stats(self, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel latent mean and std as float32 (1, C, 1, 1, 1), whatever the module's dtype."""
+        shape = (1, -1, 1, 1, 1)
+        config = self.autoencoder.config
+        mean = torch.tensor(config.latents_mean, dtype=torch.float32, device=device).view(shape)
+        return mean, torch.tensor(config.latents_std, dtype=torch.float32, device=device).view(shape)
+
     @classmethod
-    def from_config(cls, cfg: VAEConfig) -> "WanVAE":
+    def from_config(cls, cfg: VAEConfig) -> WanVAE:
+        """Random init (seeded) when ``cfg.path`` is None, else a diffusers folder or an original single file."""
         from diffusers import AutoencoderKLWan
 
         if cfg.path is None:
@@ -155,19 +184,28 @@ class WanVAE(nn.Module):
         if not os.path.exists(cfg.path):
             raise FileNotFoundError(f"VAE weights not found: {cfg.path!r} (model.vae.path)")
         if os.path.isdir(cfg.path):
-            return cls(cfg, AutoencoderKLWan.from_pretrained(cfg.path, local_files_only=True))
+            return cls(cfg, _load_diffusers_folder(cfg))
         autoencoder = AutoencoderKLWan(**diffusers_config(cfg))
         converted = convert_wan_vae_state_dict(_load_single_file(cfg.path))
         _load_checked(autoencoder, converted, cfg.path)
         return cls(cfg, autoencoder)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.autoencoder.encoder.conv_in.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.autoencoder.encoder.conv_in.weight.device
+
     # ---------------------------------------------------------------------------------------- shapes
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """Pixel (T, H, W) -> latent (T', H', W'); ValueError unless T = 4k+1 and H, W are multiples of 16."""
         r_t, r_s = self.cfg.temporal_ratio, self.cfg.spatial_ratio
-        if (frames - 1) % r_t:
-            raise ValueError(f"a clip needs {r_t}k+1 frames, got {frames}")
-        if height % r_s or width % r_s:
-            raise ValueError(f"height and width must be multiples of {r_s}, got {height}x{width}")
+        if frames < 1 or (frames - 1) % r_t:
+            raise ValueError(f"a clip needs {r_t}k+1 frames (1 for an image), got {frames}")
+        if height < r_s or width < r_s or height % r_s or width % r_s:
+            raise ValueError(f"height and width must be positive multiples of {r_s}, got {height}x{width}")
         return (frames - 1) // r_t + 1, height // r_s, width // r_s
 
     def pixel_shape(self, latent_frames: int, latent_height: int, latent_width: int) -> tuple[int, int, int]:
@@ -176,34 +214,65 @@ class WanVAE(nn.Module):
 
     # ---------------------------------------------------------------------------------------- codec
     @torch.no_grad()
-    def encode(self, pixels: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None):
-        """(B, 3, T, H, W) in [-1, 1] -> normalised latents (B, C, T', H', W')."""
+    def encode(
+        self, pixels: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """(B, 3, T, H, W) in [-1, 1] -> normalised latents (B, C, T', H', W').
+
+        ``sample=True`` draws z = mu + sigma·eps from the posterior and normalises it like the mean, so the
+        noise is divided by the same per-channel std (eps is drawn on the generator's device).
+        """
         if pixels.dim() != 5 or pixels.shape[1] != 3:
             raise ValueError(f"pixels must be (B, 3, T, H, W), got {tuple(pixels.shape)}")
         self.latent_shape(*pixels.shape[2:])
-        dist = self.autoencoder.encode(pixels.to(self.latents_mean.device)).latent_dist
-        z = dist.mean
+        dist = self.autoencoder.encode(pixels.to(self.device, self.dtype)).latent_dist
+        z = dist.mean.float()
         if sample:
-            noise = torch.randn(z.shape, generator=generator, device="cpu").to(z)
-            z = z + dist.std * noise
-        return (z - self.latents_mean.to(z)) / self.latents_std.to(z)
+            device = generator.device if generator is not None else z.device
+            eps = torch.randn(z.shape, generator=generator, device=device).to(z.device)
+            z = z + dist.std.float() * eps
+        mean, std = self.latent_stats(z.device)
+        return ((z - mean) / std).to(self.dtype)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents (B, C, T', H', W') -> pixels (B, 3, T, H, W) in [-1, 1]."""
-        z = latents.to(self.latents_mean.device) * self.latents_std + self.latents_mean
-        return self.autoencoder.decode(z).sample.clamp(-1, 1)
+        channels = self.autoencoder.config.z_dim
+        if latents.dim() != 5 or latents.shape[1] != channels:
+            raise ValueError(f"latents must be (B, {channels}, T', H', W'), got {tuple(latents.shape)}")
+        mean, std = self.latent_stats(self.device)
+        z = latents.to(self.device).float() * std + mean
+        return self.autoencoder.decode(z.to(self.dtype)).sample.clamp(-1, 1)
 
 
 def latents_to_tokens(latents: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """(C, T', H', W') -> (T'·H'·W', C) tokens in (t, h, w) raster order, and the grid."""
+    """One clip's latents (C, T', H', W') -> (T'·H'·W', C) tokens in (t, h, w) raster order, and the grid."""
+    if latents.dim() != 4:
+        raise ValueError(f"latents must be (C, T', H', W'), got {tuple(latents.shape)}")
     channels, frames, height, width = latents.shape
     return latents.permute(1, 2, 3, 0).reshape(-1, channels), (frames, height, width)
 
 
 def tokens_to_latents(tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """Inverse of :func:`latents_to_tokens`: (T'·H'·W', C) tokens and their grid -> (C, T', H', W')."""
     frames, height, width = grid
+    if tokens.dim() != 2 or tokens.shape[0] != frames * height * width:
+        raise ValueError(f"{tuple(tokens.shape)} tokens do not fill the grid {tuple(grid)}")
     return tokens.reshape(frames, height, width, -1).permute(3, 0, 1, 2)
+
+
+def _load_diffusers_folder(cfg: VAEConfig) -> nn.Module:
+    from diffusers import AutoencoderKLWan
+
+    config_file = os.path.join(cfg.path, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{config_file!r} not found: model.vae.path must be a diffusers AutoencoderKLWan "
+                                f"folder or a single .pth/.safetensors file")
+    autoencoder = AutoencoderKLWan.from_pretrained(cfg.path, local_files_only=True)
+    if autoencoder.config.z_dim != cfg.latent_channels:
+        raise ValueError(f"{cfg.path!r}: z_dim {autoencoder.config.z_dim} != model.vae.latent_channels "
+                         f"{cfg.latent_channels}")
+    return autoencoder
 
 
 def _load_checked(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -16,46 +16,84 @@ from ..config import ViTConfig
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 VISION_PREFIXES = ("model.visual.", "visual.")
+"""Vision-tower key prefixes: transformers >= 4.52 saves ``model.visual.*``, the original release ``visual.*``."""
+
+QWEN25_VL_3B_VISION = dict(
+    depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048, window_size=112,
+    fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2,
+)
+"""Vision config of the Qwen2.5-VL-3B-Instruct release (patch 14, temporal patch 2, merge 2 as the defaults)."""
 
 
 def vision_config(cfg: ViTConfig):
+    """The transformers ``Qwen2_5_VLVisionConfig``: the 3B release sizes, or the config's for preset "tiny"."""
     from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
 
-    full = cfg.preset == "qwen2.5-vl-3b"
-    sizes = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
-                 window_size=112, fullatt_block_indexes=[7, 15, 23, 31]) if full else dict(
-        depth=cfg.depth, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_heads=cfg.num_heads, out_hidden_size=cfg.out_hidden_size, window_size=cfg.window_size,
-        fullatt_block_indexes=list(cfg.fullatt_block_indexes))
+    if cfg.preset == "qwen2.5-vl-3b":
+        sizes = dict(QWEN25_VL_3B_VISION)
+    else:
+        sizes = dict(depth=cfg.depth, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                     num_heads=cfg.num_heads, out_hidden_size=cfg.out_hidden_size, window_size=cfg.window_size,
+                     fullatt_block_indexes=list(cfg.fullatt_block_indexes), tokens_per_second=2)
     return Qwen2_5_VLVisionConfig(patch_size=cfg.patch_size, temporal_patch_size=cfg.temporal_patch_size,
-                                  spatial_merge_size=cfg.spatial_merge_size, tokens_per_second=2, **sizes)
+                                  spatial_merge_size=cfg.spatial_merge_size, **sizes)
 
 
-def _read_vision_weights(path: str) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
+def _vision_key(key: str) -> str | None:
+    for prefix in VISION_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return None
 
+
+def _checkpoint_files(path: str) -> list[str]:
+    """The safetensors files of a checkpoint folder that hold vision weights (all of them when unsharded)."""
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(index):
         with open(index) as fh:
-            files = sorted(set(json.load(fh)["weight_map"].values()))
+            weight_map = json.load(fh)["weight_map"]
+        names = sorted({file for key, file in weight_map.items() if _vision_key(key) is not None})
     elif os.path.isfile(single):
-        files = ["model.safetensors"]
+        names = ["model.safetensors"]
     else:
         raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path!r} (model.vit.path)")
-    weights = {}
-    for name in files:
-        file = os.path.join(path, name)
+    files = [os.path.join(path, name) for name in names]
+    for file in files:
         if not os.path.isfile(file):
             raise FileNotFoundError(f"checkpoint shard missing: {file!r}")
+    return files
+
+
+def read_vision_weights(path: str) -> dict[str, torch.Tensor]:
+    """The vision-tower tensors of a Qwen2.5-VL checkpoint folder, keyed like the tower's state dict."""
+    from safetensors import safe_open
+
+    weights = {}
+    for file in _checkpoint_files(path):
         with safe_open(file, framework="pt") as fh:
             for key in fh.keys():
-                for prefix in VISION_PREFIXES:
-                    if key.startswith(prefix):
-                        weights[key[len(prefix):]] = fh.get_tensor(key)
+                if (name := _vision_key(key)) is not None:
+                    weights[name] = fh.get_tensor(key)
     if not weights:
         raise KeyError(f"{path!r} holds no vision tower weights (keys under model.visual. or visual.)")
     return weights
+
+
+def load_vision_weights(tower: nn.Module, path: str) -> None:
+    """Load a checkpoint's vision weights into ``tower``; errors name the missing, extra or mis-shaped key."""
+    weights = read_vision_weights(path)
+    expected = tower.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise KeyError(f"{path!r}: vision weights do not match the tower config; missing {missing[:5]}, "
+                       f"unexpected {unexpected[:5]}")
+    for key, value in weights.items():
+        if value.shape != expected[key].shape:
+            raise ValueError(f"{path!r}: visual.{key} has shape {tuple(value.shape)}, the vision tower expects "
+                             f"{tuple(expected[key].shape)}")
+    tower.load_state_dict(weights)
 
 
 class QwenViT(nn.Module):
@@ -65,13 +103,14 @@ class QwenViT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tower = tower
-        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
 
     @classmethod
-    def from_config(cls, cfg: ViTConfig) -> "QwenViT":
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+    def from_config(cls, cfg: ViTConfig) -> QwenViT:
+        """Random init (seeded by ``cfg.seed``), then the vision weights of ``cfg.path`` when it is set."""
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+            Qwen2_5_VisionTransformerPretrainedModel,
+        )
 
         config = vision_config(cfg)
         with torch.random.fork_rng():
@@ -81,16 +120,7 @@ class QwenViT(nn.Module):
         if cfg.path is not None:
             if not os.path.isdir(cfg.path):
                 raise FileNotFoundError(f"ViT checkpoint folder not found: {cfg.path!r} (model.vit.path)")
-            weights = _read_vision_weights(cfg.path)
-            expected = tower.state_dict()
-            missing = sorted(set(expected) - set(weights))
-            if missing:
-                raise KeyError(f"{cfg.path!r}: vision weights missing {missing[:5]}")
-            for key, value in weights.items():
-                if key in expected and value.shape != expected[key].shape:
-                    raise ValueError(f"{cfg.path!r}: visual.{key} has shape {tuple(value.shape)}, the vision "
-                                     f"tower expects {tuple(expected[key].shape)}")
-            tower.load_state_dict({k: v for k, v in weights.items() if k in expected})
+            load_vision_weights(tower, cfg.path)
         return cls(cfg, tower)
 
     @property
@@ -98,8 +128,13 @@ class QwenViT(nn.Module):
         return self.cfg.patch_size * self.cfg.spatial_merge_size
 
     def preprocess(self, frames: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """(T, 3, H, W) in [0, 1] -> flattened patches (N, 3·tp·p·p) and the patch grid (t, h, w)."""
-        if frames.dim() != 4 or frames.shape[1] != 3:
+        """(T, 3, H, W) in [0, 1] -> flattened patches (N, 3·tp·p·p) and the patch grid (t, h, w).
+
+        An odd T (an image: T = 1) is padded by repeating the last frame. Rows come in the order of
+        transformers' ``Qwen2VLImageProcessor``: per temporal patch, 2x2 merge blocks in raster order, then the
+        patches inside a block; each row is (channel, frame, y, x) flattened.
+        """
+        if frames.dim() != 4 or frames.shape[1] != 3 or frames.shape[0] == 0:
             raise ValueError(f"frames must be (T, 3, H, W), got {tuple(frames.shape)}")
         _, _, height, width = frames.shape
         if height % self.merge_factor or width % self.merge_factor:
@@ -108,7 +143,9 @@ class QwenViT(nn.Module):
         pad = (-frames.shape[0]) % tp
         if pad:
             frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)])
-        x = (frames.float() - self.mean.cpu()) / self.std.cpu()
+        mean = torch.tensor(CLIP_MEAN, device=frames.device).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD, device=frames.device).view(1, 3, 1, 1)
+        x = (frames.float() - mean) / std
         gt, gh, gw = x.shape[0] // tp, height // p, width // p
         x = x.reshape(gt, tp, 3, gh // m, m, p, gw // m, m, p)
         x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
@@ -122,6 +159,9 @@ class QwenViT(nn.Module):
 
     @torch.no_grad()
     def encode_many(self, clips: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[tuple[int, int, int]]]:
+        """Several clips in one tower call (attention stays within each clip) -> per-clip features and grids."""
+        if not clips:
+            raise ValueError("encode_many needs at least one clip")
         patches, grids = zip(*(self.preprocess(c) for c in clips))
         device = next(self.tower.parameters()).device
         grid_thw = torch.tensor(grids, device=device)
