@@ -1,4 +1,4 @@
-"""Output root: ``shards/part-XXXXX.parquet``, ``quarantine/part-XXXXX.parquet``, ``_commits/part-XXXXX.json``,
+"""Output root: ``shards/part-NNNNN.parquet``, ``quarantine/part-NNNNN.parquet``, ``_commits/part-NNNNN.json``,
 ``plan.json``, ``manifest.json``, ``stats.json``.
 
 A partition commits in this order: quarantine file, shard (written under a temporary name, then moved
