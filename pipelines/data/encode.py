@@ -41,16 +41,26 @@ def _pixels(batch: pd.DataFrame, key: str, rows: list[int], shape: tuple) -> tor
     return torch.from_numpy(np.stack(arrays)).float().div_(255.0)  # (B, T, H, W, 3) in [0, 1]
 
 
-class VAEEncoder:
+class _EncoderActor:
+    """Shared set-up: the config, the device, the latent dtype and the chunk size."""
+
     def __init__(self, cfg_json: str) -> None:
-        cfg = PrecomputeConfig.model_validate_json(cfg_json)
-        vae_cfg = model_preset(cfg.encoders.model_preset).vae
-        if cfg.encoders.vae_path:
-            vae_cfg = vae_cfg.model_copy(update={"path": cfg.encoders.vae_path})
-        self.device = _device(cfg.encoders.num_gpus_per_actor)
-        self.vae = WanVAE.from_config(vae_cfg).to(self.device).eval()
-        self.dtype = LATENT_DTYPES[cfg.latent_dtype]
-        self.chunk = cfg.encoders.batch_size
+        self.cfg = PrecomputeConfig.model_validate_json(cfg_json)
+        self.device = _device(self.cfg.encoders.num_gpus_per_actor)
+        self.dtype = LATENT_DTYPES[self.cfg.latent_dtype]
+        self.chunk = self.cfg.encoders.batch_size
+
+    def encoder_config(self, name: str):
+        """The preset's ``vae`` or ``vit`` config, with the weights path of the job config when given."""
+        sub = getattr(model_preset(self.cfg.encoders.model_preset), name)
+        path = getattr(self.cfg.encoders, f"{name}_path")
+        return sub.model_copy(update={"path": path}) if path else sub
+
+
+class VAEEncoder(_EncoderActor):
+    def __init__(self, cfg_json: str) -> None:
+        super().__init__(cfg_json)
+        self.vae = WanVAE.from_config(self.encoder_config("vae")).to(self.device).eval()
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         started = time.perf_counter()
@@ -70,16 +80,10 @@ class VAEEncoder:
         return frame_to_arrow(batch)
 
 
-class ViTEncoder:
+class ViTEncoder(_EncoderActor):
     def __init__(self, cfg_json: str) -> None:
-        cfg = PrecomputeConfig.model_validate_json(cfg_json)
-        vit_cfg = model_preset(cfg.encoders.model_preset).vit
-        if cfg.encoders.vit_path:
-            vit_cfg = vit_cfg.model_copy(update={"path": cfg.encoders.vit_path})
-        self.device = _device(cfg.encoders.num_gpus_per_actor)
-        self.vit = QwenViT.from_config(vit_cfg).to(self.device).eval()
-        self.dtype = LATENT_DTYPES[cfg.latent_dtype]
-        self.chunk = cfg.encoders.batch_size
+        super().__init__(cfg_json)
+        self.vit = QwenViT.from_config(self.encoder_config("vit")).to(self.device).eval()
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         started = time.perf_counter()
