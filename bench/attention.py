@@ -1,22 +1,25 @@
 """Packed attention: flex attention (block mask) and per-sample SDPA vs dense SDPA with an L x L mask.
 
-    python bench/attention.py [--quick] [--block-size 128] [--out FILE]
+    python bench/attention.py [--quick] [--block-size 128] [--tokens L ...] [--samples N ...] [--out FILE]
 
 Pack sizes L of 1k-16k tokens hold 4-32 samples of random lengths; each sample is a causal text span, a
 full (bidirectional) visual span and a noisy target span, the layouts of MODEL.md. Heads: 16 query / 2
 key-value heads of width 64 (GQA as in Lance, half its head width to keep CPU runs short), float32.
 
-Each configuration runs in a fresh subprocess: one warm-up call (flex compiles there; reported as
-``compile s``), then the median of a few timed forward calls. Block-mask creation is timed apart, after
-its own warm-up (done once per step and shared by all layers). Peak memory is the largest growth of the
-resident set during one call, sampled at 2 kHz, with glibc told to return large blocks to the OS on free
-(MALLOC_MMAP_THRESHOLD_) so the resident set tracks live memory; ``ru_maxrss`` would instead report the
-compile-time peak of the process.
+Each configuration runs in a fresh subprocess: one warm-up call (flex compiles there, or loads its
+kernel from inductor's on-disk cache after an earlier run; its extra time is ``flex warm-up s``), then
+the median of a few timed forward calls, in wall time and in process CPU time (the steadier of the two
+when other work shares the cores; the load average is recorded). Block-mask creation is timed apart,
+after its own warm-up (done once per step and shared by all layers). Peak memory is the largest growth
+of the resident set during one call, sampled at 2 kHz, with glibc told to return large blocks to the OS
+on free (MALLOC_MMAP_THRESHOLD_) so the resident set tracks live memory; ``ru_maxrss`` would instead
+report the compile-time peak of the process.
 
-Cost model: dense work follows L^2; per-sample SDPA follows sum(len^2); flex computes every block of the
-block mask that is not empty, so its work is the visited block area, sum(len^2) rounded up to blocks
-(``flex blocks/L²``). The scaling table fits, at each L, the exponent of time against sum(len^2) over
-the sample counts: ~0 means the backend pays L^2 whatever the packing, ~1 means it pays sum(len^2).
+Cost model: dense work follows L^2; per-sample SDPA follows sum(len^2); flex computes the non-empty
+blocks of its block mask (``flex blocks/L²``): the visible part of each sample (below len^2: earlier
+spans do not see later ones, text is causal) rounded out to whole blocks; partial blocks evaluate the
+mask per element. The scaling table fits, at each L, the exponent of time against sum(len^2) over the
+sample counts: ~0 means the backend pays L^2 whatever the packing, ~1 means it pays sum(len^2).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import json
 import math
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -33,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import median_seconds, peak_rss_increase, print_table, write_json  # noqa: E402
+from bench.common import load_average, peak_rss_increase, print_table, wall_and_cpu, write_json
 
 HEADS, KV_HEADS, HEAD_DIM = 16, 2, 64
 BACKENDS = ("sdpa", "flex", "per_sample")
@@ -95,9 +99,11 @@ def worker(tokens: int, samples: int, backend: str, reps: int, block_size: int) 
     start = time.perf_counter()
     run()  # warm-up; flex compiles its kernel here
     first_seconds = time.perf_counter() - start
-    seconds = median_seconds(run, reps)
+    times, cpu_times = wall_and_cpu(run, reps)
+    seconds = statistics.median(times)
     peak = peak_rss_increase(run)
-    return {"tokens": tokens, "samples": samples, "backend": backend, "seconds": seconds,
+    return {"tokens": tokens, "samples": samples, "backend": backend, "seconds": seconds, "min_seconds": min(times),
+            "cpu_seconds": statistics.median(cpu_times), "threads": torch.get_num_threads(),
             "first_seconds": first_seconds, "mask_seconds": mask_seconds, "peak_mib": peak / 2**20,
             "sum_len_sq": sum(n * n for n in lengths), "l_sq": tokens * tokens,
             "visited": visited_area(prepared) if backend == "flex" else None}
@@ -119,7 +125,13 @@ def make_row(dense: dict, flex: dict, per_sample: dict) -> dict:
         "sum_len_sq_over_l_sq": sum_sq / l_sq, "flex_visited_over_l_sq": flex["visited"] / l_sq,
         "dense_ms": dense["seconds"] * 1e3, "flex_ms": flex["seconds"] * 1e3, "per_sample_ms": per_sample["seconds"] * 1e3,
         "speedup": dense["seconds"] / flex["seconds"], "per_sample_speedup": dense["seconds"] / per_sample["seconds"],
-        "mask_ms": flex["mask_seconds"] * 1e3, "flex_compile_s": flex["first_seconds"] - flex["seconds"],
+        "cpu_speedup": dense["cpu_seconds"] / flex["cpu_seconds"],
+        "per_sample_cpu_speedup": dense["cpu_seconds"] / per_sample["cpu_seconds"],
+        "dense_cpu_ms": dense["cpu_seconds"] * 1e3, "flex_cpu_ms": flex["cpu_seconds"] * 1e3,
+        "per_sample_cpu_ms": per_sample["cpu_seconds"] * 1e3,
+        "dense_min_ms": dense["min_seconds"] * 1e3, "flex_min_ms": flex["min_seconds"] * 1e3,
+        "per_sample_min_ms": per_sample["min_seconds"] * 1e3,
+        "mask_ms": flex["mask_seconds"] * 1e3, "flex_warmup_s": flex["first_seconds"] - flex["seconds"],
         "dense_mib": dense["peak_mib"], "flex_mib": flex["peak_mib"], "per_sample_mib": per_sample["peak_mib"],
         "dense_ns_per_l_sq": dense["seconds"] / l_sq * 1e9,
         "flex_ns_per_len_sq": flex["seconds"] / sum_sq * 1e9,
@@ -139,15 +151,19 @@ def slope(xs: list[float], ys: list[float]) -> float | None:
 
 
 def scaling(rows: list[dict]) -> list[dict]:
-    """Per L: exponent of time in sum(len^2) across sample counts (0: pays L^2, 1: pays sum(len^2))."""
+    """Per L: exponent of time in sum(len^2) across sample counts (0: pays L^2, 1: pays sum(len^2)),
+    from wall and from CPU time; and of flex CPU time in the visited block area."""
     out = []
     for tokens in sorted({r["tokens"] for r in rows}):
         group = [r for r in rows if r["tokens"] == tokens]
         sums = [r["sum_len_sq"] for r in group]
-        out.append({"tokens": tokens, **{f"{name}_exponent": slope(sums, [r[f"{name}_ms"] for r in group])
-                                         for name in ("dense", "flex", "per_sample")},
-                    "flex_visited_exponent": slope([r["flex_visited_over_l_sq"] for r in group],
-                                                   [r["flex_ms"] for r in group])})
+        fit = {"tokens": tokens}
+        for name in ("dense", "flex", "per_sample"):
+            fit[f"{name}_exponent"] = slope(sums, [r[f"{name}_ms"] for r in group])
+            fit[f"{name}_cpu_exponent"] = slope(sums, [r[f"{name}_cpu_ms"] for r in group])
+        fit["flex_visited_exponent"] = slope([r["flex_visited_over_l_sq"] for r in group],
+                                             [r["flex_cpu_ms"] for r in group])
+        out.append(fit)
     return out
 
 
@@ -155,7 +171,8 @@ TIME_COLUMNS = [
     ("tokens", "L", "d"), ("samples", "samples", "d"), ("sum_len_sq_over_l_sq", "Σlen²/L²", ".3f"),
     ("flex_visited_over_l_sq", "flex blocks/L²", ".3f"), ("dense_ms", "dense ms", ".1f"), ("flex_ms", "flex ms", ".1f"),
     ("per_sample_ms", "per-sample ms", ".1f"), ("speedup", "flex x", ".2f"), ("per_sample_speedup", "per-sample x", ".2f"),
-    ("mask_ms", "block mask ms", ".1f"), ("flex_compile_s", "flex compile s", ".1f"),
+    ("cpu_speedup", "flex x cpu", ".2f"), ("per_sample_cpu_speedup", "per-sample x cpu", ".2f"),
+    ("mask_ms", "block mask ms", ".1f"), ("flex_warmup_s", "flex warm-up s", ".1f"),
 ]
 COST_COLUMNS = [
     ("tokens", "L", "d"), ("samples", "samples", "d"), ("dense_ns_per_l_sq", "dense ns/L²", ".2f"),
@@ -165,7 +182,9 @@ COST_COLUMNS = [
 ]
 SCALING_COLUMNS = [
     ("tokens", "L", "d"), ("dense_exponent", "dense", ".2f"), ("flex_exponent", "flex", ".2f"),
-    ("per_sample_exponent", "per-sample", ".2f"), ("flex_visited_exponent", "flex vs block area", ".2f"),
+    ("per_sample_exponent", "per-sample", ".2f"), ("dense_cpu_exponent", "dense cpu", ".2f"),
+    ("flex_cpu_exponent", "flex cpu", ".2f"), ("per_sample_cpu_exponent", "per-sample cpu", ".2f"),
+    ("flex_visited_exponent", "flex cpu vs block area", ".2f"),
 ]
 
 
@@ -173,6 +192,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one small configuration (smoke test)")
     parser.add_argument("--block-size", type=int, default=128, help="flex block size (MODEL.md: 128)")
+    parser.add_argument("--tokens", type=int, nargs="+", help="pack sizes L (default 1024 ... 16384)")
+    parser.add_argument("--samples", type=int, nargs="+", help="samples per pack (default 4 8 16 32)")
     parser.add_argument("--out", help="JSON path (default bench/results/attention.json)")
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -180,27 +201,30 @@ def main() -> None:
         tokens, samples, backend, reps, block_size = args.worker
         print(json.dumps(worker(int(tokens), int(samples), backend, int(reps), int(block_size))))
         return
-    sizes = [512] if args.quick else [1024, 2048, 4096, 8192, 16384]
-    counts = [4] if args.quick else [4, 8, 16, 32]
+    sizes = args.tokens or ([512] if args.quick else [1024, 2048, 4096, 8192, 16384])
+    counts = args.samples or ([4] if args.quick else [4, 8, 16, 32])
     rows = []
+    load_start = load_average()
     for tokens in sizes:
         for samples in counts:
-            reps = 1 if args.quick else (3 if tokens >= 8192 else 5)
+            reps = 1 if args.quick else (2 if tokens >= 16384 else 3 if tokens >= 8192 else 5)
             dense, flex, per_sample = (run_config(tokens, samples, b, reps, args.block_size) for b in BACKENDS)
             rows.append(make_row(dense, flex, per_sample))
             print(f"L={tokens:>5} samples={samples:>2}: dense {dense['seconds'] * 1e3:8.1f} ms, "
                   f"flex {flex['seconds'] * 1e3:8.1f} ms, per-sample {per_sample['seconds'] * 1e3:8.1f} ms", flush=True)
     fits = scaling(rows)
-    print(f"\nforward time, {HEADS} q / {KV_HEADS} kv heads x {HEAD_DIM}, float32, flex block {args.block_size}; "
-          "x = speedup over dense")
+    load = {"start": load_start, "end": load_average()}
+    print(f"\nload average {load['start']:.1f} at start, {load['end']:.1f} at end ({_threads()} torch threads)")
+    print(f"forward time, {HEADS} q / {KV_HEADS} kv heads x {HEAD_DIM}, float32, flex block {args.block_size}; "
+          "x = speedup over dense in wall time, x cpu = in process CPU time")
     print_table(rows, TIME_COLUMNS)
     print("\ncost per unit of work and peak memory growth of one call")
     print_table(rows, COST_COLUMNS)
-    print("\nexponent of time in Σlen² at fixed L (0: cost follows L², 1: cost follows Σlen²)")
+    print("\nexponent of time in Σlen² at fixed L over the sample counts (0: cost follows L², 1: follows Σlen²)")
     print_table(fits, SCALING_COLUMNS)
-    write_json("attention", {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "float32",
-                             "block_size": args.block_size, "threads": _threads(), "rows": rows, "scaling": fits},
-               args.out)
+    meta = {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "float32",
+            "block_size": args.block_size, "threads": _threads(), "load_average": load}
+    write_json("attention", {**meta, "rows": rows, "scaling": fits}, args.out)
 
 
 def _threads() -> int:

@@ -7,19 +7,43 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def median_seconds(fn: Callable[[], object], reps: int) -> float:
+def timings(fn: Callable[[], object], reps: int) -> list[float]:
+    """Wall seconds of ``reps`` calls of ``fn``."""
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def median_seconds(fn: Callable[[], object], reps: int) -> float:
+    return statistics.median(timings(fn, reps))
+
+
+def wall_and_cpu(fn: Callable[[], object], reps: int) -> tuple[list[float], list[float]]:
+    """Wall and process CPU seconds (all threads) of ``reps`` calls of ``fn``.
+
+    On a shared machine wall time grows with the load of other processes; CPU time much less so (a
+    descheduled process does not accrue it), which makes CPU-time ratios the steadier comparison."""
+    walls, cpus = [], []
+    for _ in range(reps):
+        wall, cpu = time.perf_counter(), time.process_time()
+        fn()
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return walls, cpus
+
+
+def load_average() -> float:
+    """1-minute load average of the machine: other work competing for the cores makes timings noisy."""
+    return os.getloadavg()[0]
 
 
 def _rss_bytes() -> int:

@@ -74,17 +74,16 @@ def test_per_sample_matches_dense_on_random_layouts(seed):
 
 
 @pytest.mark.slow
-def test_flex_matches_dense_on_random_layouts():
-    """Block size 16 (cheap to compile, many partial blocks); two layouts of different lengths."""
+def test_flex_matches_dense_on_random_layout():
+    """Block size 16: cheap to compile, and most sample and span edges fall inside a block."""
     backward = torch.cuda.is_available()  # torch's flex attention has no CPU backward
-    for seed in (0, 1):
-        layout = random_layout(seed)
-        q, k, v = _qkv(len(layout), backward)
-        dense, dense_grads = _run(layout, "sdpa", q, k, v, backward)
-        flex, flex_grads = _run(layout, "flex", q, k, v, backward, block_size=16)
-        assert torch.allclose(flex, dense, atol=1e-5), seed
-        for a, b in zip(flex_grads or [], dense_grads or []):
-            assert torch.allclose(a, b, atol=5e-5), seed
+    layout = random_layout(seed=0, samples=8)
+    q, k, v = _qkv(len(layout), backward)
+    dense, dense_grads = _run(layout, "sdpa", q, k, v, backward)
+    flex, flex_grads = _run(layout, "flex", q, k, v, backward, block_size=16)
+    assert torch.allclose(flex, dense, atol=1e-5)
+    for a, b in zip(flex_grads or [], dense_grads or []):
+        assert torch.allclose(a, b, atol=5e-5)
 
 
 @pytest.mark.slow

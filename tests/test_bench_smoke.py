@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 ATTENTION_KEYS = {"tokens", "samples", "sum_len_sq_over_l_sq", "flex_visited_over_l_sq", "dense_ms", "flex_ms",
-                  "per_sample_ms", "speedup", "per_sample_speedup", "mask_ms", "flex_compile_s", "dense_mib",
+                  "per_sample_ms", "speedup", "per_sample_speedup", "mask_ms", "flex_warmup_s", "dense_mib",
                   "flex_mib", "per_sample_mib", "flex_ns_per_len_sq", "dense_ns_per_l_sq"}
 MODEL_STEP_KEYS = {"model", "backend", "budget", "fill", "real_tokens", "step_ms", "tokens_per_s", "over_sdpa",
                    "fwd_ms", "fwd_tokens_per_s", "fwd_over_sdpa"}
@@ -24,7 +24,7 @@ MODEL_STEP_KEYS = {"model", "backend", "budget", "fill", "real_tokens", "step_ms
 def test_bench_quick(tmp_path, script, top_keys, row_keys):
     out = tmp_path / "result.json"
     run = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--quick", "--out", str(out)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+                         cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())
     assert top_keys <= set(result)
