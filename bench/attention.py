@@ -6,10 +6,11 @@ Pack sizes L of 1k-16k tokens hold 4-32 samples of random lengths; each sample i
 full (bidirectional) visual span and a noisy target span, the layouts of MODEL.md. Heads: 16 query / 2
 key-value heads of width 64 (GQA as in Lance, half its head width to keep CPU runs short), float32.
 
-Each configuration runs in a fresh subprocess: one warm-up call (flex compiles there, or loads its
-kernel from inductor's on-disk cache after an earlier run; its extra time is ``flex warm-up s``), then
-the median of a few timed forward calls, in wall time and in process CPU time (the steadier of the two
-when other work shares the cores; the load average is recorded). Block-mask creation is timed apart,
+Each configuration runs in a fresh subprocess: one warm-up call per backend (flex compiles there, or
+loads its kernel from inductor's on-disk cache after an earlier run; its extra time is ``flex warm-up
+s``), then the median of a few timed forward calls, the backends taking turns call by call so that a
+change in load hits all alike; in wall time and in process CPU time (the steadier of the two when other
+work shares the cores; the load average is recorded). Block-mask creation is timed apart,
 after its own warm-up (done once per step and shared by all layers). Peak memory is the largest growth
 of the resident set during one call, sampled at 2 kHz, with glibc told to return large blocks to the OS
 on free (MALLOC_MMAP_THRESHOLD_) so the resident set tracks live memory; ``ru_maxrss`` would instead
@@ -25,6 +26,7 @@ sample counts: ~0 means the backend pays L^2 whatever the packing, ~1 means it p
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -77,7 +79,9 @@ def visited_area(block_mask) -> int:
     return blocks * q_block * kv_block
 
 
-def worker(tokens: int, samples: int, backend: str, reps: int, block_size: int) -> dict:
+def worker(tokens: int, samples: int, reps: int, block_size: int) -> dict:
+    """All backends on one layout, their timed calls interleaved so that a change in the machine's load
+    hits every backend alike."""
     import torch
 
     from lance_core.model.attention import packed_attention, prepare_attention
@@ -88,40 +92,45 @@ def worker(tokens: int, samples: int, backend: str, reps: int, block_size: int) 
     q = torch.randn(HEADS, tokens, HEAD_DIM)
     k = torch.randn(KV_HEADS, tokens, HEAD_DIM)
     v = torch.randn(KV_HEADS, tokens, HEAD_DIM)
-    prepare_attention(layout, backend, block_size)  # warm-up, compiles the mask kernel for flex
-    start = time.perf_counter()
-    backend, prepared = prepare_attention(layout, backend, block_size)
-    mask_seconds = time.perf_counter() - start
+    runs, results = {}, {}
+    for backend in BACKENDS:
+        prepare_attention(layout, backend, block_size)  # warm-up, compiles the mask kernel for flex
+        start = time.perf_counter()
+        _, prepared = prepare_attention(layout, backend, block_size)
+        mask_seconds = time.perf_counter() - start
+        runs[backend] = functools.partial(packed_attention, q, k, v, layout, backend, prepared)
+        start = time.perf_counter()
+        runs[backend]()  # warm-up; flex compiles its kernel here
+        results[backend] = {"first_seconds": time.perf_counter() - start, "mask_seconds": mask_seconds,
+                            "visited": visited_area(prepared) if backend == "flex" else None}
+    walls, cpus = {b: [] for b in BACKENDS}, {b: [] for b in BACKENDS}
+    for _ in range(reps):
+        for backend in BACKENDS:
+            (wall,), (cpu,) = wall_and_cpu(runs[backend], 1)
+            walls[backend].append(wall)
+            cpus[backend].append(cpu)
+    for backend in BACKENDS:
+        results[backend].update(seconds=statistics.median(walls[backend]), min_seconds=min(walls[backend]),
+                                cpu_seconds=statistics.median(cpus[backend]),
+                                peak_mib=peak_rss_increase(runs[backend]) / 2**20)
+    return {"tokens": tokens, "samples": samples, "sum_len_sq": sum(n * n for n in lengths), "l_sq": tokens**2,
+            "backends": results}
 
-    def run():
-        return packed_attention(q, k, v, layout, backend, prepared)
 
-    start = time.perf_counter()
-    run()  # warm-up; flex compiles its kernel here
-    first_seconds = time.perf_counter() - start
-    times, cpu_times = wall_and_cpu(run, reps)
-    seconds = statistics.median(times)
-    peak = peak_rss_increase(run)
-    return {"tokens": tokens, "samples": samples, "backend": backend, "seconds": seconds, "min_seconds": min(times),
-            "cpu_seconds": statistics.median(cpu_times), "threads": torch.get_num_threads(),
-            "first_seconds": first_seconds, "mask_seconds": mask_seconds, "peak_mib": peak / 2**20,
-            "sum_len_sq": sum(n * n for n in lengths), "l_sq": tokens * tokens,
-            "visited": visited_area(prepared) if backend == "flex" else None}
-
-
-def run_config(tokens: int, samples: int, backend: str, reps: int, block_size: int) -> dict:
+def run_config(tokens: int, samples: int, reps: int, block_size: int) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, __file__, "--worker", str(tokens), str(samples), backend, str(reps), str(block_size)]
+    cmd = [sys.executable, __file__, "--worker", str(tokens), str(samples), str(reps), str(block_size)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
-        raise RuntimeError(f"{backend} at L={tokens}, {samples} samples failed:\n{out.stderr[-2000:]}")
+        raise RuntimeError(f"L={tokens}, {samples} samples failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def make_row(dense: dict, flex: dict, per_sample: dict) -> dict:
-    sum_sq, l_sq = flex["sum_len_sq"], flex["l_sq"]
+def make_row(result: dict) -> dict:
+    sum_sq, l_sq = result["sum_len_sq"], result["l_sq"]
+    dense, flex, per_sample = (result["backends"][b] for b in ("sdpa", "flex", "per_sample"))
     return {
-        "tokens": flex["tokens"], "samples": flex["samples"], "sum_len_sq": sum_sq,
+        "tokens": result["tokens"], "samples": result["samples"], "sum_len_sq": sum_sq,
         "sum_len_sq_over_l_sq": sum_sq / l_sq, "flex_visited_over_l_sq": flex["visited"] / l_sq,
         "dense_ms": dense["seconds"] * 1e3, "flex_ms": flex["seconds"] * 1e3, "per_sample_ms": per_sample["seconds"] * 1e3,
         "speedup": dense["seconds"] / flex["seconds"], "per_sample_speedup": dense["seconds"] / per_sample["seconds"],
@@ -195,11 +204,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", help="pack sizes L (default 1024 ... 16384)")
     parser.add_argument("--samples", type=int, nargs="+", help="samples per pack (default 4 8 16 32)")
     parser.add_argument("--out", help="JSON path (default bench/results/attention.json)")
-    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=4, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        tokens, samples, backend, reps, block_size = args.worker
-        print(json.dumps(worker(int(tokens), int(samples), backend, int(reps), int(block_size))))
+        print(json.dumps(worker(*args.worker)))
         return
     sizes = args.tokens or ([512] if args.quick else [1024, 2048, 4096, 8192, 16384])
     counts = args.samples or ([4] if args.quick else [4, 8, 16, 32])
@@ -208,10 +216,10 @@ def main() -> None:
     for tokens in sizes:
         for samples in counts:
             reps = 1 if args.quick else (2 if tokens >= 16384 else 3 if tokens >= 8192 else 5)
-            dense, flex, per_sample = (run_config(tokens, samples, b, reps, args.block_size) for b in BACKENDS)
-            rows.append(make_row(dense, flex, per_sample))
-            print(f"L={tokens:>5} samples={samples:>2}: dense {dense['seconds'] * 1e3:8.1f} ms, "
-                  f"flex {flex['seconds'] * 1e3:8.1f} ms, per-sample {per_sample['seconds'] * 1e3:8.1f} ms", flush=True)
+            row = make_row(run_config(tokens, samples, reps, args.block_size))
+            rows.append(row)
+            print(f"L={tokens:>5} samples={samples:>2}: dense {row['dense_ms']:8.1f} ms, flex {row['flex_ms']:8.1f} ms, "
+                  f"per-sample {row['per_sample_ms']:8.1f} ms", flush=True)
     fits = scaling(rows)
     load = {"start": load_start, "end": load_average()}
     print(f"\nload average {load['start']:.1f} at start, {load['end']:.1f} at end ({_threads()} torch threads)")
