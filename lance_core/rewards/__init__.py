@@ -1,0 +1,12 @@
+"""Reward functions for GRPO: OCR (PP-OCR backends), CLIP score, cheap pixel rewards, any callable,
+composed as a weighted sum. Images are RGB uint8 arrays (H, W, 3)."""
+
+from .base import CallableReward, RewardFn, RewardOutput, import_callable
+from .compose import ComposedScores, RewardSpec, WeightedReward, build_reward
+from .ocr import NO_TARGET, NOTHING_READ, OCRConfig, OCRReward, extract_target, levenshtein, ocr_score
+
+__all__ = [
+    "NOTHING_READ", "NO_TARGET", "CallableReward", "ComposedScores", "OCRConfig", "OCRReward", "RewardFn",
+    "RewardOutput", "RewardSpec", "WeightedReward", "build_reward", "extract_target", "import_callable",
+    "levenshtein", "ocr_score",
+]
