@@ -1,0 +1,262 @@
+"""Typed config of the training job (``lance train --config jobs/configs/train_<stage>.yaml``).
+
+Every section is a :class:`StrictModel` (unknown fields are errors); :func:`load_train_config` turns a
+validation failure into a :class:`ConfigError` that names the field (``train.mixture.weights``...).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from lance_core.config import PRESETS, ConfigError, ModelConfig, StrictModel, load_config, model_preset
+from lance_core.flow import LossConfig
+from lance_core.packing import GENERATION_TASKS, TASKS
+from pipelines.data.config import StorageConfig
+
+Stage = Literal["pretrain", "continual", "sft", "custom"]
+FREEZABLE = ("embed_tokens", "lm_head", "und", "gen", "vae_io")
+"""Module groups that can be frozen: token embedding, lm_head, the UND expert's layers, the GEN expert's
+layers, the latent-token modules (vae2llm, llm2vae, time_embedder). ViT and VAE are not part of the model
+(their outputs are precomputed), so they are always frozen."""
+
+
+def _check_tasks(names, where: str) -> None:
+    unknown = [t for t in names if t not in TASKS]
+    if unknown:
+        raise ValueError(f"{where}: unknown task(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(TASKS)}")
+
+
+class ModelSection(StrictModel):
+    preset: str = "tiny"
+    """``tiny`` or ``lance-3b``."""
+    overrides: dict[str, Any] = {}
+    """Fields of :class:`lance_core.config.ModelConfig` to change (e.g. ``attention_backend``)."""
+    init_qwen: str | None = None
+    """Qwen2.5-VL checkpoint folder loaded into UND, then copied into GEN (pre-training start)."""
+    init_lance: str | None = None
+    """Lance checkpoint (released names) to start from (continual training, SFT)."""
+    tokenizer: str | None = None
+    """Qwen2 tokenizer folder; None = the byte-level tokenizer (tiny preset only)."""
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        if value not in PRESETS:
+            raise ValueError(f"unknown model preset {value!r}; allowed: {', '.join(sorted(PRESETS))}")
+        return value
+
+    def build(self) -> ModelConfig:
+        return model_preset(self.preset, **self.overrides)
+
+
+class ResolutionFilter(StrictModel):
+    max_image_tokens: int | None = Field(None, gt=0)
+    """Skip image targets with more latent tokens than this (768² = 2304)."""
+    max_video_tokens: int | None = Field(None, gt=0)
+    """Skip video targets with more latent tokens than this (480x848, 6 s at 12 fps = 28,620)."""
+    max_video_latent_frames: int | None = Field(None, gt=0)
+
+
+class DataSection(StrictModel):
+    uris: tuple[str, ...] = ()
+    """Latent shard roots (each holding ``manifest.json``), local or s3://."""
+    token_budget: int = Field(4096, gt=0)
+    """Real tokens per rank per step (released SFT: 65,536 per GPU)."""
+    buffer_size: int = Field(16, gt=0)
+    """Samples that did not fit a pack wait here and are tried first for the next one."""
+    pad_to_budget: bool = False
+    """Pad every pack to ``token_budget`` (static shapes for compiled attention on GPU)."""
+    read_batch_rows: int = Field(32, gt=0)
+    """Rows per pyarrow record batch when streaming a shard."""
+    prefetch: int = Field(2, ge=1)
+    """Packs built ahead of the training step by the loader thread."""
+    holdout_per_task: int = Field(2, ge=0)
+    """Rows per task kept out of training for the held-out loss (capability-oriented scheduling)."""
+    caption_dropout: float = Field(0.1, ge=0, le=1)
+    """Probability of an empty caption (classifier-free guidance)."""
+    condition_dropout: float = Field(0.1, ge=0, le=1)
+    """Probability of dropping the whole visual condition of an edit / subject sample."""
+    resolution: ResolutionFilter = ResolutionFilter()
+    storage: StorageConfig = StorageConfig()
+
+
+class ProgressiveSchedule(StrictModel):
+    """Raise the share of harder tasks over training: their weight is multiplied by a factor that grows
+    linearly from 1 at ``start_step`` to ``final_multiplier`` at ``end_step``."""
+
+    enabled: bool = False
+    tasks: tuple[str, ...] = ("i2i", "v2v", "subject")
+    start_step: int = Field(0, ge=0)
+    end_step: int = Field(1000, gt=0)
+    final_multiplier: float = Field(3.0, gt=0)
+
+
+class CapabilitySchedule(StrictModel):
+    """Raise the weight of tasks whose held-out loss improves least: every ``every_steps`` the held-out
+    loss ratio r = L / L₀ per task moves its multiplier by exp(strength · (r − mean r))."""
+
+    enabled: bool = False
+    every_steps: int = Field(50, gt=0)
+    strength: float = Field(2.0, ge=0)
+    max_multiplier: float = Field(4.0, ge=1)
+    """Multipliers stay within [1 / max_multiplier, max_multiplier]."""
+
+
+class MixtureSection(StrictModel):
+    weights: dict[str, float] = {"t2i": 1.0}
+    """Task group -> weight (normalised over the tasks that have data)."""
+    progressive: ProgressiveSchedule = ProgressiveSchedule()
+    capability: CapabilitySchedule = CapabilitySchedule()
+
+    @model_validator(mode="after")
+    def _check(self) -> "MixtureSection":
+        _check_tasks(self.weights, "weights")
+        _check_tasks(self.progressive.tasks, "progressive.tasks")
+        if any(w < 0 for w in self.weights.values()) or not any(w > 0 for w in self.weights.values()):
+            raise ValueError("weights must be >= 0 with at least one > 0")
+        return self
+
+
+class OptimSection(StrictModel):
+    """Released SFT: AdamW lr 1e-4, betas (0.9, 0.95), eps 1e-15, no weight decay, 500 warm-up steps then
+    constant, gradient clipping 1.0."""
+
+    lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-15, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(500, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+
+
+class DeepSpeedSection(StrictModel):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 on GPU, fp32 on CPU."""
+    activation_checkpointing: bool = False
+    """Recompute every decoder layer in the backward pass."""
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    """Keep an exponential moving average of the weights (released: 0.9999); ZeRO stages 0-2."""
+    reduce_bucket_size: int = Field(50_000_000, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "DeepSpeedSection":
+        if self.ema_decay is not None and self.zero_stage == 3:
+            raise ValueError("ema_decay needs full weights on every rank: use zero_stage 0, 1 or 2")
+        return self
+
+
+class ScalingSection(StrictModel):
+    workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    threads_per_worker: int | None = Field(None, gt=0)
+    """torch intra-op threads per worker (default: cpus_per_worker)."""
+
+
+class CheckpointSection(StrictModel):
+    every_steps: int = Field(100, gt=0)
+    keep_last: int = Field(2, ge=1)
+    export_safetensors: bool = True
+    """Write ``model.safetensors`` (released Lance names) with the final checkpoint and into the run folder."""
+
+
+class EvalSection(StrictModel):
+    every_steps: int = Field(0, ge=0)
+    """Write generated samples every N steps (0: at the end only)."""
+    sampling_steps: int = Field(10, gt=0)
+    cfg_scale: float = Field(4.0, ge=1)
+    max_caption_tokens: int = Field(32, gt=0)
+    samples: bool = True
+    """Generate an image, a video strip and a caption into ``<run>/samples``."""
+
+
+class MetricsSection(StrictModel):
+    report_every: int = Field(10, gt=0)
+    """Report metrics to Ray Train (and Tune) every N steps; files get every step."""
+    peak_tflops_per_worker: float | None = Field(None, gt=0)
+    """Peak of one worker for MFU; default: 989 (H100/H200 dense bf16) on GPU, a matmul probe on CPU."""
+    expert_grad_check: bool = True
+    """Record per rank and step whether the UND and the GEN expert received gradient."""
+    tensorboard: bool = True
+
+
+class DebugSection(StrictModel):
+    """Fault injection for the tests of fault tolerance and of the non-finite-loss guard."""
+
+    kill_rank: int | None = None
+    kill_at_step: int | None = Field(None, gt=0)
+    """The rank kills its own process (SIGKILL) when it reaches this step, once per run folder."""
+    nan_rank: int | None = None
+    nan_at_step: int | None = Field(None, gt=0)
+    """The rank's loss becomes NaN at this step."""
+
+
+class TrainConfig(StrictModel):
+    stage: Stage = "custom"
+    name: str = "lance-train"
+    """Run name: the run folder is ``<output>/<name>``; rerunning the same name resumes."""
+    output: str = "runs/train"
+    steps: int = Field(1000, gt=0)
+    seed: int = 0
+    max_failures: int = Field(0, ge=0)
+    """Worker-group restarts from the last checkpoint before the run fails."""
+    freeze: tuple[str, ...] = ()
+    model: ModelSection = ModelSection()
+    loss: LossConfig = LossConfig()
+    data: DataSection = DataSection()
+    mixture: MixtureSection = MixtureSection()
+    optim: OptimSection = OptimSection()
+    deepspeed: DeepSpeedSection = DeepSpeedSection()
+    scaling: ScalingSection = ScalingSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    eval: EvalSection = EvalSection()
+    metrics: MetricsSection = MetricsSection()
+    debug: DebugSection = DebugSection()
+
+    @field_validator("freeze")
+    @classmethod
+    def _known_groups(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [v for v in value if v not in FREEZABLE]
+        if unknown:
+            raise ValueError(f"unknown module group(s) {unknown}; allowed: {', '.join(FREEZABLE)}")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.model.preset != "tiny" and self.model.tokenizer is None:
+            raise ValueError(f"model.tokenizer is required for the {self.model.preset} preset (Qwen2 tokenizer)")
+        self.model.build()
+        return self
+
+    @property
+    def generation_weighted(self) -> bool:
+        return any(self.mixture.weights.get(t, 0) > 0 for t in GENERATION_TASKS)
+
+
+def load_train_config(data: dict[str, Any] | None) -> TrainConfig:
+    try:
+        return load_config(TrainConfig, data, prefix="train")
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(f"invalid config:\n  train: {err}") from None
+
+
+def apply_overrides(data: dict[str, Any], *, uris: list[str] | None = None, output: str | None = None,
+                    steps: int | None = None, workers: int | None = None, name: str | None = None) -> dict[str, Any]:
+    """Command-line overrides on top of a YAML mapping (before validation)."""
+    data = dict(data)
+    if uris:
+        data["data"] = {**data.get("data", {}), "uris": list(uris)}
+    if output is not None:
+        data["output"] = output
+    if steps is not None:
+        data["steps"] = steps
+    if workers is not None:
+        data["scaling"] = {**data.get("scaling", {}), "workers": workers}
+    if name is not None:
+        data["name"] = name
+    return data

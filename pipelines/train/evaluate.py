@@ -1,0 +1,116 @@
+"""Evaluation during training: the held-out loss per task (input of the capability-oriented mixture rule)
+and generated samples written into the run folder (an image, a video as a frame strip, a caption).
+
+Every rank evaluates the same held-out rows and runs the same sampling calls, so that under ZeRO-3 all
+ranks gather the same weights in the same order; rank 0 writes the files.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lance_core.config import ModelConfig
+from lance_core.flow import LossConfig, compute_losses
+from lance_core.packing import GENERATION_TASKS, Sample, build_understanding_sample, pack_samples
+from lance_core.sampling import SamplingConfig, generate_latents, generate_text
+from lance_core.tokenizer import TextTokenizer
+
+from .config import DataSection, EvalSection
+from .data import read_rows, row_to_sample, slot_visual
+from .plan import DataPlan
+
+
+class HeldOut:
+    """The held-out rows of the plan, as samples per task (no conditioning dropout)."""
+
+    def __init__(self, plan: DataPlan, data: DataSection, cfg: ModelConfig, tokenizer: TextTokenizer) -> None:
+        no_dropout = data.model_copy(update={"caption_dropout": 0.0, "condition_dropout": 0.0})
+        self.rows: dict[str, list[dict]] = {}
+        self.samples: dict[str, list[Sample]] = {}
+        for task, refs in plan.holdout.items():
+            if not refs:
+                continue
+            rows = read_rows(plan, refs, data)
+            self.rows[task] = rows
+            self.samples[task] = [row_to_sample(r, tokenizer, cfg, no_dropout, random.Random(0)) for r in rows]
+
+    @torch.no_grad()
+    def losses(self, model, cfg: ModelConfig, loss_cfg: LossConfig, device: torch.device, seed: int) -> dict:
+        """Task -> held-out loss (MSE for generation tasks, CE for understanding), same noise every time."""
+        was_training = model.training
+        model.eval()
+        out = {}
+        for task, samples in self.samples.items():
+            batch = pack_samples(samples, mape=cfg.mape, temporal_step=cfg.tokens_per_second,
+                                 latent_channels=cfg.latent_channels, vit_dim=cfg.hidden_size).to(device)
+            result = compute_losses(model, batch, loss_cfg, torch.Generator().manual_seed(seed))
+            out[task] = float(result.mse if task in GENERATION_TASKS else result.ce)
+        model.train(was_training)
+        return out
+
+
+def _to_uint8(frames: torch.Tensor) -> np.ndarray:
+    strip = torch.cat(list(frames.float().cpu()), dim=2)
+    return (strip.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
+
+
+class SampleWriter:
+    """Generates with the current weights and decodes latents through the (frozen) VAE."""
+
+    def __init__(self, cfg: ModelConfig, tokenizer: TextTokenizer, held: HeldOut, eval_cfg: EvalSection) -> None:
+        self.cfg, self.tok, self.held, self.eval_cfg = cfg, tokenizer, held, eval_cfg
+        self._vae = None
+
+    def vae(self):
+        if self._vae is None:
+            from lance_core.encoders import WanVAE
+
+            self._vae = WanVAE.from_config(self.cfg.vae).eval()
+        return self._vae
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            pixels = self.vae().decode(latents.float().permute(3, 0, 1, 2)[None])[0]
+        return ((pixels.clamp(-1, 1) + 1) / 2).permute(1, 0, 2, 3)
+
+    def _prompt(self, task: str, default_grid: tuple[int, int, int]) -> tuple[str, tuple[int, int, int]]:
+        rows = self.held.rows.get(task) or []
+        if not rows:
+            return ("a red sign" if task == "t2i" else "a blue square moving to the right"), default_grid
+        row = rows[0]
+        return row.get("caption") or "", tuple(int(x) for x in row["target_vae_shape"][:3])
+
+    @torch.no_grad()
+    def write(self, model, step: int, out_dir: Path | None, seed: int) -> dict:
+        """``out_dir`` None on ranks other than 0: they run the same calls and write nothing."""
+        was_training = model.training
+        model.eval()
+        sampling = SamplingConfig(steps=self.eval_cfg.sampling_steps, cfg_scale=self.eval_cfg.cfg_scale)
+        generator = torch.Generator().manual_seed(seed)
+        result: dict = {"step": step}
+        image_caption, image_grid = self._prompt("t2i", (1, 4, 4))
+        image = generate_latents(model, self.tok, "t2i", image_caption, image_grid, sampling, generator=generator)
+        video_caption, video_grid = self._prompt("t2v", (2, 4, 4))
+        video = generate_latents(model, self.tok, "t2v", video_caption, video_grid, sampling, generator=generator)
+        result.update(image_prompt=image_caption, video_prompt=video_caption)
+        understanding = next((t for t in ("i2t", "v2t") if self.held.rows.get(t)), None)
+        if understanding is not None:
+            row = self.held.rows[understanding][0]
+            media = slot_visual(row, "target", self.cfg)
+            prompt = build_understanding_sample(self.tok, understanding, media, row.get("question") or "", None)
+            ids = generate_text(model, self.tok, prompt, max_new_tokens=self.eval_cfg.max_caption_tokens)
+            result.update(caption_task=understanding, caption_truth=row.get("answer") or "",
+                          caption_generated=self.tok.decode(ids))
+        model.train(was_training)
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(_to_uint8(self._decode(image))).save(out_dir / f"step{step:07d}_image.png")
+            Image.fromarray(_to_uint8(self._decode(video))).save(out_dir / f"step{step:07d}_video_frames.png")
+            (out_dir / f"step{step:07d}.json").write_text(json.dumps(result, indent=2))
+        return result

@@ -1,0 +1,131 @@
+"""Per-step metrics: reduced across ranks, written by rank 0 as JSON lines and TensorBoard events.
+
+MFU (TRAINING.md): FLOPs of a step = Σ over packed samples of T·(6·N_active + 12·L·H·d·T), T the
+sample's tokens (attention summed per sample, not over the whole pack; N_active one expert plus lm_head),
+divided by step time · workers · peak FLOP/s of one worker.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from lance_core.config import ModelConfig
+from lance_core.flops import ParameterCounts, attention_flops_per_token
+from lance_core.packing import IGNORE_INDEX, TASKS, PackedBatch
+
+H100_BF16_DENSE_TFLOPS = 989.0
+METRICS_FILE = "metrics.jsonl"
+
+
+def pack_flops(batch: PackedBatch, cfg: ModelConfig, counts: ParameterCounts) -> float:
+    real = batch.task_index >= 0
+    lengths = torch.bincount(batch.sample_index[real]).double()
+    lengths = lengths[lengths > 0]
+    per_token_attention = attention_flops_per_token(cfg, 1)
+    return float((lengths * (6.0 * counts.active_per_token + per_token_attention * lengths)).sum())
+
+
+def probe_peak_tflops(size: int = 1024, reps: int = 5) -> float:
+    """Achieved fp32 matmul TFLOP/s of this process on CPU, as the MFU denominator there."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * size**3 * reps / (time.perf_counter() - start) / 1e12
+
+
+def peak_tflops(configured: float | None, device: torch.device) -> tuple[float, str]:
+    if configured is not None:
+        return configured, "config"
+    if device.type == "cuda":
+        return H100_BF16_DENSE_TFLOPS, "h100-bf16-dense"
+    return probe_peak_tflops(), "cpu-matmul-probe"
+
+
+def task_loss_sums(batch: PackedBatch, per_task: dict[str, float]) -> torch.Tensor:
+    """(4, len(TASKS)): CE sums, CE token counts, MSE sums, MSE token counts per task on this rank."""
+    out = torch.zeros(4, len(TASKS), dtype=torch.float64)
+    ce_mask = batch.ce_labels != IGNORE_INDEX
+    for index, task in enumerate(TASKS):
+        of_task = batch.task_index == index
+        for row, (mask, key) in enumerate(((ce_mask, f"ce/{task}"), (batch.mse_mask, f"mse/{task}"))):
+            count = float((mask & of_task).sum())
+            if count and key in per_task:
+                out[2 * row, index] = per_task[key] * count
+                out[2 * row + 1, index] = count
+    return out
+
+
+class ExpertGradProbe:
+    """Accumulates, during backward on this rank, the squared gradient norm reaching each expert
+    (UND: weights without ``_moe_gen``; GEN: ``_moe_gen`` weights) before any cross-rank reduction."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.sq: dict[str, torch.Tensor | float] = {"und": 0.0, "gen": 0.0}
+        self.handles = []
+        for name, param in model.named_parameters():
+            if not param.requires_grad or ".layers." not in name:
+                continue
+            expert = "gen" if "_moe_gen" in name else "und"
+            self.handles.append(param.register_hook(lambda grad, e=expert: self._add(e, grad)))
+
+    def _add(self, expert: str, grad: torch.Tensor) -> None:
+        self.sq[expert] = self.sq[expert] + grad.detach().float().pow(2).sum()
+
+    def take(self) -> tuple[float, float]:
+        und, gen = float(self.sq["und"]) ** 0.5, float(self.sq["gen"]) ** 0.5
+        self.sq = {"und": 0.0, "gen": 0.0}
+        return und, gen
+
+
+class MetricsWriter:
+    """Rank 0's writer: ``metrics.jsonl`` (one row per step) and TensorBoard events under ``tb/``."""
+
+    def __init__(self, run_dir: Path, start_step: int, tensorboard: bool) -> None:
+        self.path = run_dir / METRICS_FILE
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print("tensorboard is not installed: metrics go to metrics.jsonl only", flush=True)
+            else:
+                self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1)
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            step = row["step"]
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and value is not None:
+                    self.tb.add_scalar(key, value, step)
+            for key, value in row.get("mixture", {}).items():
+                self.tb.add_scalar(f"mixture/{key}", value, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of ``metrics.jsonl``, one per step (the last one written wins after a restart)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    rows: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[row["step"]] = row
+    return [rows[k] for k in sorted(rows)]

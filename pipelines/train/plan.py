@@ -1,0 +1,167 @@
+"""The data plan, made once on the driver before any worker starts: which shards exist and are readable,
+how many trainable rows each holds per task, and which rows are held out.
+
+Bad inputs become counts and messages here (a shard listed in the manifest but missing, a shard whose
+schema is not the latent shard schema, rows of an unknown task, rows over the resolution limits); an
+empty dataset after all of that is a :class:`DataError` whose message says why, before training starts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import pyarrow.parquet as pq
+
+from lance_core.packing import TASKS
+from lance_core.shards import check_schema
+from pipelines.data.sources import filesystem, with_retries
+
+from .config import DataSection, ResolutionFilter
+
+PLAN_COLUMNS = ["sample_id", "task", "target_vae_shape", "target_fps"]
+
+
+class DataError(ValueError):
+    """The training data cannot be used; the message names the shard, the task or the limit."""
+
+
+@dataclass
+class ShardEntry:
+    uri: str
+    rows: int
+    trainable: dict[str, int]
+    """Task -> rows that pass the filters and are not held out."""
+
+
+@dataclass
+class DataPlan:
+    shards: list[ShardEntry] = field(default_factory=list)
+    holdout: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    """Task -> (shard index, row) of its held-out rows."""
+    issues: Counter = field(default_factory=Counter)
+    messages: list[str] = field(default_factory=list)
+
+    @property
+    def task_rows(self) -> dict[str, int]:
+        totals: Counter = Counter()
+        for shard in self.shards:
+            totals.update(shard.trainable)
+        return {t: totals[t] for t in TASKS if totals[t] > 0}
+
+    def task_shards(self, task: str) -> list[int]:
+        return [i for i, s in enumerate(self.shards) if s.trainable.get(task, 0) > 0]
+
+    def to_json(self) -> str:
+        return json.dumps({"shards": [asdict(s) for s in self.shards], "holdout": self.holdout,
+                           "issues": dict(self.issues), "messages": self.messages})
+
+    @classmethod
+    def from_json(cls, text: str) -> "DataPlan":
+        data = json.loads(text)
+        return cls([ShardEntry(**s) for s in data["shards"]],
+                   {t: [tuple(x) for x in rows] for t, rows in data["holdout"].items()},
+                   Counter(data["issues"]), data["messages"])
+
+
+def target_tokens(shape) -> int:
+    frames, height, width = (int(x) for x in shape[:3])
+    return frames * height * width
+
+
+def passes_resolution(task: str, shape, fps, limits: ResolutionFilter) -> bool:
+    """Understanding rows (no VAE target) always pass; generation targets are held to the limits."""
+    if shape is None:
+        return True
+    tokens = target_tokens(shape)
+    is_video = int(shape[0]) > 1 or (fps is not None and fps > 0)
+    if is_video:
+        if limits.max_video_tokens is not None and tokens > limits.max_video_tokens:
+            return False
+        return limits.max_video_latent_frames is None or int(shape[0]) <= limits.max_video_latent_frames
+    return limits.max_image_tokens is None or tokens <= limits.max_image_tokens
+
+
+def _join(root: str, name: str) -> str:
+    return root.rstrip("/") + "/" + name
+
+
+def _manifest_shards(root: str, cfg: DataSection, plan: DataPlan) -> list[str]:
+    fs = filesystem(root, cfg.storage)
+    manifest = _join(root, "manifest.json")
+    if not with_retries(f"reading {root}", cfg.storage, lambda: fs.exists(manifest)):
+        raise DataError(f"{root}: no manifest.json (a latent shard root written by `lance precompute`)")
+    data = json.loads(with_retries(f"reading {manifest}", cfg.storage, lambda: fs.cat_file(manifest)))
+    uris = []
+    for entry in data.get("shards", []):
+        uri = _join(root, entry["shard"])
+        if not with_retries(f"reading {root}", cfg.storage, lambda uri=uri: fs.exists(uri)):
+            plan.issues["missing_shards"] += 1
+            plan.messages.append(f"{uri}: listed in the manifest but missing; skipped")
+            continue
+        uris.append(uri)
+    return uris
+
+
+def _scan_shard(uri: str, cfg: DataSection, plan: DataPlan) -> list[dict] | None:
+    fs = filesystem(uri, cfg.storage)
+    try:
+        with fs.open(uri, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            check_schema(pf.schema_arrow, uri)
+            return pf.read(columns=PLAN_COLUMNS).to_pylist()
+    except ValueError as err:
+        plan.issues["bad_schema_shards"] += 1
+        plan.messages.append(f"{err}; skipped")
+    except OSError as err:
+        plan.issues["unreadable_shards"] += 1
+        plan.messages.append(f"{uri}: not readable as Parquet ({type(err).__name__}: {err}); skipped")
+    return None
+
+
+def make_plan(cfg: DataSection, tasks_wanted: dict[str, float]) -> DataPlan:
+    """Scan every shard's plan columns (task, target shape) and decide trainable and held-out rows."""
+    if not cfg.uris:
+        raise DataError("data.uris is empty: give latent shard roots (`--data URI`)")
+    plan = DataPlan()
+    scanned: list[tuple[str, list[dict]]] = []
+    for root in cfg.uris:
+        for uri in _manifest_shards(root, cfg, plan):
+            rows = _scan_shard(uri, cfg, plan)
+            if rows is not None:
+                scanned.append((uri, rows))
+    keep: list[list[tuple[int, str]]] = []
+    per_task: dict[str, list[tuple[int, int]]] = {}
+    for index, (uri, rows) in enumerate(scanned):
+        kept = []
+        for row_no, row in enumerate(rows):
+            task = row["task"]
+            if task not in TASKS:
+                plan.issues["unknown_task_rows"] += 1
+                continue
+            if not passes_resolution(task, row["target_vae_shape"], row["target_fps"], cfg.resolution):
+                plan.issues["filtered_resolution_rows"] += 1
+                continue
+            kept.append((row_no, task))
+            per_task.setdefault(task, []).append((index, row_no))
+        keep.append(kept)
+    if plan.issues["unknown_task_rows"]:
+        plan.messages.append(f"{plan.issues['unknown_task_rows']} rows name a task outside {', '.join(TASKS)}; "
+                             "skipped")
+    for task, rows in per_task.items():
+        count = min(cfg.holdout_per_task, len(rows) // 4)
+        plan.holdout[task] = rows[:count]
+    held = {(s, r) for rows in plan.holdout.values() for s, r in rows}
+    for index, (uri, rows) in enumerate(scanned):
+        trainable = Counter(task for row_no, task in keep[index] if (index, row_no) not in held)
+        plan.shards.append(ShardEntry(uri, len(rows), dict(trainable)))
+    wanted = {t for t, w in tasks_wanted.items() if w > 0}
+    available = set(plan.task_rows)
+    if not available & wanted:
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(plan.issues.items())) or "no rows"
+        raise DataError(f"empty dataset after filtering: no trainable rows for the mixture tasks "
+                        f"{sorted(wanted)} in {list(cfg.uris)} ({reasons}; rows per task: {plan.task_rows})")
+    for task in sorted(wanted - available):
+        plan.messages.append(f"task {task!r} has weight but no trainable rows; left out of the mixture")
+    return plan

@@ -1,0 +1,91 @@
+"""The driver side of a training run: plan the data, start (or join) Ray, run the ``TorchTrainer``.
+
+The run folder is ``<output>/<name>``: Ray Train keeps its checkpoints there (the last
+``checkpoint.keep_last``), rank 0 writes ``metrics.jsonl``, TensorBoard events (``tb/``), generated
+samples (``samples/``) and the exported ``model.safetensors``; the driver writes ``config.json`` and
+``plan.json``. Running again with the same output and name resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import TrainConfig
+from .metrics import read_metrics
+from .plan import DataPlan, make_plan
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    plan: DataPlan
+    metrics: list[dict]
+    checkpoint: str | None
+    export: Path | None
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster named by RAY_ADDRESS, else start a Ray of our own on this machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": env})
+
+
+def worker_env(cfg: TrainConfig) -> dict[str, str]:
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    if not cfg.scaling.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def build_trainer(cfg: TrainConfig, plan: DataPlan, run_dir: Path, callbacks: list | None = None):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .loop import train_func
+
+    scaling = ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
+                            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
+                                                  **({"GPU": 1} if cfg.scaling.use_gpu else {})})
+    run_config = RunConfig(
+        name=run_dir.name, storage_path=str(run_dir.parent),
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+        failure_config=FailureConfig(max_failures=cfg.max_failures),
+        worker_runtime_env={"env_vars": worker_env(cfg)}, callbacks=callbacks,
+    )
+    loop_config = {"cfg": cfg.model_dump_json(), "plan": plan.to_json(), "run_dir": str(run_dir)}
+    return TorchTrainer(train_func, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config)
+
+
+def prepare_run(cfg: TrainConfig) -> tuple[DataPlan, Path]:
+    """Plan the data (raises DataError with the reason) and write the run's config and plan."""
+    plan = make_plan(cfg.data, cfg.mixture.weights)
+    for message in plan.messages:
+        print(f"data: {message}", flush=True)
+    run_dir = Path(cfg.output).resolve() / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    (run_dir / "plan.json").write_text(json.dumps(json.loads(plan.to_json()) | {"task_rows": plan.task_rows},
+                                                  indent=2))
+    return plan, run_dir
+
+
+def run_training(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
+    plan, run_dir = prepare_run(cfg)
+    ensure_ray()
+    result = build_trainer(cfg, plan, run_dir, callbacks).fit()
+    export = run_dir / "model.safetensors"
+    return TrainResult(run_dir, plan, read_metrics(run_dir), result.checkpoint.path if result.checkpoint else None,
+                       export if export.is_file() else None)
