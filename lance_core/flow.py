@@ -99,13 +99,16 @@ def compute_losses(
     generator: torch.Generator | None = None,
     count_reducer: CountReducer | None = None,
     noised: NoisedLatents | None = None,
+    run_all_heads: bool = False,
 ) -> LossOutput:
     """Total = ce_weight·CE + mse_weight·MSE.
 
     MSE: per token the mean over latent channels, summed over target tokens and divided by the global
     target-token count; CE: summed over answer tokens and divided by the global CE-token count. With
     ``count_reducer`` the counts are global across ranks; the caller then multiplies by the world size
-    when its gradient reduction averages over ranks.
+    when its gradient reduction averages over ranks. ``run_all_heads`` runs lm_head and the velocity head
+    on every call (on one token, weighted 0, when a head has no target here), so that every rank calls the
+    same modules in the same order whatever its pack holds (ZeRO-3 gathers weights module by module).
     """
     noised = noised or noise_latents(batch, cfg, generator)
     inputs = TokenInputs.from_batch(batch, noised.values, noised.timesteps)
@@ -125,6 +128,8 @@ def compute_losses(
         ce_tok = F.cross_entropy(logits, batch.ce_labels[ce_positions], reduction="none")
         ce_sum = ce_tok.sum()
         per_task |= _per_task(ce_tok.detach(), batch.task_index[ce_positions], "ce")
+    elif run_all_heads:
+        ce_sum = ce_sum + model.text_logits(hidden[:1]).float().sum() * 0.0
     if mse_positions.numel():
         pred = model.velocity(hidden.index_select(0, mse_positions)).float()
         vae_row = torch.full((len(batch),), -1, dtype=torch.long, device=hidden.device)
@@ -133,6 +138,8 @@ def compute_losses(
         mse_tok = (pred - target).pow(2).mean(dim=1)
         mse_sum = mse_tok.sum()
         per_task |= _per_task(mse_tok.detach(), batch.task_index[mse_positions], "mse")
+    elif run_all_heads:
+        mse_sum = mse_sum + model.velocity(hidden[:1]).float().sum() * 0.0
     ce = ce_sum / ce_norm
     mse = mse_sum / mse_norm
     total = cfg.ce_weight * ce + cfg.mse_weight * mse
