@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from pydantic import Field, model_validator
+from torch import nn
 
 from .config import StrictModel
 from .model import LanceModel, TokenInputs
@@ -280,3 +281,56 @@ def clipped_policy_loss(
     kl_mean = kl.mean() if kl is not None else policy.new_zeros(())
     loss = policy + kl_weight * kl_mean if kl is not None else policy
     return PolicyLoss(loss, policy, kl_mean, ratio.detach(), ((ratio - 1).abs() > clip_range).detach())
+
+
+# ------------------------------------------------------------------------------------------ LoRA
+LORA_TARGETS = ("q_proj_moe_gen", "k_proj_moe_gen", "v_proj_moe_gen", "o_proj_moe_gen", "gate_proj", "up_proj",
+                "down_proj")
+
+
+class LoRAAdapters(nn.Module):
+    """Low-rank adapters on the GEN expert's linear layers: y = W·x + (α / r)·B·A·x, B = 0 at start.
+
+    Attached with forward hooks, so the model's own parameter names (and checkpoints) stay unchanged;
+    ``enabled = False`` gives back the base model (the frozen reference)."""
+
+    def __init__(self, model: LanceModel, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.scale = alpha / rank
+        self.enabled = True
+        self.targets: dict[str, nn.Linear] = {}
+        self.down = nn.ParameterDict()
+        self.up = nn.ParameterDict()
+        for name, module in model.named_modules():
+            leaf = name.rsplit(".", 1)[-1]
+            is_gen_mlp = ".mlp_moe_gen." in f".{name}" and leaf in ("gate_proj", "up_proj", "down_proj")
+            if isinstance(module, nn.Linear) and (leaf in LORA_TARGETS[:4] or is_gen_mlp):
+                key = name.replace(".", "__")
+                self.targets[key] = module
+                weight = module.weight
+                self.down[key] = nn.Parameter(torch.empty(rank, module.in_features, dtype=weight.dtype,
+                                                          device=weight.device))
+                self.up[key] = nn.Parameter(torch.zeros(module.out_features, rank, dtype=weight.dtype,
+                                                        device=weight.device))
+                nn.init.kaiming_uniform_(self.down[key], a=math.sqrt(5))
+                module.register_forward_hook(self._hook(key))
+        if not self.targets:
+            raise ValueError("no generation-expert linear layers found for LoRA")
+
+    def _hook(self, key: str):
+        def add_low_rank(module: nn.Linear, args, output):
+            if not self.enabled:
+                return output
+            x = args[0].to(self.down[key].dtype)
+            return output + (self.scale * (x @ self.down[key].t()) @ self.up[key].t()).to(output.dtype)
+        return add_low_rank
+
+    @torch.no_grad()
+    def merged_state(self, model: LanceModel) -> dict[str, torch.Tensor]:
+        """The model's state dict with every adapter folded into its weight (W + (α / r)·B·A)."""
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        for key in self.targets:
+            name = key.replace("__", ".") + ".weight"
+            delta = self.scale * (self.up[key].float() @ self.down[key].float())
+            state[name] = (state[name].float() + delta).to(state[name].dtype)
+        return state

@@ -2,11 +2,12 @@
 composed as a weighted sum. Images are RGB uint8 arrays (H, W, 3)."""
 
 from .base import CallableReward, RewardFn, RewardOutput, import_callable
-from .compose import ComposedScores, RewardSpec, WeightedReward, build_reward
-from .ocr import NO_TARGET, NOTHING_READ, OCRConfig, OCRReward, extract_target, levenshtein, ocr_score
+from .compose import ComposedScores, WeightedReward, build_reward
+from .config import CLIPConfig, OCRConfig, RewardSpec
+from .ocr import NO_TARGET, NOTHING_READ, OCRReward, extract_target, levenshtein, ocr_score
 
 __all__ = [
-    "NOTHING_READ", "NO_TARGET", "CallableReward", "ComposedScores", "OCRConfig", "OCRReward", "RewardFn",
+    "CLIPConfig", "NOTHING_READ", "NO_TARGET", "CallableReward", "ComposedScores", "OCRConfig", "OCRReward", "RewardFn",
     "RewardOutput", "RewardSpec", "WeightedReward", "build_reward", "extract_target", "import_callable",
     "levenshtein", "ocr_score",
 ]

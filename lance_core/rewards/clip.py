@@ -6,37 +6,14 @@ what tests use with a tiny architecture (``architecture``). Nothing is downloade
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
-
-from ..config import StrictModel
 from .base import RewardOutput
+from .config import CLIPConfig
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-class CLIPConfig(StrictModel):
-    model_name: str | None = "ViT-B-32"
-    """An open_clip architecture name; ignored when ``architecture`` is given."""
-    architecture: dict[str, Any] | None = None
-    """A custom open_clip CLIP config: {embed_dim, vision_cfg, text_cfg} (tests use a tiny one)."""
-    pretrained: str | None = None
-    """Local weights file; None = random initialisation."""
-    device: str = "cpu"
-    scale: float = Field(1.0, gt=0)
-    batch_size: int = Field(32, gt=0)
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _check_model(self) -> "CLIPConfig":
-        if self.architecture is None and not self.model_name:
-            raise ValueError("clip needs model_name or architecture")
-        return self
 
 
 class CLIPReward:

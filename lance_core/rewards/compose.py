@@ -3,36 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
-
 import numpy as np
-from pydantic import Field, model_validator
 
-from ..config import StrictModel
 from .base import CallableReward, RewardFn, import_callable
-from .clip import CLIPConfig
-from .ocr import OCRConfig
-
-
-class RewardSpec(StrictModel):
-    """One component of the reward."""
-
-    name: str
-    kind: Literal["ocr", "clip", "brightness", "colour", "callable"]
-    weight: float = 1.0
-    ocr: OCRConfig | None = None
-    clip: CLIPConfig | None = None
-    colour: tuple[int, int, int] = (255, 0, 0)
-    callable: str | None = None
-    """``package.module:function`` taking (images, prompts) and returning one score per image."""
-    options: dict[str, Any] = Field(default_factory=dict)
-    """Keyword arguments for a callable that is a class or a factory (called once per actor)."""
-
-    @model_validator(mode="after")
-    def _check_kind(self) -> "RewardSpec":
-        if self.kind == "callable" and not self.callable:
-            raise ValueError(f"reward {self.name!r} of kind 'callable' needs callable: 'module:function'")
-        return self
+from .config import CLIPConfig, OCRConfig, RewardSpec
 
 
 def build_reward(spec: RewardSpec) -> RewardFn:
@@ -76,11 +50,12 @@ class WeightedReward:
         self.specs = specs
         self.fns = [build_reward(spec) for spec in specs]
 
-    def __call__(self, images: list[np.ndarray], prompts: list[str]) -> ComposedScores:
+    def __call__(self, images: list[np.ndarray], prompts: list[str],
+                 targets: list[str | None] | None = None) -> ComposedScores:
         total = np.zeros(len(images), dtype=np.float64)
         components, reasons, details = {}, {}, {}
         for spec, fn in zip(self.specs, self.fns):
-            out = fn(images, prompts)
+            out = fn(images, prompts, targets) if getattr(fn, "uses_targets", False) else fn(images, prompts)
             if len(out.scores) != len(images):
                 raise ValueError(f"reward {spec.name!r} returned {len(out.scores)} scores for {len(images)} images")
             total += spec.weight * np.asarray(out.scores, dtype=np.float64)

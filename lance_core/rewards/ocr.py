@@ -15,10 +15,8 @@ import re
 from typing import Protocol
 
 import numpy as np
-from pydantic import Field
-
-from ..config import StrictModel
 from .base import RewardOutput
+from .config import OCRConfig
 
 QUOTED = re.compile(r'"([^"]+)"')
 NO_TARGET = "no_target"
@@ -64,24 +62,6 @@ def ocr_score(lines: list[str], target: str) -> float:
 class OCRBackend(Protocol):
     def recognise(self, image: np.ndarray) -> list[str]:
         """Text lines read in an (H, W, 3) RGB uint8 image, in reading order."""
-
-
-class OCRConfig(StrictModel):
-    backend: str = Field("rapidocr", pattern="^(rapidocr|paddleocr)$")
-    det_model: str | None = None
-    """Detection model: an ONNX file (rapidocr) or an inference-model folder (paddleocr). None = the
-    PP-OCRv4 model shipped in the rapidocr-onnxruntime wheel (required for paddleocr)."""
-    rec_model: str | None = None
-    cls_model: str | None = None
-    use_angle_cls: bool = False
-    threads: int = Field(1, ge=0)
-    """Intra-op threads of each ONNX session (0 = runtime default). One per actor scales by actors."""
-    det_limit_side_len: int = Field(736, gt=0)
-    """Images whose short side is below this are upscaled for detection (PP-OCR's default 736)."""
-    min_score: float = Field(0.5, ge=0, le=1)
-    """Recognised lines with a lower confidence are dropped."""
-    missing_target: str = Field("zero", pattern="^(zero|reject)$")
-    """A prompt without a quoted target: reward 0 with a counted reason, or rejected when prompts load."""
 
 
 class RapidOCRBackend:
@@ -143,10 +123,15 @@ class OCRReward:
         self.cfg = cfg
         self.backend = backend or make_ocr_backend(cfg)
 
-    def __call__(self, images: list[np.ndarray], prompts: list[str]) -> RewardOutput:
+    uses_targets = True
+
+    def __call__(self, images: list[np.ndarray], prompts: list[str],
+                 targets: list[str | None] | None = None) -> RewardOutput:
+        """``targets`` (optional) overrides the quoted text of each prompt where it is not None."""
         scores, reasons, texts = [], [], []
-        for image, prompt in zip(images, prompts, strict=True):
-            target = extract_target(prompt)
+        targets = targets or [None] * len(prompts)
+        for image, prompt, given in zip(images, prompts, targets, strict=True):
+            target = given or extract_target(prompt)
             if target is None:
                 scores.append(0.0)
                 reasons.append(NO_TARGET)

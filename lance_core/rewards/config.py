@@ -1,0 +1,65 @@
+"""Reward configs: light to import (no torch), so reward actors load only the models they use."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from ..config import StrictModel
+
+
+class OCRConfig(StrictModel):
+    backend: str = Field("rapidocr", pattern="^(rapidocr|paddleocr)$")
+    det_model: str | None = None
+    """Detection model: an ONNX file (rapidocr) or an inference-model folder (paddleocr). None = the
+    PP-OCRv4 model shipped in the rapidocr-onnxruntime wheel (required for paddleocr)."""
+    rec_model: str | None = None
+    cls_model: str | None = None
+    use_angle_cls: bool = False
+    threads: int = Field(1, ge=0)
+    """Intra-op threads of each ONNX session (0 = runtime default). One per actor scales by actors."""
+    det_limit_side_len: int = Field(736, gt=0)
+    """Images whose short side is below this are upscaled for detection (PP-OCR's default 736)."""
+    min_score: float = Field(0.5, ge=0, le=1)
+    """Recognised lines with a lower confidence are dropped."""
+
+
+class CLIPConfig(StrictModel):
+    model_name: str | None = "ViT-B-32"
+    """An open_clip architecture name; ignored when ``architecture`` is given."""
+    architecture: dict[str, Any] | None = None
+    """A custom open_clip CLIP config: {embed_dim, vision_cfg, text_cfg} (tests use a tiny one)."""
+    pretrained: str | None = None
+    """Local weights file; None = random initialisation."""
+    device: str = "cpu"
+    scale: float = Field(1.0, gt=0)
+    batch_size: int = Field(32, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_model(self) -> "CLIPConfig":
+        if self.architecture is None and not self.model_name:
+            raise ValueError("clip needs model_name or architecture")
+        return self
+
+
+class RewardSpec(StrictModel):
+    """One component of the reward."""
+
+    name: str
+    kind: Literal["ocr", "clip", "brightness", "colour", "callable"]
+    weight: float = 1.0
+    ocr: OCRConfig | None = None
+    clip: CLIPConfig | None = None
+    colour: tuple[int, int, int] = (255, 0, 0)
+    callable: str | None = None
+    """``package.module:function`` taking (images, prompts) and returning one score per image."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for a callable that is a class or a factory (called once per actor)."""
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> "RewardSpec":
+        if self.kind == "callable" and not self.callable:
+            raise ValueError(f"reward {self.name!r} of kind 'callable' needs callable: 'module:function'")
+        return self

@@ -1,0 +1,276 @@
+"""The GRPO loop: rollout workers stream decoded micro-batches to the reward pool and trajectories to the
+driver; once every group's rewards are in, advantages are computed per group, the learner updates, and
+the new weights go to the rollout workers through the object store.
+
+    metrics = run_grpo(cfg, run_dir)            # -> summary dict, also written to run_dir/summary.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import ray
+import torch
+
+from lance_core.rl import group_advantages
+
+from .config import GRPOConfig
+from .learner import Learner
+from .metrics import MetricsLog, console_line, reward_metrics, write_gallery
+from .placement import create_placement
+from .prompts import Prompt, epoch_prompts, load_prompts
+from .rewards import RewardPool, RewardWorker
+from .rollout import GroupTask, RolloutWorker, group_seed
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def ensure_ray(cfg: GRPOConfig) -> bool:
+    """Connect to ``ray_address`` / RAY_ADDRESS, or start a local Ray; True when this call started it."""
+    if ray.is_initialized():
+        return False
+    runtime_env = {"env_vars": {"PYTHONPATH": str(ROOT)}}
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+    else:
+        ray.init(address="local", num_cpus=cfg.ray_num_cpus, include_dashboard=False, log_to_driver=False,
+                 runtime_env=runtime_env)
+    return True
+
+
+class GRPORun:
+    def __init__(self, cfg: GRPOConfig, run_dir: Path, checkpoint: str | None = None, log=print) -> None:
+        self.cfg, self.run_dir, self.log = cfg, run_dir, log
+        self.prompts = load_prompts(cfg.prompts, cfg.seed)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        self.metrics = MetricsLog(run_dir)
+        started = time.perf_counter()
+        self.placement = create_placement(cfg)
+        data = cfg.model_dump(mode="json")
+        place = self.placement
+        self.learner = ray.remote(Learner).options(
+            **place.options(place.learner, cfg.learner.actor)).remote(data, checkpoint)
+        self.rollouts = [ray.remote(RolloutWorker).options(**place.options(index, cfg.rollout.actors)).remote(
+            data, checkpoint) for index in place.rollout]
+        specs = [spec.model_dump(mode="json") for spec in cfg.rewards.rewards]
+        reward_actor = ray.remote(RewardWorker)
+
+        def make_reward_actor(slot: int):
+            options = place.options(place.reward[slot], cfg.rewards.actors, max_restarts=0)
+            return reward_actor.options(**options).remote(specs, cfg.rewards.actors.torch_threads)
+
+        self.pool = RewardPool(cfg.rewards, make_reward_actor)
+        self.nodes = {"learner": ray.get(self.learner.node_id.remote()),
+                      "rollout": ray.get([w.node_id.remote() for w in self.rollouts]),
+                      "reward": [info["node_id"] for info in self.pool.wait_ready()]}
+        self.startup_s = time.perf_counter() - started
+        log(f"placement group and {2 + len(self.rollouts) + len(self.pool.slots) - 1} actors ready in "
+            f"{self.startup_s:.1f}s")
+        self.next_batch = 0
+
+    # ------------------------------------------------------------------------------------ weights
+    def broadcast(self, version: int) -> float:
+        started = time.perf_counter()
+        weights = self.learner.get_weights.remote()
+        ray.get([worker.set_weights.remote(weights, version) for worker in self.rollouts])
+        return time.perf_counter() - started
+
+    # ------------------------------------------------------------------------------------ one epoch
+    def _tasks(self, epoch: int) -> list[GroupTask]:
+        prompts = epoch_prompts(self.prompts.train, epoch, self.cfg.rollout.prompts_per_epoch)
+        return [GroupTask(i, p.text, p.target, group_seed(self.cfg.seed, epoch, i)) for i, p in enumerate(prompts)]
+
+    def _submit(self, images_ref, groups: list[GroupTask], repeat: int) -> int:
+        batch_id = self.next_batch
+        self.next_batch += 1
+        prompts = [g.text for g in groups for _ in range(repeat)]
+        targets = [g.target for g in groups for _ in range(repeat)]
+        self.pool.submit(batch_id, images_ref, prompts, targets)
+        return batch_id
+
+    def run_epoch(self, epoch: int, gallery: bool) -> dict:
+        cfg = self.cfg
+        size = cfg.rollout.group_size
+        tasks = self._tasks(epoch)
+        by_id = {t.group_id: t for t in tasks}
+        workers = len(self.rollouts)
+        chunks = [tasks[k * len(tasks) // workers:(k + 1) * len(tasks) // workers] for k in range(workers)]
+        self.pool.reset_clock()
+        started = time.perf_counter()
+        micro = cfg.rollout.groups_per_micro_batch
+        # a stream yields, per micro-batch of its chunk, the images array and then the trajectory list
+        streams = {worker.rollout.remote([t.__dict__ for t in chunk]): [0, chunk]
+                   for worker, chunk in zip(self.rollouts, chunks) if chunk}
+        pending_images, image_batches, trajectories = [], [], []
+        rollout_s = None
+        while streams or self.pool.pending():
+            ready, _ = ray.wait(list(streams) + self.pool.in_flight(), num_returns=1)
+            item = ready[0]
+            if not isinstance(item, ray.ObjectRefGenerator):
+                self.pool.handle(item)
+                continue
+            try:
+                ref = next(item)
+            except StopIteration:
+                del streams[item]
+                if not streams:
+                    rollout_s = time.perf_counter() - started
+                    for images_ref, groups in pending_images:  # sequential mode: score after the rollout
+                        image_batches.append((self._submit(images_ref, groups, size), groups, images_ref))
+                continue
+            count, chunk = streams[item]
+            streams[item][0] += 1
+            groups = chunk[(count // 2) * micro:(count // 2 + 1) * micro]
+            if count % 2 == 1:
+                trajectories.append((ref, [g.group_id for g in groups]))
+            elif cfg.rewards.streaming:
+                image_batches.append((self._submit(ref, groups, size), groups, ref))
+            else:
+                pending_images.append((ref, groups))
+        generation_s = time.perf_counter() - started
+
+        rewards = torch.zeros(len(tasks), size, dtype=torch.float64)
+        scores = {}
+        for batch_id, groups, _ in image_batches:
+            result = self.pool.take(batch_id)
+            scores[batch_id] = result
+            for k, group in enumerate(groups):
+                rewards[group.group_id] = torch.tensor(result["total"][k * size:(k + 1) * size])
+        advantages = group_advantages(rewards, cfg.learner.std_scope, cfg.learner.adv_clip)
+        order = [group_id for _, ids in trajectories for group_id in ids]
+        learn = ray.get(self.learner.update.remote([ref for ref, _ in trajectories],
+                                                   advantages.values[order].tolist()))
+        sync_s = self.broadcast(epoch + 1)
+        epoch_s = time.perf_counter() - started
+        images = len(tasks) * size
+        row = {"epoch": epoch, **reward_metrics(scores),
+               "zero_spread_ratio": float(advantages.zero_spread.double().mean()),
+               "zero_spread_groups": int(advantages.zero_spread.sum()), **learn,
+               "images": images, "images_per_s": images / epoch_s, "epoch_s": epoch_s, "rollout_s": rollout_s,
+               "reward_s": (self.pool.last_result or started) - (self.pool.first_submit or started),
+               "reward_busy_s": self.pool.busy_s, "reward_tail_s": generation_s - rollout_s,
+               "generation_s": generation_s, "sync_s": sync_s,
+               "reward_utilisation": self.pool.utilisation() or 0.0, "reward_restarts": self.pool.restarts}
+        if gallery and cfg.gallery_size:
+            self._gallery(epoch, image_batches, scores)
+        return row
+
+    def _gallery(self, epoch: int, image_batches, scores) -> None:
+        images, entries = [], []
+        size = self.cfg.rollout.group_size
+        for batch_id, groups, images_ref in image_batches:
+            batch = ray.get(images_ref)
+            result = scores[batch_id]
+            for k in range(len(batch)):
+                if len(images) >= self.cfg.gallery_size:
+                    break
+                group = groups[k // size]
+                images.append(batch[k])
+                entries.append({"prompt": group.text, "target": group.target, "reward": result["total"][k],
+                                "components": {n: v[k] for n, v in result["components"].items()},
+                                "reasons": {n: v[k] for n, v in result["reasons"].items()},
+                                "details": {n: v[k] for n, v in result["details"].items()}})
+        write_gallery(self.run_dir / "gallery" / f"epoch_{epoch:04d}", images, entries)
+
+    # ------------------------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict:
+        ev = self.cfg.eval
+        prompts: list[Prompt] = self.prompts.eval or self.prompts.train[:1]
+        weights = self.learner.get_weights.remote(ema=ev.use_ema)
+        images_ref = self.rollouts[0].evaluate.remote([p.text for p in prompts], ev.samples_per_prompt, ev.steps,
+                                                      self.cfg.seed, weights)
+        groups = [GroupTask(i, p.text, p.target, 0) for i, p in enumerate(prompts)]
+        self.pool.reset_clock()
+        batch_id = self._submit(images_ref, groups, ev.samples_per_prompt)
+        self.pool.drain()
+        return reward_metrics({batch_id: self.pool.take(batch_id)}, prefix="eval/reward")
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def _checkpoints(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def save(self, epoch: int) -> Path:
+        tag = f"epoch_{epoch:04d}"
+        folder = self._checkpoints() / tag
+        ray.get(self.learner.save.remote(str(folder), tag, {"epoch": epoch}))
+        latest = self._checkpoints() / "latest"
+        tmp = latest.with_suffix(".tmp")
+        tmp.write_text(tag)
+        os.replace(tmp, latest)
+        kept = sorted(p for p in self._checkpoints().iterdir() if p.is_dir() and p.name.startswith("epoch_"))
+        for old in kept[:-self.cfg.keep_checkpoints]:
+            shutil.rmtree(old)
+        return folder
+
+    def resume(self) -> int:
+        """The epoch to start from: after the latest checkpoint in the run folder, else 0."""
+        latest = self._checkpoints() / "latest"
+        if not latest.is_file():
+            self.metrics.truncate(0)
+            return 0
+        tag = latest.read_text().strip()
+        state = ray.get(self.learner.load.remote(str(self._checkpoints() / tag), tag))
+        start = int(state["epoch"]) + 1
+        self.metrics.truncate(start)
+        self.log(f"resumed from {self._checkpoints() / tag} (epoch {start - 1} done)")
+        return start
+
+    # ------------------------------------------------------------------------------------ the run
+    def run(self) -> dict:
+        cfg = self.cfg
+        start = self.resume()
+        self.broadcast(start)
+        last = cfg.epochs - 1
+        for epoch in range(start, cfg.epochs):
+            row = self.run_epoch(epoch, gallery=epoch in (0, last))
+            if cfg.eval.every and ((epoch + 1) % cfg.eval.every == 0 or epoch == last):
+                row.update(self.evaluate())
+            self.metrics.append(row)
+            self.log(console_line(row))
+            if epoch == last or (cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0):
+                self.save(epoch)
+        history = self.metrics.history()
+        summary = summarise(history, self)
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def shutdown(self) -> None:
+        self.pool.shutdown()
+        for actor in [self.learner, *self.rollouts]:
+            ray.kill(actor, no_restart=True)
+        self.placement.remove()
+
+
+def summarise(history: list[dict], run: GRPORun) -> dict:
+    first, last = history[0], history[-1]
+    checkpoints = run.run_dir / "checkpoints"
+    latest = checkpoints / (checkpoints / "latest").read_text().strip()
+    return {
+        "epochs": len(history), "reward_first": first["reward/mean"], "reward_last": last["reward/mean"],
+        "reward_best": max(r["reward/mean"] for r in history),
+        "images_per_s": sum(r["images"] for r in history) / sum(r["epoch_s"] for r in history),
+        "zero_spread_ratio": sum(r["zero_spread_ratio"] for r in history) / len(history),
+        "reward_restarts": run.pool.restarts, "prompts_rejected": run.prompts.rejected,
+        "prompts_without_target": run.prompts.missing_target, "placement": run.nodes,
+        "startup_s": run.startup_s, "checkpoint": str(latest), "model": str(latest / "model.safetensors"), "last": last,
+    }
+
+
+def run_grpo(cfg: GRPOConfig, run_dir: str | Path, checkpoint: str | None = None, log=print) -> dict:
+    """Run GRPO into ``run_dir`` (resuming from its latest checkpoint); returns the summary metrics."""
+    started_ray = ensure_ray(cfg)
+    run = None
+    try:
+        run = GRPORun(cfg, Path(run_dir), checkpoint, log)
+        return run.run()
+    finally:
+        if run is not None:
+            run.shutdown()
+        if started_ray:
+            ray.shutdown()

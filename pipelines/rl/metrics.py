@@ -1,0 +1,64 @@
+"""Epoch metrics of a GRPO run, the JSONL log, the console line and the rollout gallery."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def reward_metrics(scores: dict[int, dict], prefix: str = "reward") -> dict[str, float]:
+    """Mean/std of the total and of every component, and counts of the reasons each component gave."""
+    totals = np.concatenate([np.asarray(s["total"], dtype=np.float64) for s in scores.values()])
+    out = {f"{prefix}/mean": float(totals.mean()), f"{prefix}/std": float(totals.std())}
+    names = next(iter(scores.values()))["components"].keys()
+    for name in names:
+        values = np.concatenate([np.asarray(s["components"][name], dtype=np.float64) for s in scores.values()])
+        out[f"{prefix}/{name}/mean"] = float(values.mean())
+        out[f"{prefix}/{name}/std"] = float(values.std())
+        reasons = Counter(r for s in scores.values() for r in s["reasons"][name] if r)
+        out.update({f"{prefix}/{name}/reason/{code}": count for code, count in sorted(reasons.items())})
+    return out
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / "metrics.jsonl"
+
+    def history(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def truncate(self, epochs: int) -> None:
+        """Keep the rows of the first ``epochs`` epochs (a resumed run rewrites later ones)."""
+        rows = [r for r in self.history() if r["epoch"] < epochs]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def append(self, row: dict) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+def console_line(row: dict) -> str:
+    parts = [f"epoch {row['epoch']:>3}", f"reward {row['reward/mean']:.4f}±{row['reward/std']:.4f}",
+             f"zero-spread {row['zero_spread_ratio']:.2f}", f"ratio {row['ratio_mean']:.4f}±{row['ratio_std']:.1e}",
+             f"clip {row['clip_fraction']:.2f}", f"kl {row['kl']:.2e}", f"{row['images_per_s']:.1f} img/s",
+             f"rollout {row['rollout_s']:.1f}s reward {row['reward_s']:.1f}s learn {row['learn_s']:.1f}s",
+             f"util {row['reward_utilisation']:.2f}"]
+    if "eval/reward/mean" in row:
+        parts.append(f"eval {row['eval/reward/mean']:.4f}")
+    return " | ".join(parts)
+
+
+def write_gallery(folder: Path, images: list[np.ndarray], entries: list[dict]) -> None:
+    """PNG per rollout plus ``gallery.json`` with its prompt and rewards."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, (image, entry) in enumerate(zip(images, entries)):
+        name = f"{index:03d}.png"
+        Image.fromarray(image).save(folder / name)
+        entry["file"] = name
+    (folder / "gallery.json").write_text(json.dumps(entries, indent=2))
