@@ -169,6 +169,45 @@ def test_kill_and_resume_loses_and_duplicates_nothing(ray_local, tmp_path, synth
     assert stats["partitions_committed"] == 3 and stats["inputs_written"] == 6
 
 
+def _descendant_with(proc: subprocess.Popen, marker: str, deadline: float):
+    import psutil
+
+    while time.time() < deadline and proc.poll() is None:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if marker in " ".join(child.cmdline()):
+                    return child
+            except psutil.Error:
+                continue
+        time.sleep(0.1)
+    return None
+
+
+def test_killed_encoder_actor_is_restarted_and_nothing_is_lost(ray_local, tmp_path, synth):
+    out = tmp_path / "out"
+    config = tmp_path / "cfg.yaml"
+    config.write_text(json.dumps({**TINY, "partition_size": 2, "wave_size": 3}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.precompute", "--config", str(config), "--input",
+                             str(synth["parquet_t2i"]), "--output", str(out), "--no-progress"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        victim = _descendant_with(proc, "VAEEncoder", time.time() + 240)
+        assert victim is not None, "the VAE encoder actor never started"
+        victim.kill()
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr.decode()[-2000:]
+    stats = _check_invariant(out)
+    assert stats["partitions_committed"] == 3 and stats["inputs_written"] == 6
+    rerun = _run(synth["parquet_t2i"], out, partition_size=2, wave_size=3)
+    assert rerun.skipped == 3 and rerun.committed_now == 0
+    assert _check_invariant(out)["inputs_written"] == 6
+
+
 def test_bad_config_field_is_named(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("partition_size: 0\nlatent_dtype: fp8\n")

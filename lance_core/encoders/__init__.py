@@ -1,3 +1,4 @@
+from .clip import ClipScorer
 from .vae import (
     WanVAE,
     convert_wan_vae_state_dict,
@@ -8,6 +9,7 @@ from .vae import (
 from .vit import QwenViT
 
 __all__ = [
+    "ClipScorer",
     "QwenViT",
     "WanVAE",
     "convert_wan_vae_state_dict",

@@ -21,13 +21,25 @@ class FilterConfig(StrictModel):
     min_duration_seconds: float = Field(0.3, ge=0)
     dedup: bool = True
     """Drop exact duplicates (same content hash) within the run."""
-    clip_score_min: float | None = None
-    """Drop image-text pairs whose open_clip cosine score is below this (None: score not computed)."""
+    clip_score: bool = False
+    """Compute the open_clip image-text score and store it in the shard (implied by ``clip_score_min``)."""
+    clip_score_min: float | None = Field(None, ge=-1.0, le=1.0)
+    """Drop image-text pairs whose open_clip cosine score is below this (None: no threshold)."""
     clip_model: str = "tiny"
     """open_clip model name, or 'tiny' for a small random model (tests); weights from clip_weights."""
     clip_weights: str | None = None
+    """Local open_clip checkpoint file (required for any model but 'tiny'; nothing is downloaded)."""
+    text_area_max: float | None = Field(None, ge=0.0, le=1.0)
+    """Drop media whose detected text covers more than this fraction of the frame (PP-OCR detector)."""
+    score_actors: int = Field(1, ge=1)
+    """Actors of the scoring pool (CLIP score, text area); used only when a score is enabled."""
     motion_min: float | None = None
     """Drop videos whose mean frame difference is below this (None: not computed)."""
+
+    @property
+    def scoring(self) -> bool:
+        """Whether the scoring stage runs (CLIP score or text area)."""
+        return self.clip_score or self.clip_score_min is not None or self.text_area_max is not None
 
 
 class VideoConfig(StrictModel):

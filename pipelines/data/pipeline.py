@@ -15,6 +15,7 @@ from ray.data import ActorPoolStrategy
 from .config import PrecomputeConfig
 from .encode import VAEEncoder, ViTEncoder
 from .records import ROW_DEFAULTS, process_record, to_arrow
+from .scores import ScoreFilter
 from .sources import InputFile, list_inputs, plan_partitions, read_segment
 from .writer import committed_hashes, read_commits, read_json, write_json, write_partition
 
@@ -120,6 +121,10 @@ def run_precompute(cfg: PrecomputeConfig, progress: bool = True) -> PrecomputeRe
         # One block per partition from the read stage to the writer: encoders take whole blocks
         # (batch_size=None) and blocks are never split, so no shuffle is needed to regroup partitions.
         cpus = cfg.encoders.cpus_per_actor
+        if cfg.filters.scoring:
+            ds = ds.map_batches(ScoreFilter, fn_constructor_args=(cfg_json,), batch_size=None,
+                                batch_format="pandas", compute=ActorPoolStrategy(size=cfg.filters.score_actors),
+                                num_cpus=cpus, num_gpus=gpu or None)
         ds = ds.map_batches(VAEEncoder, fn_constructor_args=(cfg_json,), batch_size=None,
                             batch_format="pandas", compute=ActorPoolStrategy(size=cfg.encoders.vae_actors),
                             num_cpus=cpus, num_gpus=gpu or None)

@@ -24,6 +24,7 @@ ROW_DEFAULTS: dict = {
     "partition": -1, "record_index": -1, "source_uri": "", "status": "ok", "stage": "", "reason": "", "error": "",
     "task": "", "caption": "", "system": "", "question": "", "answer": "", "clip_index": 0,
     "content_sha256": "", "sample_id": "", "bucket": "", "motion": float("nan"),
+    "clip_score": float("nan"), "text_area": float("nan"),
     **{f"{slot}_{name}": default for slot in ("target", "source") for name, default in (
         ("pixels", b""), ("shape", []), ("vit_pixels", b""), ("vit_shape", []), ("width", 0), ("height", 0),
         ("frames", 0), ("fps", 0.0))},

@@ -14,7 +14,8 @@ def print_summary(result) -> None:
     rows = [("stage", "seconds", "dropped by reason")]
     dropped = {**{k: v for k, v in s["filtered_by_reason"].items()},
                **{k: v for k, v in s["quarantined_by_reason"].items()}}
-    for stage in ("read", "decode", "caption", "size", "duration", "motion", "dedup", "vae", "vit"):
+    for stage in ("read", "decode", "caption", "size", "duration", "motion", "score", "clip", "text", "dedup",
+                  "vae", "vit"):
         reasons = ", ".join(f"{k.split(':', 1)[1]}={v}" for k, v in dropped.items() if k.startswith(stage + ":"))
         rows.append((stage, f"{s['stage_seconds'].get(stage, 0.0):.2f}", reasons or "-"))
     width = [max(len(r[i]) for r in rows) for i in range(3)]

@@ -35,6 +35,11 @@ def _join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
 
 
+def _number(value) -> float | None:
+    """A float column value, None where it was not computed (NaN)."""
+    return None if value is None or value != value else float(value)
+
+
 def _shard_rows(ok: pd.DataFrame) -> dict[str, list]:
     columns: dict[str, list] = {f.name: [] for f in SHARD_SCHEMA}
     for row in ok.to_dict("records"):
@@ -42,8 +47,9 @@ def _shard_rows(ok: pd.DataFrame) -> dict[str, list]:
             "sample_id": row["sample_id"], "source_uri": row["source_uri"], "content_sha256": row["content_sha256"],
             "task": row["task"], "caption": row["caption"], "system": row["system"] or None,
             "question": row["question"] or None, "answer": row["answer"] or None, "clip_index": row["clip_index"],
-            "clip_score": None, "scores": json.dumps({"motion": None if row["motion"] != row["motion"]
-                                                      else round(float(row["motion"]), 5)}),
+            "clip_score": _number(row.get("clip_score")),
+            "scores": json.dumps({name: None if _number(row.get(name)) is None else round(float(row[name]), 5)
+                                  for name in ("motion", "text_area")}),
         }
         for slot in ("target", "source"):
             has = bool(len(row.get(f"{slot}_vae") or b""))
@@ -92,12 +98,18 @@ def write_partition(group: pd.DataFrame, cfg_json: str, output: str, dedup_index
 
         keys = [f"{partition}:{i}" for i in ok["record_index"]]
         duplicate_of_other = set(ray.get(dedup_index.claim.remote(list(ok["content_sha256"]), keys)))
-    filtered = Counter(f"{s}:{r}" for s, r in zip(group.loc[group.status == "filtered", "stage"],
-                                                   group.loc[group.status == "filtered", "reason"]))
     dup_records = set(ok.loc[ok["content_sha256"].isin(duplicate_of_other), "record_index"])
-    filtered["dedup:exact_duplicate"] += len(dup_records)
     ok = ok[~ok["record_index"].isin(dup_records)]
-    quarantined = group[group["status"] == "quarantined"]
+    # Each input record has one outcome: written if any of its rows (clips) is written, else quarantined
+    # if any row was, else filtered (reasons counted once per record).
+    written_records = set(ok["record_index"])
+    quarantined = group[(group["status"] == "quarantined") & ~group["record_index"].isin(written_records)]
+    quarantined_records = set(quarantined["record_index"])
+    filtered_rows = group[(group["status"] == "filtered") & ~group["record_index"].isin(written_records
+                                                                                      | quarantined_records)]
+    filtered_rows = filtered_rows.drop_duplicates("record_index")
+    filtered = Counter(f"{s}:{r}" for s, r in zip(filtered_rows["stage"], filtered_rows["reason"]))
+    filtered["dedup:exact_duplicate"] += len(dup_records - quarantined_records)
     inputs = group["record_index"].nunique()
 
     q_table = pa.table({"source_uri": list(quarantined["source_uri"]),
@@ -115,10 +127,11 @@ def write_partition(group: pd.DataFrame, cfg_json: str, output: str, dedup_index
         "sha256": checksum, "inputs": int(inputs), "inputs_written": int(ok["record_index"].nunique()),
         "filtered": dict(filtered), "quarantined": dict(Counter(f"{s}:{r}" for s, r in
                                                                 zip(quarantined["stage"], quarantined["reason"]))),
-        "filtered_inputs": int(group.loc[group.status == "filtered", "record_index"].nunique()) + len(dup_records),
-        "quarantined_inputs": int(quarantined["record_index"].nunique()),
+        "filtered_inputs": int(sum(filtered.values())),
+        "quarantined_inputs": len(quarantined_records),
         "seconds": {stage: float(group[col].sum()) for stage, col in
-                    (("decode", "decode_seconds"), ("vae", "vae_seconds"), ("vit", "vit_seconds")) if col in group},
+                    (("decode", "decode_seconds"), ("score", "score_seconds"), ("vae", "vae_seconds"),
+                     ("vit", "vit_seconds")) if col in group},
         "committed_at": time.time(),
     }
     with_retries(f"writing {output}", cfg.storage, lambda: fs.pipe_file(
