@@ -1,4 +1,5 @@
-"""``lance demo``: the main job on the embedded default (tiny presets, generated media, this machine).
+"""``lance demo``: the main job on the embedded default: ``lance synth`` -> ``lance precompute`` (local Ray,
+tiny encoders) -> ``lance train`` (2 DeepSpeed ZeRO-2 workers, tiny model) -> a report in the run folder.
 
     lance demo [--config jobs/configs/demo.yaml] [--output runs/demo] [--steps N]
 """
@@ -11,9 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from lance_core.config import ConfigError
 from jobs.config_io import read_yaml
-from pipelines.demo import load_demo_config, run_demo
+from lance_core.config import ConfigError
+from pipelines.demo import demo_configs, load_demo_config, run_demo
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,22 +24,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", help="run folder (default: runs/demo-<time>)")
     parser.add_argument("--steps", type=int, help="training steps (overrides the config)")
     args = parser.parse_args(argv)
+    run_dir = Path(args.output or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
         data = read_yaml(args.config)
         if args.steps is not None:
             data["steps"] = args.steps
         cfg = load_demo_config(data)
+        demo_configs(cfg, run_dir)
     except ConfigError as err:
         print(f"lance demo: {err}", file=sys.stderr)
         return 2
-    run_dir = Path(args.output or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     metrics = run_demo(cfg, run_dir)
-    first, last = metrics["first_loss"], metrics["last_loss"]
-    print(f"trained {metrics['steps']} steps on {metrics['samples']} packed samples "
-          f"({metrics['packed_tokens']} tokens, tasks: {', '.join(metrics['tasks'])})")
-    print(f"loss  ce {first['ce']:.3f} -> {last['ce']:.3f}   mse {first['mse']:.3f} -> {last['mse']:.3f}")
-    print(f"generated caption: {metrics['caption_generated']!r}")
-    print(json.dumps({k: metrics[k] for k in ('image_latent_shape', 'video_latent_shape')}))
+    first, last, speed = metrics["first_loss"], metrics["last_loss"], metrics["throughput"]
+    print(f"precompute: {metrics['samples_written']} samples of tasks {', '.join(metrics['tasks'])} "
+          f"in {metrics['precompute_seconds']:.0f} s")
+    print(f"train: {metrics['steps']} steps on {metrics['workers']} workers (ZeRO-{metrics['zero_stage']}): "
+          f"loss {first['loss']:.3f} -> {last['loss']:.3f} (ce {first['ce']:.3f} -> {last['ce']:.3f}, "
+          f"mse {first['mse']:.3f} -> {last['mse']:.3f}) in {metrics['train_seconds']:.0f} s")
+    print(f"throughput: {speed['tokens_per_s']:.0f} tokens/s, {speed['samples_per_s']:.1f} samples/s, "
+          f"pack fill {speed['pack_fill']:.3f}, data wait {100 * speed['data_wait_share']:.1f} % of a step")
+    print(f"generated caption: {metrics['eval'].get('caption_generated')!r}")
+    print(json.dumps({k: metrics["eval"].get(k) for k in ("image_latent_shape", "video_latent_shape")}))
     print(f"report: {run_dir.resolve()}")
     return 0
 

@@ -1,227 +1,127 @@
-"""The embedded demo: the whole model path at tiny size on generated media, in one process.
+"""The embedded demo: the whole system at tiny size on this machine.
 
-Render images and short videos of coloured shapes with captions -> encode them with the tiny Wan VAE and
-Qwen ViT -> build interleaved samples of every task -> pack -> train the tiny dual-stream model -> sample
-an image and a video latent with the KV-cached Euler sampler and decode them through the VAE -> decode a
-caption -> write a report (loss curve PNG, samples, metrics JSON) into a run folder.
+``lance synth`` datasets (images with rendered text, moving-shape videos, edit pairs, QA rows) ->
+``lance precompute`` on a local Ray (tiny Wan VAE and Qwen ViT, latent shards) -> ``lance train`` (Ray
+Train, 2 DeepSpeed ZeRO-2 workers on CPU, a few dozen steps of the multi-task mixture) -> a report in
+the run folder: loss curves, a generated image and video strip decoded through the VAE, a generated
+caption, the metrics and the throughput summary.
 """
 
 from __future__ import annotations
 
 import json
-import random
+import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
-import numpy as np
-import torch
-from PIL import Image, ImageDraw
 from pydantic import Field
 
-from lance_core.config import ModelConfig, StrictModel, load_config, model_preset
-from lance_core.encoders import QwenViT, WanVAE
-from lance_core.flow import LossConfig, compute_losses
-from lance_core.model import build_model
-from lance_core.packing import (
-    TASKS,
-    Sample,
-    VisualInput,
-    build_generation_sample,
-    build_understanding_sample,
-    pack_samples,
-)
-from lance_core.sampling import SamplingConfig, generate_latents, generate_text
-from lance_core.tokenizer import ByteTokenizer
+from lance_core.config import StrictModel, load_config
+from pipelines.data.config import PrecomputeConfig
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
-SHAPES = ("circle", "square")
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_BASE = ROOT / "jobs" / "configs" / "train_tiny.yaml"
+
+DEMO_PRECOMPUTE = dict(partition_size=8, wave_size=8, latent_dtype="bf16",
+                       buckets=dict(image_area=64 * 64, video_area=64 * 96, vit_area=56 * 56),
+                       video=dict(fps=12, max_seconds=1.0), filters=dict(dedup=False))
 
 
 class DemoConfig(StrictModel):
-    model_preset: str = "tiny"
-    steps: int = Field(40, gt=0)
-    learning_rate: float = Field(2e-3, gt=0)
-    samples_per_task: int = Field(2, gt=0)
-    image_size: int = Field(64, gt=0)
-    """Side in pixels of generated images (multiple of 16 for the VAE)."""
-    vit_image_size: int = Field(56, gt=0)
-    """Side in pixels of ViT inputs (multiple of 28)."""
-    video_frames: int = Field(5, gt=0)
-    """Frames per generated video (4k + 1)."""
-    sampling_steps: int = Field(10, gt=0)
+    synth_count: int = Field(8, gt=0)
+    """Records per image dataset made by ``lance synth`` (video datasets get a quarter)."""
     seed: int = 0
-    loss: LossConfig = LossConfig()
+    steps: int = Field(24, gt=0)
+    workers: int = Field(2, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precompute: dict[str, Any] = DEMO_PRECOMPUTE
+    """Fields of the precompute config (input and output are set by the demo)."""
+    train: dict[str, Any] = {}
+    """Fields of the training config laid over jobs/configs/train_tiny.yaml."""
 
 
-@dataclass
-class Media:
-    caption: str
-    frames: torch.Tensor
-    """(T, 3, H, W) in [0, 1]."""
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
-def render_shape(colour: str, shape: str, size: int, offset: float = 0.0) -> np.ndarray:
-    image = Image.new("RGB", (size, size), (245, 245, 240))
-    draw = ImageDraw.Draw(image)
-    radius = size // 4
-    cx = int(size / 2 + offset * size / 4)
-    cy = size // 2
-    box = (cx - radius, cy - radius, cx + radius, cy + radius)
-    (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLOURS[colour])
-    return np.asarray(image)
+def demo_configs(cfg: DemoConfig, run_dir: Path):
+    """The precompute and training configs of a demo run (validated, errors named ``demo.…``)."""
+    import yaml
 
+    from pipelines.train.config import TrainConfig
 
-def make_media(rng: random.Random, size: int, frames: int) -> Media:
-    colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-    moving = frames > 1
-    arrays = [render_shape(colour, shape, size, (k / max(frames - 1, 1)) * 2 - 1 if moving else 0.0)
-              for k in range(frames)]
-    tensor = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
-    caption = f"a {colour} {shape}" + (" moving right" if moving else "")
-    return Media(caption, tensor)
-
-
-class Encoders:
-    def __init__(self, cfg: ModelConfig) -> None:
-        self.vae = WanVAE.from_config(cfg.vae).eval()
-        self.vit = QwenViT.from_config(cfg.vit).eval()
-
-    @torch.no_grad()
-    def latents(self, frames: torch.Tensor) -> torch.Tensor:
-        """(T, 3, H, W) in [0, 1] -> (T', H', W', C)."""
-        pixels = frames.permute(1, 0, 2, 3)[None] * 2 - 1
-        return self.vae.encode(pixels)[0].permute(1, 2, 3, 0).contiguous()
-
-    @torch.no_grad()
-    def vit_input(self, frames: torch.Tensor, side: int) -> VisualInput:
-        resized = torch.nn.functional.interpolate(frames, size=(side, side), mode="bilinear", align_corners=False)
-        features, grid = self.vit.encode(resized)
-        return VisualInput(vit_features=features, vit_grid=tuple(grid), is_video=frames.shape[0] > 1)
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """(T', H', W', C) -> (T, 3, H, W) in [0, 1]."""
-        pixels = self.vae.decode(latents.permute(3, 0, 1, 2)[None])[0]
-        return ((pixels.clamp(-1, 1) + 1) / 2).permute(1, 0, 2, 3)
-
-
-def build_demo_samples(cfg: DemoConfig, encoders: Encoders, tokenizer: ByteTokenizer) -> list[Sample]:
-    rng = random.Random(cfg.seed)
-    samples: list[Sample] = []
-    for _ in range(cfg.samples_per_task):
-        for task in TASKS:
-            video = task in ("t2v", "i2v", "v2v", "v2t")
-            media = make_media(rng, cfg.image_size, cfg.video_frames if video else 1)
-            target = encoders.latents(media.frames)
-            if task in ("t2i", "t2v", "i2v"):
-                samples.append(build_generation_sample(tokenizer, task, media.caption, target,
-                                                       first_frame_clean=task == "i2v"))
-            elif task in ("i2i", "v2v", "subject"):
-                other = make_media(rng, cfg.image_size, media.frames.shape[0])
-                condition = encoders.vit_input(other.frames, cfg.vit_image_size)
-                condition.latents = encoders.latents(other.frames)
-                if task == "subject":
-                    samples.append(build_generation_sample(tokenizer, task, media.caption, target,
-                                                           references=[condition]))
-                else:
-                    samples.append(build_generation_sample(tokenizer, task, f"turn it into {media.caption}", target,
-                                                           source=condition))
-            else:
-                vit = encoders.vit_input(media.frames, cfg.vit_image_size)
-                samples.append(build_understanding_sample(tokenizer, task, vit, "What is shown?", media.caption))
-    return samples
-
-
-def _save_frames(frames: torch.Tensor, path: Path) -> None:
-    strip = torch.cat(list(frames), dim=2)  # frames side by side
-    Image.fromarray((strip.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
-
-
-def _plot_losses(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    steps = [h["step"] for h in history]
-    for key in ("ce", "mse", "total"):
-        ax.plot(steps, [h[key] for h in history], label=key)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    latents = run_dir / "latents"
+    precompute = load_config(PrecomputeConfig, {**cfg.precompute, "input": str(run_dir / "synth" / "parquet"),
+                                                "output": str(latents)}, prefix="demo.precompute")
+    base = yaml.safe_load(TRAIN_BASE.read_text())
+    fixed = {"name": "train", "output": str(run_dir), "steps": cfg.steps, "seed": cfg.seed,
+             "data": {"uris": [str(latents)]}, "scaling": {"workers": cfg.workers},
+             "deepspeed": {"zero_stage": cfg.zero_stage},
+             "mixture": {"progressive": {"end_step": cfg.steps}}}
+    train = load_config(TrainConfig, _merge(_merge(base, fixed), cfg.train), prefix="demo.train")
+    return precompute, train
 
 
 def run_demo(cfg: DemoConfig, run_dir: Path) -> dict:
-    """Run the embedded demo into ``run_dir``; returns the metrics written to ``metrics.json``."""
+    """Run the demo into ``run_dir``; returns the metrics written to ``metrics.json``."""
+    from pipelines.data.pipeline import run_precompute
+    from pipelines.data.synth import synth_all
+    from pipelines.train.report import plot_losses, throughput_summary
+    from pipelines.train.trainer import ensure_ray, run_training
+
+    run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    model_cfg = model_preset(cfg.model_preset)
-    (run_dir / "config.json").write_text(json.dumps(
-        {"demo": cfg.model_dump(mode="json"), "model": model_cfg.model_dump(mode="json")}, indent=2))
-    tokenizer = ByteTokenizer()
-    encoders = Encoders(model_cfg)
+    precompute_cfg, train_cfg = demo_configs(cfg, run_dir)
+    (run_dir / "config.json").write_text(json.dumps({
+        "demo": cfg.model_dump(mode="json"), "precompute": precompute_cfg.model_dump(mode="json"),
+        "train": train_cfg.model_dump(mode="json")}, indent=2))
+    timings = {}
     started = time.perf_counter()
-    samples = build_demo_samples(cfg, encoders, tokenizer)
-    batch = pack_samples(samples, mape=model_cfg.mape, temporal_step=model_cfg.tokens_per_second)
-    encode_seconds = time.perf_counter() - started
-
-    model = build_model(model_cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.95), eps=1e-15,
-                                  weight_decay=0.0)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    history = []
+    synth_all(run_dir / "synth", cfg.synth_count, cfg.seed)
+    timings["synth_seconds"] = time.perf_counter() - started
+    ensure_ray()
     started = time.perf_counter()
-    for step in range(1, cfg.steps + 1):
-        out = compute_losses(model, batch, cfg.loss, generator)
-        optimizer.zero_grad(set_to_none=True)
-        out.total.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
-        optimizer.step()
-        history.append({"step": step, "total": out.total.item(), "ce": out.ce.item(), "mse": out.mse.item(),
-                        "grad_norm": grad_norm, **out.per_task})
-    train_seconds = time.perf_counter() - started
-    _plot_losses(history, run_dir / "loss_curve.png")
+    data = run_precompute(precompute_cfg, progress=False)
+    timings["precompute_seconds"] = time.perf_counter() - started
+    started = time.perf_counter()
+    result = run_training(train_cfg)
+    timings["train_seconds"] = time.perf_counter() - started
 
-    model.eval()
-    sampling = SamplingConfig(steps=cfg.sampling_steps)
-    side = cfg.image_size // model_cfg.vae.spatial_ratio
-    frames = (cfg.video_frames - 1) // model_cfg.vae.temporal_ratio + 1
-    gen = torch.Generator().manual_seed(cfg.seed)
-    image_latents = generate_latents(model, tokenizer, "t2i", "a red circle", (1, side, side), sampling, generator=gen)
-    video_latents = generate_latents(model, tokenizer, "t2v", "a blue square moving right", (frames, side, side),
-                                     sampling, generator=gen)
-    _save_frames(encoders.decode(image_latents), run_dir / "sample_image.png")
-    _save_frames(encoders.decode(video_latents), run_dir / "sample_video_frames.png")
-    probe = make_media(random.Random(cfg.seed + 1), cfg.image_size, 1)
-    prompt = build_understanding_sample(tokenizer, "i2t", encoders.vit_input(probe.frames, cfg.vit_image_size),
-                                        "What is shown?", None)
-    caption = tokenizer.decode(generate_text(model, tokenizer, prompt, max_new_tokens=32))
-
+    rows = result.metrics
+    plot_losses(rows, run_dir / "loss_curve.png")
+    with open(run_dir / "loss_history.jsonl", "w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    last_eval = next((r["eval"] for r in reversed(rows) if "eval" in r), {})
+    samples = result.run_dir / "samples"
+    step = last_eval.get("step", cfg.steps)
+    shutil.copyfile(samples / f"step{step:07d}_image.png", run_dir / "sample_image.png")
+    shutil.copyfile(samples / f"step{step:07d}_video_frames.png", run_dir / "sample_video_frames.png")
+    summary = throughput_summary(rows)
     metrics = {
-        "steps": cfg.steps,
-        "packed_tokens": len(batch),
-        "samples": batch.num_samples,
-        "tasks": sorted(set(batch.sample_tasks)),
-        "first_loss": history[0],
-        "last_loss": history[-1],
-        "encode_seconds": round(encode_seconds, 3),
-        "train_seconds": round(train_seconds, 3),
-        "train_tokens_per_second": round(len(batch) * cfg.steps / train_seconds, 1),
-        "image_latent_shape": list(image_latents.shape),
-        "video_latent_shape": list(video_latents.shape),
-        "caption_prompt_truth": probe.caption,
-        "caption_generated": caption,
+        "steps": summary["steps"],
+        "workers": cfg.workers,
+        "zero_stage": cfg.zero_stage,
+        "tasks": sorted(result.plan.task_rows),
+        "rows_per_task": result.plan.task_rows,
+        "samples_written": data.stats.get("samples_written"),
+        "first_loss": summary["first_loss"],
+        "last_loss": summary["last_loss"],
+        "throughput": {k: summary[k] for k in ("tokens_per_s", "samples_per_s", "step_time_s", "data_wait_share",
+                                              "pack_fill", "tflops", "mfu", "peak_source")},
+        "skipped_samples": summary["skipped_samples"],
+        "skipped_steps": summary["skipped_steps"],
+        "final_mixture": rows[-1]["mixture"] if rows else {},
+        "eval": last_eval,
+        "export": str(result.export) if result.export else None,
+        "train_run": str(result.run_dir),
+        **{k: round(v, 2) for k, v in timings.items()},
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    with open(run_dir / "loss_history.jsonl", "w") as fh:
-        for row in history:
-            fh.write(json.dumps(row) + "\n")
     return metrics
 
 

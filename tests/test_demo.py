@@ -9,25 +9,33 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_lance_demo_writes_a_report(tmp_path):
+def test_lance_demo_runs_synth_precompute_train_and_writes_a_report(tmp_path):
     out = subprocess.run([sys.executable, "-m", "jobs.cli", "demo", "--steps", "12", "--output", str(tmp_path)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+                         cwd=ROOT, capture_output=True, text=True, timeout=900,
+                         env={**__import__("os").environ, "DS_ACCELERATOR": "cpu"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"report: {tmp_path}" in out.stdout
     for name in ("loss_curve.png", "sample_image.png", "sample_video_frames.png", "metrics.json",
-                 "loss_history.jsonl", "config.json"):
+                 "loss_history.jsonl", "config.json", "latents/manifest.json", "train/metrics.jsonl",
+                 "train/model.safetensors"):
         assert (tmp_path / name).stat().st_size > 0, name
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["tasks"] == sorted(["t2i", "t2v", "i2v", "i2i", "v2v", "i2t", "v2t", "subject"])
-    assert metrics["last_loss"]["total"] < metrics["first_loss"]["total"]
-    assert metrics["image_latent_shape"] == [1, 4, 4, 48] and metrics["video_latent_shape"] == [2, 4, 4, 48]
+    assert metrics["tasks"] == sorted(["t2i", "t2v", "i2i", "v2v", "i2t", "v2t"])
+    assert metrics["workers"] == 2 and metrics["zero_stage"] == 2 and metrics["steps"] == 12
+    assert metrics["last_loss"]["loss"] < metrics["first_loss"]["loss"]
+    assert metrics["eval"]["image_latent_shape"][-1] == 48 and metrics["eval"]["video_latent_shape"][0] > 1
+    assert metrics["throughput"]["pack_fill"] > 0.8 and metrics["throughput"]["tokens_per_s"] > 0
     assert len((tmp_path / "loss_history.jsonl").read_text().splitlines()) == 12
 
 
 def test_demo_rejects_a_bad_config_field(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("steps: -3\nmodel_preset: tiny\n")
+    bad.write_text("steps: -3\ntrain:\n  optim:\n    lr: -1\n")
     out = subprocess.run([sys.executable, "-m", "jobs.cli", "demo", "--config", str(bad)], cwd=ROOT,
                          capture_output=True, text=True)
     assert out.returncode == 2
     assert "demo.steps" in out.stderr
+    bad.write_text("train:\n  optim:\n    lr: -1\n")
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "demo", "--config", str(bad)], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "demo.train.optim.lr" in out.stderr

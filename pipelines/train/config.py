@@ -171,6 +171,9 @@ class EvalSection(StrictModel):
     max_caption_tokens: int = Field(32, gt=0)
     samples: bool = True
     """Generate an image, a video strip and a caption into ``<run>/samples``."""
+    heldout_every: int = Field(0, ge=0)
+    """Compute the held-out loss every N steps (0: only when the capability rule needs it); reported to
+    Ray Train / Tune as ``heldout_total`` = mean generation MSE + 0.25 · mean understanding CE."""
 
 
 class MetricsSection(StrictModel):

@@ -98,7 +98,8 @@ class SampleWriter:
         image = generate_latents(model, self.tok, "t2i", image_caption, image_grid, sampling, generator=generator)
         video_caption, video_grid = self._prompt("t2v", (2, 4, 4))
         video = generate_latents(model, self.tok, "t2v", video_caption, video_grid, sampling, generator=generator)
-        result.update(image_prompt=image_caption, video_prompt=video_caption)
+        result.update(image_prompt=image_caption, video_prompt=video_caption, image_latent_shape=list(image.shape),
+                      video_latent_shape=list(video.shape))
         understanding = next((t for t in ("i2t", "v2t") if self.held.rows.get(t)), None)
         if understanding is not None:
             row = self.held.rows[understanding][0]

@@ -21,7 +21,7 @@ from lance_core.checkpoint import load_lance_checkpoint, load_qwen25vl_weights
 from lance_core.flops import count_parameters
 from lance_core.flow import compute_losses
 from lance_core.model import build_model
-from lance_core.packing import TASKS
+from lance_core.packing import GENERATION_TASKS, TASKS
 from lance_core.tokenizer import load_tokenizer
 
 from . import checkpoints as ckpt
@@ -74,6 +74,16 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def heldout_score(heldout: dict[str, float]) -> float | None:
+    """One number for comparing runs whatever their loss weights: mean generation MSE + 0.25 · mean
+    understanding CE over the held-out rows (the released loss weights)."""
+    gen = [v for t, v in heldout.items() if t in GENERATION_TASKS]
+    und = [v for t, v in heldout.items() if t not in GENERATION_TASKS]
+    if not gen and not und:
+        return None
+    return (sum(gen) / len(gen) if gen else 0.0) + 0.25 * (sum(und) / len(und) if und else 0.0)
+
+
 def train_func(config: dict) -> None:
     import deepspeed
     import ray.train
@@ -101,7 +111,7 @@ def train_func(config: dict) -> None:
 
     tokenizer = load_tokenizer(cfg.model.tokenizer)
     schedule = MixtureSchedule(cfg.mixture, list(plan.task_rows))
-    need_generation = any(t in schedule.tasks for t in ("t2i", "t2v", "i2v", "i2i", "v2v", "subject"))
+    need_generation = any(t in schedule.tasks for t in GENERATION_TASKS)
     loader = PackLoader(plan, cfg.data, model_cfg, tokenizer, rank, world, cfg.seed, need_generation)
     noise = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     held = HeldOut(plan, cfg.data, model_cfg, tokenizer)
@@ -136,6 +146,7 @@ def train_func(config: dict) -> None:
     counts = count_parameters(build_model(model_cfg, device="meta"))
     peak, peak_source = peak_tflops(cfg.metrics.peak_tflops_per_worker, device) if rank == 0 else (0.0, "")
     report_losses: list[float] = []
+    heldout_total = None
 
     def count_reducer(local: torch.Tensor) -> torch.Tensor:
         total = local.detach().clone()
@@ -202,11 +213,15 @@ def train_func(config: dict) -> None:
                     row[f"{kind}/{task}"] = float(per_task[sum_row, index] / per_task[sum_row + 1, index])
 
         capability = cfg.mixture.capability
-        if capability.enabled and step % capability.every_steps == 0:
+        adapt = capability.enabled and step % capability.every_steps == 0
+        if adapt or (cfg.eval.heldout_every and step % cfg.eval.heldout_every == 0):
             heldout = held.losses(module, model_cfg, cfg.loss, device, cfg.seed)
-            schedule.update_capability(heldout)
             row.update({f"heldout/{t}": v for t, v in heldout.items()})
-            row["capability"] = dict(schedule.capability)
+            heldout_total = heldout_score(heldout)
+            row["heldout_total"] = heldout_total
+            if adapt:
+                schedule.update_capability(heldout)
+                row["capability"] = dict(schedule.capability)
         if next_ticket <= cfg.steps:
             pending.append((next_ticket, schedule.weights(next_ticket)))
             loader.submit(pending[-1][1])
@@ -224,6 +239,8 @@ def train_func(config: dict) -> None:
 
         metrics = {"step": step, "loss": row["loss"], "loss_avg": sum(report_losses) / max(len(report_losses), 1),
                    "tokens_per_s": row["tokens_per_s"], "skipped_steps": skipped_steps}
+        if heldout_total is not None:
+            metrics["heldout_total"] = heldout_total
         if last or step % cfg.checkpoint.every_steps == 0:
             folder = ckpt.new_local_folder(f"lance-ckpt-{rank}-")
             train_state = {"step": step, "world_size": world, "skipped_steps": skipped_steps,

@@ -1,0 +1,192 @@
+"""Training step of Ray Train + DeepSpeed against a plain single-process PyTorch loop, on the same model
+and the same packed batches.
+
+    python bench/train_step.py [--quick] [--out FILE]
+
+Data: latent shards of five tasks (t2i, t2v, i2i, i2t, v2t) with random latents and ViT features of the
+model's sizes, written in the shard schema; every run streams them through the same loader and packer
+(rank 0 of 1 sees the same packs in both loops). Model: the ``mid`` config of bench/model_step.py
+(hidden 512, 4 layers), fp32 on CPU, one thread per worker in both loops.
+
+Rows: the plain loop (AdamW, clip 1.0, packs built before timing), Ray Train + DeepSpeed ZeRO-2 with 1
+worker and with 2 workers (packs built by the loader thread during training). Step time is the median
+over the steps after the warm-up, from the per-step metrics of the run; ``vs plain`` is its ratio to the
+plain loop (goal <= 1.10); ``vs 1 worker`` the throughput ratio of 2 workers to 1 (ideal 2.0 with a core
+per worker); ``fill`` the real-token share of the budget (goal >= 0.95); ``data wait`` the share of the
+step spent waiting for the next pack (goal <= 5 %).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from bench.common import load_average, print_table, write_json
+from lance_core.config import model_preset
+from lance_core.flow import LossConfig, compute_losses
+from lance_core.model import build_model
+from lance_core.shards import SHARD_SCHEMA, tensor_to_bytes
+from lance_core.tokenizer import ByteTokenizer
+
+MID = {"hidden_size": 512, "num_layers": 4, "num_heads": 8, "num_kv_heads": 2, "head_dim": 64,
+       "intermediate_size": 1408, "mrope_section": (8, 12, 12), "vit": {"out_hidden_size": 512}}
+TASK_SHAPES = {"t2i": (1, 8, 8), "t2v": (3, 6, 8), "i2i": (1, 8, 8), "i2t": None, "v2t": None}
+WORDS = ("red", "blue", "sign", "square", "moving", "right", "small", "large", "cat", "tree")
+
+
+def _latent_slot(row: dict, slot: str, shape, gen: torch.Generator) -> None:
+    row[f"{slot}_vae"] = tensor_to_bytes(torch.randn(*shape, 48, generator=gen), "bfloat16")
+    row[f"{slot}_vae_shape"] = [*shape, 48]
+    row[f"{slot}_vae_dtype"] = "bfloat16"
+
+
+def _vit_slot(row: dict, slot: str, grid, dim: int, gen: torch.Generator) -> None:
+    n = grid[0] * grid[1] * grid[2]
+    row[f"{slot}_vit"] = tensor_to_bytes(torch.randn(n, dim, generator=gen) * 0.5, "bfloat16")
+    row[f"{slot}_vit_shape"], row[f"{slot}_vit_grid"] = [n, dim], list(grid)
+
+
+def write_shards(root: Path, rows_per_task: int, hidden: int, seed: int = 0) -> Path:
+    """Shards (one per task) with random latents in the latent shard schema, and their manifest."""
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    (root / "shards").mkdir(parents=True, exist_ok=True)
+    entries = []
+    for index, (task, shape) in enumerate(TASK_SHAPES.items()):
+        rows = []
+        for k in range(rows_per_task):
+            caption = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12)))
+            row = {"sample_id": f"{task}-{k}", "source_uri": f"bench://{task}/{k}", "content_sha256": "",
+                   "task": task, "caption": caption}
+            if shape is not None:
+                _latent_slot(row, "target", shape, gen)
+            if task == "i2i":
+                _latent_slot(row, "source", shape, gen)
+                _vit_slot(row, "source", (1, 2, 2), hidden, gen)
+            if task in ("i2t", "v2t"):
+                _vit_slot(row, "target", (1, 3, 3) if task == "i2t" else (2, 3, 3), hidden, gen)
+                row.update(question="What is shown?", answer=caption)
+            rows.append(row)
+        name = f"shards/part-{index:05d}.parquet"
+        pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), root / name, row_group_size=16)
+        entries.append({"partition": index, "shard": name, "rows": len(rows)})
+    (root / "manifest.json").write_text(json.dumps({"schema": "lance-latent-shards/1", "shards": entries}))
+    return root
+
+
+def train_config(data_root: Path, output: Path, name: str, workers: int, steps: int, budget: int):
+    from pipelines.train.config import load_train_config
+
+    return load_train_config({
+        "name": name, "output": str(output), "steps": steps, "seed": 0,
+        "model": {"preset": "tiny", "overrides": MID},
+        "data": {"uris": [str(data_root)], "token_budget": budget, "holdout_per_task": 0,
+                 "caption_dropout": 0.0, "condition_dropout": 0.0},
+        "mixture": {"weights": {t: 1.0 for t in TASK_SHAPES}},
+        "optim": {"lr": 1e-3, "warmup_steps": 2},
+        "deepspeed": {"zero_stage": 2},
+        "scaling": {"workers": workers, "cpus_per_worker": 1, "threads_per_worker": 1},
+        "checkpoint": {"every_steps": steps, "keep_last": 1, "export_safetensors": False},
+        "eval": {"samples": False},
+        "metrics": {"report_every": steps, "expert_grad_check": False},
+    })
+
+
+def plain_loop(cfg, warmup: int, steps: int) -> dict:
+    """The same packs (the loader of rank 0 of 1), the same optimizer, schedule and clipping, no Ray, no
+    DeepSpeed, no cross-rank reductions."""
+    from pipelines.train.data import PackLoader
+    from pipelines.train.loop import build_initial_model
+    from pipelines.train.mixture import MixtureSchedule
+    from pipelines.train.plan import make_plan
+
+    torch.set_num_threads(1)
+    plan = make_plan(cfg.data, cfg.mixture.weights)
+    model_cfg, model = build_initial_model(cfg)
+    schedule = MixtureSchedule(cfg.mixture, list(plan.task_rows))
+    loader = PackLoader(plan, cfg.data, model_cfg, ByteTokenizer(), 0, 1, cfg.seed, True)
+    packs = [loader.build_pack(schedule.weights(k + 1)) for k in range(warmup + steps)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                                  weight_decay=cfg.optim.weight_decay)
+    warm = max(2, cfg.optim.warmup_steps)
+    lr_at = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, k / warm))
+    noise = torch.Generator().manual_seed(0)
+    times = []
+    for pack in packs:
+        began = time.perf_counter()
+        out = compute_losses(model, pack.batch, LossConfig(), noise, run_all_heads=True)
+        optimizer.zero_grad(set_to_none=True)
+        out.total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        lr_at.step()
+        times.append(time.perf_counter() - began)
+    steady = times[warmup:]
+    tokens = statistics.median(p.batch.num_real_tokens for p in packs[warmup:])
+    fill = statistics.mean(p.batch.num_real_tokens / cfg.data.token_budget for p in packs)
+    step = statistics.median(steady)
+    return {"loop": "plain PyTorch", "workers": 1, "step_ms": step * 1e3, "tokens_per_s": tokens / step,
+            "fill": fill, "data_wait": None}
+
+
+def ray_loop(cfg, warmup: int) -> dict:
+    from pipelines.train.trainer import run_training
+
+    result = run_training(cfg)
+    rows = result.metrics[warmup:]
+    step = statistics.median(r["step_time_s"] for r in rows)
+    return {"loop": "Ray Train + DeepSpeed ZeRO-2", "workers": cfg.scaling.workers, "step_ms": step * 1e3,
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows),
+            "fill": statistics.mean(r["pack_fill"] for r in result.metrics),
+            "data_wait": statistics.median(r["data_wait_share"] for r in rows),
+            "mfu": statistics.median(r["mfu"] for r in rows)}
+
+
+COLUMNS = [("loop", "loop", "s"), ("workers", "workers", "d"), ("step_ms", "step ms", ".1f"),
+           ("vs_plain", "vs plain", ".3f"), ("tokens_per_s", "tokens/s", ".0f"), ("vs_one", "vs 1 worker", ".2f"),
+           ("fill", "fill", ".3f"), ("data_wait", "data wait", ".3%"), ("mfu", "MFU", ".3f")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="few steps (smoke test)")
+    parser.add_argument("--out", help="JSON path (default bench/results/train_step.json)")
+    parser.add_argument("--budget", type=int, default=2048, help="token budget per rank per step")
+    args = parser.parse_args()
+    warmup, steps = (2, 4) if args.quick else (4, 16)
+    load_start = load_average()
+    with tempfile.TemporaryDirectory(prefix="lance-bench-") as tmp:
+        tmp = Path(tmp)
+        data_root = write_shards(tmp / "latents", rows_per_task=48, hidden=MID["hidden_size"])
+        one = train_config(data_root, tmp / "runs", "one", 1, warmup + steps, args.budget)
+        plain = plain_loop(one, warmup, steps)
+        print(f"plain loop: {plain['step_ms']:.1f} ms/step", flush=True)
+        ray_one = ray_loop(one, warmup)
+        print(f"Ray Train + DeepSpeed, 1 worker: {ray_one['step_ms']:.1f} ms/step", flush=True)
+        ray_two = ray_loop(train_config(data_root, tmp / "runs", "two", 2, warmup + steps, args.budget), warmup)
+        print(f"Ray Train + DeepSpeed, 2 workers: {ray_two['step_ms']:.1f} ms/step", flush=True)
+    for row in (plain, ray_one, ray_two):
+        row["vs_plain"] = row["step_ms"] / plain["step_ms"] if row["workers"] == 1 else None
+        row["vs_one"] = row["tokens_per_s"] / ray_one["tokens_per_s"] if row is not plain else None
+    load = {"start": load_start, "end": load_average()}
+    print(f"\nload average {load['start']:.1f} at start, {load['end']:.1f} at end; model 'mid' (hidden 512, 4 layers), "
+          f"fp32 CPU, 1 thread per worker, token budget {args.budget} per rank, {steps} timed steps after {warmup}")
+    rows = [plain, ray_one, ray_two]
+    print_table(rows, COLUMNS)
+    write_json("train_step", {"budget": args.budget, "warmup": warmup, "steps": steps, "load_average": load,
+                              "rows": rows}, args.out)
+
+
+if __name__ == "__main__":
+    main()
