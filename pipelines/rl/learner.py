@@ -90,6 +90,15 @@ class Learner:
         for name, param in self.policy.trained().items():
             self.ema[name].mul_(decay).add_(param.detach(), alpha=1 - decay)
 
+    def _grad_norm(self) -> float:
+        """Norm of the accumulated gradient before clipping (ZeRO partitions it: ask the engine)."""
+        if self.cfg.learner.zero_stage:
+            norm = self.engine.get_global_grad_norm()
+            return float(norm) if norm is not None else float("nan")
+        grads = [p.grad for p in self.policy.trained().values() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) \
+            if grads else 0.0
+
     # ------------------------------------------------------------------------------------ update
     def update(self, trajectory_refs: list, advantages: list[list[float]]) -> dict:
         """One epoch of optimisation over the groups (``trajectory_refs`` hold lists of group payloads,
@@ -121,6 +130,8 @@ class Learner:
                     out = clipped_policy_loss(step.log_prob, trajectory.log_probs[position], adv_t,
                                               learner.clip_range, kl, learner.kl_weight)
                     self.engine.backward(out.loss)
+                    if self.engine.is_gradient_accumulation_boundary():
+                        grad_norms.append(self._grad_norm())
                     self.engine.step()
                     ratios.append(out.ratio.cpu())
                     clipped.append(out.clipped.cpu())
@@ -128,8 +139,6 @@ class Learner:
                     losses.append(float(out.loss))
                     if update == 0:
                         first_deviation = max(first_deviation, float((out.ratio - 1).abs().max()))
-            norm = self.engine.get_global_grad_norm()
-            grad_norms.append(float(norm) if norm is not None else float("nan"))
             self.updates += 1
             if self.ema is not None:
                 self._update_ema()
@@ -148,7 +157,8 @@ class Learner:
         """DeepSpeed state (optimizer included) for resume, the model (LoRA merged) as a Lance checkpoint,
         the EMA of the trained weights."""
         directory = Path(directory)
-        self.engine.save_checkpoint(str(directory / "engine"), tag=tag, client_state=client_state)
+        self.engine.save_checkpoint(str(directory / "engine"), tag=tag,
+                                   client_state={**client_state, "updates": self.updates})
         if self.policy.adapters is None:
             save_lance_checkpoint(self.policy.model, directory / "model.safetensors")
         else:

@@ -22,6 +22,7 @@ from .config import GRPOConfig
 from .learner import Learner
 from .metrics import MetricsLog, console_line, reward_metrics, write_gallery
 from .placement import create_placement
+from .policy import check_checkpoint
 from .prompts import Prompt, epoch_prompts, load_prompts
 from .rewards import RewardPool, RewardWorker
 from .rollout import GroupTask, RolloutWorker, group_seed
@@ -47,6 +48,8 @@ class GRPORun:
     def __init__(self, cfg: GRPOConfig, run_dir: Path, checkpoint: str | None = None, log=print) -> None:
         self.cfg, self.run_dir, self.log = cfg, run_dir, log
         self.prompts = load_prompts(cfg.prompts, cfg.seed)
+        if checkpoint or cfg.checkpoint:
+            check_checkpoint(cfg, checkpoint or cfg.checkpoint)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
         self.metrics = MetricsLog(run_dir)

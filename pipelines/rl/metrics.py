@@ -13,7 +13,8 @@ from PIL import Image
 def reward_metrics(scores: dict[int, dict], prefix: str = "reward") -> dict[str, float]:
     """Mean/std of the total and of every component, and counts of the reasons each component gave."""
     totals = np.concatenate([np.asarray(s["total"], dtype=np.float64) for s in scores.values()])
-    out = {f"{prefix}/mean": float(totals.mean()), f"{prefix}/std": float(totals.std())}
+    out = {f"{prefix}/mean": float(totals.mean()), f"{prefix}/std": float(totals.std()),
+           f"{prefix}/count": int(totals.size)}
     names = next(iter(scores.values()))["components"].keys()
     for name in names:
         values = np.concatenate([np.asarray(s["components"][name], dtype=np.float64) for s in scores.values()])

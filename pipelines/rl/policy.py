@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lance_core.checkpoint import load_lance_checkpoint
+from lance_core.checkpoint import POS_TABLE_KEY, load_lance_checkpoint
 from lance_core.config import model_preset
 from lance_core.model import build_model
 from lance_core.packing import build_generation_sample
@@ -27,6 +27,33 @@ class CheckpointMismatchError(ValueError):
 
 def pick_device(num_gpus: float) -> torch.device:
     return torch.device("cuda") if num_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
+
+
+def check_checkpoint(cfg: GRPOConfig, path: str) -> None:
+    """Compare the checkpoint's tensor names and shapes with the configured model, reading headers only."""
+    from safetensors import safe_open
+
+    model_cfg = model_preset(cfg.model_preset, **cfg.model)
+    folder = Path(path)
+    if not folder.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path!r}")
+    files = [folder] if folder.is_file() else sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {path!r}")
+    shapes = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as fh:
+            shapes.update({key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()})
+    expected = {k: tuple(v.shape) for k, v in build_model(model_cfg, device="meta").state_dict().items()}
+    wrong = [f"{k}: {shapes[k]} in the file, {v} in the model" for k, v in expected.items()
+             if k in shapes and shapes[k] != v]
+    missing = sorted(k for k in expected if k not in shapes and k != POS_TABLE_KEY)
+    if wrong or missing:
+        detail = "; ".join(wrong[:3]) or f"missing {missing[:3]}"
+        raise CheckpointMismatchError(
+            f"checkpoint {path!r} does not match the model config (preset {model_cfg.preset!r}, hidden "
+            f"{model_cfg.hidden_size}, {model_cfg.num_layers} layers): {len(wrong)} tensors with other shapes, "
+            f"{len(missing)} missing; {detail}")
 
 
 def load_initial_weights(model: nn.Module, path: str, preset: str) -> None:
