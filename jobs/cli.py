@@ -10,6 +10,7 @@ COMMANDS = {
     "model-info": ("jobs.model_info", "parameter counts and training FLOPs per token of a model preset"),
     "synth": ("jobs.synth", "write sample datasets in every input format"),
     "precompute": ("jobs.precompute", "encode raw pairs into latent shards with Ray Data"),
+    "grpo": ("jobs.grpo", "Flow-GRPO: rollout actors, reward actor pool (PP-OCR, CLIP), DeepSpeed learner"),
     "train": ("jobs.train", "train the dual-stream model on latent shards (Ray Train + DeepSpeed)"),
     "tune": ("jobs.tune", "sweep learning rate, loss weights and mixture with Ray Tune (ASHA)"),
 }
