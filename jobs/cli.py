@@ -13,6 +13,7 @@ COMMANDS = {
     "grpo": ("jobs.grpo", "Flow-GRPO: rollout actors, reward actor pool (PP-OCR, CLIP), DeepSpeed learner"),
     "train": ("jobs.train", "train the dual-stream model on latent shards (Ray Train + DeepSpeed)"),
     "tune": ("jobs.tune", "sweep learning rate, loss weights and mixture with Ray Tune (ASHA)"),
+    "submit": ("jobs.submit", "run a job on a Ray cluster (Job Submission API); status, stop, logs"),
 }
 
 
