@@ -118,6 +118,11 @@ def test_bad_input_corpus_is_quarantined_and_the_run_goes_on(ray_local, tmp_path
     assert stats["filtered_by_reason"].get("size:too_small") == 1
     assert stats["filtered_by_reason"].get("size:extreme_aspect") == 1
     assert stats["filtered_by_reason"].get("caption:missing_caption") == 1
+    from pipelines.data.report import stage_rows
+
+    rows = stage_rows(stats)
+    assert rows[0][1] == stats["inputs"] and rows[-1][2] == stats["inputs_written"]
+    assert all(prev[2] == nxt[1] and nxt[2] <= nxt[1] for prev, nxt in zip(rows, rows[1:]))
 
 
 def test_non_utf8_caption_is_quarantined(ray_local, tmp_path, synth):

@@ -7,6 +7,7 @@ Rows that are not ``ok`` pass through untouched. The actors are built once per p
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 
@@ -49,6 +50,9 @@ class _EncoderActor:
         self.device = _device(self.cfg.encoders.num_gpus_per_actor)
         self.dtype = LATENT_DTYPES[self.cfg.latent_dtype]
         self.chunk = self.cfg.encoders.batch_size
+        if self.device.type == "cpu":
+            enc = self.cfg.encoders
+            torch.set_num_threads(enc.threads_per_actor or max(1, math.ceil(enc.cpus_per_actor)))
 
     def encoder_config(self, name: str):
         """The preset's ``vae`` or ``vit`` config, with the weights path of the job config when given."""

@@ -117,7 +117,8 @@ def run_precompute(cfg: PrecomputeConfig, progress: bool = True) -> PrecomputeRe
         wave = todo[wave_start:wave_start + cfg.wave_size]
         items = [{"partition": p, "segments": json.dumps(partitions[p])} for p in wave]
         ds = ray.data.from_items(items, override_num_blocks=len(wave))
-        ds = ds.map_batches(_partition_rows, fn_args=(files, cfg_json), batch_size=1, batch_format="numpy")
+        ds = ds.map_batches(_partition_rows, fn_args=(files, cfg_json), batch_size=1, batch_format="numpy",
+                            num_cpus=cfg.encoders.cpus_per_task)
         # One block per partition from the read stage to the writer: encoders take whole blocks
         # (batch_size=None) and blocks are never split, so no shuffle is needed to regroup partitions.
         cpus = cfg.encoders.cpus_per_actor
@@ -132,7 +133,7 @@ def run_precompute(cfg: PrecomputeConfig, progress: bool = True) -> PrecomputeRe
                             batch_format="pandas", compute=ActorPoolStrategy(size=cfg.encoders.vit_actors),
                             num_cpus=cpus, num_gpus=gpu or None)
         written = ds.map_batches(write_partition, fn_args=(cfg_json, cfg.output, dedup), batch_size=None,
-                                 batch_format="pandas")
+                                 batch_format="pandas", num_cpus=cfg.encoders.cpus_per_task)
         for row in written.take_all():
             record = json.loads(row["commit"])
             commits[record["partition"]] = record

@@ -1,6 +1,24 @@
-"""The end-of-run summary table of the precompute job."""
+"""The end-of-run summary table of the precompute job: per stage the inputs in / out, the drops by reason and
+the seconds spent, then the throughput."""
 
 from __future__ import annotations
+
+STAGES = ("read", "caption", "decode", "size", "duration", "motion", "score", "clip", "text", "dedup", "vae", "vit")
+"""Stages in the order an input record meets them (``read`` also covers missing files)."""
+
+
+def stage_rows(stats: dict) -> list[tuple[str, int, int, str, float]]:
+    """(stage, in, out, dropped by reason, seconds) for every stage; each record is dropped at most once."""
+    dropped = {**stats["filtered_by_reason"], **stats["quarantined_by_reason"]}
+    remaining = stats["inputs"]
+    rows = []
+    for stage in STAGES:
+        reasons = {k.split(":", 1)[1]: v for k, v in dropped.items() if k.startswith(stage + ":")}
+        out = remaining - sum(reasons.values())
+        text = ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())) or "-"
+        rows.append((stage, remaining, out, text, stats["stage_seconds"].get(stage, 0.0)))
+        remaining = out
+    return rows
 
 
 def print_summary(result) -> None:
@@ -11,15 +29,11 @@ def print_summary(result) -> None:
     print(f"  inputs      {s['inputs']} = written {s['inputs_written']} + filtered {s['inputs_filtered']} "
           f"+ quarantined {s['inputs_quarantined']}")
     print(f"  samples     {s['samples_written']} written, {s['bytes_written'] / 2**20:.2f} MiB")
-    rows = [("stage", "seconds", "dropped by reason")]
-    dropped = {**{k: v for k, v in s["filtered_by_reason"].items()},
-               **{k: v for k, v in s["quarantined_by_reason"].items()}}
-    for stage in ("read", "decode", "caption", "size", "duration", "motion", "score", "clip", "text", "dedup",
-                  "vae", "vit"):
-        reasons = ", ".join(f"{k.split(':', 1)[1]}={v}" for k, v in dropped.items() if k.startswith(stage + ":"))
-        rows.append((stage, f"{s['stage_seconds'].get(stage, 0.0):.2f}", reasons or "-"))
-    width = [max(len(r[i]) for r in rows) for i in range(3)]
-    for row in rows:
+    table = [("stage", "in", "out", "seconds", "dropped by reason")]
+    table += [(stage, str(n_in), str(n_out), f"{seconds:.2f}", reasons)
+              for stage, n_in, n_out, reasons, seconds in stage_rows(s)]
+    width = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    for row in table:
         print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, width)))
     rate = s["samples_written"] / s["wall_seconds"] if s["wall_seconds"] else 0.0
     print(f"  wall {s['wall_seconds']:.1f} s, {rate:.1f} samples/s")
