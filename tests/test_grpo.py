@@ -187,3 +187,23 @@ def test_reward_actor_death_is_retried_then_resume(ray_local, tmp_path):
     assert [r["epoch"] for r in history] == [0, 1, 2]
     assert resumed["epochs"] == 3 and resumed["reward_restarts"] == 0
     assert resumed["last"]["updates"] == 6  # 2 updates per epoch, counted on across the resume
+
+
+def test_cli_errors(tmp_path, capsys):
+    from jobs.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rollout:\n  group_size: 1\n")
+    assert main(["grpo", "--config", str(bad), "--output", str(tmp_path / "run")]) == 2
+    assert "grpo.rollout.group_size" in capsys.readouterr().err
+    small = build_model(model_preset("tiny", hidden_size=32, num_heads=2, num_kv_heads=1,
+                                     vit={"out_hidden_size": 32}))
+    path = save_lance_checkpoint(small, tmp_path / "small")
+    assert main(["grpo", "--checkpoint", str(path), "--output", str(tmp_path / "run")]) == 1
+    assert "does not match the model config" in capsys.readouterr().err
+    strict = tmp_path / "strict.yaml"
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("no quoted target at all\n")
+    strict.write_text("prompts:\n  require_target: true\n")
+    assert main(["grpo", "--config", str(strict), "--prompts", str(prompts), "--output", str(tmp_path / "r")]) == 1
+    assert "rejected without a quoted target" in capsys.readouterr().err

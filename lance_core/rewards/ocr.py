@@ -71,7 +71,10 @@ class RapidOCRBackend:
         kwargs = dict(det_limit_side_len=cfg.det_limit_side_len, text_score=cfg.min_score,
                       use_cls=cfg.use_angle_cls)
         if cfg.threads:
+            import cv2
+
             kwargs.update(intra_op_num_threads=cfg.threads, inter_op_num_threads=1)
+            cv2.setNumThreads(cfg.threads)  # pre- and post-processing threads of the same process
         for key, path in (("det_model_path", cfg.det_model), ("rec_model_path", cfg.rec_model),
                           ("cls_model_path", cfg.cls_model)):
             if path is not None:

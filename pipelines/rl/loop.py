@@ -48,8 +48,6 @@ class GRPORun:
     def __init__(self, cfg: GRPOConfig, run_dir: Path, checkpoint: str | None = None, log=print) -> None:
         self.cfg, self.run_dir, self.log = cfg, run_dir, log
         self.prompts = load_prompts(cfg.prompts, cfg.seed)
-        if checkpoint or cfg.checkpoint:
-            check_checkpoint(cfg, checkpoint or cfg.checkpoint)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
         self.metrics = MetricsLog(run_dir)
@@ -267,6 +265,9 @@ def summarise(history: list[dict], run: GRPORun) -> dict:
 
 def run_grpo(cfg: GRPOConfig, run_dir: str | Path, checkpoint: str | None = None, log=print) -> dict:
     """Run GRPO into ``run_dir`` (resuming from its latest checkpoint); returns the summary metrics."""
+    if checkpoint or cfg.checkpoint:  # a wrong checkpoint fails here, before Ray and the actors start
+        check_checkpoint(cfg, checkpoint or cfg.checkpoint)
+    load_prompts(cfg.prompts, cfg.seed)
     started_ray = ensure_ray(cfg)
     run = None
     try:
