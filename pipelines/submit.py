@@ -213,9 +213,10 @@ def submit(opts: SubmitOptions, root: Path = PROJECT_ROOT) -> str:
         )
 
 
-def follow(address: str, submission_id: str, out: TextIO = sys.stdout) -> str:
+def follow(address: str, submission_id: str, out: TextIO | None = None) -> str:
     """Print the job's logs as they come until it ends; returns its final status (SUCCEEDED, FAILED, ...)."""
     api = client(address)
+    out = out or sys.stdout
 
     async def tail() -> None:
         async for lines in api.tail_job_logs(submission_id):
