@@ -1,5 +1,5 @@
 """GRPO on Ray with the tiny model: learning a cheap verifiable reward, a reward actor that dies,
-resume, bad inputs. Multi-node placement lives in test_grpo_nodes.py (its own Ray cluster)."""
+resume, LoRA with KL and CFG, bad inputs. Multi-node placement lives in test_grpo_nodes.py (its own Ray cluster)."""
 
 from __future__ import annotations
 
@@ -174,8 +174,11 @@ def test_reward_actor_death_is_retried_then_resume(ray_local, tmp_path):
     marker = tmp_path / "died.marker"
     rewards = {"rewards": [{"name": "bright", "kind": "callable", "callable": "tests.test_grpo:DieOnce",
                             "options": {"marker": str(marker)}}], "max_restarts": 2}
+    # also the LoRA learner with KL to the reference, EMA, and CFG in the rollout
     cfg = tiny_grpo(epochs=2, checkpoint_every=1, rewards=rewards,
-                    rollout={"groups_per_micro_batch": 1})
+                    rollout={"groups_per_micro_batch": 1,
+                             "sampler": {"steps": 6, "window_size": 2, "window_range": [0, 4], "cfg_scale": 2.0}},
+                    learner={"mode": "lora", "kl_weight": 0.04, "ema_decay": 0.9, "learning_rate": 1e-3})
     summary = run_grpo(cfg, tmp_path / "run")
     assert marker.is_file()
     assert summary["reward_restarts"] == 1
@@ -187,6 +190,10 @@ def test_reward_actor_death_is_retried_then_resume(ray_local, tmp_path):
     assert [r["epoch"] for r in history] == [0, 1, 2]
     assert resumed["epochs"] == 3 and resumed["reward_restarts"] == 0
     assert resumed["last"]["updates"] == 6  # 2 updates per epoch, counted on across the resume
+    assert all(r["ratio_first_update_max_dev"] < 1e-6 and r["kl"] >= 0 for r in history)
+    assert history[-1]["kl"] > 0  # LoRA moved the policy away from the reference
+    merged = build_model(model_preset("tiny"))
+    load_lance_checkpoint(merged, resumed["model"])  # LoRA merged into plain Lance weights
 
 
 def test_cli_errors(tmp_path, capsys):

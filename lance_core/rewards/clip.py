@@ -20,6 +20,8 @@ class CLIPReward:
     def __init__(self, cfg: CLIPConfig = CLIPConfig()) -> None:
         import open_clip
 
+        if cfg.device == "auto":
+            cfg = cfg.model_copy(update={"device": "cuda" if torch.cuda.is_available() else "cpu"})
         self.cfg = cfg
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed)

@@ -32,7 +32,8 @@ class CLIPConfig(StrictModel):
     """A custom open_clip CLIP config: {embed_dim, vision_cfg, text_cfg} (tests use a tiny one)."""
     pretrained: str | None = None
     """Local weights file; None = random initialisation."""
-    device: str = "cpu"
+    device: str = "auto"
+    """auto = cuda when the process sees a GPU (declare num_gpus on the reward actors), else cpu."""
     scale: float = Field(1.0, gt=0)
     batch_size: int = Field(32, gt=0)
     seed: int = 0

@@ -34,13 +34,12 @@ def ensure_ray(cfg: GRPOConfig) -> bool:
     """Connect to ``ray_address`` / RAY_ADDRESS, or start a local Ray; True when this call started it."""
     if ray.is_initialized():
         return False
-    runtime_env = {"env_vars": {"PYTHONPATH": str(ROOT)}}
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+    if address:  # a cluster: the job's working_dir carries the code
+        ray.init(address=address, log_to_driver=False)
     else:
         ray.init(address="local", num_cpus=cfg.ray_num_cpus, include_dashboard=False, log_to_driver=False,
-                 runtime_env=runtime_env)
+                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     return True
 
 
