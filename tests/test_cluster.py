@@ -135,19 +135,20 @@ class LocalCluster:
         raise TimeoutError(f"job {submission_id} did not finish in {timeout} s")
 
     def shutdown(self) -> None:
-        """SIGTERM every node's `ray start --block` (each cleans up its own node), then kill what is left."""
-        procs = [proc for proc in self.nodes.values() if proc.poll() is None]
+        """SIGTERM each node's `ray start --block` (it drains and stops its node), workers before the head,
+        then kill whatever is left of the processes they started."""
         children = []
-        for proc in procs:
+        for name in sorted(self.nodes, key=lambda n: n == "head"):
+            proc = self.nodes[name]
+            if proc.poll() is not None:
+                continue
             try:
                 children += psutil.Process(proc.pid).children(recursive=True)
             except psutil.NoSuchProcess:
                 pass
             proc.send_signal(signal.SIGTERM)
-        deadline = time.time() + 20
-        for proc in procs:
             try:
-                proc.wait(timeout=max(deadline - time.time(), 0.1))
+                proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
@@ -162,6 +163,8 @@ class LocalCluster:
 
 @pytest.fixture(scope="module")
 def cluster():
+    # Two CPUs per node: the two encoder actors take 0.5 CPU each and a task 1 CPU, so the job still fits
+    # on the head alone when the other node is gone.
     cluster = LocalCluster()
     try:
         cluster.start_head(num_cpus=2)
