@@ -8,6 +8,7 @@ prompt; they share the prompt's KV-cached prefix and run as G packed samples in 
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from dataclasses import dataclass, field, replace
@@ -41,7 +42,7 @@ class SDESamplerConfig(StrictModel):
     cfg_rescale: bool = True
 
     @model_validator(mode="after")
-    def _check_window(self) -> "SDESamplerConfig":
+    def _check_window(self) -> SDESamplerConfig:
         lo, hi = self.window_range or (0, self.steps)
         if not 0 <= lo < hi <= self.steps:
             raise ValueError(f"window_range {self.window_range} must satisfy 0 <= lo < hi <= steps ({self.steps})")
@@ -195,7 +196,7 @@ def sample_group(
     x = torch.randn(groups, tokens, channels, generator=generator, dtype=torch.float32).to(device)
     in_window = set(window)
     states, log_probs = [], []
-    for index, (t, t_next) in enumerate(zip(timesteps[:-1], timesteps[1:])):
+    for index, (t, t_next) in enumerate(itertools.pairwise(timesteps)):
         v = guided_velocity(model, cond, uncond, x, t, cfg)
         if index in in_window:
             if not states:
@@ -284,8 +285,11 @@ def clipped_policy_loss(
 
 
 # ------------------------------------------------------------------------------------------ LoRA
-LORA_TARGETS = ("q_proj_moe_gen", "k_proj_moe_gen", "v_proj_moe_gen", "o_proj_moe_gen", "gate_proj", "up_proj",
-                "down_proj")
+def is_gen_linear(name: str) -> bool:
+    """A linear layer of the GEN expert: its attention projections and its SwiGLU MLP."""
+    parts = name.split(".")
+    return parts[-1] in ("q_proj_moe_gen", "k_proj_moe_gen", "v_proj_moe_gen", "o_proj_moe_gen") or (
+        len(parts) > 1 and parts[-2] == "mlp_moe_gen")
 
 
 class LoRAAdapters(nn.Module):
@@ -302,9 +306,7 @@ class LoRAAdapters(nn.Module):
         self.down = nn.ParameterDict()
         self.up = nn.ParameterDict()
         for name, module in model.named_modules():
-            leaf = name.rsplit(".", 1)[-1]
-            is_gen_mlp = ".mlp_moe_gen." in f".{name}" and leaf in ("gate_proj", "up_proj", "down_proj")
-            if isinstance(module, nn.Linear) and (leaf in LORA_TARGETS[:4] or is_gen_mlp):
+            if isinstance(module, nn.Linear) and is_gen_linear(name):
                 key = name.replace(".", "__")
                 self.targets[key] = module
                 weight = module.weight

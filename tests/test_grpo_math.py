@@ -127,3 +127,13 @@ def test_clipped_loss_hand_made():
     assert torch.allclose(kl, torch.full((2,), 1.0 / (2 * 0.25)))
     with_kl = clipped_policy_loss(torch.zeros(2), torch.zeros(2), torch.zeros(2), 0.2, kl, kl_weight=0.04)
     assert with_kl.loss.item() == pytest.approx(0.04 * 2.0)
+
+
+def test_lora_targets_only_the_generation_expert(tiny_cfg):
+    from lance_core.rl import LoRAAdapters
+
+    model = build_model(tiny_cfg)
+    adapters = LoRAAdapters(model, rank=2, alpha=4.0)
+    names = {key.replace("__", ".") for key in adapters.targets}
+    assert len(names) == tiny_cfg.num_layers * 7
+    assert all("_moe_gen" in name for name in names)

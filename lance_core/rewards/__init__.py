@@ -7,7 +7,20 @@ from .config import CLIPConfig, OCRConfig, RewardSpec
 from .ocr import NO_TARGET, NOTHING_READ, OCRReward, extract_target, levenshtein, ocr_score
 
 __all__ = [
-    "CLIPConfig", "NOTHING_READ", "NO_TARGET", "CallableReward", "ComposedScores", "OCRConfig", "OCRReward", "RewardFn",
-    "RewardOutput", "RewardSpec", "WeightedReward", "build_reward", "extract_target", "import_callable",
-    "levenshtein", "ocr_score",
+    "NOTHING_READ",
+    "NO_TARGET",
+    "CLIPConfig",
+    "CallableReward",
+    "ComposedScores",
+    "OCRConfig",
+    "OCRReward",
+    "RewardFn",
+    "RewardOutput",
+    "RewardSpec",
+    "WeightedReward",
+    "build_reward",
+    "extract_target",
+    "import_callable",
+    "levenshtein",
+    "ocr_score",
 ]

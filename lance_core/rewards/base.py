@@ -4,8 +4,9 @@ with an optional reason per sample (why a score is 0: no target, nothing readabl
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 

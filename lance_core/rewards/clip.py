@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from .base import RewardOutput
 from .config import CLIPConfig
 
@@ -17,8 +18,10 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class CLIPReward:
-    def __init__(self, cfg: CLIPConfig = CLIPConfig()) -> None:
+    def __init__(self, cfg: CLIPConfig | None = None) -> None:
         import open_clip
+
+        cfg = cfg or CLIPConfig()
 
         if cfg.device == "auto":
             cfg = cfg.model_copy(update={"device": "cuda" if torch.cuda.is_available() else "cpu"})

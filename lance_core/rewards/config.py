@@ -39,7 +39,7 @@ class CLIPConfig(StrictModel):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _check_model(self) -> "CLIPConfig":
+    def _check_model(self) -> CLIPConfig:
         if self.architecture is None and not self.model_name:
             raise ValueError("clip needs model_name or architecture")
         return self
@@ -60,7 +60,7 @@ class RewardSpec(StrictModel):
     """Keyword arguments for a callable that is a class or a factory (called once per actor)."""
 
     @model_validator(mode="after")
-    def _check_kind(self) -> "RewardSpec":
+    def _check_kind(self) -> RewardSpec:
         if self.kind == "callable" and not self.callable:
             raise ValueError(f"reward {self.name!r} of kind 'callable' needs callable: 'module:function'")
         return self

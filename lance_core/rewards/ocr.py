@@ -15,6 +15,7 @@ import re
 from typing import Protocol
 
 import numpy as np
+
 from .base import RewardOutput
 from .config import OCRConfig
 
@@ -68,8 +69,8 @@ class RapidOCRBackend:
     def __init__(self, cfg: OCRConfig) -> None:
         from rapidocr_onnxruntime import RapidOCR
 
-        kwargs = dict(det_limit_side_len=cfg.det_limit_side_len, text_score=cfg.min_score,
-                      use_cls=cfg.use_angle_cls)
+        kwargs = {"det_limit_side_len": cfg.det_limit_side_len, "text_score": cfg.min_score,
+                  "use_cls": cfg.use_angle_cls}
         if cfg.threads:
             import cv2
 
@@ -96,8 +97,8 @@ class PaddleOCRBackend:
             raise ImportError("reward ocr.backend 'paddleocr' needs the paddleocr package installed") from err
         if cfg.det_model is None or cfg.rec_model is None:
             raise ValueError("reward ocr.backend 'paddleocr' needs det_model and rec_model folders (offline)")
-        kwargs = dict(det_model_dir=cfg.det_model, rec_model_dir=cfg.rec_model, use_angle_cls=cfg.use_angle_cls,
-                      det_limit_side_len=cfg.det_limit_side_len, show_log=False)
+        kwargs = {"det_model_dir": cfg.det_model, "rec_model_dir": cfg.rec_model, "use_angle_cls": cfg.use_angle_cls,
+                  "det_limit_side_len": cfg.det_limit_side_len, "show_log": False}
         if cfg.cls_model is not None:
             kwargs["cls_model_dir"] = cfg.cls_model
         if cfg.threads:
@@ -122,7 +123,8 @@ def make_ocr_backend(cfg: OCRConfig) -> OCRBackend:
 class OCRReward:
     """Scores images against the quoted target of their prompts."""
 
-    def __init__(self, cfg: OCRConfig = OCRConfig(), backend: OCRBackend | None = None) -> None:
+    def __init__(self, cfg: OCRConfig | None = None, backend: OCRBackend | None = None) -> None:
+        cfg = cfg or OCRConfig()
         self.cfg = cfg
         self.backend = backend or make_ocr_backend(cfg)
 

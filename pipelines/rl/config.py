@@ -126,7 +126,7 @@ class GRPOConfig(StrictModel):
     """CPUs of a new local Ray (None = all of the machine)."""
 
     @model_validator(mode="after")
-    def _check(self) -> "GRPOConfig":
+    def _check(self) -> GRPOConfig:
         if self.rollout.prompts_per_epoch % self.learner.minibatches:
             raise ValueError(f"rollout.prompts_per_epoch ({self.rollout.prompts_per_epoch}) must be a multiple of "
                              f"learner.minibatches ({self.learner.minibatches})")

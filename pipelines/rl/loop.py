@@ -98,7 +98,6 @@ class GRPORun:
         cfg = self.cfg
         size = cfg.rollout.group_size
         tasks = self._tasks(epoch)
-        by_id = {t.group_id: t for t in tasks}
         workers = len(self.rollouts)
         chunks = [tasks[k * len(tasks) // workers:(k + 1) * len(tasks) // workers] for k in range(workers)]
         self.pool.reset_clock()
@@ -122,7 +121,8 @@ class GRPORun:
                 if not streams:
                     rollout_s = time.perf_counter() - started
                     for images_ref, groups in pending_images:  # sequential mode: score after the rollout
-                        image_batches.append((self._submit(images_ref, groups, size), groups, images_ref))
+                        image_batches.append((self._submit(images_ref, groups, size), groups,
+                                              images_ref if gallery else None))
                 continue
             count, chunk = streams[item]
             streams[item][0] += 1
@@ -130,7 +130,7 @@ class GRPORun:
             if count % 2 == 1:
                 trajectories.append((ref, [g.group_id for g in groups]))
             elif cfg.rewards.streaming:
-                image_batches.append((self._submit(ref, groups, size), groups, ref))
+                image_batches.append((self._submit(ref, groups, size), groups, ref if gallery else None))
             else:
                 pending_images.append((ref, groups))
         generation_s = time.perf_counter() - started
@@ -165,6 +165,8 @@ class GRPORun:
         images, entries = [], []
         size = self.cfg.rollout.group_size
         for batch_id, groups, images_ref in image_batches:
+            if len(images) >= self.cfg.gallery_size:
+                break
             batch = ray.get(images_ref)
             result = scores[batch_id]
             for k in range(len(batch)):

@@ -43,7 +43,7 @@ def check_checkpoint(cfg: GRPOConfig, path: str) -> None:
     shapes = {}
     for file in files:
         with safe_open(str(file), framework="pt") as fh:
-            shapes.update({key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()})
+            shapes.update({key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()})  # noqa: SIM118 (safe_open is not a dict)
     expected = {k: tuple(v.shape) for k, v in build_model(model_cfg, device="meta").state_dict().items()}
     wrong = [f"{k}: {shapes[k]} in the file, {v} in the model" for k, v in expected.items()
              if k in shapes and shapes[k] != v]

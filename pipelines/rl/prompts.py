@@ -58,7 +58,8 @@ def _read_records(path: Path, cfg: PromptsConfig) -> list[Prompt]:
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
         if not isinstance(row, dict) or not isinstance(row.get(cfg.text_field), str):
-            raise ValueError(f"{path}:{number}: a JSON object with a string field {cfg.text_field!r} is needed")
+            raise ValueError(  # noqa: TRY004 (a data error, reported like the others)
+                f"{path}:{number}: a JSON object with a string field {cfg.text_field!r} is needed")
         text = row[cfg.text_field]
         target = row.get(cfg.target_field)
         if target is not None and (not isinstance(target, str) or not target.strip()):

@@ -5,6 +5,7 @@ lost and every batch is scored once."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -62,7 +63,7 @@ class _Slot:
 
 
 class RewardPool:
-    def __init__(self, cfg: "RewardPoolConfig", make_actor) -> None:
+    def __init__(self, cfg: RewardPoolConfig, make_actor) -> None:
         """``make_actor(slot_index)`` starts a RewardWorker actor for a slot (in its placement bundle)."""
         self.cfg = cfg
         self.make_actor = make_actor
@@ -124,10 +125,8 @@ class RewardPool:
                                f"(rewards.max_restarts = {self.cfg.max_restarts})")
         lost = list(slot.in_flight.values())
         slot.in_flight.clear()
-        try:
+        with contextlib.suppress(ValueError, RayActorError):  # the actor may be gone already
             ray.kill(slot.actor, no_restart=True)
-        except Exception:  # the actor is already gone
-            pass
         slot.actor = self.make_actor(slot.index)
         slot.restarts += 1
         self.restarts += 1
