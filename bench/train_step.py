@@ -34,9 +34,7 @@ import pyarrow.parquet as pq
 import torch
 
 from bench.common import load_average, print_table, write_json
-from lance_core.config import model_preset
 from lance_core.flow import LossConfig, compute_losses
-from lance_core.model import build_model
 from lance_core.shards import SHARD_SCHEMA, tensor_to_bytes
 from lance_core.tokenizer import ByteTokenizer
 

@@ -94,8 +94,7 @@ def run_demo(cfg: DemoConfig, run_dir: Path) -> dict:
     rows = result.metrics
     plot_losses(rows, run_dir / "loss_curve.png")
     with open(run_dir / "loss_history.jsonl", "w") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
+        fh.writelines(json.dumps(row) + "\n" for row in rows)
     last_eval = next((r["eval"] for r in reversed(rows) if "eval" in r), {})
     samples = result.run_dir / "samples"
     step = last_eval.get("step", cfg.steps)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import shutil
 import subprocess
 import sys
@@ -198,6 +197,45 @@ def test_loader_thread_hands_errors_to_the_training_thread(latents):
     loader.close()
 
 
+@pytest.mark.slow
+def test_shards_stream_from_s3_like_from_local_disk(latents, tmp_path):
+    """The same packs from an S3 copy of the shards (moto's S3 server on loopback) as from local disk."""
+    import socket
+    import time
+
+    import s3fs
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        endpoint = f"http://127.0.0.1:{port}"
+        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
+        fs.mkdir("lance-train")
+        fs.put(str(latents / "manifest.json"), "lance-train/latents/manifest.json")
+        fs.put(str(latents / "shards"), "lance-train/latents/shards", recursive=True)
+        remote_data = _data(latents, storage={"endpoint_url": endpoint}).model_copy(
+            update={"uris": ("s3://lance-train/latents",)})
+        remote = PackLoader(make_plan(remote_data, TASKS_IN_DATA), remote_data, model_preset("tiny"), ByteTokenizer(),
+                            0, 1, seed=0, need_generation=True)
+        assert remote.plan.shards[0].uri.startswith("s3://lance-train/latents/shards/")
+        local = _loader(latents)
+        for _ in range(3):
+            assert remote.build_pack(WEIGHTS).keys == local.build_pack(WEIGHTS).keys
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
 # ---------------------------------------------------------------------------------------------- Ray Train + DeepSpeed
 def _train_config(latents: Path, output: Path, name: str, **overrides) -> dict:
     from jobs.config_io import read_yaml
@@ -294,3 +332,12 @@ def test_zero3_resume_and_killed_worker_give_the_same_run(zero2_run, latents, tm
     losses = [x for x in _losses(rows) if x is not None]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
     assert second.export is not None and second.export.stat().st_size > 0
+
+
+def test_tune_trial_sets_lr_loss_weight_and_understanding_share():
+    from pipelines.train.tune import trial_config
+
+    base = load_train_config({"mixture": {"weights": {"t2i": 2.0, "t2v": 1.0, "i2t": 1.0}}})
+    cfg = trial_config(base, {"lr": 1e-3, "ce_weight": 0.5, "understanding_share": 0.4, "name": "trial-1"})
+    assert cfg.optim.lr == 1e-3 and cfg.loss.ce_weight == 0.5 and cfg.name == "trial-1"
+    assert cfg.mixture.weights == pytest.approx({"t2i": 0.4, "t2v": 0.2, "i2t": 0.4})

@@ -111,7 +111,7 @@ class MixtureSection(StrictModel):
     capability: CapabilitySchedule = CapabilitySchedule()
 
     @model_validator(mode="after")
-    def _check(self) -> "MixtureSection":
+    def _check(self) -> MixtureSection:
         _check_tasks(self.weights, "weights")
         _check_tasks(self.progressive.tasks, "progressive.tasks")
         if any(w < 0 for w in self.weights.values()) or not any(w > 0 for w in self.weights.values()):
@@ -142,7 +142,7 @@ class DeepSpeedSection(StrictModel):
     reduce_bucket_size: int = Field(50_000_000, gt=0)
 
     @model_validator(mode="after")
-    def _check(self) -> "DeepSpeedSection":
+    def _check(self) -> DeepSpeedSection:
         if self.ema_decay is not None and self.zero_stage == 3:
             raise ValueError("ema_decay needs full weights on every rank: use zero_stage 0, 1 or 2")
         return self
@@ -154,6 +154,8 @@ class ScalingSection(StrictModel):
     cpus_per_worker: float = Field(1.0, gt=0)
     threads_per_worker: int | None = Field(None, gt=0)
     """torch intra-op threads per worker (default: cpus_per_worker)."""
+    worker_start_timeout_s: float = Field(600.0, gt=0)
+    """How long Ray Train waits for the worker group to start (its default, 60 s, is short on a busy host)."""
 
 
 class CheckpointSection(StrictModel):
@@ -228,7 +230,7 @@ class TrainConfig(StrictModel):
         return value
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
+    def _check(self) -> TrainConfig:
         if self.model.preset != "tiny" and self.model.tokenizer is None:
             raise ValueError(f"model.tokenizer is required for the {self.model.preset} preset (Qwen2 tokenizer)")
         self.model.build()

@@ -227,11 +227,11 @@ def train_func(config: dict) -> None:
             loader.submit(pending[-1][1])
             next_ticket += 1
         last = step == cfg.steps
-        if cfg.eval.samples and (last or (cfg.eval.every_steps and step % cfg.eval.every_steps == 0)):
-            if rank == 0 or cfg.deepspeed.zero_stage == 3:
-                result = sampler.write(module, step, run_dir / "samples" if rank == 0 else None, cfg.seed)
-                if rank == 0:
-                    row["eval"] = result
+        sample_now = cfg.eval.samples and (last or (cfg.eval.every_steps and step % cfg.eval.every_steps == 0))
+        if sample_now and (rank == 0 or cfg.deepspeed.zero_stage == 3):
+            result = sampler.write(module, step, run_dir / "samples" if rank == 0 else None, cfg.seed)
+            if rank == 0:
+                row["eval"] = result
         if writer is not None:
             writer.write(row | {"peak_tflops": peak, "peak_source": peak_source} if step == start + 1 else row)
         if row["loss"] is not None:

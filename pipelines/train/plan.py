@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import pyarrow.parquet as pq
@@ -21,6 +22,7 @@ from pipelines.data.sources import filesystem, with_retries
 from .config import DataSection, ResolutionFilter
 
 PLAN_COLUMNS = ["sample_id", "task", "target_vae_shape", "target_fps"]
+SCAN_THREADS = 16
 
 
 class DataError(ValueError):
@@ -58,7 +60,7 @@ class DataPlan:
                            "issues": dict(self.issues), "messages": self.messages})
 
     @classmethod
-    def from_json(cls, text: str) -> "DataPlan":
+    def from_json(cls, text: str) -> DataPlan:
         data = json.loads(text)
         return cls([ShardEntry(**s) for s in data["shards"]],
                    {t: [tuple(x) for x in rows] for t, rows in data["holdout"].items()},
@@ -104,20 +106,18 @@ def _manifest_shards(root: str, cfg: DataSection, plan: DataPlan) -> list[str]:
     return uris
 
 
-def _scan_shard(uri: str, cfg: DataSection, plan: DataPlan) -> list[dict] | None:
+def _scan_shard(uri: str, cfg: DataSection) -> tuple[list[dict] | None, str | None, str | None]:
+    """(plan columns as rows, issue, message): only the footer and four small columns are read."""
     fs = filesystem(uri, cfg.storage)
     try:
         with fs.open(uri, "rb") as fh:
             pf = pq.ParquetFile(fh)
             check_schema(pf.schema_arrow, uri)
-            return pf.read(columns=PLAN_COLUMNS).to_pylist()
+            return pf.read(columns=PLAN_COLUMNS).to_pylist(), None, None
     except ValueError as err:
-        plan.issues["bad_schema_shards"] += 1
-        plan.messages.append(f"{err}; skipped")
+        return None, "bad_schema_shards", f"{err}; skipped"
     except OSError as err:
-        plan.issues["unreadable_shards"] += 1
-        plan.messages.append(f"{uri}: not readable as Parquet ({type(err).__name__}: {err}); skipped")
-    return None
+        return None, "unreadable_shards", f"{uri}: not readable as Parquet ({type(err).__name__}: {err}); skipped"
 
 
 def make_plan(cfg: DataSection, tasks_wanted: dict[str, float]) -> DataPlan:
@@ -126,11 +126,14 @@ def make_plan(cfg: DataSection, tasks_wanted: dict[str, float]) -> DataPlan:
         raise DataError("data.uris is empty: give latent shard roots (`--data URI`)")
     plan = DataPlan()
     scanned: list[tuple[str, list[dict]]] = []
-    for root in cfg.uris:
-        for uri in _manifest_shards(root, cfg, plan):
-            rows = _scan_shard(uri, cfg, plan)
+    uris = [uri for root in cfg.uris for uri in _manifest_shards(root, cfg, plan)]
+    with ThreadPoolExecutor(max_workers=SCAN_THREADS) as pool:
+        for uri, (rows, issue, message) in zip(uris, pool.map(lambda u: _scan_shard(u, cfg), uris)):
             if rows is not None:
                 scanned.append((uri, rows))
+            else:
+                plan.issues[issue] += 1
+                plan.messages.append(message)
     keep: list[list[tuple[int, str]]] = []
     per_task: dict[str, list[tuple[int, int]]] = {}
     for index, (uri, rows) in enumerate(scanned):

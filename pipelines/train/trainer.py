@@ -18,6 +18,8 @@ from .metrics import read_metrics
 from .plan import DataPlan, make_plan
 
 ROOT = Path(__file__).resolve().parents[2]
+WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+"""Read by Ray Train's controller, which takes it from the process that calls ``fit``."""
 
 
 @dataclass
@@ -56,6 +58,7 @@ def build_trainer(cfg: TrainConfig, plan: DataPlan, run_dir: Path, callbacks: li
 
     from .loop import train_func
 
+    os.environ.setdefault(WORKER_START_TIMEOUT_ENV, str(cfg.scaling.worker_start_timeout_s))
     scaling = ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
                             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
                                                   **({"GPU": 1} if cfg.scaling.use_gpu else {})})

@@ -21,6 +21,8 @@ from .plan import DataPlan
 from .trainer import ensure_ray, prepare_run
 
 METRIC = "heldout_total"
+TRIAL_DRIVER_CPUS = 0.1
+"""A trial only launches its trainer; the trainer's workers reserve their own CPUs."""
 
 
 class TuneSection(StrictModel):
@@ -54,17 +56,39 @@ def trial_config(base: TrainConfig, params: dict) -> TrainConfig:
     })
 
 
-def _trial(params: dict) -> None:
+def release_stopped_trainers() -> int:
+    """Remove this job's placement groups other than the calling trial's own. Call with one trial at a
+    time only: every other placement group of the job then belongs to a trainer whose trial ASHA stopped.
+
+    Tune stops a trial by killing its actor, which takes the trainer's controller with it; Ray Train's own
+    cleaner then frees the worker group's resources through the state API, which cannot tell which
+    cluster to ask when several Ray instances run on one host."""
+    import ray
+    from ray._raylet import PlacementGroupID
+    from ray.util import get_current_placement_group
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    job = ray.get_runtime_context().get_job_id()
+    own = get_current_placement_group()
+    released = 0
+    for pg_id, info in placement_group_table().items():
+        if info["state"] == "CREATED" and pg_id.endswith(job) and (own is None or pg_id != own.id.hex()):
+            remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg_id)))
+            released += 1
+    return released
+
+
+def _trial(params: dict, base: str, plan: str, sweep_dir: str, one_at_a_time: bool) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from .trainer import build_trainer
 
-    base = TrainConfig.model_validate_json(params["base"])
+    if one_at_a_time:
+        release_stopped_trainers()
     name = f"trial-{ray.tune.get_context().get_trial_id()}"
-    cfg = trial_config(base, params | {"name": name})
-    run_dir = Path(params["sweep_dir"]) / name
-    build_trainer(cfg, DataPlan.from_json(params["plan"]), run_dir, callbacks=[TuneReportCallback()]).fit()
+    cfg = trial_config(TrainConfig.model_validate_json(base), params | {"name": name})
+    build_trainer(cfg, DataPlan.from_json(plan), Path(sweep_dir) / name, callbacks=[TuneReportCallback()]).fit()
 
 
 def run_sweep(base: TrainConfig, sweep: TuneSection):
@@ -86,16 +110,18 @@ def run_sweep(base: TrainConfig, sweep: TuneSection):
         "lr": tune.loguniform(*sweep.lr),
         "ce_weight": tune.uniform(*sweep.ce_weight),
         "understanding_share": tune.uniform(*sweep.understanding_share),
-        "base": base.model_dump_json(), "plan": plan.to_json(), "sweep_dir": str(sweep_dir),
     }
+    trial = tune.with_parameters(_trial, base=base.model_dump_json(), plan=plan.to_json(), sweep_dir=str(sweep_dir),
+                                 one_at_a_time=sweep.max_concurrent == 1)
     scheduler = ASHAScheduler(time_attr="step", max_t=base.steps, grace_period=sweep.grace_period,
                               reduction_factor=sweep.reduction_factor)
     tuner = tune.Tuner(
-        tune.with_resources(_trial, {"cpu": 0}),
+        tune.with_resources(trial, {"cpu": TRIAL_DRIVER_CPUS}),
         param_space=space,
         tune_config=tune.TuneConfig(metric=METRIC, mode="min", scheduler=scheduler, num_samples=sweep.num_samples,
                                     max_concurrent_trials=sweep.max_concurrent,
-                                    search_alg=BasicVariantGenerator(random_state=sweep.seed)),
+                                    search_alg=BasicVariantGenerator(random_state=sweep.seed,
+                                                                     max_concurrent=sweep.max_concurrent)),
         run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir)),
     )
     return tuner.fit()
