@@ -114,3 +114,27 @@ def test_reward_spec_errors_name_the_field():
         load_config(RewardSpec, {"name": "x", "kind": "callable"})
     with pytest.raises(ValueError, match="unique"):
         WeightedReward([RewardSpec(name="a", kind="brightness"), RewardSpec(name="a", kind="brightness")])
+
+
+def test_paddleocr_backend_same_api(monkeypatch, tmp_path):
+    """The paddleocr backend (when installed) reads local model folders and returns lines like rapidocr."""
+    import sys
+    import types
+
+    seen = {}
+
+    class FakePaddleOCR:
+        def __init__(self, **kwargs):
+            seen.update(kwargs)
+
+        def ocr(self, image, cls=False):
+            box = [[0, 0], [1, 0], [1, 1], [0, 1]]
+            return [[[box, ("Hello World", 0.98)], [box, ("smudge", 0.2)]]]
+
+    monkeypatch.setitem(sys.modules, "paddleocr", types.SimpleNamespace(PaddleOCR=FakePaddleOCR))
+    with pytest.raises(ValueError, match="det_model and rec_model"):
+        OCRReward(OCRConfig(backend="paddleocr"))
+    cfg = OCRConfig(backend="paddleocr", det_model=str(tmp_path / "det"), rec_model=str(tmp_path / "rec"))
+    out = OCRReward(cfg)([render_text("x", (32, 32))], ['a "Hello World" sign'])
+    assert out.scores == [1.0] and out.details["ocr_text"] == ["Hello World"]
+    assert seen["det_model_dir"].endswith("det") and seen["rec_model_dir"].endswith("rec")

@@ -17,6 +17,8 @@ class OCRConfig(StrictModel):
     rec_model: str | None = None
     cls_model: str | None = None
     use_angle_cls: bool = False
+    use_cuda: bool = False
+    """Run the ONNX sessions on CUDA (needs onnxruntime-gpu, and num_gpus on the reward actors)."""
     threads: int = Field(1, ge=0)
     """Intra-op threads of each ONNX session (0 = runtime default). One per actor scales by actors."""
     det_limit_side_len: int = Field(736, gt=0)

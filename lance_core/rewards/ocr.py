@@ -71,6 +71,8 @@ class RapidOCRBackend:
 
         kwargs = {"det_limit_side_len": cfg.det_limit_side_len, "text_score": cfg.min_score,
                   "use_cls": cfg.use_angle_cls}
+        if cfg.use_cuda:
+            kwargs.update(det_use_cuda=True, rec_use_cuda=True, cls_use_cuda=True)
         if cfg.threads:
             import cv2
 
@@ -88,7 +90,7 @@ class RapidOCRBackend:
 
 
 class PaddleOCRBackend:
-    """PaddleOCR with local model folders: the same API as :class:`RapidOCRBackend`."""
+    """PaddleOCR (2.x API) with local model folders: the same API as :class:`RapidOCRBackend`."""
 
     def __init__(self, cfg: OCRConfig) -> None:
         try:
@@ -103,6 +105,7 @@ class PaddleOCRBackend:
             kwargs["cls_model_dir"] = cfg.cls_model
         if cfg.threads:
             kwargs["cpu_threads"] = cfg.threads
+        kwargs["use_gpu"] = cfg.use_cuda
         self.engine = PaddleOCR(**kwargs)
         self.min_score = cfg.min_score
 
