@@ -214,3 +214,12 @@ def test_cli_errors(tmp_path, capsys):
     strict.write_text("prompts:\n  require_target: true\n")
     assert main(["grpo", "--config", str(strict), "--prompts", str(prompts), "--output", str(tmp_path / "r")]) == 1
     assert "rejected without a quoted target" in capsys.readouterr().err
+
+
+def test_shipped_configs_validate():
+    from jobs.config_io import read_yaml
+    from tests.conftest import ROOT
+
+    for name in ("grpo_tiny.yaml", "grpo_lance3b.yaml"):
+        cfg = load_grpo_config(read_yaml(ROOT / "jobs" / "configs" / name))
+        assert cfg.rollout.sampler.steps < cfg.eval.steps  # fewer steps in rollout than in evaluation

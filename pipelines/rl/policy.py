@@ -72,20 +72,19 @@ class Policy(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model_cfg = model_preset(cfg.model_preset, **cfg.model)
-        with torch.random.fork_rng():
+        dtype = torch.bfloat16 if cfg.learner.precision == "bf16" else torch.float32
+        checkpoint = checkpoint or cfg.checkpoint
+        with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            model = build_model(self.model_cfg)
-            checkpoint = checkpoint or cfg.checkpoint
+            # seeded init on the CPU: identical in every actor whatever its device
+            model = build_model(self.model_cfg).to(device=device, dtype=dtype)
             if checkpoint:
                 load_initial_weights(model, checkpoint, self.model_cfg.preset)
             model.requires_grad_(False)
             self.adapters = None
             if cfg.learner.mode == "lora":
                 self.adapters = LoRAAdapters(model, cfg.learner.lora_rank, cfg.learner.lora_alpha)
-        dtype = torch.bfloat16 if cfg.learner.precision == "bf16" else torch.float32
-        self.model = model.to(device=device, dtype=dtype)
-        if self.adapters is not None:
-            self.adapters.to(device=device, dtype=dtype)
+        self.model = model
         for param in self.trained().values():
             param.requires_grad_(True)
         self.reference: dict[str, torch.Tensor] | None = None
