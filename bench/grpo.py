@@ -63,12 +63,14 @@ def pool_throughput(actors: int, batches: int, batch_size: int) -> dict:
         pool.submit(batch_id, ref, prompts, [None] * batch_size)
     pool.drain()
     seconds = time.perf_counter() - started
-    mean_reward = statistics.mean(s for b in range(batches) for s in pool.take(b)["total"])
+    results = [pool.take(b) for b in range(batches)]
+    mean_reward = statistics.mean(s for r in results for s in r["total"])
+    cpu_s = sum(r["cpu_s"] for r in results)
     utilisation = pool.utilisation()
     pool.shutdown()
     return {"bench": "reward pool", "setting": f"{actors} OCR actor{'s' if actors > 1 else ''}",
             "images": batches * batch_size, "seconds": seconds, "images_per_s": batches * batch_size / seconds,
-            "utilisation": utilisation, "ocr_reward": mean_reward}
+            "utilisation": utilisation, "cpu_share": cpu_s / (actors * seconds), "ocr_reward": mean_reward}
 
 
 def grpo_config(streaming: bool, epochs: int, steps: int, image_size: int) -> dict:
@@ -102,7 +104,8 @@ def grpo_epochs(streaming: bool, epochs: int, steps: int, image_size: int) -> di
 COLUMNS = [
     ("bench", "bench", "s"), ("setting", "setting", "s"), ("images", "images", "d"),
     ("seconds", "seconds", ".2f"), ("images_per_s", "images/s", ".2f"), ("ratio", "ratio", ".2f"),
-    ("utilisation", "reward util", ".2f"), ("rollout_s", "rollout s", ".2f"), ("reward_s", "reward s", ".2f"),
+    ("utilisation", "reward util", ".2f"), ("cpu_share", "cpu share", ".2f"), ("rollout_s", "rollout s", ".2f"),
+    ("reward_s", "reward s", ".2f"),
     ("learn_s", "learn s", ".2f"), ("epoch_s", "epoch s", ".2f"),
 ]
 
@@ -136,7 +139,8 @@ def main() -> None:
     rows = [one, two, sequential, streaming, end_to_end]
     load = {"start": load_start, "end": load_average()}
     print(f"\nload average {load['start']:.1f} at start, {load['end']:.1f} at end; {os.cpu_count()} cores")
-    print("reward pool ratio = throughput over 1 actor (goal >= 1.7); epoch ratio = generation time (rollout + "
+    print("reward pool ratio = throughput over 1 actor (goal >= 1.7); cpu share = process CPU seconds of the "
+          "actors over actors x wall seconds (below 1 when other work takes the cores); epoch ratio = generation time (rollout + "
           "rewards) over rollout-then-rewards (goal <= 0.8); epoch rows are medians over epochs after the first")
     print_table(rows, COLUMNS)
     write_json("grpo", {"load_average": load, "cores": os.cpu_count(), "rows": rows,

@@ -189,7 +189,10 @@ def sample_group(
 ) -> GroupTrajectory:
     """Roll out G samples from noise: SDE steps at ``window`` indices (log-probs recorded), ODE elsewhere.
 
-    ``cond``/``uncond`` come from :func:`repeat_noisy` with ``groups`` copies."""
+    ``cond``/``uncond`` come from :func:`repeat_noisy` with ``groups`` copies; ``window`` holds consecutive
+    step indices (the recorded states chain one SDE step to the next)."""
+    if window and list(window) != list(range(window[0], window[0] + len(window))):
+        raise ValueError(f"the SDE window must be consecutive steps, got {window}")
     tokens, channels = cond.noisy.vae_latents.shape[0] // groups, cond.noisy.vae_latents.shape[1]
     device = cond.noisy.vae_latents.device
     timesteps = inference_timesteps(cfg.steps, cfg.shift).tolist()

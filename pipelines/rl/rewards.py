@@ -39,10 +39,10 @@ class RewardWorker:
         return {"node_id": ray.get_runtime_context().get_node_id(), "pid": self.pid}
 
     def score(self, images: np.ndarray, prompts: list[str], targets: list[str | None]) -> dict:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         out = self.reward(list(images), prompts, targets)
         return {"total": out.total, "components": out.components, "reasons": out.reasons, "details": out.details,
-                "busy_s": time.perf_counter() - started}
+                "busy_s": time.perf_counter() - started, "cpu_s": time.process_time() - cpu}
 
 
 @dataclass
