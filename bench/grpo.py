@@ -115,7 +115,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few batches and epochs (smoke test)")
     parser.add_argument("--out", help="JSON path (default bench/results/grpo.json)")
     args = parser.parse_args()
-    batches, epochs = (4, 2) if args.quick else (16, 5)
+    batches, epochs = (2, 2) if args.quick else (16, 5)
     load_start = load_average()
     # 3 logical CPUs on 2 cores: the learner works between generation phases, so it holds a slot of its own
     ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False,
