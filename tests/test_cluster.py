@@ -33,11 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 PRECOMPUTE = {
-    "partition_size": 2, "wave_size": 3, "filters": {"dedup": False}, "video": {"max_seconds": 1.0},
+    "partition_size": 2, "wave_size": 2, "filters": {"dedup": False}, "video": {"max_seconds": 1.0},
     "buckets": {"image_area": 64 * 64, "video_area": 64 * 96, "vit_area": 56 * 56},
     "encoders": {"model_preset": "tiny", "vae_actors": 1, "vit_actors": 1, "batch_size": 8, "cpus_per_actor": 0.5},
 }
-INPUTS = 12
+INPUTS = 8
 
 
 def _free_port() -> int:
@@ -148,7 +148,7 @@ class LocalCluster:
                 pass
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(timeout=15)
+                proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()

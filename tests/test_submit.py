@@ -22,10 +22,11 @@ class RecordingClient:
         self.logs = logs or []
         self.status = status
         self.staged_seen: list[bool] = []
+        self.root = ROOT
 
     def submit_job(self, **kwargs):
         config = kwargs["metadata"]["config"]
-        self.staged_seen.append(bool(config) and (ROOT / config).is_file())
+        self.staged_seen.append(bool(config) and (self.root / config).is_file())
         self.submitted.append(kwargs)
         return kwargs["submission_id"]
 
@@ -76,34 +77,31 @@ def test_large_files_stay_behind(tmp_path):
     assert {".venv/", ".git/", "runs/", "bench/results/"} <= set(runtime["excludes"])
 
 
-def test_config_inside_the_project_travels_as_it_is():
-    with api.staged_config(str(ROOT / "jobs/configs/train_tiny.yaml"), ROOT) as config:
-        assert config == "jobs/configs/train_tiny.yaml"
+@pytest.fixture
+def project(tmp_path) -> Path:
+    root = tmp_path / "project"
+    (root / "jobs" / "configs").mkdir(parents=True)
+    (root / "jobs" / "configs" / "a.yaml").write_text("steps: 2\n")
+    return root
 
 
-def test_config_outside_the_project_is_staged_then_removed(tmp_path):
+def test_config_outside_the_project_is_staged_then_removed(project, tmp_path):
     outside = tmp_path / "my run.yaml"
     outside.write_text("steps: 3\n")
-    with api.staged_config(str(outside), ROOT) as config:
+    with api.staged_config(str(outside), project) as config:
         assert config.startswith(f"{api.STAGING_DIR}/") and config.endswith("my run.yaml")
-        assert (ROOT / config).read_text() == "steps: 3\n"
+        assert (project / config).read_text() == "steps: 3\n"
         assert not api.excluded(Path(config)), "the staged copy must travel"
-    assert not (ROOT / config).exists()
+    assert not (project / config).exists() and not (project / api.STAGING_DIR).exists()
 
 
-def test_config_in_an_excluded_folder_is_staged(tmp_path):
-    runs = ROOT / "runs"
-    created = not runs.exists()
-    runs.mkdir(exist_ok=True)
-    path = runs / f"submit-test-{tmp_path.name}.yaml"
-    path.write_text("steps: 1\n")
-    try:
-        with api.staged_config(str(path), ROOT) as config:
-            assert config.startswith(f"{api.STAGING_DIR}/")
-    finally:
-        path.unlink()
-        if created:
-            runs.rmdir()
+def test_config_in_an_excluded_folder_is_staged(project):
+    (project / "runs").mkdir()
+    (project / "runs" / "b.yaml").write_text("steps: 1\n")
+    with api.staged_config(str(project / "runs" / "b.yaml"), project) as config:
+        assert config.startswith(f"{api.STAGING_DIR}/")
+    with api.staged_config(str(project / "jobs" / "configs" / "a.yaml"), project) as config:
+        assert config == "jobs/configs/a.yaml"
 
 
 def test_missing_config_is_named():
@@ -134,24 +132,25 @@ def test_default_address(monkeypatch):
     assert api.default_address() == "http://api:8265"
 
 
-def test_submit_sends_the_working_dir_the_entrypoint_and_the_resources(recording, tmp_path):
+def test_submit_sends_the_working_dir_the_entrypoint_and_the_resources(recording, project, tmp_path):
     outside = tmp_path / "cfg.yaml"
     outside.write_text("partition_size: 4\n")
     opts = api.SubmitOptions(job="precompute", config=str(outside), job_args=("--input", "s3://b/raw"),
                              env={"DS_ACCELERATOR": "cpu"}, entrypoint_resources={"worker_node": 1},
                              entrypoint_num_cpus=1)
-    submission_id = api.submit(opts)
+    recording.root = project
+    submission_id = api.submit(opts, root=project)
     call = recording.submitted[0]
     assert submission_id.startswith("lance-precompute-") and call["submission_id"] == submission_id
     assert call["entrypoint"].startswith("python -m jobs.precompute --config .lance-submit/")
     assert call["entrypoint"].endswith("--input s3://b/raw")
-    assert call["runtime_env"]["working_dir"] == str(api.PROJECT_ROOT)
+    assert call["runtime_env"]["working_dir"] == str(project)
     assert call["runtime_env"]["env_vars"] == {"DS_ACCELERATOR": "cpu"}
     assert call["entrypoint_resources"] == {"worker_node": 1} and call["entrypoint_num_cpus"] == 1
     assert call["entrypoint_num_gpus"] is None
     assert call["metadata"]["lance_job"] == "precompute"
     assert recording.staged_seen == [True], "the staged config exists while the upload runs"
-    assert not (api.PROJECT_ROOT / call["metadata"]["config"]).exists()
+    assert not (project / call["metadata"]["config"]).exists()
 
 
 def test_follow_prints_the_logs_and_returns_the_final_status(recording, capsys):
@@ -163,13 +162,13 @@ def test_cli_exit_codes(recording, capsys):
     from jobs import submit as cli
 
     recording.status = "FAILED"
-    assert cli.main(["precompute", "--config", "jobs/configs/precompute_tiny.yaml", "--address", "http://x:8265",
+    assert cli.main(["precompute", "--config", str(ROOT / "jobs/configs/precompute_tiny.yaml"), "--address", "http://x:8265",
                      "--", "--input", "runs/synth", "--output", "s3://b/out"]) == 1
     captured = capsys.readouterr()
     assert "submitted lance-precompute-" in captured.out and ": FAILED" in captured.out
     assert "--input runs/synth is a local path" in captured.err and "s3://b/out" not in captured.err
     recording.status = "SUCCEEDED"
-    assert cli.main(["train", "--config", "jobs/configs/train_tiny.yaml", "--no-wait"]) == 0
+    assert cli.main(["train", "--config", str(ROOT / "jobs/configs/train_tiny.yaml"), "--no-wait"]) == 0
     assert cli.main(["tune", "--env", "GITHUB_TOKEN=abc"]) == 2
     assert "GITHUB_TOKEN looks like a credential" in capsys.readouterr().err
     assert cli.main(["grpo", "--entrypoint-resources", "{bad"]) == 2
