@@ -39,8 +39,8 @@ EXCLUDES = (
     ".ruff_cache/", ".mypy_cache/", "*.egg-info/", "build/", "dist/", ".cache/",
     "*.safetensors", "*.pth", "*.pt", "*.ckpt", "*.onnx", "*.parquet", "*.tar", "*.mp4",
 )
-SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|PRIVATE_KEY|SESSION_KEY|API_KEY",
-                         re.IGNORECASE)
+SECRET_NAME = re.compile(
+    r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|PRIVATE_KEY|SESSION_KEY|API_KEY", re.IGNORECASE)
 DATA_FLAGS = ("--input", "--output", "--data", "--checkpoint", "--weights")
 
 

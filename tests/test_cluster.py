@@ -35,7 +35,8 @@ pytestmark = pytest.mark.slow
 PRECOMPUTE = {
     "partition_size": 2, "wave_size": 2, "filters": {"dedup": False}, "video": {"max_seconds": 1.0},
     "buckets": {"image_area": 64 * 64, "video_area": 64 * 96, "vit_area": 56 * 56},
-    "encoders": {"model_preset": "tiny", "vae_actors": 1, "vit_actors": 1, "batch_size": 8, "cpus_per_actor": 0.5},
+    "encoders": {"model_preset": "tiny", "vae_actors": 1, "vit_actors": 1, "batch_size": 8,
+                 "cpus_per_actor": 0.5},
 }
 INPUTS = 8
 
@@ -55,7 +56,8 @@ class LocalCluster:
         self.token = secrets.token_hex(32)
         self.gcs_port, self.dashboard_port = _free_port(), _free_port()
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "RAY_API"))}
+        ours = ("RAY_ADDRESS", "RAY_AUTH", "RAY_API")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
         self.env = {
             **env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
             "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "RAY_USAGE_STATS_ENABLED": "0",
@@ -66,8 +68,8 @@ class LocalCluster:
         self.nodes: dict[str, subprocess.Popen] = {}
 
     def _ports(self) -> list[str]:
-        names = ("node-manager-port", "object-manager-port", "metrics-export-port", "dashboard-agent-listen-port",
-                 "dashboard-agent-grpc-port", "runtime-env-agent-port")
+        names = ("node-manager-port", "object-manager-port", "metrics-export-port",
+                 "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port")
         return [f"--{name}={_free_port()}" for name in names]
 
     def _start(self, name: str, args: list[str]) -> None:
@@ -88,8 +90,9 @@ class LocalCluster:
                            f"--num-cpus={num_cpus}", f"--resources={json.dumps(resources)}"])
 
     def get(self, path: str, token: str | None = "") -> dict:
-        headers = {"Authorization": f"Bearer {self.token if token == '' else token}"} if token is not None else {}
-        with urllib.request.urlopen(urllib.request.Request(self.address + path, headers=headers), timeout=10) as r:
+        headers = {} if token is None else {"Authorization": f"Bearer {token or self.token}"}
+        request = urllib.request.Request(self.address + path, headers=headers)
+        with urllib.request.urlopen(request, timeout=10) as r:
             return json.loads(r.read())
 
     def alive_nodes(self) -> int:
@@ -101,7 +104,8 @@ class LocalCluster:
         while time.time() < deadline:
             for name, proc in self.nodes.items():
                 if proc.poll() is not None:
-                    raise RuntimeError(f"ray node {name} exited:\n{(self.temp_dir / f'{name}.log').read_text()}")
+                    log = (self.temp_dir / f"{name}.log").read_text()
+                    raise RuntimeError(f"ray node {name} exited:\n{log}")
             try:
                 if self.alive_nodes() == count:
                     return
@@ -195,7 +199,8 @@ def check_shards(output: Path, inputs: int) -> dict:
     assert stats["inputs"] == inputs
     assert stats["inputs"] == stats["inputs_written"] + stats["inputs_filtered"] + stats["inputs_quarantined"]
     assert manifest["partitions_committed"] == manifest["partitions_planned"]
-    ids = [i for shard in manifest["shards"] for i in pq.read_table(output / shard["shard"]).column("sample_id")]
+    tables = [pq.read_table(output / shard["shard"]) for shard in manifest["shards"]]
+    ids = [i for table in tables for i in table.column("sample_id")]
     assert len(ids) == len(set(ids)) == stats["samples_written"], "a sample was lost or written twice"
     return stats
 
@@ -218,8 +223,9 @@ def node_loss(cluster, precompute_config, tmp_path_factory) -> dict:
     images = write_release_parquet(root / "raw" / "t2i.parquet", "t2i", INPUTS, seed=3)
     output = root / "latents"
     job_args = ("--", "--input", str(images), "--output", str(output), "--no-progress")
-    first = lance_submit(cluster, "precompute", "--config", str(precompute_config), "--address", cluster.address,
-                         "--no-wait", "--entrypoint-resources", '{"worker_node": 1}', *job_args)
+    first = lance_submit(cluster, "precompute", "--config", str(precompute_config), "--address",
+                         cluster.address, "--no-wait", "--entrypoint-resources", '{"worker_node": 1}',
+                         *job_args)
     assert first.returncode == 0, first.stdout + first.stderr
     first_id = submission_id(first)
     deadline = time.time() + 240
@@ -254,7 +260,7 @@ def test_node_lost_mid_precompute_then_resubmitted_loses_and_duplicates_nothing(
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     sid = submission_id(out)
     assert f"{sid}: SUCCEEDED" in out.stdout
-    assert f"skipped as already committed {committed})" in out.stdout, "the job's own summary reaches the follower"
+    assert f"skipped as already committed {committed})" in out.stdout, "the job's log reaches the follower"
     stats = check_shards(node_loss["output"], inputs=INPUTS)
     assert stats["inputs_written"] == INPUTS
     info = cluster.job(sid)
@@ -273,13 +279,14 @@ def _train_config() -> Path | None:
     return path if path.is_file() else None
 
 
-@pytest.mark.skipif(_train_config() is None, reason="jobs/train.py or jobs/configs/train_tiny.yaml is missing")
+@pytest.mark.skipif(_train_config() is None, reason="jobs/train.py or jobs/configs/train_tiny.yaml missing")
 def test_train_on_the_cluster_reads_the_shards(cluster, node_loss, tmp_path):
     cluster.wait_nodes(2)
     run = tmp_path / "train"
-    out = lance_submit(cluster, "train", "--config", "jobs/configs/train_tiny.yaml", "--address", cluster.address,
-                       "--env", "DS_ACCELERATOR=cpu", "--", "--data", str(node_loss["output"]),
-                       "--output", str(run), "--steps", "2", "--workers", "1", timeout=420)
+    out = lance_submit(cluster, "train", "--config", "jobs/configs/train_tiny.yaml", "--address",
+                       cluster.address, "--env", "DS_ACCELERATOR=cpu", "--", "--data",
+                       str(node_loss["output"]), "--output", str(run), "--steps", "2", "--workers", "1",
+                       timeout=420)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert cluster.job(submission_id(out))["entrypoint"].startswith(
         "python -m jobs.train --config jobs/configs/train_tiny.yaml")

@@ -48,7 +48,8 @@ def recording(monkeypatch):
 
 
 def test_entrypoint_is_the_job_module_with_its_config_and_quoted_args():
-    command = api.entrypoint("train", "jobs/configs/train tiny.yaml", ("--data", "s3://b/x y", "--steps", "2"))
+    args = ("--data", "s3://b/x y", "--steps", "2")
+    command = api.entrypoint("train", "jobs/configs/train tiny.yaml", args)
     assert shlex.split(command) == ["python", "-m", "jobs.train", "--config", "jobs/configs/train tiny.yaml",
                                     "--data", "s3://b/x y", "--steps", "2"]
     assert api.entrypoint("precompute", None) == "python -m jobs.precompute"
@@ -56,8 +57,9 @@ def test_entrypoint_is_the_job_module_with_its_config_and_quoted_args():
 
 @pytest.mark.parametrize("path,left_out", [
     (".venv/lib/python3.11/site.py", True), (".git/HEAD", True), ("runs/latents/x.parquet", True),
-    ("bench/results/a.json", True), ("pipelines/__pycache__/a.pyc", True), ("lance_train.egg-info/PKG-INFO", True),
-    ("weights/model.safetensors", True), ("jobs/configs/train_tiny.yaml", False), ("pipelines/submit.py", False),
+    ("bench/results/a.json", True), ("pipelines/__pycache__/a.pyc", True),
+    ("lance_train.egg-info/PKG-INFO", True), ("weights/model.safetensors", True),
+    ("jobs/configs/train_tiny.yaml", False), ("pipelines/submit.py", False),
     ("bench/precompute.py", False),
 ])
 def test_what_stays_behind(path, left_out):
@@ -162,7 +164,8 @@ def test_cli_exit_codes(recording, capsys):
     from jobs import submit as cli
 
     recording.status = "FAILED"
-    assert cli.main(["precompute", "--config", str(ROOT / "jobs/configs/precompute_tiny.yaml"), "--address", "http://x:8265",
+    config = str(ROOT / "jobs/configs/precompute_tiny.yaml")
+    assert cli.main(["precompute", "--config", config, "--address", "http://x:8265",
                      "--", "--input", "runs/synth", "--output", "s3://b/out"]) == 1
     captured = capsys.readouterr()
     assert "submitted lance-precompute-" in captured.out and ": FAILED" in captured.out
