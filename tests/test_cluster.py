@@ -240,7 +240,8 @@ def node_loss(cluster, precompute_config, tmp_path_factory) -> dict:
     cluster.add_node("replacement", num_cpus=2, resources={})
     second = lance_submit(cluster, "precompute", "--config", str(precompute_config), "--address",
                           cluster.address, *job_args)
-    return {"output": output, "first": first_info, "committed_before": committed, "second": second}
+    return {"images": images, "output": output, "first": first_info, "committed_before": committed,
+            "second": second}
 
 
 def test_job_api_needs_the_token_and_listens_on_loopback(cluster):
@@ -293,3 +294,20 @@ def test_train_on_the_cluster_reads_the_shards(cluster, node_loss, tmp_path):
     metrics = [json.loads(line) for line in (run / "tiny" / "metrics.jsonl").read_text().splitlines()]
     assert max(row["step"] for row in metrics) == 2
     assert (run / "tiny" / "model.safetensors").is_file()
+
+
+def test_list_logs_and_stop_map_to_the_job_api(cluster, node_loss, precompute_config, tmp_path):
+    out = lance_submit(cluster, "precompute", "--config", str(precompute_config), "--address", cluster.address,
+                       "--no-wait", "--", "--input", str(node_loss["images"]), "--output", str(tmp_path / "x"))
+    sid = submission_id(out)
+    deadline = time.time() + 120
+    while cluster.job(sid)["status"] == "PENDING":
+        assert time.time() < deadline
+        time.sleep(0.2)
+    stop = lance_submit(cluster, "stop", sid, "--address", cluster.address)
+    assert stop.returncode == 0 and f"{sid}: stop requested" in stop.stdout, stop.stdout + stop.stderr
+    assert cluster.wait_job(sid, timeout=60)["status"] == "STOPPED"
+    listed = lance_submit(cluster, "list", "--address", cluster.address)
+    assert sid in listed.stdout and "STOPPED" in listed.stdout
+    logs = lance_submit(cluster, "logs", sid, "--address", cluster.address)
+    assert f"Running entrypoint for job {sid}" in logs.stdout
