@@ -75,6 +75,24 @@ def _submit(args: argparse.Namespace, job_args: list[str]) -> int:
     return 0 if status == "SUCCEEDED" else 1
 
 
+def _manage(args: argparse.Namespace) -> int:
+    from pipelines import submit as api
+
+    if args.action == "status":
+        print(json.dumps(api.job_status(args.address, args.submission_id), indent=2))
+    elif args.action == "stop":
+        stopped = api.stop_job(args.address, args.submission_id)
+        print(f"{args.submission_id}: {'stop requested' if stopped else 'already finished'}")
+    elif args.action == "logs" and args.follow:
+        print(f"{args.submission_id}: {api.follow(args.address, args.submission_id)}")
+    elif args.action == "logs":
+        sys.stdout.write(api.job_logs(args.address, args.submission_id))
+    else:
+        for row in api.list_jobs(args.address):
+            print(f"{row['submission_id']:<40} {row['status']:<10} {row['entrypoint']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     job_args = []
@@ -82,34 +100,18 @@ def main(argv: list[str] | None = None) -> int:
         cut = argv.index("--")
         argv, job_args = argv[:cut], argv[cut + 1:]
     args = _parser().parse_args(argv)
-    from pipelines import submit as api
+    from pipelines.submit import api_errors
 
     try:
-        if args.action in JOBS:
-            return _submit(args, job_args)
-        if job_args:
-            raise ConfigError(f"submit.{args.action}: takes no job arguments after --")
-        if args.action == "status":
-            print(json.dumps(api.job_status(args.address, args.submission_id), indent=2))
-        elif args.action == "stop":
-            stopped = api.stop_job(args.address, args.submission_id)
-            print(f"{args.submission_id}: {'stop requested' if stopped else 'already finished'}")
-        elif args.action == "logs":
-            if args.follow:
-                status = api.follow(args.address, args.submission_id)
-                print(f"{args.submission_id}: {status}")
-            else:
-                sys.stdout.write(api.job_logs(args.address, args.submission_id))
-        else:
-            for row in api.list_jobs(args.address):
-                print(f"{row['submission_id']:<40} {row['status']:<10} {row['entrypoint']}")
+        with api_errors(args.address):
+            if args.action in JOBS:
+                return _submit(args, job_args)
+            if job_args:
+                raise ConfigError(f"submit.{args.action}: takes no job arguments after --")
+            return _manage(args)
     except (ConfigError, SubmitError) as err:
         print(f"lance submit: {err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1
-    except RuntimeError as err:
-        print(f"lance submit: {args.address}: {err}", file=sys.stderr)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -181,13 +181,27 @@ def local_data_paths(job_args: tuple[str, ...]) -> list[str]:
     return paths
 
 
+@contextmanager
+def api_errors(address: str) -> Iterator[None]:
+    """Failures of the job API (unreachable, refused token, unknown job) as :class:`SubmitError`."""
+    import requests
+    from ray.exceptions import RayError
+
+    try:
+        yield
+    except (ConnectionError, requests.RequestException) as err:
+        raise SubmitError(f"cannot reach the Ray job API at {address}: {err}") from None
+    except (RayError, RuntimeError) as err:
+        if isinstance(err, SubmitError):
+            raise
+        raise SubmitError(f"{address}: {err}") from None
+
+
 def client(address: str):
     from ray.job_submission import JobSubmissionClient
 
-    try:
+    with api_errors(address):
         return JobSubmissionClient(address)
-    except ConnectionError as err:
-        raise SubmitError(f"cannot reach the Ray job API at {address}: {err}") from None
 
 
 def new_submission_id(job: str) -> str:

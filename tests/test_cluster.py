@@ -248,6 +248,11 @@ def test_job_api_needs_the_token_and_listens_on_loopback(cluster):
     with pytest.raises(urllib.error.HTTPError) as err:
         cluster.get("/api/jobs/", token=None)
     assert err.value.code == 401
+    env = {k: v for k, v in cluster.env.items() if not k.startswith("RAY_AUTH")}
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "submit", "list", "--address", cluster.address],
+                         cwd=ROOT, env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-token"},
+                         capture_output=True, text=True, check=False, timeout=120)
+    assert out.returncode == 1 and "Authentication failed" in out.stderr, out.stdout + out.stderr
     listening = {c.laddr for c in psutil.net_connections("tcp") if c.status == "LISTEN"}
     assert ("127.0.0.1", cluster.dashboard_port) in listening
     assert ("0.0.0.0", cluster.dashboard_port) not in listening

@@ -182,3 +182,16 @@ def test_unreachable_job_api_is_reported():
                           "http://127.0.0.1:9"], cwd=ROOT, capture_output=True, text=True, check=False)
     assert out.returncode == 1
     assert "cannot reach the Ray job API at http://127.0.0.1:9" in out.stderr
+
+
+def test_refused_token_is_reported(recording, monkeypatch, capsys):
+    from ray.exceptions import AuthenticationError
+
+    from jobs import submit as cli
+
+    def refuse(submission_id):
+        raise AuthenticationError("Authentication failed: Forbidden: Invalid authentication token")
+
+    recording.get_job_info = refuse
+    assert cli.main(["status", "some-id", "--address", "http://x:8265"]) == 1
+    assert "lance submit: http://x:8265: Authentication failed" in capsys.readouterr().err
