@@ -116,16 +116,20 @@ def test_every_yaml_file_loads():
 @pytest.mark.parametrize("name,job", _rayjobs(), ids=[n for n, _ in _rayjobs()])
 def test_rayjob_entrypoint_runs_a_real_job_with_a_real_config(name, job):
     assert job["kind"] == "RayJob"
-    module, config, _ = _job_command(job["spec"]["entrypoint"])
-    assert module.startswith("jobs.") and importlib.util.find_spec(module) is not None, module
+    module, config, args = _job_command(job["spec"]["entrypoint"])
+    spec = importlib.util.find_spec(module)
+    assert module.startswith("jobs.") and spec is not None, module
     assert config.startswith("jobs/configs/") and (ROOT / config).is_file(), config
+    source = Path(spec.origin).read_text()
+    for flag in (a for a in args if a.startswith("--")):
+        assert f'add_argument("{flag}"' in source, f"{module} has no option {flag}"
     assert name == f"rayjob-{module.split('.')[1]}.yaml"
     runtime = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
     workdir = re.search(r"^WORKDIR (\S+)", (CLUSTER / "Dockerfile").read_text(), re.MULTILINE).group(1)
     assert runtime["working_dir"] == workdir, "the RayJob runs the project copy inside the image"
-    spec = job["spec"]
-    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
-    assert spec["activeDeadlineSeconds"] > 0 and spec["backoffLimit"] >= 1
+    job_spec = job["spec"]
+    assert job_spec["shutdownAfterJobFinishes"] is True and job_spec["ttlSecondsAfterFinished"] > 0
+    assert job_spec["activeDeadlineSeconds"] > 0 and job_spec["backoffLimit"] >= 1
 
 
 @pytest.mark.parametrize("name,job", _rayjobs(), ids=[n for n, _ in _rayjobs()])
