@@ -144,7 +144,7 @@ def main() -> None:
 
     n = 32 if args.quick else args.images
     workdir = Path(tempfile.mkdtemp(prefix="bench-precompute-"))
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     small = write_release_parquet(workdir / "img-n" / "data.parquet", "t2i", n, seed=1)
     large = write_release_parquet(workdir / "img-4n" / "data.parquet", "t2i", 4 * n, seed=2)
     videos = write_release_parquet(workdir / "vid" / "data.parquet", "t2v", max(4, n // 20), seed=3)

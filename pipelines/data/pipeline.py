@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -100,7 +101,8 @@ def _prepare_output(cfg: PrecomputeConfig) -> None:
 
 def run_precompute(cfg: PrecomputeConfig, progress: bool = True) -> PrecomputeResult:
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+        # RAY_ADDRESS (a submitted job) joins its cluster; otherwise a new local Ray, never another one's.
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     ctx.target_max_block_size = max(ctx.target_max_block_size or 0, 8 * 2**30)
