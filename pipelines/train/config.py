@@ -204,6 +204,10 @@ class TrainConfig(StrictModel):
     name: str = "lance-train"
     """Run name: the run folder is ``<output>/<name>``; rerunning the same name resumes."""
     output: str = "runs/train"
+    """Storage of the run (checkpoints): a local folder or a URI Ray Train can write to (s3://...)."""
+    log_dir: str | None = None
+    """Folder rank 0 writes metrics, TensorBoard events, samples and the export into: local, or a shared
+    filesystem on a cluster. Default ``<output>/<name>``; required when ``output`` is a URI."""
     steps: int = Field(1000, gt=0)
     seed: int = 0
     max_failures: int = Field(0, ge=0)
@@ -234,6 +238,9 @@ class TrainConfig(StrictModel):
         if self.model.preset != "tiny" and self.model.tokenizer is None:
             raise ValueError(f"model.tokenizer is required for the {self.model.preset} preset (Qwen2 tokenizer)")
         self.model.build()
+        if "://" in self.output and self.log_dir is None:
+            raise ValueError(f"log_dir is required when output is a URI ({self.output}): metrics and samples "
+                             "are files on a local or shared filesystem")
         return self
 
     @property

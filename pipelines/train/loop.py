@@ -154,7 +154,7 @@ def train_func(config: dict) -> None:
         return total
 
     for step in range(start + 1, cfg.steps + 1):
-        began = time.perf_counter()
+        began, cpu_began = time.perf_counter(), time.process_time()
         pack = loader.next()
         waited = time.perf_counter() - began
         ticket_step, weights = pending.pop(0)
@@ -180,7 +180,7 @@ def train_func(config: dict) -> None:
             if rank == 0:
                 print(f"step {step}: non-finite loss on a rank; step skipped on all ranks", flush=True)
         und_grad, gen_grad = probe.take() if probe is not None else (float("nan"), float("nan"))
-        step_seconds = time.perf_counter() - began
+        step_seconds, step_cpu = time.perf_counter() - began, time.process_time() - cpu_began
 
         tasks = task_loss_sums(pack.batch, out.per_task).flatten().tolist()
         counters = pack.state["counters"]
@@ -189,7 +189,8 @@ def train_func(config: dict) -> None:
                             counters.get("bad_rows", 0), counters.get("filtered_rows", 0),
                             pack_flops(pack.batch, model_cfg, counts), zlib.crc32("|".join(pack.keys).encode()),
                             *tasks], dist.ReduceOp.SUM)
-        maxes = _all_reduce([waited, pack.build_seconds, step_seconds, -und_grad, -gen_grad], dist.ReduceOp.MAX)
+        maxes = _all_reduce([waited, pack.build_seconds, step_seconds, -und_grad, -gen_grad, step_cpu],
+                            dist.ReduceOp.MAX)
         total, ce, mse, tokens, samples, skipped, bad_rows, filtered, flops, data_hash = sums[:10]
         per_task = torch.tensor(sums[10:]).view(4, len(TASKS))
         waited_max, build_max, step_max = maxes[:3]
@@ -198,7 +199,8 @@ def train_func(config: dict) -> None:
             "step": step, "loss": _finite_or_none(total), "ce": _finite_or_none(ce), "mse": _finite_or_none(mse),
             "lr": engine.get_lr()[0], "grad_norm": _finite_or_none(float(grad_norm)) if grad_norm is not None else None,
             "tokens": int(tokens), "samples": int(samples), "tokens_per_s": tokens / step_max,
-            "samples_per_s": samples / step_max, "step_time_s": step_max, "data_wait_s": waited_max,
+            "samples_per_s": samples / step_max, "step_time_s": step_max, "step_cpu_s": maxes[5],
+            "data_wait_s": waited_max,
             "data_wait_share": waited_max / step_max, "pack_build_s": build_max,
             "pack_fill": tokens / (world * cfg.data.token_budget), "skipped_samples": int(skipped),
             "bad_rows": int(bad_rows), "filtered_rows": int(filtered), "skipped_steps": skipped_steps,

@@ -1,9 +1,10 @@
 """The driver side of a training run: plan the data, start (or join) Ray, run the ``TorchTrainer``.
 
-The run folder is ``<output>/<name>``: Ray Train keeps its checkpoints there (the last
-``checkpoint.keep_last``), rank 0 writes ``metrics.jsonl``, TensorBoard events (``tb/``), generated
-samples (``samples/``) and the exported ``model.safetensors``; the driver writes ``config.json`` and
-``plan.json``. Running again with the same output and name resumes from the last checkpoint.
+Ray Train keeps the run's checkpoints (the last ``checkpoint.keep_last``) under ``<output>/<name>``
+(local or s3://). Rank 0 writes ``metrics.jsonl``, TensorBoard events (``tb/``), generated samples
+(``samples/``) and the exported ``model.safetensors`` into the log folder (``log_dir``, by default the
+same ``<output>/<name>``); the driver writes ``config.json`` and ``plan.json`` there. Running again with
+the same output and name resumes from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -52,6 +53,14 @@ def worker_env(cfg: TrainConfig) -> dict[str, str]:
     return env
 
 
+def storage_and_log_dir(cfg: TrainConfig) -> tuple[str, Path]:
+    """Where Ray Train keeps the run (``<storage>/<name>``) and where rank 0 writes its files."""
+    if "://" in cfg.output:
+        return cfg.output, Path(cfg.log_dir).resolve()
+    storage = Path(cfg.output).resolve()
+    return str(storage), Path(cfg.log_dir).resolve() if cfg.log_dir else storage / cfg.name
+
+
 def build_trainer(cfg: TrainConfig, plan: DataPlan, run_dir: Path, callbacks: list | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -63,7 +72,7 @@ def build_trainer(cfg: TrainConfig, plan: DataPlan, run_dir: Path, callbacks: li
                             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
                                                   **({"GPU": 1} if cfg.scaling.use_gpu else {})})
     run_config = RunConfig(
-        name=run_dir.name, storage_path=str(run_dir.parent),
+        name=cfg.name, storage_path=storage_and_log_dir(cfg)[0],
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
         failure_config=FailureConfig(max_failures=cfg.max_failures),
         worker_runtime_env={"env_vars": worker_env(cfg)}, callbacks=callbacks,
@@ -77,7 +86,7 @@ def prepare_run(cfg: TrainConfig) -> tuple[DataPlan, Path]:
     plan = make_plan(cfg.data, cfg.mixture.weights)
     for message in plan.messages:
         print(f"data: {message}", flush=True)
-    run_dir = Path(cfg.output).resolve() / cfg.name
+    run_dir = storage_and_log_dir(cfg)[1]
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
     (run_dir / "plan.json").write_text(json.dumps(json.loads(plan.to_json()) | {"task_rows": plan.task_rows},

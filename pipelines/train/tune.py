@@ -88,6 +88,7 @@ def _trial(params: dict, base: str, plan: str, sweep_dir: str, one_at_a_time: bo
         release_stopped_trainers()
     name = f"trial-{ray.tune.get_context().get_trial_id()}"
     cfg = trial_config(TrainConfig.model_validate_json(base), params | {"name": name})
+    cfg = cfg.model_copy(update={"output": sweep_dir, "log_dir": None})
     build_trainer(cfg, DataPlan.from_json(plan), Path(sweep_dir) / name, callbacks=[TuneReportCallback()]).fit()
 
 
