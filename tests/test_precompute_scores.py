@@ -112,3 +112,15 @@ def test_scores_are_stored_and_filter_in_the_pipeline(ray_local, tmp_path):
     assert kept == set(scores) - low - texty
     assert stats["filtered_by_reason"].get("clip:low_clip_score", 0) == len(low)
     assert stats["filtered_by_reason"].get("text:text_overlay", 0) == len(texty - low)
+
+
+def test_actor_pools_that_leave_no_cpu_for_tasks_are_refused_up_front(capsys):
+    from pipelines.data.pipeline import check_cpu_budget, reserved_cpus
+
+    cfg = PrecomputeConfig(filters=dict(clip_score=True), encoders=dict(cpus_per_actor=1.0, cpus_per_task=1.0))
+    assert reserved_cpus(cfg) == 4.0
+    check_cpu_budget(cfg, 4.0, autoscaling=False)
+    with pytest.raises(ValueError, match="reserve 4 CPUs .* cluster has 2"):
+        check_cpu_budget(cfg, 2.0, autoscaling=False)
+    check_cpu_budget(cfg, 2.0, autoscaling=True)
+    assert "waiting for the autoscaler" in capsys.readouterr().out

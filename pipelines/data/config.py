@@ -75,7 +75,7 @@ class EncoderConfig(StrictModel):
     """CPUs reserved per encoder actor; leave room for the decode tasks on small machines."""
     threads_per_actor: int | None = Field(None, ge=1)
     """Torch threads of an encoder actor on CPU (None: the CPUs it reserves, at least 1)."""
-    cpus_per_task: float = Field(1.0, gt=0)
+    cpus_per_task: float = Field(0.5, gt=0)
     """CPUs reserved per read/decode and writer task."""
     vit_tasks: tuple[str, ...] = ("i2t", "v2t", "i2i", "v2v")
     """Tasks whose media also get ViT features (they are large; understanding and edit sources need them)."""

@@ -99,10 +99,32 @@ def _prepare_output(cfg: PrecomputeConfig) -> None:
                      lambda sub=sub: fs.makedirs(cfg.output.rstrip("/") + sub, exist_ok=True))
 
 
+def reserved_cpus(cfg: PrecomputeConfig) -> float:
+    """CPUs held by the actor pools for the whole run, plus one read/decode or writer task."""
+    enc = cfg.encoders
+    actors = enc.vae_actors + enc.vit_actors + (cfg.filters.score_actors if cfg.filters.scoring else 0)
+    return actors * enc.cpus_per_actor + enc.cpus_per_task
+
+
+def check_cpu_budget(cfg: PrecomputeConfig, cluster_cpus: float, autoscaling: bool) -> None:
+    """Actor pools that leave no room for a read or writer task would wait forever: say so up front."""
+    needed = reserved_cpus(cfg)
+    if needed <= cluster_cpus:
+        return
+    message = (f"the actor pools and one task reserve {needed:g} CPUs (encoders.cpus_per_actor x actors + "
+               f"encoders.cpus_per_task) but the cluster has {cluster_cpus:g}; lower encoders.cpus_per_actor, "
+               "encoders.cpus_per_task or the actor counts")
+    if not autoscaling:
+        raise ValueError(message)
+    print(f"precompute: warning: {message} (waiting for the autoscaler to add nodes)", flush=True)
+
+
 def run_precompute(cfg: PrecomputeConfig, progress: bool = True) -> PrecomputeResult:
+    joined = bool(os.environ.get("RAY_ADDRESS"))
     if not ray.is_initialized():
         # RAY_ADDRESS (a submitted job) joins its cluster; otherwise a new local Ray, never another one's.
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
+    check_cpu_budget(cfg, ray.cluster_resources().get("CPU", 0.0), autoscaling=joined)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     ctx.target_max_block_size = max(ctx.target_max_block_size or 0, 8 * 2**30)
