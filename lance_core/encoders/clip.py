@@ -34,12 +34,24 @@ class ClipScorer:
     """An open_clip model with its tokenizer and pixel preprocessing, scoring (image, text) pairs."""
 
     def __init__(self, model_name: str = "tiny", weights: str | None = None, device: str | torch.device = "cpu",
-                 seed: int = 0) -> None:
+                 seed: int = 0, architecture: dict | None = None) -> None:
+        """``architecture`` ({embed_dim, vision_cfg, text_cfg}) builds a custom CLIP instead of ``model_name``,
+        randomly initialised from ``seed`` unless ``weights`` names a checkpoint file."""
         import open_clip
 
         self.device = torch.device(device)
-        if model_name == "tiny":
-            model = _tiny_clip(seed)
+        if architecture is not None:
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                model = open_clip.model.CLIP(**architecture)
+            if weights is not None:
+                if not Path(weights).is_file():
+                    raise FileNotFoundError(f"CLIP weights file {weights!r} does not exist")
+                open_clip.load_checkpoint(model, weights)
+            tokenizer_name = None
+        elif model_name == "tiny":
+            with torch.random.fork_rng():
+                model = _tiny_clip(seed)
             tokenizer_name = "ViT-B-32"
         else:
             if weights is None:
@@ -51,8 +63,9 @@ class ClipScorer:
                 raise ValueError(f"unknown open_clip model {model_name!r}; see open_clip.list_models()")
             model = open_clip.create_model(model_name, pretrained=weights)
             tokenizer_name = model_name
-        self.model = model.to(self.device).eval()
-        self.tokenizer = open_clip.get_tokenizer(tokenizer_name)
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.tokenizer = (open_clip.get_tokenizer(tokenizer_name) if tokenizer_name else
+                          open_clip.tokenizer.SimpleTokenizer(context_length=model.context_length))
         size = self.model.visual.image_size
         self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         preprocess = getattr(self.model.visual, "preprocess_cfg", {}) or {}

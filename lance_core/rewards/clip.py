@@ -1,63 +1,39 @@
-"""CLIP score with open_clip: cosine similarity between the image and its prompt, times ``scale``.
+"""CLIP score reward: the open_clip image-text cosine similarity of :class:`ClipScorer`, times ``scale``.
 
-Weights come from a local file (``pretrained``); without one the model is randomly initialised, which is
-what tests use with a tiny architecture (``architecture``). Nothing is downloaded.
+Weights come from a local file (``pretrained``); without one a custom ``architecture`` is randomly
+initialised, which is what tests use with a tiny one. Nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from ..encoders.clip import ClipScorer
 from .base import RewardOutput
 from .config import CLIPConfig
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+def _device(name: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
 class CLIPReward:
-    def __init__(self, cfg: CLIPConfig | None = None) -> None:
-        import open_clip
-
-        cfg = cfg or CLIPConfig()
-
-        if cfg.device == "auto":
-            cfg = cfg.model_copy(update={"device": "cuda" if torch.cuda.is_available() else "cpu"})
+    def __init__(self, cfg: CLIPConfig = CLIPConfig()) -> None:
         self.cfg = cfg
-        with torch.random.fork_rng():
-            torch.manual_seed(cfg.seed)
-            if cfg.architecture is not None:
-                model = open_clip.model.CLIP(**cfg.architecture)
-                if cfg.pretrained is not None:
-                    open_clip.load_checkpoint(model, cfg.pretrained)
-                context = model.context_length
-                self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context)
-            else:
-                model = open_clip.create_model(cfg.model_name, pretrained=cfg.pretrained)
-                self.tokenizer = open_clip.get_tokenizer(cfg.model_name)
-        self.model = model.to(cfg.device).eval().requires_grad_(False)
-        size = model.visual.image_size
-        self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
-        self.mean = torch.tensor(OPENAI_MEAN, device=cfg.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(OPENAI_STD, device=cfg.device).view(1, 3, 1, 1)
+        self.scorer = ClipScorer(cfg.model_name or "", cfg.pretrained, _device(cfg.device), cfg.seed,
+                                 architecture=cfg.architecture)
 
-    def _pixels(self, images: list[np.ndarray]) -> torch.Tensor:
-        resized = []
-        for image in images:
-            pixels = torch.from_numpy(np.array(image, copy=True)).to(self.cfg.device).permute(2, 0, 1)[None]
-            resized.append(F.interpolate(pixels.float() / 255.0, size=self.image_size, mode="bicubic",
-                                         align_corners=False))
-        return (torch.cat(resized).clamp(0, 1) - self.mean) / self.std
+    def _score(self, images: list[np.ndarray], prompts: list[str]) -> list[float]:
+        """Images of one size are scored as one batch, others one by one."""
+        tensors = [torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float() / 255.0 for image in images]
+        if len({t.shape for t in tensors}) == 1:
+            return self.scorer.score(torch.stack(tensors), prompts).tolist()
+        return [float(self.scorer.score(t[None], [p])[0]) for t, p in zip(tensors, prompts)]
 
-    @torch.no_grad()
     def __call__(self, images: list[np.ndarray], prompts: list[str]) -> RewardOutput:
         scores: list[float] = []
         for start in range(0, len(images), self.cfg.batch_size):
             chunk = slice(start, start + self.cfg.batch_size)
-            image_emb = F.normalize(self.model.encode_image(self._pixels(images[chunk])).float(), dim=-1)
-            tokens = self.tokenizer(prompts[chunk]).to(self.cfg.device)
-            text_emb = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
-            scores += (self.cfg.scale * (image_emb * text_emb).sum(-1)).tolist()
+            scores += [self.cfg.scale * s for s in self._score(images[chunk], prompts[chunk])]
         return RewardOutput(scores, [None] * len(scores))

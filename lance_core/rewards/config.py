@@ -33,7 +33,7 @@ class CLIPConfig(StrictModel):
     architecture: dict[str, Any] | None = None
     """A custom open_clip CLIP config: {embed_dim, vision_cfg, text_cfg} (tests use a tiny one)."""
     pretrained: str | None = None
-    """Local weights file; None = random initialisation."""
+    """Local weights file (required for a named model; a custom ``architecture`` without it starts random)."""
     device: str = "auto"
     """auto = cuda when the process sees a GPU (declare num_gpus on the reward actors), else cpu."""
     scale: float = Field(1.0, gt=0)
