@@ -17,6 +17,10 @@ from lance_core.config import ConfigError
 from pipelines.demo import demo_configs, load_demo_config, run_demo
 
 
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lance demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"precompute: {metrics['samples_written']} samples of tasks {', '.join(metrics['tasks'])} "
           f"in {metrics['precompute_seconds']:.0f} s")
     print(f"train: {metrics['steps']} steps on {metrics['workers']} workers (ZeRO-{metrics['zero_stage']}): "
-          f"loss {first['loss']:.3f} -> {last['loss']:.3f} (ce {first['ce']:.3f} -> {last['ce']:.3f}, "
-          f"mse {first['mse']:.3f} -> {last['mse']:.3f}) in {metrics['train_seconds']:.0f} s")
+          f"loss {_num(first['loss'])} -> {_num(last['loss'])} (ce {_num(first['ce'])} -> {_num(last['ce'])}, "
+          f"mse {_num(first['mse'])} -> {_num(last['mse'])}) in {metrics['train_seconds']:.0f} s")
     print(f"throughput: {speed['tokens_per_s']:.0f} tokens/s, {speed['samples_per_s']:.1f} samples/s, "
           f"pack fill {speed['pack_fill']:.3f}, data wait {100 * speed['data_wait_share']:.1f} % of a step")
     print(f"generated caption: {metrics['eval'].get('caption_generated')!r}")

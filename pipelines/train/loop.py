@@ -196,7 +196,9 @@ def train_func(config: dict) -> None:
         waited_max, build_max, step_max = maxes[:3]
         grad_norm = engine.get_global_grad_norm() if finite.item() > 0 else None
         row = {
-            "step": step, "loss": _finite_or_none(total), "ce": _finite_or_none(ce), "mse": _finite_or_none(mse),
+            "step": step, "loss": _finite_or_none(total),
+            "ce": _finite_or_none(ce) if per_task[1].sum() > 0 else None,
+            "mse": _finite_or_none(mse) if per_task[3].sum() > 0 else None,
             "lr": engine.get_lr()[0], "grad_norm": _finite_or_none(float(grad_norm)) if grad_norm is not None else None,
             "tokens": int(tokens), "samples": int(samples), "tokens_per_s": tokens / step_max,
             "samples_per_s": samples / step_max, "step_time_s": step_max, "step_cpu_s": maxes[5],
@@ -206,7 +208,7 @@ def train_func(config: dict) -> None:
             "bad_rows": int(bad_rows), "filtered_rows": int(filtered), "skipped_steps": skipped_steps,
             "und_grad_min": -maxes[3], "gen_grad_min": -maxes[4], "data_hash": int(data_hash),
             "tflops": flops / step_max / 1e12,
-            "mfu": flops / step_max / (world * peak * 1e12) if peak else None,
+            "mfu": flops / (maxes[5] if device.type == "cpu" else step_max) / (world * peak * 1e12) if peak else None,
             "mixture": {t: round(w, 6) for t, w in weights.items()},
         }
         for index, task in enumerate(TASKS):

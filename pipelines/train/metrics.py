@@ -2,7 +2,8 @@
 
 MFU (TRAINING.md): FLOPs of a step = Σ over packed samples of T·(6·N_active + 12·L·H·d·T), T the
 sample's tokens (attention summed per sample, not over the whole pack; N_active one expert plus lm_head),
-divided by step time · workers · peak FLOP/s of one worker.
+divided by step time · workers · peak FLOP/s of one worker (on CPU: step CPU time and the matmul
+probe's FLOP per CPU-second).
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ def pack_flops(batch: PackedBatch, cfg: ModelConfig, counts: ParameterCounts) ->
 
 
 def probe_peak_tflops(size: int = 1024, reps: int = 5) -> float:
-    """Achieved fp32 matmul TFLOP/s of this process on CPU, as the MFU denominator there."""
+    """fp32 matmul TFLOP per CPU-second of this process: the MFU denominator on CPU, where MFU is taken
+    over the step's CPU time (a host shared with other work stretches wall time, not CPU time)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b
-    start = time.perf_counter()
+    start = time.process_time()
     for _ in range(reps):
         a @ b
-    return 2 * size**3 * reps / (time.perf_counter() - start) / 1e12
+    return 2 * size**3 * reps / (time.process_time() - start) / 1e12
 
 
 def peak_tflops(configured: float | None, device: torch.device) -> tuple[float, str]:
