@@ -1,5 +1,6 @@
 """``lance demo``: the main job on the embedded default: ``lance synth`` -> ``lance precompute`` (local Ray,
-tiny encoders) -> ``lance train`` (2 DeepSpeed ZeRO-2 workers, tiny model) -> a report in the run folder.
+tiny encoders) -> ``lance train`` (2 DeepSpeed ZeRO-2 workers, tiny model) -> ``lance grpo`` (a short phase from
+the exported weights) -> a report in the run folder.
 
     lance demo [--config jobs/configs/demo.yaml] [--output runs/demo] [--steps N]
 """
@@ -48,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"throughput: {speed['tokens_per_s']:.0f} tokens/s, {speed['samples_per_s']:.1f} samples/s, "
           f"pack fill {speed['pack_fill']:.3f}, data wait {100 * speed['data_wait_share']:.1f} % of a step")
     print(f"generated caption: {metrics['eval'].get('caption_generated')!r}")
+    if metrics["grpo"]:
+        g = metrics["grpo"]
+        print(f"grpo: {g['epochs']} epochs, reward {g['reward_first']:.3f} -> {g['reward_last']:.3f} "
+              f"(best {g['reward_best']:.3f}), {g['images_per_s']:.1f} images/s, "
+              f"zero-spread groups {100 * g['zero_spread_ratio']:.0f} %")
     print(json.dumps({k: metrics["eval"].get(k) for k in ("image_latent_shape", "video_latent_shape")}))
     print(f"report: {run_dir.resolve()}")
     return 0

@@ -2,9 +2,10 @@
 
 ``lance synth`` datasets (images with rendered text, moving-shape videos, edit pairs, QA rows) ->
 ``lance precompute`` on a local Ray (tiny Wan VAE and Qwen ViT, latent shards) -> ``lance train`` (Ray
-Train, 2 DeepSpeed ZeRO-2 workers on CPU, a few dozen steps of the multi-task mixture) -> a report in
+Train, 2 DeepSpeed ZeRO-2 workers on CPU, a few dozen steps of the multi-task mixture) -> a short
+``lance grpo`` phase from the exported weights (rollout, PP-OCR reward and learner actors) -> a report in
 the run folder: loss curves, a generated image and video strip decoded through the VAE, a generated
-caption, the metrics and the throughput summary.
+caption, the GRPO rewards and gallery, the metrics and the throughput summary.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pipelines.data.config import PrecomputeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_BASE = ROOT / "jobs" / "configs" / "train_tiny.yaml"
+GRPO_BASE = ROOT / "jobs" / "configs" / "grpo_tiny.yaml"
 
 DEMO_PRECOMPUTE = dict(partition_size=8, wave_size=8, latent_dtype="bf16",
                        buckets=dict(image_area=64 * 64, video_area=64 * 96, vit_area=56 * 56),
@@ -39,6 +41,10 @@ class DemoConfig(StrictModel):
     """Fields of the precompute config (input and output are set by the demo)."""
     train: dict[str, Any] = {}
     """Fields of the training config laid over jobs/configs/train_tiny.yaml."""
+    grpo_epochs: int = Field(2, ge=0)
+    """GRPO epochs after training, starting from the exported weights (0: no GRPO phase)."""
+    grpo: dict[str, Any] = {}
+    """Fields of the GRPO config laid over jobs/configs/grpo_tiny.yaml."""
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -49,9 +55,10 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def demo_configs(cfg: DemoConfig, run_dir: Path):
-    """The precompute and training configs of a demo run (validated, errors named ``demo.…``)."""
+    """The precompute, training and GRPO configs of a demo run (validated, errors named ``demo.…``)."""
     import yaml
 
+    from pipelines.rl.config import GRPOConfig
     from pipelines.train.config import TrainConfig
 
     latents = run_dir / "latents"
@@ -63,22 +70,26 @@ def demo_configs(cfg: DemoConfig, run_dir: Path):
              "deepspeed": {"zero_stage": cfg.zero_stage},
              "mixture": {"progressive": {"end_step": cfg.steps}}}
     train = load_config(TrainConfig, _merge(_merge(base, fixed), cfg.train), prefix="demo.train")
-    return precompute, train
+    grpo_base = yaml.safe_load(GRPO_BASE.read_text())
+    grpo = load_config(GRPOConfig, _merge(_merge(grpo_base, {"epochs": max(cfg.grpo_epochs, 1), "seed": cfg.seed}),
+                                          cfg.grpo), prefix="demo.grpo")
+    return precompute, train, grpo
 
 
 def run_demo(cfg: DemoConfig, run_dir: Path) -> dict:
     """Run the demo into ``run_dir``; returns the metrics written to ``metrics.json``."""
     from pipelines.data.pipeline import run_precompute
     from pipelines.data.synth import synth_all
+    from pipelines.rl import run_grpo
     from pipelines.train.report import plot_losses, throughput_summary
     from pipelines.train.trainer import ensure_ray, run_training
 
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    precompute_cfg, train_cfg = demo_configs(cfg, run_dir)
+    precompute_cfg, train_cfg, grpo_cfg = demo_configs(cfg, run_dir)
     (run_dir / "config.json").write_text(json.dumps({
         "demo": cfg.model_dump(mode="json"), "precompute": precompute_cfg.model_dump(mode="json"),
-        "train": train_cfg.model_dump(mode="json")}, indent=2))
+        "train": train_cfg.model_dump(mode="json"), "grpo": grpo_cfg.model_dump(mode="json")}, indent=2))
     timings = {}
     started = time.perf_counter()
     synth_all(run_dir / "synth", cfg.synth_count, cfg.seed)
@@ -90,6 +101,11 @@ def run_demo(cfg: DemoConfig, run_dir: Path) -> dict:
     started = time.perf_counter()
     result = run_training(train_cfg)
     timings["train_seconds"] = time.perf_counter() - started
+    grpo = {}
+    if cfg.grpo_epochs:
+        started = time.perf_counter()
+        grpo = run_grpo(grpo_cfg, run_dir / "grpo", checkpoint=str(result.export))
+        timings["grpo_seconds"] = time.perf_counter() - started
 
     rows = result.metrics
     plot_losses(rows, run_dir / "loss_curve.png")
@@ -118,6 +134,8 @@ def run_demo(cfg: DemoConfig, run_dir: Path) -> dict:
         "eval": last_eval,
         "export": str(result.export) if result.export else None,
         "train_run": str(result.run_dir),
+        "grpo": {k: grpo[k] for k in ("epochs", "reward_first", "reward_last", "reward_best", "images_per_s",
+                                      "zero_spread_ratio", "model")} if grpo else {},
         **{k: round(v, 2) for k, v in timings.items()},
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

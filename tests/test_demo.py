@@ -17,7 +17,7 @@ def test_lance_demo_runs_synth_precompute_train_and_writes_a_report(tmp_path):
     assert f"report: {tmp_path}" in out.stdout
     for name in ("loss_curve.png", "sample_image.png", "sample_video_frames.png", "metrics.json",
                  "loss_history.jsonl", "config.json", "latents/manifest.json", "train/metrics.jsonl",
-                 "train/model.safetensors"):
+                 "train/model.safetensors", "grpo/metrics.jsonl", "grpo/summary.json"):
         assert (tmp_path / name).stat().st_size > 0, name
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["tasks"] == sorted(["t2i", "t2v", "i2i", "v2v", "i2t", "v2t"])
@@ -26,6 +26,10 @@ def test_lance_demo_runs_synth_precompute_train_and_writes_a_report(tmp_path):
     assert metrics["eval"]["image_latent_shape"][-1] == 48 and metrics["eval"]["video_latent_shape"][0] > 1
     assert metrics["throughput"]["pack_fill"] > 0.8 and metrics["throughput"]["tokens_per_s"] > 0
     assert len((tmp_path / "loss_history.jsonl").read_text().splitlines()) == 12
+    grpo = metrics["grpo"]
+    assert grpo["epochs"] == 2 and 0.0 <= grpo["reward_last"] <= 2.0 and grpo["images_per_s"] > 0
+    assert list((tmp_path / "grpo" / "gallery").rglob("*.png"))
+    assert "grpo: 2 epochs, reward" in out.stdout
 
 
 def test_demo_rejects_a_bad_config_field(tmp_path):
