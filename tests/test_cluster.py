@@ -62,8 +62,8 @@ class LocalCluster:
             **env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
             "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "RAY_USAGE_STATS_ENABLED": "0",
             # A lost node is declared dead after ~3 s instead of ~30 s.
-            "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
-            "RAY_health_check_failure_threshold": "3",
+            "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "2000",
+            "RAY_health_check_failure_threshold": "5",
         }
         self.nodes: dict[str, subprocess.Popen] = {}
 
@@ -99,7 +99,7 @@ class LocalCluster:
         nodes = self.get("/nodes?view=summary")["data"]["summary"]
         return sum(1 for node in nodes if node["raylet"]["state"] == "ALIVE")
 
-    def wait_nodes(self, count: int, timeout: float = 120) -> None:
+    def wait_nodes(self, count: int, timeout: float = 300) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
             for name, proc in self.nodes.items():
