@@ -172,6 +172,7 @@ def cluster():
     cluster = LocalCluster()
     try:
         cluster.start_head(num_cpus=2)
+        cluster.wait_nodes(1)  # a node that joins before the head is registered gives up
         cluster.add_node("worker", num_cpus=2, resources={"worker_node": 1})
         cluster.wait_nodes(2)
         yield cluster
