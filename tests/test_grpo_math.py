@@ -27,8 +27,8 @@ from lance_core.sampling import SamplingConfig, euler_sample, prepare_prefix
 
 
 def _prefix(model, tokenizer, caption, groups, grid=(1, 3, 3)):
-    placeholder = torch.zeros(*grid, model.cfg.latent_channels)
-    sample = build_generation_sample(tokenizer, "t2i", caption, placeholder)
+    blank_target = torch.zeros(*grid, model.cfg.latent_channels)
+    sample = build_generation_sample(tokenizer, "t2i", caption, blank_target)
     return repeat_noisy(prepare_prefix(model, sample, "cpu"), groups)
 
 

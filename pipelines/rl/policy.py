@@ -146,10 +146,10 @@ class Policy(nn.Module):
 
     def group_prefixes(self, text: str, groups: int) -> tuple[PrefixState, PrefixState | None]:
         """Prefilled conditional (and, with CFG, unconditional) prefixes repeated for a group of G."""
-        placeholder = torch.zeros(*self.latent_grid(), self.model_cfg.latent_channels)
+        blank_target = torch.zeros(*self.latent_grid(), self.model_cfg.latent_channels)
 
         def prefix(caption: str) -> PrefixState:
-            sample = build_generation_sample(self.tokenizer, "t2i", caption, placeholder)
+            sample = build_generation_sample(self.tokenizer, "t2i", caption, blank_target)
             return repeat_noisy(prepare_prefix(self.model, sample, self.device), groups)
 
         cond = prefix(text)
