@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN_BASE = ROOT / "jobs" / "configs" / "train_tiny.yaml"
 GRPO_BASE = ROOT / "jobs" / "configs" / "grpo_tiny.yaml"
 
-DEMO_PRECOMPUTE = dict(partition_size=8, wave_size=8, latent_dtype="bf16",
+DEMO_PRECOMPUTE = dict(partition_size=8, latent_dtype="bf16",
                        buckets=dict(image_area=64 * 64, video_area=64 * 96, vit_area=56 * 56),
                        video=dict(fps=12, max_seconds=1.0), filters=dict(dedup=False))
 

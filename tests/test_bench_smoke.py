@@ -20,6 +20,8 @@ MODEL_STEP_KEYS = {"model", "backend", "budget", "fill", "real_tokens", "step_ms
 @pytest.mark.parametrize("script,top_keys,row_keys", [
     ("attention.py", {"heads", "kv_heads", "head_dim", "block_size", "rows", "scaling"}, ATTENTION_KEYS),
     ("model_step.py", {"threads", "rows"}, MODEL_STEP_KEYS),
+    ("precompute.py", {"images", "written", "clips", "stage_rates", "vae_alone_runs", "overlap_ratios"},
+     {"figure", "value", "baseline", "ratio"}),
 ])
 def test_bench_quick(tmp_path, script, top_keys, row_keys):
     out = tmp_path / "result.json"

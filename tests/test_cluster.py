@@ -33,12 +33,13 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 PRECOMPUTE = {
-    "partition_size": 2, "wave_size": 2, "filters": {"dedup": False}, "video": {"max_seconds": 1.0},
+    # One partition per sample, decoded one at a time: the run is paced so the node loss lands mid-run.
+    "partition_size": 1, "manifest_every": 1, "filters": {"dedup": False}, "video": {"max_seconds": 1.0},
     "buckets": {"image_area": 64 * 64, "video_area": 64 * 96, "vit_area": 56 * 56},
     "encoders": {"model_preset": "tiny", "vae_actors": 1, "vit_actors": 1, "batch_size": 8,
-                 "cpus_per_actor": 0.5},
+                 "cpus_per_actor": 0.5, "max_decode_tasks": 1},
 }
-INPUTS = 8
+INPUTS = 12
 
 
 def _free_port() -> int:

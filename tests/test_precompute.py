@@ -21,7 +21,7 @@ from pipelines.data.synth import synth_all
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
-TINY = dict(partition_size=4, wave_size=8, buckets=dict(image_area=64 * 64, video_area=64 * 96, vit_area=56 * 56),
+TINY = dict(partition_size=4, buckets=dict(image_area=64 * 64, video_area=64 * 96, vit_area=56 * 56),
             video=dict(max_seconds=1.0), filters=dict(dedup=False))
 
 
@@ -154,7 +154,8 @@ def test_exact_duplicates_are_dropped_once(ray_local, tmp_path):
 def test_kill_and_resume_loses_and_duplicates_nothing(ray_local, tmp_path, synth):
     out = tmp_path / "out"
     config = tmp_path / "cfg.yaml"
-    config.write_text(json.dumps({**TINY, "partition_size": 2, "wave_size": 1}))
+    one_at_a_time = dict(partition_size=1, manifest_every=1, encoders=dict(max_decode_tasks=1))
+    config.write_text(json.dumps({**TINY, **one_at_a_time}))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "jobs.precompute", "--config", str(config), "--input",
                              str(synth["parquet_t2i"]), "--output", str(out), "--no-progress"],
@@ -167,11 +168,11 @@ def test_kill_and_resume_loses_and_duplicates_nothing(ray_local, tmp_path, synth
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     committed_before = len(list((out / "_commits").glob("*.json")))
-    assert 1 <= committed_before < 3, "the kill should land mid-run"
-    result = _run(synth["parquet_t2i"], out, partition_size=2, wave_size=1)
+    assert 1 <= committed_before < 6, "the kill should land mid-run"
+    result = _run(synth["parquet_t2i"], out, **one_at_a_time)
     assert result.skipped == committed_before
     stats = _check_invariant(out)
-    assert stats["partitions_committed"] == 3 and stats["inputs_written"] == 6
+    assert stats["partitions_committed"] == 6 and stats["inputs_written"] == 6
 
 
 def _descendant_with(proc: subprocess.Popen, marker: str, deadline: float):
@@ -191,7 +192,7 @@ def _descendant_with(proc: subprocess.Popen, marker: str, deadline: float):
 def test_killed_encoder_actor_is_restarted_and_nothing_is_lost(ray_local, tmp_path, synth):
     out = tmp_path / "out"
     config = tmp_path / "cfg.yaml"
-    config.write_text(json.dumps({**TINY, "partition_size": 2, "wave_size": 3}))
+    config.write_text(json.dumps({**TINY, "partition_size": 2}))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "jobs.precompute", "--config", str(config), "--input",
                              str(synth["parquet_t2i"]), "--output", str(out), "--no-progress"],
@@ -208,7 +209,7 @@ def test_killed_encoder_actor_is_restarted_and_nothing_is_lost(ray_local, tmp_pa
     assert proc.returncode == 0, stderr.decode()[-2000:]
     stats = _check_invariant(out)
     assert stats["partitions_committed"] == 3 and stats["inputs_written"] == 6
-    rerun = _run(synth["parquet_t2i"], out, partition_size=2, wave_size=3)
+    rerun = _run(synth["parquet_t2i"], out, partition_size=2)
     assert rerun.skipped == 3 and rerun.committed_now == 0
     assert _check_invariant(out)["inputs_written"] == 6
 
@@ -220,3 +221,16 @@ def test_bad_config_field_is_named(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 2
     assert "precompute.partition_size" in out.stderr and "precompute.latent_dtype" in out.stderr
+
+
+def test_decode_runs_in_its_own_tasks_not_fused_into_the_encoder_actors(ray_local, tmp_path, synth, capsys):
+    from pipelines.data.pipeline import _build_dataset
+    from pipelines.data.sources import list_inputs, plan_partitions
+
+    cfg = PrecomputeConfig(input=str(synth["parquet_t2i"]), output=str(tmp_path / "out"), **TINY)
+    files = list_inputs(cfg)
+    partitions = plan_partitions(files, cfg.partition_size)
+    _build_dataset(cfg, files, partitions, list(range(len(partitions))), dedup=None).explain()
+    optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    assert "TaskPoolMapOperator[MapBatches(_partition_rows)]" in optimized
+    assert "ActorPoolMapOperator[MapBatches(VAEEncoder)]" in optimized

@@ -15,7 +15,7 @@ from pipelines.data.sources import StorageError
 from pipelines.data.synth import write_manifest, write_release_parquet
 
 pytestmark = pytest.mark.slow
-TINY = dict(partition_size=4, wave_size=8, buckets=dict(image_area=64 * 64, video_area=64 * 96, vit_area=56 * 56),
+TINY = dict(partition_size=4, buckets=dict(image_area=64 * 64, video_area=64 * 96, vit_area=56 * 56),
             video=dict(max_seconds=1.0))
 
 

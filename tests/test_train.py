@@ -37,7 +37,7 @@ def latents(ray_local, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("train-data")
     synth_all(root / "synth", count=8, seed=0)
     cfg = PrecomputeConfig(input=str(root / "synth" / "parquet"), output=str(root / "latents"), partition_size=8,
-                           wave_size=8, buckets=dict(image_area=64 * 64, video_area=64 * 96, vit_area=56 * 56),
+                           buckets=dict(image_area=64 * 64, video_area=64 * 96, vit_area=56 * 56),
                            video=dict(max_seconds=1.0), filters=dict(dedup=False))
     run_precompute(cfg, progress=False)
     return root / "latents"

@@ -7,6 +7,8 @@ so ``state_dict()`` already carries the Lance key names.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -74,20 +76,28 @@ class LanceModel(nn.Module):
         self.reset_parameters()
 
     # ------------------------------------------------------------------------------------------ setup
-    def reset_parameters(self) -> None:
-        if any(p.device.type == "meta" for p in self.parameters()):
+    def reset_parameters(self, gather: Callable[[nn.Module], ContextManager] | None = None) -> None:
+        """The Lance initialisation, module by module. Parameters partitioned as they were created
+        (DeepSpeed ZeRO-3 ``zero.Init``) hold no data here: the caller initialises them afterwards with a
+        ``gather`` context that makes one module's parameters whole (same seed, same values)."""
+        parameters = list(self.parameters())
+        if any(p.device.type == "meta" for p in parameters):
+            return
+        if gather is None and any(hasattr(p, "ds_id") for p in parameters):
             return
         std = self.cfg.initializer_range
         for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=std)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
-        self.latent_pos_embed.rebuild()
+            with gather(module) if gather is not None else nullcontext():
+                if isinstance(module, nn.Linear):
+                    nn.init.normal_(module.weight, std=std)
+                    if module.bias is not None:
+                        nn.init.zeros_(module.bias)
+                elif isinstance(module, nn.Embedding):
+                    nn.init.normal_(module.weight, std=std)
+                elif isinstance(module, RMSNorm):
+                    nn.init.ones_(module.weight)
+                elif isinstance(module, LatentPositionTable):
+                    module.rebuild()
 
     @property
     def layers(self) -> nn.ModuleList:

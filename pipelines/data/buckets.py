@@ -29,7 +29,7 @@ def bucket_for(width: int, height: int, target_area: int, multiple: int = 16,
 
 def resize_center_crop(frames: np.ndarray, width: int, height: int) -> torch.Tensor:
     """(T, H, W, 3) uint8 -> (T, 3, height, width) float in [0, 1]: scale to cover, then crop the centre."""
-    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255.0
+    video = torch.from_numpy(np.require(frames, requirements=["C", "W"])).permute(0, 3, 1, 2).float() / 255.0
     _, _, src_h, src_w = video.shape
     scale = max(width / src_w, height / src_h)
     new_w, new_h = max(width, round(src_w * scale)), max(height, round(src_h * scale))

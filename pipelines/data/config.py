@@ -77,6 +77,10 @@ class EncoderConfig(StrictModel):
     """Torch threads of an encoder actor on CPU (None: the CPUs it reserves, at least 1)."""
     cpus_per_task: float = Field(0.5, gt=0)
     """CPUs reserved per read/decode and writer task."""
+    memory_per_task_gb: float = Field(1.0, gt=0)
+    """Memory reserved per read/decode task (one partition's decoded pixels are held at once)."""
+    max_decode_tasks: int | None = Field(None, ge=1)
+    """Cap on concurrent read/decode tasks (None: as many as CPUs and memory allow)."""
     vit_tasks: tuple[str, ...] = ("i2t", "v2t", "i2i", "v2v")
     """Tasks whose media also get ViT features (they are large; understanding and edit sources need them)."""
 
@@ -98,8 +102,8 @@ class PrecomputeConfig(StrictModel):
     output: str = "runs/latents"
     partition_size: int = Field(64, ge=1)
     """Input records per partition; one partition becomes one shard."""
-    wave_size: int = Field(64, ge=1)
-    """Partitions per Ray Data execution; bounds memory whatever the dataset size."""
+    manifest_every: int = Field(64, ge=1)
+    """Commits between rewrites of manifest.json and stats.json (each commit record is durable by itself)."""
     latent_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     filters: FilterConfig = FilterConfig()
     video: VideoConfig = VideoConfig()

@@ -1,5 +1,6 @@
-"""The precompute pipeline on Ray Data: plan -> (read + decode + filter + bucket) -> VAE pool -> ViT pool
--> per-partition shard writer, in waves of partitions so memory stays bounded at any dataset size.
+"""The precompute pipeline on Ray Data: plan -> (read + decode + filter + bucket) -> scoring pool -> VAE pool
+-> ViT pool -> per-partition shard writer, as one streaming execution: the actor pools start once, and
+Ray Data's backpressure bounds memory whatever the dataset size.
 """
 
 from __future__ import annotations
@@ -133,37 +134,42 @@ def run_precompute(cfg: PrecomputeConfig, progress: bool = True) -> PrecomputeRe
     commits = read_commits(cfg.output, cfg)
     todo = [p for p in range(len(partitions)) if p not in commits]
     skipped = len(partitions) - len(todo)
-    cfg_json = cfg.model_dump_json()
     dedup = DedupIndex.remote(committed_hashes(cfg.output, commits, cfg) if cfg.filters.dedup else [])
     started = time.perf_counter()
-    gpu = cfg.encoders.num_gpus_per_actor
-    for wave_start in range(0, len(todo), cfg.wave_size):
-        wave = todo[wave_start:wave_start + cfg.wave_size]
-        items = [{"partition": p, "segments": json.dumps(partitions[p])} for p in wave]
-        ds = ray.data.from_items(items, override_num_blocks=len(wave))
-        ds = ds.map_batches(_partition_rows, fn_args=(files, cfg_json), batch_size=1, batch_format="numpy",
-                            num_cpus=cfg.encoders.cpus_per_task)
-        # One block per partition from the read stage to the writer: encoders take whole blocks
-        # (batch_size=None) and blocks are never split, so no shuffle is needed to regroup partitions.
-        cpus = cfg.encoders.cpus_per_actor
-        if cfg.filters.scoring:
-            ds = ds.map_batches(ScoreFilter, fn_constructor_args=(cfg_json,), batch_size=None,
-                                batch_format="pandas", compute=ActorPoolStrategy(size=cfg.filters.score_actors),
-                                num_cpus=cpus, num_gpus=gpu or None)
-        ds = ds.map_batches(VAEEncoder, fn_constructor_args=(cfg_json,), batch_size=None,
-                            batch_format="pandas", compute=ActorPoolStrategy(size=cfg.encoders.vae_actors),
-                            num_cpus=cpus, num_gpus=gpu or None)
-        ds = ds.map_batches(ViTEncoder, fn_constructor_args=(cfg_json,), batch_size=None,
-                            batch_format="pandas", compute=ActorPoolStrategy(size=cfg.encoders.vit_actors),
-                            num_cpus=cpus, num_gpus=gpu or None)
-        written = ds.map_batches(write_partition, fn_args=(cfg_json, cfg.output, dedup), batch_size=None,
-                                 batch_format="pandas", num_cpus=cfg.encoders.cpus_per_task)
-        for row in written.take_all():
+    if todo:
+        since_manifest = 0
+        for row in _build_dataset(cfg, files, partitions, todo, dedup).iter_rows():
             record = json.loads(row["commit"])
             commits[record["partition"]] = record
-        write_manifest(cfg, commits, len(partitions), time.perf_counter() - started)
+            since_manifest += 1
+            if since_manifest >= cfg.manifest_every:
+                write_manifest(cfg, commits, len(partitions), time.perf_counter() - started)
+                since_manifest = 0
     stats = write_manifest(cfg, commits, len(partitions), time.perf_counter() - started)
     return PrecomputeResult(cfg.output, len(partitions), len(todo), skipped, stats)
+
+
+def _build_dataset(cfg: PrecomputeConfig, files: list[InputFile], partitions: list, todo: list[int], dedup):
+    """All stages over the partitions still to do; each yielded row is one partition's commit record."""
+    cfg_json = cfg.model_dump_json()
+    enc = cfg.encoders
+    gpu = enc.num_gpus_per_actor or None
+    items = [{"partition": p, "segments": json.dumps(partitions[p])} for p in todo]
+    ds = ray.data.from_items(items, override_num_blocks=len(todo))
+    # The memory reservation also keeps decode in its own tasks: Ray Data fuses a task stage into the
+    # next actor stage when their remote args match, which would run decode and encode one after the other.
+    ds = ds.map_batches(_partition_rows, fn_args=(files, cfg_json), batch_size=1, batch_format="numpy",
+                        num_cpus=enc.cpus_per_task, memory=int(enc.memory_per_task_gb * 2**30),
+                        concurrency=enc.max_decode_tasks)
+    # One block per partition from the read stage to the writer: the actor stages take whole blocks
+    # (batch_size=None) and blocks are never split, so no shuffle is needed to regroup partitions.
+    stages = [(ScoreFilter, cfg.filters.score_actors)] if cfg.filters.scoring else []
+    stages += [(VAEEncoder, enc.vae_actors), (ViTEncoder, enc.vit_actors)]
+    for stage, actors in stages:
+        ds = ds.map_batches(stage, fn_constructor_args=(cfg_json,), batch_size=None, batch_format="pandas",
+                            compute=ActorPoolStrategy(size=actors), num_cpus=enc.cpus_per_actor, num_gpus=gpu)
+    return ds.map_batches(write_partition, fn_args=(cfg_json, cfg.output, dedup), batch_size=None,
+                          batch_format="pandas", num_cpus=enc.cpus_per_task)
 
 
 def write_manifest(cfg: PrecomputeConfig, commits: dict[int, dict], total: int, seconds: float) -> dict:

@@ -140,6 +140,9 @@ class DeepSpeedSection(StrictModel):
     ema_decay: float | None = Field(None, gt=0, lt=1)
     """Keep an exponential moving average of the weights (released: 0.9999); ZeRO stages 0-2."""
     reduce_bucket_size: int = Field(50_000_000, gt=0)
+    zero_init: bool = True
+    """ZeRO-3: create the parameters already partitioned (``deepspeed.zero.Init``), so no rank holds the
+    whole model; initial weights (init_qwen / init_lance) are read on rank 0 and scattered module by module."""
 
     @model_validator(mode="after")
     def _check(self) -> DeepSpeedSection:

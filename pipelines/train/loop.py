@@ -12,6 +12,7 @@ import json
 import math
 import time
 import zlib
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -47,21 +48,70 @@ def freeze(model: torch.nn.Module, groups: tuple[str, ...]) -> int:
     for name, param in model.named_parameters():
         if any(FREEZE_GROUPS[g](name) for g in groups):
             param.requires_grad_(False)
-            frozen += param.numel()
+            frozen += getattr(param, "ds_numel", param.numel())  # a ZeRO-3 partition holds only a share
     return frozen
 
 
-def build_initial_model(cfg: TrainConfig):
+def build_initial_model(cfg: TrainConfig, zero3_config: dict | None = None):
+    """The model to train, seeded, with its initial weights and frozen groups. With ``zero3_config`` the
+    parameters are created partitioned (ZeRO-3 ``zero.Init``) and end up with the same values."""
     torch.manual_seed(cfg.seed)
     model_cfg = cfg.model.build()
-    model = build_model(model_cfg)
+    if zero3_config is None:
+        model = build_model(model_cfg)
+        _load_initial_weights(cfg, model)
+    else:
+        model = _build_partitioned(cfg, model_cfg, zero3_config)
+    model.gradient_checkpointing = cfg.deepspeed.activation_checkpointing
+    freeze(model, cfg.freeze)
+    return model_cfg, model
+
+
+def _load_initial_weights(cfg: TrainConfig, model) -> None:
     if cfg.model.init_qwen:
         load_qwen25vl_weights(model, cfg.model.init_qwen)
     if cfg.model.init_lance:
         load_lance_checkpoint(model, cfg.model.init_lance)
-    model.gradient_checkpointing = cfg.deepspeed.activation_checkpointing
-    freeze(model, cfg.freeze)
-    return model_cfg, model
+
+
+def _gather_module(module: torch.nn.Module):
+    """One module's own parameters made whole; rank 0's values are scattered back on exit."""
+    import deepspeed
+
+    params = list(module.parameters(recurse=False))
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0) if params else nullcontext()
+
+
+def _build_partitioned(cfg: TrainConfig, model_cfg, zero3_config: dict):
+    import deepspeed
+
+    with deepspeed.zero.Init(config_dict_or_path=zero3_config):
+        model = build_model(model_cfg)
+    model.reset_parameters(gather=_gather_module)
+    if cfg.model.init_qwen or cfg.model.init_lance:
+        # Rank 0 alone reads the files into a whole copy (host memory of one model per job, not per rank).
+        source = None
+        if dist.get_rank() == 0:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed)
+                source = build_model(model_cfg)  # the same seeded values as the partitioned model
+            _load_initial_weights(cfg, source)
+        _scatter_from_rank0(model, source)
+    return model
+
+
+def _scatter_from_rank0(model, source) -> None:
+    values = dict(source.named_parameters()) if source is not None else {}
+    for prefix, module in model.named_modules():
+        with _gather_module(module), torch.no_grad():
+            if source is not None:
+                for name, param in module.named_parameters(recurse=False):
+                    param.copy_(values[f"{prefix}.{name}" if prefix else name])
+    buffers = dict(source.named_buffers()) if source is not None else {}
+    for name, buffer in model.named_buffers():
+        if source is not None:
+            buffer.copy_(buffers[name])
+        dist.broadcast(buffer, src=0)
 
 
 def _all_reduce(values: list[float], op) -> list[float]:
@@ -99,13 +149,15 @@ def train_func(config: dict) -> None:
         torch.cuda.set_device(device)
     torch.set_num_threads(cfg.scaling.threads_per_worker or max(1, int(cfg.scaling.cpus_per_worker)))
 
-    model_cfg, model = build_initial_model(cfg)
+    ds_config = build_deepspeed_config(cfg, on_gpu)
+    zero_init = cfg.deepspeed.zero_stage == 3 and cfg.deepspeed.zero_init
+    model_cfg, model = build_initial_model(cfg, ds_config if zero_init else None)
     probe = ExpertGradProbe(model) if cfg.metrics.expert_grad_check else None
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
                                   weight_decay=cfg.optim.weight_decay)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           config=build_deepspeed_config(cfg, on_gpu), dist_init_required=False)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                           dist_init_required=False)
     module = engine.module
     named_trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
 
