@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[1]
 
 RANK_SCRIPT = r"""
-import sys, torch, deepspeed
+import os, sys, torch, deepspeed
 deepspeed.init_distributed(dist_backend="gloo")
 import torch.distributed as dist
 from pipelines.train.config import load_train_config
@@ -40,6 +40,9 @@ with deepspeed.zero.GatheredParameters(params):
         torch.save(state, out)
 dist.barrier()
 dist.destroy_process_group()
+# skip the interpreter's teardown of gloo/DeepSpeed C++ statics, which can abort once the work is done
+sys.stdout.flush()
+os._exit(0)
 """
 
 
