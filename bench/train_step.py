@@ -1,18 +1,19 @@
 """Training step of Ray Train + DeepSpeed against a plain single-process PyTorch loop, on the same model
 and the same packed batches.
 
-    python bench/train_step.py [--quick] [--out FILE]
+    python bench/train_step.py [--quick] [--rounds N] [--out FILE]
 
 Data: latent shards of five tasks (t2i, t2v, i2i, i2t, v2t) with random latents and ViT features of the
 model's sizes, written in the shard schema; every run streams them through the same loader and packer
 (rank 0 of 1 sees the same packs in both loops). Model: the ``mid`` config of bench/model_step.py
 (hidden 512, 4 layers), fp32 on CPU, one thread per worker in both loops.
 
-Rows: the plain loop (AdamW, clip 1.0, packs built before timing; run before and after the 1-worker
-Ray run and averaged, as the load of a shared machine drifts), Ray Train + DeepSpeed ZeRO-2 with 1
+Rows: the plain loop (AdamW, clip 1.0, packs built before timing), Ray Train + DeepSpeed ZeRO-2 with 1
 worker and with 2 workers (packs built by the loader thread during training). Step time is the median
-over the steps after the warm-up, from the per-step metrics of the run; ``vs plain`` is its ratio to the
-plain loop (goal <= 1.10); ``vs 1 worker`` the throughput ratio of 2 workers to 1 (ideal 2.0 with a core
+over the steps after the warm-up, from the per-step metrics of the run. The plain loop and the 1-worker
+run alternate over ``--rounds`` rounds (plain, Ray, plain, ..., plain), because the load of a shared
+machine drifts by more than the overhead measured; ``vs plain`` is the median over the rounds of the
+Ray run's step time over the mean of the plain runs either side of it (goal <= 1.10); ``vs 1 worker`` the throughput ratio of 2 workers to 1 (ideal 2.0 with a core
 per worker); ``fill`` the real-token share of the budget (goal >= 0.95); ``data wait`` the share of the
 step spent waiting for the next pack (goal <= 5 %).
 """
@@ -161,38 +162,60 @@ COLUMNS = [("loop", "loop", "s"), ("workers", "workers", "d"), ("step_ms", "step
            ("fill", "fill", ".3f"), ("data_wait", "data wait", ".3%"), ("mfu", "MFU", ".3f")]
 
 
+def paired_rounds(data_root: Path, runs: Path, rounds: int, warmup: int, steps: int, budget: int) -> dict:
+    """The plain loop and the 1-worker Ray run alternated (plain, Ray, plain, ..., plain): each Ray run is
+    compared with the mean of the plain runs either side of it, and the median of those ratios is the
+    figure, so the drifting load of a shared host cancels. Each Ray run trains from scratch (its own name)."""
+    plain = [plain_loop(train_config(data_root, runs, "plain", 1, warmup + steps, budget), warmup, steps)]
+    print(f"plain loop: {plain[-1]['step_ms']:.1f} ms/step", flush=True)
+    ray_runs = []
+    for index in range(rounds):
+        ray_runs.append(ray_loop(train_config(data_root, runs, f"one-{index}", 1, warmup + steps, budget), warmup))
+        print(f"Ray Train + DeepSpeed, 1 worker: {ray_runs[-1]['step_ms']:.1f} ms/step", flush=True)
+        plain.append(plain_loop(train_config(data_root, runs, "plain", 1, warmup + steps, budget), warmup, steps))
+        print(f"plain loop: {plain[-1]['step_ms']:.1f} ms/step", flush=True)
+    ratios = {key: [run[key] / ((before[key] + after[key]) / 2) for run, before, after in zip(ray_runs, plain, plain[1:])]
+              for key in ("step_ms", "step_cpu_ms")}
+    return {"plain": plain, "ray_one": ray_runs, "ratios": ratios,
+            "ratio": statistics.median(ratios["step_ms"]), "cpu_ratio": statistics.median(ratios["step_cpu_ms"])}
+
+
+def _median_row(runs: list[dict]) -> dict:
+    """The run whose step time is the median (the upper one of an even count)."""
+    return sorted(runs, key=lambda row: row["step_ms"])[len(runs) // 2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="few steps (smoke test)")
+    parser.add_argument("--quick", action="store_true", help="few steps, one round (smoke test)")
     parser.add_argument("--out", help="JSON path (default bench/results/train_step.json)")
     parser.add_argument("--budget", type=int, default=2048, help="token budget per rank per step")
+    parser.add_argument("--rounds", type=int, default=3, help="paired plain / Ray rounds")
     args = parser.parse_args()
-    warmup, steps = (2, 4) if args.quick else (3, 12)
+    warmup, steps, rounds = (2, 4, 1) if args.quick else (3, 12, args.rounds)
     load_start = load_average()
     with tempfile.TemporaryDirectory(prefix="lance-bench-") as tmp:
         tmp = Path(tmp)
         data_root = write_shards(tmp / "latents", rows_per_task=48, hidden=MID["hidden_size"])
-        one = train_config(data_root, tmp / "runs", "one", 1, warmup + steps, args.budget)
-        before = plain_loop(one, warmup, steps)
-        print(f"plain loop: {before['step_ms']:.1f} ms/step", flush=True)
-        ray_one = ray_loop(one, warmup)
-        print(f"Ray Train + DeepSpeed, 1 worker: {ray_one['step_ms']:.1f} ms/step", flush=True)
-        after = plain_loop(one, warmup, steps)
-        print(f"plain loop again: {after['step_ms']:.1f} ms/step", flush=True)
-        plain = {**before, **{k: (before[k] + after[k]) / 2 for k in ("step_ms", "step_cpu_ms", "tokens_per_s")}}
+        paired = paired_rounds(data_root, tmp / "runs", rounds, warmup, steps, args.budget)
         ray_two = ray_loop(train_config(data_root, tmp / "runs", "two", 2, warmup + steps, args.budget), warmup)
         print(f"Ray Train + DeepSpeed, 2 workers: {ray_two['step_ms']:.1f} ms/step", flush=True)
-    for row in (plain, ray_one, ray_two):
-        row["vs_plain"] = row["step_ms"] / plain["step_ms"] if row["workers"] == 1 else None
-        row["vs_plain_cpu"] = row["step_cpu_ms"] / plain["step_cpu_ms"] if row["workers"] == 1 else None
-        row["vs_one"] = row["tokens_per_s"] / ray_one["tokens_per_s"] if row is not plain else None
+    plain, ray_one = dict(_median_row(paired["plain"])), dict(_median_row(paired["ray_one"]))
+    plain.update(vs_plain=1.0, vs_plain_cpu=1.0, vs_one=None)
+    ray_one.update(vs_plain=paired["ratio"], vs_plain_cpu=paired["cpu_ratio"], vs_one=1.0)
+    ray_two.update(vs_plain=None, vs_plain_cpu=None, vs_one=ray_two["tokens_per_s"] / ray_one["tokens_per_s"])
     load = {"start": load_start, "end": load_average()}
     print(f"\nload average {load['start']:.1f} at start, {load['end']:.1f} at end; model 'mid' (hidden 512, 4 layers), "
           f"fp32 CPU, 1 thread per worker, token budget {args.budget} per rank, {steps} timed steps after {warmup}")
+    print(f"{rounds} paired rounds; Ray 1 worker / plain, wall: "
+          + " ".join(f"{r:.3f}" for r in paired["ratios"]["step_ms"])
+          + "; cpu: " + " ".join(f"{r:.3f}" for r in paired["ratios"]["step_cpu_ms"])
+          + " (rows: the median runs; 'vs plain': the median paired ratio)")
     rows = [plain, ray_one, ray_two]
     print_table(rows, COLUMNS)
     write_json("train_step", {"budget": args.budget, "warmup": warmup, "steps": steps, "load_average": load,
-                              "rows": rows}, args.out)
+                              "rows": rows, "paired_ratios": paired["ratios"],
+                              "plain_runs": paired["plain"], "ray_one_runs": paired["ray_one"]}, args.out)
 
 
 if __name__ == "__main__":
