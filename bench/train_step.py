@@ -8,14 +8,15 @@ model's sizes, written in the shard schema; every run streams them through the s
 (rank 0 of 1 sees the same packs in both loops). Model: the ``mid`` config of bench/model_step.py
 (hidden 512, 4 layers), fp32 on CPU, one thread per worker in both loops.
 
-Rows: the plain loop (AdamW, clip 1.0, packs built before timing), Ray Train + DeepSpeed ZeRO-2 with 1
-worker and with 2 workers (packs built by the loader thread during training). Step time is the median
-over the steps after the warm-up, from the per-step metrics of the run. The plain loop and the 1-worker
-run alternate over ``--rounds`` rounds (plain, Ray, plain, ..., plain), because the load of a shared
-machine drifts by more than the overhead measured; ``vs plain`` is the median over the rounds of the
-Ray run's step time over the mean of the plain runs either side of it (goal <= 1.10); ``vs 1 worker`` the throughput ratio of 2 workers to 1 (ideal 2.0 with a core
-per worker); ``fill`` the real-token share of the budget (goal >= 0.95); ``data wait`` the share of the
-step spent waiting for the next pack (goal <= 5 %).
+Rows: the plain loop (the training loop's optimizer, fused AdamW, clip 1.0, packs built before timing),
+Ray Train + DeepSpeed ZeRO-2 with 1 worker and with 2 workers (packs built by the loader thread during
+training). Step time is the median over the steps after the warm-up, from the per-step metrics of the
+run. The plain loop and the 1-worker run alternate over ``--rounds`` rounds (plain, Ray, plain, ...,
+plain), because the load of a shared machine drifts by more than the overhead measured; ``vs plain`` is
+the median over the rounds of the Ray run's step time over the mean of the plain runs either side of it
+(goal <= 1.10); ``vs 1 worker`` the throughput ratio of 2 workers to 1 (ideal 2.0 with a core per
+worker); ``fill`` the real-token share of the budget (goal >= 0.95); ``data wait`` the share of the step
+spent waiting for the next pack (goal <= 5 %).
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def plain_loop(cfg, warmup: int, steps: int) -> dict:
     """The same packs (the loader of rank 0 of 1), the same optimizer, schedule and clipping, no Ray, no
     DeepSpeed, no cross-rank reductions."""
     from pipelines.train.data import PackLoader
-    from pipelines.train.loop import build_initial_model
+    from pipelines.train.loop import build_initial_model, build_optimizer
     from pipelines.train.mixture import MixtureSchedule
     from pipelines.train.plan import make_plan
 
@@ -117,8 +118,7 @@ def plain_loop(cfg, warmup: int, steps: int) -> dict:
     schedule = MixtureSchedule(cfg.mixture, list(plan.task_rows))
     loader = PackLoader(plan, cfg.data, model_cfg, ByteTokenizer(), 0, 1, cfg.seed, True)
     packs = [loader.build_pack(schedule.weights(k + 1)) for k in range(warmup + steps)]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                                  weight_decay=cfg.optim.weight_decay)
+    optimizer = build_optimizer(cfg, list(model.parameters()))
     warm = max(2, cfg.optim.warmup_steps)
     lr_at = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, k / warm))
     noise = torch.Generator().manual_seed(0)

@@ -129,6 +129,8 @@ class OptimSection(StrictModel):
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(500, ge=0)
     grad_clip: float = Field(1.0, ge=0)
+    fused: bool = True
+    """torch's fused AdamW kernel (CPU and GPU): one pass over each tensor, no full-size temporaries."""
 
 
 class DeepSpeedSection(StrictModel):

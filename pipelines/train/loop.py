@@ -114,6 +114,12 @@ def _scatter_from_rank0(model, source) -> None:
         dist.broadcast(buffer, src=0)
 
 
+def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    optim = cfg.optim
+    return torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, eps=optim.eps,
+                             weight_decay=optim.weight_decay, fused=optim.fused)
+
+
 def _all_reduce(values: list[float], op) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(tensor, op=op)
@@ -153,9 +159,7 @@ def train_func(config: dict) -> None:
     zero_init = cfg.deepspeed.zero_stage == 3 and cfg.deepspeed.zero_init
     model_cfg, model = build_initial_model(cfg, ds_config if zero_init else None)
     probe = ExpertGradProbe(model) if cfg.metrics.expert_grad_check else None
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                                  weight_decay=cfg.optim.weight_decay)
+    optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                            dist_init_required=False)
     module = engine.module
