@@ -1,7 +1,7 @@
 """Training step of Ray Train + DeepSpeed against a plain single-process PyTorch loop, on the same model
 and the same packed batches.
 
-    python bench/train_step.py [--quick] [--rounds N] [--out FILE]
+    python bench/train_step.py [--quick] [--rounds N] [--default-allocator] [--out FILE]
 
 Data: latent shards of five tasks (t2i, t2v, i2i, i2t, v2t) with random latents and ViT features of the
 model's sizes, written in the shard schema; every run streams them through the same loader and packer
@@ -16,12 +16,16 @@ plain), because the load of a shared machine drifts by more than the overhead me
 the median over the rounds of the Ray run's step time over the mean of the plain runs either side of it
 (goal <= 1.10); ``vs 1 worker`` the throughput ratio of 2 workers to 1 (ideal 2.0 with a core per
 worker); ``fill`` the real-token share of the budget (goal >= 0.95); ``data wait`` the share of the step
-spent waiting for the next pack (goal <= 5 %).
+spent waiting for the next pack (goal <= 5 %). Both loops run with the allocator settings of the training
+workers (``scaling.retain_freed_memory``: freed memory kept for reuse); ``--default-allocator`` runs both
+without them.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import random
 import statistics
@@ -86,7 +90,8 @@ def write_shards(root: Path, rows_per_task: int, hidden: int, seed: int = 0) -> 
     return root
 
 
-def train_config(data_root: Path, output: Path, name: str, workers: int, steps: int, budget: int):
+def train_config(data_root: Path, output: Path, name: str, workers: int, steps: int, budget: int,
+                 retain_freed_memory: bool = True):
     from pipelines.train.config import load_train_config
 
     return load_train_config({
@@ -97,11 +102,23 @@ def train_config(data_root: Path, output: Path, name: str, workers: int, steps: 
         "mixture": {"weights": {t: 1.0 for t in TASK_SHAPES}},
         "optim": {"lr": 1e-3, "warmup_steps": 2},
         "deepspeed": {"zero_stage": 2},
-        "scaling": {"workers": workers, "cpus_per_worker": 1, "threads_per_worker": 1},
+        "scaling": {"workers": workers, "cpus_per_worker": 1, "threads_per_worker": 1,
+                    "retain_freed_memory": retain_freed_memory},
         "checkpoint": {"every_steps": steps, "keep_last": 1, "export_safetensors": False},
         "eval": {"samples": False},
         "metrics": {"report_every": steps, "expert_grad_check": False},
     })
+
+
+def retain_freed_memory_here() -> None:
+    """This process's allocator set as the training workers' (``RETAIN_FREED_MEMORY_ENV``, read by glibc at
+    start-up there): here by ``mallopt``, for the main arena the plain loop runs in."""
+    from pipelines.train.trainer import RETAINED_MEMORY_BYTES
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    for option in (-1, -3):  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
+        if libc.mallopt(option, RETAINED_MEMORY_BYTES) != 1:
+            raise RuntimeError(f"mallopt({option}) refused")
 
 
 def plain_loop(cfg, warmup: int, steps: int) -> dict:
@@ -162,17 +179,17 @@ COLUMNS = [("loop", "loop", "s"), ("workers", "workers", "d"), ("step_ms", "step
            ("fill", "fill", ".3f"), ("data_wait", "data wait", ".3%"), ("mfu", "MFU", ".3f")]
 
 
-def paired_rounds(data_root: Path, runs: Path, rounds: int, warmup: int, steps: int, budget: int) -> dict:
+def paired_rounds(config, rounds: int, warmup: int, steps: int) -> dict:
     """The plain loop and the 1-worker Ray run alternated (plain, Ray, plain, ..., plain): each Ray run is
     compared with the mean of the plain runs either side of it, and the median of those ratios is the
     figure, so the drifting load of a shared host cancels. Each Ray run trains from scratch (its own name)."""
-    plain = [plain_loop(train_config(data_root, runs, "plain", 1, warmup + steps, budget), warmup, steps)]
+    plain = [plain_loop(config("plain", 1), warmup, steps)]
     print(f"plain loop: {plain[-1]['step_ms']:.1f} ms/step", flush=True)
     ray_runs = []
     for index in range(rounds):
-        ray_runs.append(ray_loop(train_config(data_root, runs, f"one-{index}", 1, warmup + steps, budget), warmup))
+        ray_runs.append(ray_loop(config(f"one-{index}", 1), warmup))
         print(f"Ray Train + DeepSpeed, 1 worker: {ray_runs[-1]['step_ms']:.1f} ms/step", flush=True)
-        plain.append(plain_loop(train_config(data_root, runs, "plain", 1, warmup + steps, budget), warmup, steps))
+        plain.append(plain_loop(config("plain", 1), warmup, steps))
         print(f"plain loop: {plain[-1]['step_ms']:.1f} ms/step", flush=True)
     ratios = {key: [run[key] / ((before[key] + after[key]) / 2) for run, before, after in zip(ray_runs, plain, plain[1:])]
               for key in ("step_ms", "step_cpu_ms")}
@@ -191,14 +208,23 @@ def main() -> None:
     parser.add_argument("--out", help="JSON path (default bench/results/train_step.json)")
     parser.add_argument("--budget", type=int, default=2048, help="token budget per rank per step")
     parser.add_argument("--rounds", type=int, default=3, help="paired plain / Ray rounds")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="both loops without the workers' retain_freed_memory allocator settings")
     args = parser.parse_args()
     warmup, steps, rounds = (2, 4, 1) if args.quick else (3, 12, args.rounds)
     load_start = load_average()
     with tempfile.TemporaryDirectory(prefix="lance-bench-") as tmp:
         tmp = Path(tmp)
         data_root = write_shards(tmp / "latents", rows_per_task=48, hidden=MID["hidden_size"])
-        paired = paired_rounds(data_root, tmp / "runs", rounds, warmup, steps, args.budget)
-        ray_two = ray_loop(train_config(data_root, tmp / "runs", "two", 2, warmup + steps, args.budget), warmup)
+        retain = not args.default_allocator
+        if retain:
+            retain_freed_memory_here()
+
+        def config(name: str, workers: int):
+            return train_config(data_root, tmp / "runs", name, workers, warmup + steps, args.budget, retain)
+
+        paired = paired_rounds(config, rounds, warmup, steps)
+        ray_two = ray_loop(config("two", 2), warmup)
         print(f"Ray Train + DeepSpeed, 2 workers: {ray_two['step_ms']:.1f} ms/step", flush=True)
     plain, ray_one = dict(_median_row(paired["plain"])), dict(_median_row(paired["ray_one"]))
     plain.update(vs_plain=1.0, vs_plain_cpu=1.0, vs_one=None)
@@ -206,14 +232,15 @@ def main() -> None:
     ray_two.update(vs_plain=None, vs_plain_cpu=None, vs_one=ray_two["tokens_per_s"] / ray_one["tokens_per_s"])
     load = {"start": load_start, "end": load_average()}
     print(f"\nload average {load['start']:.1f} at start, {load['end']:.1f} at end; model 'mid' (hidden 512, 4 layers), "
-          f"fp32 CPU, 1 thread per worker, token budget {args.budget} per rank, {steps} timed steps after {warmup}")
+          f"fp32 CPU, 1 thread per worker, token budget {args.budget} per rank, {steps} timed steps after {warmup}; "
+          f"allocator: {'default' if args.default_allocator else 'freed memory retained (scaling.retain_freed_memory)'}")
     print(f"{rounds} paired rounds; Ray 1 worker / plain, wall: "
           + " ".join(f"{r:.3f}" for r in paired["ratios"]["step_ms"])
           + "; cpu: " + " ".join(f"{r:.3f}" for r in paired["ratios"]["step_cpu_ms"])
           + " (rows: the median runs; 'vs plain': the median paired ratio)")
     rows = [plain, ray_one, ray_two]
     print_table(rows, COLUMNS)
-    write_json("train_step", {"budget": args.budget, "warmup": warmup, "steps": steps, "load_average": load,
+    write_json("train_step", {"budget": args.budget, "retain_freed_memory": not args.default_allocator, "warmup": warmup, "steps": steps, "load_average": load,
                               "rows": rows, "paired_ratios": paired["ratios"],
                               "plain_runs": paired["plain"], "ray_one_runs": paired["ray_one"]}, args.out)
 

@@ -159,6 +159,11 @@ class ScalingSection(StrictModel):
     cpus_per_worker: float = Field(1.0, gt=0)
     threads_per_worker: int | None = Field(None, gt=0)
     """torch intra-op threads per worker (default: cpus_per_worker)."""
+    retain_freed_memory: bool = True
+    """Workers keep freed memory for reuse instead of returning it to the OS (glibc malloc: one arena,
+    mmap and trim thresholds of 1 GiB). On CPU, DeepSpeed allocates full-size flat gradient buffers every
+    step; returned to the OS, each is mapped again page by page, page faults that cost ZeRO-2 a few
+    percent of the step. A worker's resident memory then stays at its peak."""
     worker_start_timeout_s: float = Field(600.0, gt=0)
     """How long Ray Train waits for the worker group to start (its default, 60 s, is short on a busy host)."""
 

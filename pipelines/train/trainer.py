@@ -46,10 +46,22 @@ def ensure_ray(num_cpus: int | None = None) -> None:
                  runtime_env={"env_vars": env})
 
 
+RETAINED_MEMORY_BYTES = 1 << 30
+RETAIN_FREED_MEMORY_ENV = {
+    # Read by glibc when the worker process starts. One arena: Ray Train runs the training function in a
+    # thread, and a thread's own arena cannot hold blocks larger than 64 MiB, so those would be mapped anew.
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_THRESHOLD_": str(RETAINED_MEMORY_BYTES),
+    "MALLOC_TRIM_THRESHOLD_": str(RETAINED_MEMORY_BYTES),
+}
+
+
 def worker_env(cfg: TrainConfig) -> dict[str, str]:
     env = {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     if not cfg.scaling.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
+    if cfg.scaling.retain_freed_memory:
+        env.update(RETAIN_FREED_MEMORY_ENV)
     return env
 
 
