@@ -10,7 +10,7 @@ PackedBatch fields (L tokens, S spans, V VAE tokens, U ViT tokens):
 field                shape       meaning
 ===================  ==========  ====================================================================
 input_ids            (L,)        text id, or the image/video pad id at visual tokens
-is_gen               (L,)        True = GEN expert (VAE tokens), False = UND expert (text, ViT)
+is_gen               (L,)        True = GEN expert (VAE tokens), False = UND expert (text, markers, ViT)
 token_kind           (L,)        TEXT / VIT / VAE_CLEAN / VAE_NOISY
 position_ids         (3, L)      (t, h, w) mRoPE ids, MaPE applied per sample
 sample_index         (L,)        packed sample of the token (padding: its own index past the samples)
@@ -32,27 +32,17 @@ vit_features         (U, D)      ViT features (D = hidden size) placed at those 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Iterable, Iterator, Literal
+from typing import Iterable, Iterator, Literal, Sequence
 
 import torch
 
 from .positions import Role, SpanPosition, position_ids
+from .prompts import description_system_prompt, generation_system_prompt
 from .tokenizer import TextTokenizer, chat_turn
 
 TASKS = ("t2i", "t2v", "i2v", "i2i", "v2v", "i2t", "v2t", "subject")
 GENERATION_TASKS = ("t2i", "t2v", "i2v", "i2i", "v2v", "subject")
 UNDERSTANDING_TASKS = ("i2t", "v2t")
-
-TASK_SYSTEM_PROMPTS = {
-    "t2i": "You are a helpful assistant that generates an image from the user's description.",
-    "t2v": "You are a helpful assistant that generates a video from the user's description.",
-    "i2v": "You are a helpful assistant that animates the given first frame into a video following the user's description.",
-    "i2i": "You are a helpful assistant that edits the given image following the user's instruction.",
-    "v2v": "You are a helpful assistant that edits the given video following the user's instruction.",
-    "subject": "You are a helpful assistant that generates an image of the given subjects following the user's description.",
-    "i2t": "You are a helpful assistant.",
-    "v2t": "You are a helpful assistant.",
-}
 
 TEXT, VIT, VAE_CLEAN, VAE_NOISY = 0, 1, 2, 3
 IGNORE_INDEX = -100
@@ -76,9 +66,22 @@ class Span:
     """(n,) bool: text tokens that are CE targets (predicted from the token before them)."""
     clean_frames: int = 0
     """Noise spans: leading latent frames kept clean (t = 0, no loss), the i2v first frame."""
+    bracketed: bool = False
+    """Visual spans: the first and last tokens are ``<|vision_start|>`` / ``<|vision_end|>``. They belong
+    to the span (its attention mode and MaPE shift) but stay UND text tokens; ``latents`` and
+    ``vit_features`` cover the tokens between them."""
 
     def __len__(self) -> int:
         return int(self.token_ids.numel())
+
+    @property
+    def markers(self) -> int:
+        """Tokens before the visual tokens (one vision-start marker, or none)."""
+        return 1 if self.bracketed else 0
+
+    @property
+    def visual_tokens(self) -> int:
+        return len(self) - 2 * self.markers
 
     @property
     def is_gen(self) -> bool:
@@ -106,7 +109,7 @@ class Sample:
         return any(s.is_gen for s in self.spans)
 
     def span_positions(self, temporal_step: float) -> list[SpanPosition]:
-        return [SpanPosition(len(s), s.role, s.grid, temporal_step) for s in self.spans]
+        return [SpanPosition(len(s), s.role, s.grid, temporal_step, s.bracketed) for s in self.spans]
 
 
 # ---------------------------------------------------------------------------------------------- builders
@@ -133,24 +136,27 @@ class _SpanBuilder:
             self.spans.append(Span("causal", "text", torch.tensor(self._ids), ce_targets=ce))
         self._ids, self._ce = [], []
 
-    def vit(self, features: torch.Tensor, grid: tuple[int, int, int], video: bool) -> "_SpanBuilder":
+    def _visual(self, n: int, **span_fields) -> Span:
         special = self.tok.special
-        pad = special.video_pad if video else special.image_pad
-        self.text("<|vision_start|>")._flush()
-        n = features.shape[0]
-        self.spans.append(Span("full", "vit", torch.full((n,), pad), grid=grid, vit_features=features))
-        return self.text("<|vision_end|>")
+        # the release renders images and videos alike with <|video_pad|>
+        ids = torch.tensor([special.vision_start] + [special.video_pad] * n + [special.vision_end])
+        return Span(token_ids=ids, bracketed=True, **span_fields)
 
-    def vae(self, latents: torch.Tensor, role: Role, noisy: bool, clean_frames: int = 0, close: bool = True):
+    def vit(self, features: torch.Tensor, grid: tuple[int, int, int]) -> "_SpanBuilder":
+        self._flush()
+        self.spans.append(self._visual(features.shape[0], mode="full", role="vit", grid=grid,
+                                       vit_features=features))
+        return self
+
+    def vae(self, latents: torch.Tensor, role: Role, noisy: bool, clean_frames: int = 0) -> "_SpanBuilder":
         """``latents`` is (T', H', W', C); it becomes T'·H'·W' tokens in raster order."""
         frames, height, width, channels = latents.shape
-        self.text("<|vision_start|>")._flush()
-        span = Span(
-            "noise" if noisy else "full", role, torch.full((frames * height * width,), self.tok.special.video_pad),
-            grid=(frames, height, width), latents=latents.reshape(-1, channels), clean_frames=clean_frames,
-        )
-        self.spans.append(span)
-        return self.text("<|vision_end|>") if close else self
+        self._flush()
+        self.spans.append(self._visual(
+            frames * height * width, mode="noise" if noisy else "full", role=role, grid=(frames, height, width),
+            latents=latents.reshape(-1, channels), clean_frames=clean_frames,
+        ))
+        return self
 
     def build(self) -> list[Span]:
         self._flush()
@@ -167,6 +173,10 @@ class VisualInput:
     is_video: bool = False
 
 
+def _is_video_target(task: str, target: torch.Tensor) -> bool:
+    return task in ("t2v", "i2v", "v2v") or (task == "subject" and target.shape[0] > 1)
+
+
 def build_generation_sample(
     tokenizer: TextTokenizer,
     task: str,
@@ -179,49 +189,60 @@ def build_generation_sample(
     system: str | None = None,
     key: str = "",
 ) -> Sample:
-    """t2i / t2v / i2v / i2i / v2v / subject: ``[system][user: conditions | caption][assistant: noisy target]``.
+    """t2i / t2v / i2v / i2i / v2v / subject:
+    ``[system][user: conditions | caption][assistant: <vs> noisy target <ve>]<|im_end|>``.
 
-    The noisy target is the last span: nothing may attend to it, so the closing tokens are left out.
-    An empty caption gives the unconditional sequence used for classifier-free guidance.
+    Every visual condition is a ViT span and/or a clean VAE span, each bracketed by its vision markers.
+    The closing ``<|im_end|>`` after the target sees everything but the target (the noise mode), as in the
+    release. An empty caption gives the unconditional sequence used for classifier-free guidance.
     """
     if task not in GENERATION_TASKS:
         raise ValueError(f"task {task!r} is not a generation task; allowed: {', '.join(GENERATION_TASKS)}")
     b = _SpanBuilder(tokenizer)
-    b.text(chat_turn("system", system or TASK_SYSTEM_PROMPTS[task]) + "<|im_start|>user\n")
+    system = system or generation_system_prompt(task, _is_video_target(task, target))
+    b.text(chat_turn("system", system) + "<|im_start|>user\n")
     for ref in references:
         if ref.vit_features is not None:
-            b.vit(ref.vit_features, ref.vit_grid, ref.is_video)
+            b.vit(ref.vit_features, ref.vit_grid)
         if ref.latents is not None:
             b.vae(ref.latents, "reference", noisy=False)
     if source is not None:
         if source.vit_features is not None:
-            b.vit(source.vit_features, source.vit_grid, source.is_video)
+            b.vit(source.vit_features, source.vit_grid)
         if source.latents is not None:
             b.vae(source.latents, "source", noisy=False)
     b.text(caption + "<|im_end|>\n<|im_start|>assistant\n")
-    b.vae(target, "target", noisy=True, clean_frames=1 if first_frame_clean else 0, close=False)
+    b.vae(target, "target", noisy=True, clean_frames=1 if first_frame_clean else 0)
+    b.text("<|im_end|>")
     return Sample(task, b.build(), key)
 
 
 def build_understanding_sample(
     tokenizer: TextTokenizer,
     task: str,
-    media: VisualInput,
+    media: VisualInput | Sequence[VisualInput],
     question: str,
     answer: str | None,
     *,
     system: str | None = None,
     key: str = "",
 ) -> Sample:
-    """i2t / v2t: ``[system][user: ViT(media) | question][assistant: answer]``; CE on the answer and
-    its closing ``<|im_end|>``. ``answer=None`` stops after the assistant header (inference prompt)."""
+    """i2t / v2t: ``[system][user: ViT(media)... | question][assistant: answer]``; CE on the answer and
+    its closing ``<|im_end|>``. ``answer=None`` stops after the assistant header (inference prompt).
+    Without a ``system`` instruction the sample gets a released description prompt (chosen by ``key``
+    when the sample is a training one, i.e. has an answer)."""
     if task not in UNDERSTANDING_TASKS:
         raise ValueError(f"task {task!r} is not an understanding task; allowed: {', '.join(UNDERSTANDING_TASKS)}")
-    if media.vit_features is None or media.vit_grid is None:
+    items = [media] if isinstance(media, VisualInput) else list(media)
+    if not items or any(item.vit_features is None or item.vit_grid is None for item in items):
         raise ValueError("understanding samples need ViT features and their grid")
+    if system is None:
+        video = task == "v2t" or any(item.is_video for item in items)
+        system = description_system_prompt(video, key if answer is not None else None)
     b = _SpanBuilder(tokenizer)
-    b.text(chat_turn("system", system or TASK_SYSTEM_PROMPTS[task]) + "<|im_start|>user\n")
-    b.vit(media.vit_features, media.vit_grid, media.is_video)
+    b.text(chat_turn("system", system) + "<|im_start|>user\n")
+    for item in items:
+        b.vit(item.vit_features, item.vit_grid)
     b.text(question + "<|im_end|>\n<|im_start|>assistant\n")
     if answer is not None:
         b.text(answer + "<|im_end|>", ce=True)
@@ -324,29 +345,34 @@ def pack_samples(
         cols["sample_index"].append(torch.full_like(ids, sample_no))
         local = 0
         for span in sample.spans:
-            n = len(span)
-            cols["is_gen"].append(torch.full((n,), span.is_gen))
-            kind = torch.full((n,), span.kind, dtype=torch.int8)
+            n, lead, inner = len(span), span.markers, span.visual_tokens
+            visual = slice(lead, lead + inner)
+            is_gen = torch.zeros(n, dtype=torch.bool)
+            is_gen[visual] = span.is_gen
+            kind = torch.full((n,), TEXT, dtype=torch.int8)
+            kind[visual] = span.kind
             mse = torch.zeros(n, dtype=torch.bool)
             target = torch.full((n,), -1, dtype=torch.long)
             if span.kind == VAE_NOISY:
                 clean = span.clean_frames * span.grid[1] * span.grid[2]
-                kind[:clean] = VAE_CLEAN
-                mse[clean:] = True
-                target[clean:] = target_counter
+                kind[lead:lead + clean] = VAE_CLEAN
+                mse[lead + clean:lead + inner] = True
+                target[lead + clean:lead + inner] = target_counter
                 target_counter += 1
+            cols["is_gen"].append(is_gen)
             cols["token_kind"].append(kind)
             cols["mse_mask"].append(mse)
             cols["target_index"].append(target)
             cols["span_index"].append(torch.full((n,), span_counter))
             cols["span_bidirectional"].append(torch.full((n,), span.mode != "causal"))
             cols["span_noise"].append(torch.full((n,), span.mode == "noise"))
+            first = offset + local + lead
             if span.latents is not None:
-                vae_pos.append(torch.arange(offset + local, offset + local + n))
+                vae_pos.append(torch.arange(first, first + inner))
                 vae_lat.append(span.latents.float())
                 vae_grid.append(_latent_grid_coords(span.grid))
             if span.vit_features is not None:
-                vit_pos.append(torch.arange(offset + local, offset + local + n))
+                vit_pos.append(torch.arange(first, first + inner))
                 vit_feat.append(span.vit_features.float())
             span_counter += 1
             local += n

@@ -147,7 +147,7 @@ def group_velocity(model: LanceModel, state: PrefixState, x: torch.Tensor, t: fl
     values = x.reshape(groups * tokens, channels).to(dtype)
     times = torch.full((groups * tokens,), t, device=x.device, dtype=dtype)
     hidden, _ = model.backbone(TokenInputs.from_batch(state.noisy, values, times), cache=state.cache)
-    return model.velocity(hidden).float().reshape(groups, tokens, channels)
+    return model.velocity(hidden[state.noisy.vae_positions]).float().reshape(groups, tokens, channels)
 
 
 def guided_velocity(

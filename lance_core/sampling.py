@@ -46,17 +46,18 @@ def cfg_combine(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float, resc
 
 @dataclass
 class PrefixState:
-    """A prefilled prefix: per-layer KV cache plus the token slice still to run each step."""
+    """A prefilled prefix: per-layer KV cache plus the noisy span (with its markers) to run each step."""
 
     cache: list[LayerCache]
     noisy: PackedBatch
 
 
-def _noisy_start(batch: PackedBatch) -> int:
+def _noisy_range(batch: PackedBatch) -> tuple[int, int]:
+    """[start, stop) of the noisy target span, its vision markers included."""
     noisy = torch.nonzero(batch.span_noise).squeeze(1)
     if noisy.numel() == 0:
         raise ValueError("the sample has no noisy target span")
-    return int(noisy[0])
+    return int(noisy[0]), int(noisy[-1]) + 1
 
 
 @torch.no_grad()
@@ -69,15 +70,15 @@ def prepare_prefix(model: LanceModel, sample: Sample, device: torch.device | str
     cfg = model.cfg
     batch = pack_samples([sample], mape=cfg.mape, temporal_step=cfg.tokens_per_second,
                          latent_channels=cfg.latent_channels, vit_dim=cfg.hidden_size).to(device)
-    start = _noisy_start(batch)
-    return PrefixState(prefill(model, batch.token_slice(0, start)), batch.token_slice(start, len(batch)))
+    start, stop = _noisy_range(batch)
+    return PrefixState(prefill(model, batch.token_slice(0, start)), batch.token_slice(start, stop))
 
 
 @torch.no_grad()
 def predict_velocity(model: LanceModel, state: PrefixState, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     inputs = TokenInputs.from_batch(state.noisy, x, t)
     hidden, _ = model.backbone(inputs, cache=state.cache)
-    return model.velocity(hidden).float()
+    return model.velocity(hidden[state.noisy.vae_positions]).float()
 
 
 @torch.no_grad()

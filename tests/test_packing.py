@@ -18,10 +18,11 @@ from lance_core.synthetic import synthetic_mix
 
 def test_every_task_packs_with_consistent_fields(tokenizer, tiny_cfg):
     samples = synthetic_mix(tokenizer, tiny_cfg, per_task=1)
-    batch = pack_samples(samples, pad_to=2048)
-    assert len(batch) == 2048 and batch.num_real_tokens == sum(s.num_tokens for s in samples)
+    size = sum(s.num_tokens for s in samples) + 100
+    batch = pack_samples(samples, pad_to=size)
+    assert len(batch) == size and batch.num_real_tokens == sum(s.num_tokens for s in samples)
     assert batch.sample_tasks == list(TASKS)
-    assert batch.position_ids.shape == (3, 2048)
+    assert batch.position_ids.shape == (3, size)
     assert torch.equal(batch.is_gen[batch.vae_positions], torch.ones(len(batch.vae_positions), dtype=torch.bool))
     assert not batch.is_gen[batch.vit_positions].any()
     assert (batch.token_kind[batch.vit_positions] == VIT).all()
@@ -35,7 +36,7 @@ def test_every_task_packs_with_consistent_fields(tokenizer, tiny_cfg):
     assert torch.equal(batch.ce_labels[ce_pos], batch.input_ids[ce_pos + 1])
     # padding is its own sample with no loss
     pad = batch.task_index == -1
-    assert int(pad.sum()) == 2048 - batch.num_real_tokens
+    assert int(pad.sum()) == size - batch.num_real_tokens
     assert (batch.sample_index[pad] == len(samples)).all()
 
 
@@ -52,14 +53,19 @@ def test_i2v_first_latent_frame_is_clean_and_lossless(tokenizer):
     sample = build_generation_sample(tokenizer, "i2v", "walk", target, first_frame_clean=True)
     batch = pack_samples([sample])
     noisy_span = torch.nonzero(batch.span_noise).squeeze(1)
-    assert len(noisy_span) == 12
-    assert (batch.token_kind[noisy_span[:4]] == VAE_CLEAN).all()
-    assert not batch.mse_mask[noisy_span[:4]].any() and batch.mse_mask[noisy_span[4:]].all()
+    assert len(noisy_span) == 12 + 2  # with <|vision_start|> and <|vision_end|>
+    latents = noisy_span[1:-1]
+    assert (batch.token_kind[latents[:4]] == VAE_CLEAN).all()
+    assert not batch.mse_mask[latents[:4]].any() and batch.mse_mask[latents[4:]].all()
+    assert not batch.mse_mask[noisy_span[[0, -1]]].any() and not batch.is_gen[noisy_span[[0, -1]]].any()
 
 
-def test_noisy_target_is_the_last_span(tokenizer):
+def test_noisy_target_keeps_its_markers_and_closes_the_turn(tokenizer):
     sample = build_generation_sample(tokenizer, "t2i", "x", torch.randn(1, 2, 2, 48))
-    assert sample.spans[-1].mode == "noise"
+    target, closing = sample.spans[-2:]
+    assert target.mode == "noise" and target.bracketed
+    assert target.token_ids[[0, -1]].tolist() == [tokenizer.special.vision_start, tokenizer.special.vision_end]
+    assert closing.mode == "causal" and closing.token_ids.tolist() == [tokenizer.special.im_end]
 
 
 def test_unknown_task_is_rejected(tokenizer):
@@ -78,7 +84,7 @@ def test_token_slice_splits_prefix_and_noise(tokenizer):
     start = int(torch.nonzero(batch.span_noise)[0])
     prefix, noisy = batch.token_slice(0, start), batch.token_slice(start, len(batch))
     assert len(prefix) + len(noisy) == len(batch)
-    assert prefix.vae_positions.numel() == 0 and noisy.vae_positions.tolist() == [0, 1, 2, 3]
+    assert prefix.vae_positions.numel() == 0 and noisy.vae_positions.tolist() == [1, 2, 3, 4]
     assert torch.equal(noisy.position_ids, batch.position_ids[:, start:])
 
 

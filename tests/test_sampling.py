@@ -40,9 +40,10 @@ def test_kv_cached_step_equals_full_forward(tokenizer, tiny_cfg):
     t = torch.zeros(len(x))
     t[-n:] = 0.6
     with torch.no_grad():
-        full = model.velocity(model.backbone(TokenInputs.from_batch(batch, x, t))[0][-n:])
+        hidden = model.backbone(TokenInputs.from_batch(batch, x, t))[0]
+        full = model.velocity(hidden[batch.vae_positions[-n:]])
     state = prepare_prefix(model, sample, "cpu")
-    assert len(state.noisy) == n
+    assert len(state.noisy) == n + 2  # the target's latents between its two vision markers
     cached = predict_velocity(model, state, x[-n:], t[-n:])
     assert torch.allclose(full, cached, atol=1e-5)
 
@@ -106,7 +107,8 @@ def test_editing_uses_source_conditions_and_pixel_aligned_positions(tokenizer, t
     sample = build_generation_sample(tokenizer, "i2i", "make it blue", torch.zeros(1, 2, 3, 48), source=source)
     state = prepare_prefix(model, sample, "cpu")
     batch = pack_samples([sample])
-    source_tokens = torch.nonzero(batch.token_kind == 2).squeeze(1)
+    source_span = batch.span_index[torch.nonzero(batch.token_kind == 2).squeeze(1)[0]]
+    source_tokens = torch.nonzero(batch.span_index == source_span).squeeze(1)  # markers included
     assert torch.equal(state.noisy.position_ids, batch.position_ids[:, source_tokens])
     cfg = SamplingConfig(steps=3)
     a = generate_latents(model, tokenizer, "i2i", "make it blue", (1, 2, 3), cfg, source=source,

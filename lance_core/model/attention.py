@@ -112,16 +112,13 @@ def sample_blocks(layout: AttentionLayout) -> list[tuple[int, int, torch.Tensor]
 def prepare_attention(layout: AttentionLayout, backend: str, block_size: int):
     """Work shared by all layers of one forward: per-sample masks, the flex block mask or the flash plan.
 
-    Returns (backend, prepared); a layout flash cannot express falls back to flex."""
+    Returns (backend, prepared)."""
     if backend == "per_sample":
         return backend, sample_blocks(layout)
     if backend == "flash":
         from .varlen import varlen_plan
 
-        plan = varlen_plan(layout)
-        if plan is not None:
-            return backend, plan
-        backend = "flex"
+        return backend, varlen_plan(layout)
     if backend == "flex":
         return backend, layout.block_mask(block_size)
     return backend, None

@@ -1,11 +1,11 @@
 """The packed Lance mask as variable-length segments, for flash-attention's varlen kernel.
 
 Every span becomes one segment: its queries attend the keys from the start of their sample up to the end
-of the span. Causal spans use the kernel's causal mode (aligned to the bottom right, so query i of the
-span sees keys up to its own position), full and noise spans the non-causal mode. This reproduces the
-mask exactly whenever no span follows a noisy span inside its sample (the builders place the noisy
-target last); :func:`varlen_plan` returns None otherwise and the caller falls back to flex attention.
-The cost is the sum over spans of span length x prefix length, never L^2.
+of the span, less the tokens of every other noise span of the sample (nothing outside a noisy target
+attends to it; keys are gathered, so a gap costs nothing). Causal spans use the kernel's causal mode
+(aligned to the bottom right, so query i of the span sees keys up to its own position), full and noise
+spans the non-causal mode. This reproduces the mask exactly for every layout; the cost is the sum over
+spans of span length x prefix length, never L^2.
 """
 
 from __future__ import annotations
@@ -49,25 +49,35 @@ def _span_bounds(layout: AttentionLayout) -> list[tuple[int, int, int, bool, boo
     return bounds
 
 
-def varlen_plan(layout: AttentionLayout) -> list[SegmentGroup] | None:
+def _keys(stop: int, sample_start: int, noise_spans: list[tuple[int, int]]) -> torch.Tensor:
+    """Keys of the span [start, stop): its sample's tokens up to ``stop`` less the earlier noise spans."""
+    pieces, cursor = [], sample_start
+    for noise_start, noise_stop in noise_spans:
+        pieces.append(torch.arange(cursor, noise_start))
+        cursor = noise_stop
+    pieces.append(torch.arange(cursor, stop))
+    return torch.cat(pieces)
+
+
+def varlen_plan(layout: AttentionLayout) -> list[SegmentGroup]:
     bounds = _span_bounds(layout)
     device = layout.span.device
-    seen_noise: set[int] = set()
-    groups: dict[bool, list[tuple[int, int, int]]] = {True: [], False: []}
+    noise_spans: dict[int, list[tuple[int, int]]] = {}
+    groups: dict[bool, list[tuple[torch.Tensor, torch.Tensor]]] = {True: [], False: []}
     for start, stop, sample_start, bidirectional, noise in bounds:
-        if sample_start in seen_noise:
-            return None  # a span after a noisy span in the same sample: not expressible as prefixes
+        earlier_noise = noise_spans.setdefault(sample_start, [])
+        keys = _keys(stop, sample_start, earlier_noise)
         if noise:
-            seen_noise.add(sample_start)
-        groups[not bidirectional].append((start, stop, sample_start))
+            earlier_noise.append((start, stop))
+        groups[not bidirectional].append((torch.arange(start, stop), keys))
     plan = []
     for causal, segments in groups.items():
         if not segments:
             continue
-        q_index = torch.cat([torch.arange(a, b) for a, b, _ in segments]).to(device)
-        k_index = torch.cat([torch.arange(s, b) for a, b, s in segments]).to(device)
-        q_lens = torch.tensor([b - a for a, b, _ in segments])
-        k_lens = torch.tensor([b - s for a, b, s in segments])
+        q_index = torch.cat([q for q, _ in segments]).to(device)
+        k_index = torch.cat([k for _, k in segments]).to(device)
+        q_lens = torch.tensor([len(q) for q, _ in segments])
+        k_lens = torch.tensor([len(k) for _, k in segments])
         cu_q = F.pad(q_lens.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32)
         cu_k = F.pad(k_lens.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32)
         plan.append(SegmentGroup(causal, q_index, k_index, cu_q, cu_k, int(q_lens.max()), int(k_lens.max())))
