@@ -78,6 +78,10 @@ class DataSection(StrictModel):
     """Probability of an empty caption (classifier-free guidance)."""
     condition_dropout: float = Field(0.1, ge=0, le=1)
     """Probability of dropping the whole visual condition of an edit / subject sample."""
+    sample_posterior: bool = False
+    """Draw each VAE latent afresh every time a row is read, mean + std * eps from the posterior the shards
+    store (precompute with ``encoders.store_posterior_std``), as the release samples per step; False trains
+    on the posterior mean. The held-out loss always uses the mean."""
     resolution: ResolutionFilter = ResolutionFilter()
     storage: StorageConfig = StorageConfig()
 
@@ -209,6 +213,65 @@ class DebugSection(StrictModel):
     """The rank's loss becomes NaN at this step."""
 
 
+class SearchDimension(StrictModel):
+    """One searched field: exactly one of a log-uniform range, a uniform range or a list of choices."""
+
+    loguniform: tuple[float, float] | None = None
+    uniform: tuple[float, float] | None = None
+    choice: tuple[Any, ...] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SearchDimension:
+        given = [k for k in ("loguniform", "uniform", "choice") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of loguniform, uniform, choice (got {given or 'none'})")
+        for kind in ("loguniform", "uniform"):
+            bounds = getattr(self, kind)
+            if bounds is not None and not (bounds[0] < bounds[1] and (kind == "uniform" or bounds[0] > 0)):
+                raise ValueError(f"{kind} needs low < high{' and low > 0' if kind == 'loguniform' else ''}")
+        if self.choice is not None and not self.choice:
+            raise ValueError("choice needs at least one value")
+        return self
+
+    def example(self) -> Any:
+        """A value inside the dimension (its lower end or first choice), to check the field accepts it."""
+        return self.choice[0] if self.choice is not None else (self.loguniform or self.uniform)[0]
+
+
+UNDERSTANDING_SHARE = "mixture.understanding_share"
+"""A search key that is not a field: the mixture weight of i2t + v2t against the generation tasks."""
+
+
+class TuneScheduler(StrictModel):
+    kind: Literal["asha", "fifo"] = "asha"
+    """``asha`` stops trials that trail at each rung; ``fifo`` runs every trial to the end."""
+    grace_period: int = Field(4, ge=1)
+    """Steps every trial runs before ASHA may stop it."""
+    reduction_factor: int = Field(2, ge=2)
+
+
+def _default_search_space() -> dict[str, SearchDimension]:
+    return {
+        "optim.lr": SearchDimension(loguniform=(3e-4, 5e-3)),
+        "loss.ce_weight": SearchDimension(uniform=(0.1, 1.0)),
+        UNDERSTANDING_SHARE: SearchDimension(uniform=(0.1, 0.5)),
+    }
+
+
+class TuneSection(StrictModel):
+    """What ``lance tune`` sweeps; ``lance train`` ignores this section."""
+
+    num_samples: int = Field(4, ge=1)
+    """Trials."""
+    max_concurrent: int = Field(1, ge=1)
+    """Trials at a time (each one reserves its own training workers)."""
+    seed: int = 0
+    search_space: dict[str, SearchDimension] = Field(default_factory=_default_search_space)
+    """Dotted config fields (``optim.lr``, ``loss.ce_weight``, ``optim.warmup_steps``...) and
+    ``mixture.understanding_share``, each with its distribution."""
+    scheduler: TuneScheduler = TuneScheduler()
+
+
 class TrainConfig(StrictModel):
     stage: Stage = "custom"
     name: str = "lance-train"
@@ -234,6 +297,7 @@ class TrainConfig(StrictModel):
     eval: EvalSection = EvalSection()
     metrics: MetricsSection = MetricsSection()
     debug: DebugSection = DebugSection()
+    tune: TuneSection = TuneSection()
 
     @field_validator("freeze")
     @classmethod
@@ -245,13 +309,33 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        if self.model.preset != "tiny" and self.model.tokenizer is None:
-            raise ValueError(f"model.tokenizer is required for the {self.model.preset} preset (Qwen2 tokenizer)")
-        self.model.build()
+        check_tokenizer_fits(self.model.build(), self.model.tokenizer)
+        self.check_search_space()
         if "://" in self.output and self.log_dir is None:
             raise ValueError(f"log_dir is required when output is a URI ({self.output}): metrics and samples "
                              "are files on a local or shared filesystem")
         return self
+
+    def check_search_space(self) -> None:
+        fields = self.model_dump()
+        for key, dimension in self.tune.search_space.items():
+            if key == UNDERSTANDING_SHARE:
+                continue
+            *sections, name = key.split(".")
+            node = fields
+            for section in sections:
+                node = node.get(section) if isinstance(node, dict) else None
+            if not isinstance(node, dict) or name not in node or isinstance(node[name], (dict, list)):
+                raise ValueError(f"tune.search_space: {key!r} is not a field of the training config")
+            if sections:  # the field's section must accept a value of the dimension
+                section_cls = type(self)
+                for section in sections:
+                    section_cls = section_cls.model_fields[section].annotation
+                try:
+                    section_cls.model_validate({**node, name: dimension.example()})
+                except ValueError as err:
+                    raise ValueError(f"tune.search_space: {key!r} does not accept {dimension.example()!r}: "
+                                     f"{err}") from None
 
     @property
     def generation_weighted(self) -> bool:

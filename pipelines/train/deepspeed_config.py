@@ -22,7 +22,7 @@ def build_deepspeed_config(cfg: TrainConfig, on_gpu: bool) -> dict:
     if ds.zero_stage == 3:
         zero.update(stage3_prefetch_bucket_size=ds.reduce_bucket_size, stage3_param_persistence_threshold=10_000,
                     stage3_gather_16bit_weights_on_model_save=False)
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": optim.grad_clip,
@@ -30,11 +30,13 @@ def build_deepspeed_config(cfg: TrainConfig, on_gpu: bool) -> dict:
         "bf16": {"enabled": use_bf16(cfg, on_gpu)},
         "fp16": {"enabled": False},
         "zero_allow_untested_optimizer": True,
-        "scheduler": {
-            "type": "WarmupLR",
-            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": optim.lr, "warmup_num_steps": optim.warmup_steps,
-                       "warmup_type": "linear"},
-        },
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if optim.warmup_steps:  # DeepSpeed's WarmupLR refuses 0 steps; without warm-up the lr is constant
+        config["scheduler"] = {
+            "type": "WarmupLR",
+            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": optim.lr, "warmup_num_steps": optim.warmup_steps,
+                       "warmup_type": "linear"},
+        }
+    return config

@@ -1,22 +1,20 @@
 """Hyper-parameter sweeps with Ray Tune: every trial is a real training run (a ``TorchTrainer`` launched
-from the trial), its reports forwarded to Tune, ASHA stopping the trials that trail at each rung.
+from the trial), its reports forwarded to Tune, ASHA (or FIFO) deciding which trials go on.
 
-Searched: the learning rate (log-uniform), the CE loss weight (the MSE weight stays 1), and the mixture's
-understanding share (i2t + v2t against the generation tasks). Trials are compared on the held-out loss
-``heldout_total`` (mean generation MSE + 0.25 · mean understanding CE), which does not depend on the
-trial's own loss weights.
+What is searched comes from the config's ``tune:`` section (:class:`TuneSection`): dotted config fields
+with their distributions (by default the learning rate, the CE loss weight and the mixture's
+understanding share). Trials are compared on the held-out loss ``heldout_total`` (mean generation MSE +
+0.25 · mean understanding CE), which does not depend on the trial's own loss weights. The winner is
+written as a config file that ``lance train --config`` takes back.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
-
-from lance_core.config import StrictModel
 from lance_core.packing import UNDERSTANDING_TASKS
 
-from .config import TrainConfig
+from .config import UNDERSTANDING_SHARE, SearchDimension, TrainConfig, TuneSection, load_train_config
 from .plan import DataPlan
 from .trainer import ensure_ray, prepare_run
 
@@ -25,35 +23,37 @@ TRIAL_DRIVER_CPUS = 0.1
 """A trial only launches its trainer; the trainer's workers reserve their own CPUs."""
 
 
-class TuneSection(StrictModel):
-    num_samples: int = Field(4, ge=1)
-    max_concurrent: int = Field(1, ge=1)
-    lr: tuple[float, float] = (3e-4, 5e-3)
-    """Log-uniform range of the learning rate."""
-    ce_weight: tuple[float, float] = (0.1, 1.0)
-    understanding_share: tuple[float, float] = (0.1, 0.5)
-    """Range of the mixture weight of understanding tasks (the rest goes to generation tasks)."""
-    grace_period: int = Field(4, ge=1)
-    """Steps every trial runs before ASHA may stop it."""
-    reduction_factor: int = Field(2, ge=2)
-    seed: int = 0
-
-
 def trial_config(base: TrainConfig, params: dict) -> TrainConfig:
-    weights = dict(base.mixture.weights)
+    """``base`` with the trial's values of the search space (dotted field names) and its name."""
+    data = base.model_dump()
+    for key, value in params.items():
+        if key == "name":
+            data["name"] = value
+        elif key == UNDERSTANDING_SHARE:
+            data["mixture"]["weights"] = _with_understanding_share(data["mixture"]["weights"], value)
+        else:
+            *sections, field = key.split(".")
+            node = data
+            for section in sections:
+                node = node[section]
+            node[field] = value
+    return load_train_config(data)
+
+
+def _with_understanding_share(weights: dict[str, float], share: float) -> dict[str, float]:
     und = [t for t in weights if t in UNDERSTANDING_TASKS]
     gen = [t for t in weights if t not in UNDERSTANDING_TASKS]
-    if und and gen:
-        share = params["understanding_share"]
-        und_total, gen_total = sum(weights[t] for t in und), sum(weights[t] for t in gen)
-        weights = {t: (share * weights[t] / und_total if t in und else (1 - share) * weights[t] / gen_total)
-                   for t in weights}
-    return base.model_copy(update={
-        "optim": base.optim.model_copy(update={"lr": params["lr"]}),
-        "loss": base.loss.model_copy(update={"ce_weight": params["ce_weight"]}),
-        "mixture": base.mixture.model_copy(update={"weights": weights}),
-        "name": params["name"],
-    })
+    if not (und and gen):
+        return weights
+    und_total, gen_total = sum(weights[t] for t in und), sum(weights[t] for t in gen)
+    return {t: (share * weights[t] / und_total if t in und else (1 - share) * weights[t] / gen_total)
+            for t in weights}
+
+
+def best_config_data(base: TrainConfig, params: dict, name: str) -> dict:
+    """The winning trial as a training config (plain data for YAML): the base, its values, a new name."""
+    best = trial_config(base, {**params, "name": name})
+    return best.model_dump(mode="json")
 
 
 def release_stopped_trainers() -> int:
@@ -92,13 +92,32 @@ def _trial(params: dict, base: str, plan: str, sweep_dir: str, one_at_a_time: bo
     build_trainer(cfg, DataPlan.from_json(plan), Path(sweep_dir) / name, callbacks=[TuneReportCallback()]).fit()
 
 
-def run_sweep(base: TrainConfig, sweep: TuneSection):
-    """Run the sweep; returns Tune's ResultGrid (``get_best_result()`` gives the winner)."""
+def _distribution(dimension: SearchDimension):
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
+
+    if dimension.loguniform is not None:
+        return tune.loguniform(*dimension.loguniform)
+    if dimension.uniform is not None:
+        return tune.uniform(*dimension.uniform)
+    return tune.choice(list(dimension.choice))
+
+
+def _scheduler(sweep: TuneSection, steps: int):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if sweep.scheduler.kind == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="step", max_t=steps, grace_period=sweep.scheduler.grace_period,
+                         reduction_factor=sweep.scheduler.reduction_factor)
+
+
+def run_sweep(base: TrainConfig):
+    """Run the sweep of ``base.tune``; returns Tune's ResultGrid (``get_best_result()`` gives the winner)."""
+    from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    every = max(1, sweep.grace_period // 2)
+    sweep = base.tune
+    every = max(1, sweep.scheduler.grace_period // 2)
     base = base.model_copy(update={
         "eval": base.eval.model_copy(update={"samples": False, "heldout_every": every}),
         "metrics": base.metrics.model_copy(update={"report_every": every}),
@@ -107,20 +126,14 @@ def run_sweep(base: TrainConfig, sweep: TuneSection):
     })
     plan, sweep_dir = prepare_run(base)
     ensure_ray()
-    space = {
-        "lr": tune.loguniform(*sweep.lr),
-        "ce_weight": tune.uniform(*sweep.ce_weight),
-        "understanding_share": tune.uniform(*sweep.understanding_share),
-    }
+    space = {key: _distribution(dimension) for key, dimension in sweep.search_space.items()}
     trial = tune.with_parameters(_trial, base=base.model_dump_json(), plan=plan.to_json(), sweep_dir=str(sweep_dir),
                                  one_at_a_time=sweep.max_concurrent == 1)
-    scheduler = ASHAScheduler(time_attr="step", max_t=base.steps, grace_period=sweep.grace_period,
-                              reduction_factor=sweep.reduction_factor)
     tuner = tune.Tuner(
         tune.with_resources(trial, {"cpu": TRIAL_DRIVER_CPUS}),
         param_space=space,
-        tune_config=tune.TuneConfig(metric=METRIC, mode="min", scheduler=scheduler, num_samples=sweep.num_samples,
-                                    max_concurrent_trials=sweep.max_concurrent,
+        tune_config=tune.TuneConfig(metric=METRIC, mode="min", scheduler=_scheduler(sweep, base.steps),
+                                    num_samples=sweep.num_samples, max_concurrent_trials=sweep.max_concurrent,
                                     search_alg=BasicVariantGenerator(random_state=sweep.seed,
                                                                      max_concurrent=sweep.max_concurrent)),
         run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir)),
@@ -128,8 +141,7 @@ def run_sweep(base: TrainConfig, sweep: TuneSection):
     return tuner.fit()
 
 
-def best_params(grid) -> dict:
+def best_params(grid, base: TrainConfig) -> dict:
     best = grid.get_best_result()
-    keys = ("lr", "ce_weight", "understanding_share")
-    return {"params": {k: best.config[k] for k in keys}, METRIC: best.metrics.get(METRIC),
+    return {"params": {k: best.config[k] for k in base.tune.search_space}, METRIC: best.metrics.get(METRIC),
             "step": best.metrics.get("step"), "trials": len(grid)}
