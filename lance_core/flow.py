@@ -114,7 +114,10 @@ def compute_losses(
     inputs = TokenInputs.from_batch(batch, noised.values, noised.timesteps)
     hidden, _ = model.backbone(inputs)
 
-    ce_positions = torch.nonzero(batch.ce_labels != IGNORE_INDEX).squeeze(1)
+    # CE over the tokenizer's length (cfg.text_vocab): targets outside it are ignored, as in the release.
+    labels = batch.ce_labels
+    ce_valid = (labels != IGNORE_INDEX) & (labels >= 0) & (labels < model.cfg.logit_rows)
+    ce_positions = torch.nonzero(ce_valid).squeeze(1)
     mse_positions = torch.nonzero(batch.mse_mask).squeeze(1)
     counts = torch.tensor([ce_positions.numel(), mse_positions.numel()], dtype=torch.float32, device=hidden.device)
     global_counts = count_reducer(counts) if count_reducer is not None else counts
@@ -125,7 +128,7 @@ def compute_losses(
     per_task: dict[str, float] = {}
     if ce_positions.numel():
         logits = model.text_logits(hidden.index_select(0, ce_positions)).float()
-        ce_tok = F.cross_entropy(logits, batch.ce_labels[ce_positions], reduction="none")
+        ce_tok = F.cross_entropy(logits, labels[ce_positions], reduction="none")
         ce_sum = ce_tok.sum()
         per_task |= _per_task(ce_tok.detach(), batch.task_index[ce_positions], "ce")
     elif run_all_heads:

@@ -150,8 +150,11 @@ class LanceModel(nn.Module):
         return routed(h, model.norm, model.norm_moe_gen, routing), new_caches
 
     def text_logits(self, hidden: torch.Tensor, vocab_limit: int | None = None) -> torch.Tensor:
+        """lm_head logits cut to the tokenizer's length: ``vocab_limit``, else ``cfg.text_vocab`` (the
+        release's ``vocab_size_efficient``), else all rows."""
         logits = self.language_model.lm_head(hidden)
-        return logits[..., :vocab_limit] if vocab_limit else logits
+        rows = min(vocab_limit or self.cfg.logit_rows, logits.shape[-1])
+        return logits if rows == logits.shape[-1] else logits[..., :rows]
 
     def velocity(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.llm2vae(hidden)

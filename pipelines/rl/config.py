@@ -105,7 +105,8 @@ class GRPOConfig(StrictModel):
     model: dict[str, Any] = Field(default_factory=dict)
     """Overrides of the preset's fields (e.g. vae.path for real weights)."""
     tokenizer: str | None = None
-    """Qwen2 tokenizer folder; None = the byte-level fallback (tiny presets)."""
+    """``qwen2.5`` (built in), ``byte`` or a Qwen2 tokenizer folder; None = ``qwen2.5`` where the model's
+    logit rows hold its 151,665 ids, else ``byte`` (tiny presets)."""
     checkpoint: str | None = None
     """Initial Lance weights (safetensors file or folder); None = random init (tests, demo)."""
     prompts: PromptsConfig = PromptsConfig()

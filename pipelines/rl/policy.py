@@ -16,7 +16,7 @@ from lance_core.model import build_model
 from lance_core.packing import build_generation_sample
 from lance_core.rl import LoRAAdapters, repeat_noisy
 from lance_core.sampling import PrefixState, prepare_prefix
-from lance_core.tokenizer import load_tokenizer
+from lance_core.tokenizer import load_tokenizer_for
 
 from .config import GRPOConfig
 
@@ -90,7 +90,7 @@ class Policy(nn.Module):
         self.reference: dict[str, torch.Tensor] | None = None
         if keep_reference and self.adapters is None:
             self.reference = {name: p.detach().clone() for name, p in self.trained().items()}
-        self.tokenizer = load_tokenizer(cfg.tokenizer)
+        self.tokenizer = load_tokenizer_for(self.model_cfg, cfg.tokenizer)
         self.device = device
 
     # ------------------------------------------------------------------------------------ weights
