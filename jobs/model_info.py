@@ -1,4 +1,5 @@
-"""``lance model-info --preset NAME [--json]``: parameter counts and FLOPs, built on the meta device."""
+"""``lance model-info --preset NAME [--json]``: parameter counts and FLOPs, built on the meta device.
+A preset whose checkpoint carries the ViT (``lance-3b-video``) counts its tower in the total."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import json
 
 from lance_core.config import PRESETS, ConfigError, model_preset
+from lance_core.encoders.vit import meta_vision_tower
 from lance_core.flops import model_info
 from lance_core.model import build_model
 
@@ -21,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = model_preset(args.preset)
     except ConfigError as err:
         parser.error(str(err))
-    info = model_info(cfg, build_model(cfg, device="meta"), args.context)
+    vit = meta_vision_tower(cfg.vit) if cfg.vit_in_checkpoint else None
+    info = model_info(cfg, build_model(cfg, device="meta"), args.context, vit)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -32,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         ("UND expert (layers + final norm)", f"{p['und_expert']:,}"),
         ("GEN expert (layers + final norm)", f"{p['gen_expert']:,}"),
         ("shared (embedding, heads, time embedder, latent table)", f"{p['shared']:,}"),
+        ("ViT in the checkpoint (vit_model.*, frozen)", f"{p['vit']:,}"),
+        ("tensors in the checkpoint", f"{p['tensors']:,}"),
         ("active per token (one expert + lm_head)", f"{p['active_per_token']:,}"),
         (f"training FLOPs per token (context {args.context})", f"{info['training_flops_per_token']:.4e}"),
     ]

@@ -6,6 +6,9 @@ Qwen2.5-VL key layouts accepted (both appear in the wild):
   ``model.layers.*``, ``model.embed_tokens.weight``, ``model.norm.weight``, ``lm_head.weight``, ``visual.*``;
 - in memory, as transformers >= 4.52 names the modules (a ``state_dict()`` saved by hand):
   ``model.language_model.*``, ``lm_head.weight``, ``model.visual.*``.
+
+The released ``Lance_3B_Video`` checkpoint also holds the Qwen2.5-VL vision tower under ``vit_model.*``
+(the tower's own state-dict names); it goes into the ViT encoder (:class:`~lance_core.encoders.QwenViT`).
 """
 
 from __future__ import annotations
@@ -35,10 +38,12 @@ INDEX_FILE = "model.safetensors.index.json"
 
 @dataclass
 class LoadReport:
-    """What a load did. ``vit_weights``: the ``vit_model.*`` tensors of a Lance checkpoint, prefix removed."""
+    """What a load did. ``vit_loaded``: ``vit_model.*`` tensors copied into the ViT encoder; ``vit_weights``:
+    those tensors (prefix removed) when no encoder was given to load them into."""
 
     source: str = ""
     loaded: int = 0
+    vit_loaded: int = 0
     copied_to_gen: int = 0
     skipped_vision: int = 0
     tied_lm_head: bool = False
@@ -94,12 +99,11 @@ def _listing(keys: list[str], limit: int = 8) -> str:
     return f"{keys[:limit]}{f' (+{len(keys) - limit} more)' if len(keys) > limit else ''}"
 
 
-def load_state_dict_checked(
+def check_state_dict(
     model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "state dict", strict: bool = True,
-) -> int:
-    """Copy ``state`` into ``model`` (dtype cast, no re-allocation). Shape mismatches always raise
-    ``ValueError`` naming key and shapes; with ``strict``, missing/unexpected keys raise ``KeyError``.
-    Returns how many tensors were copied."""
+) -> None:
+    """Shape mismatches raise ``ValueError`` naming key and shapes; with ``strict``, missing/unexpected keys
+    raise ``KeyError``. Nothing is copied."""
     expected = model.state_dict()
     for key, value in state.items():
         if key in expected and tuple(value.shape) != tuple(expected[key].shape):
@@ -109,6 +113,15 @@ def load_state_dict_checked(
     unexpected = sorted(set(state) - set(expected))
     if strict and (missing or unexpected):
         raise KeyError(f"{source}: missing keys {_listing(missing)}; unexpected keys {_listing(unexpected)}")
+
+
+def load_state_dict_checked(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "state dict", strict: bool = True,
+) -> int:
+    """Copy ``state`` into ``model`` (dtype cast, no re-allocation) after :func:`check_state_dict`.
+    Returns how many tensors were copied."""
+    check_state_dict(model, state, source, strict)
+    expected = model.state_dict()
     copied = 0
     with torch.no_grad():
         for key, value in state.items():
@@ -191,17 +204,27 @@ def load_qwen25vl_weights(model: LanceModel, path: str | Path) -> LoadReport:
 
 
 # ------------------------------------------------------------------------------------------ Lance
+def _vision_tower(vit: torch.nn.Module) -> torch.nn.Module:
+    """The module whose state dict carries the ``vit_model.*`` names: ``QwenViT.tower`` or a bare tower."""
+    return getattr(vit, "tower", vit)
+
+
 def save_lance_checkpoint(
     model: LanceModel, path: str | Path, metadata: dict[str, str] | None = None,
+    vit: torch.nn.Module | None = None,
 ) -> Path:
     """One safetensors file under the released Lance key names, the fixed position table included as the
-    release stores it. ``path`` is a ``.safetensors`` file or a folder (``model.safetensors`` inside).
-    Written to a temporary name, then renamed, so a crash never leaves a half-written checkpoint."""
+    release stores it; with ``vit`` (a ``QwenViT``) its tower too, under ``vit_model.*`` (``Lance_3B_Video``).
+    ``path`` is a ``.safetensors`` file or a folder (``model.safetensors`` inside). Written to a temporary
+    name, then renamed, so a crash never leaves a half-written checkpoint."""
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path / SINGLE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if vit is not None:
+        tower = _vision_tower(vit).state_dict()
+        state.update({VIT_PREFIX + k: v.detach().cpu().contiguous() for k, v in tower.items()})
     meta = {"format": "pt", "lance_preset": str(model.cfg.preset)}
     meta.update({key: str(value) for key, value in (metadata or {}).items()})
     tmp = path.with_name(path.name + ".tmp")
@@ -210,18 +233,45 @@ def save_lance_checkpoint(
     return path
 
 
-def load_lance_checkpoint(model: LanceModel, path: str | Path, strict: bool = True) -> LoadReport:
-    """Released-name weights from a file or folder (single or sharded). ``vit_model.*`` keys come back in
-    the report, not loaded; the fixed position table is rebuilt whatever the file held (missing is fine)."""
+def _check_position_table(model: LanceModel, stored: torch.Tensor, path: str | Path) -> None:
+    """A stored table of another size means another frame count or grid: say which preset fits."""
+    table = model.latent_pos_embed
+    if tuple(stored.shape) == tuple(table.pos_embed.shape):
+        return
+    rows, grid = stored.shape[0], table.grid
+    frames = f"{rows // (grid * grid)} latent frame(s) of {grid}x{grid}" if rows % (grid * grid) == 0 else ""
+    raise ValueError(
+        f"{path}: {POS_TABLE_KEY} has shape {tuple(stored.shape)}{f' ({frames})' if frames else ''}, the model "
+        f"expects {tuple(table.pos_embed.shape)} ({table.max_frames} latent frame(s) of {grid}x{grid}); "
+        f"Lance_3B needs preset lance-3b, Lance_3B_Video preset lance-3b-video (model.max_latent_frames)")
+
+
+def load_lance_checkpoint(
+    model: LanceModel, path: str | Path, strict: bool = True, vit: torch.nn.Module | None = None,
+) -> LoadReport:
+    """Released-name weights from a file or folder (single or sharded). ``vit_model.*`` tensors go into
+    ``vit`` (a ``QwenViT``) when it is given (strict: the file must hold exactly its tower), otherwise they
+    come back in ``report.vit_weights``. The fixed position table is rebuilt whatever the file held
+    (missing is fine; another size is an error naming the preset that fits)."""
     report = LoadReport(source=str(path))
     state = read_safetensors_dir(path)
-    report.vit_weights = {k[len(VIT_PREFIX):]: v for k, v in state.items() if k.startswith(VIT_PREFIX)}
+    vit_state = {k[len(VIT_PREFIX):]: v for k, v in state.items() if k.startswith(VIT_PREFIX)}
     lance = {k: v for k, v in state.items() if not k.startswith(VIT_PREFIX)}
     if strict:
         unknown = sorted(k for k in lance if not k.startswith(LANCE_PREFIXES))
         if unknown:
             raise KeyError(f"{path}: keys outside the Lance naming: {_listing(unknown)}")
+    if POS_TABLE_KEY in lance:
+        _check_position_table(model, lance[POS_TABLE_KEY], path)
     lance.setdefault(POS_TABLE_KEY, model.latent_pos_embed.pos_embed.detach())
+    check_state_dict(model, lance, str(path), strict=strict)
+    if vit is None:
+        report.vit_weights = vit_state
+    elif strict and not vit_state:
+        raise KeyError(f"{path}: no {VIT_PREFIX}* tensors for the ViT encoder (not a Lance_3B_Video checkpoint?)")
+    else:  # the model's tensors were checked above: a bad ViT tensor leaves both untouched
+        vit_source = f"{path} ({VIT_PREFIX}*)"
+        report.vit_loaded = load_state_dict_checked(_vision_tower(vit), vit_state, vit_source, strict=strict)
     report.loaded = load_state_dict_checked(model, lance, str(path), strict=strict)
     model.latent_pos_embed.rebuild()
     return report

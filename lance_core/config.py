@@ -1,4 +1,5 @@
-"""Typed, validated model configs and the two presets: ``tiny`` (CPU, seconds) and ``lance-3b``.
+"""Typed, validated model configs and the presets: ``tiny`` (CPU, seconds), ``lance-3b`` (the released
+``Lance_3B`` image model) and ``lance-3b-video`` (``Lance_3B_Video``: 31-frame latent table, ViT in the checkpoint).
 
 Every config is a pydantic model with ``extra="forbid"``; :func:`load_config` turns a validation failure
 into a :class:`ConfigError` whose message names the field, the bad value and the allowed values.
@@ -54,6 +55,16 @@ class ViTConfig(StrictModel):
     fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _check_heads(self) -> ViTConfig:
+        head = self.hidden_size // self.num_heads
+        if self.hidden_size % self.num_heads or head % 4:
+            raise ValueError(
+                f"vit.hidden_size ({self.hidden_size}) / vit.num_heads ({self.num_heads}) must be a whole "
+                f"multiple of 4: the vision rotary embedding splits each head into (h, w) sin-cos pairs"
+            )
+        return self
+
 
 class ModelConfig(StrictModel):
     """The dual-stream (UND + GEN) decoder over Qwen2.5-VL. Sizes as MODEL.md."""
@@ -66,7 +77,10 @@ class ModelConfig(StrictModel):
     head_dim: int = Field(gt=0)
     intermediate_size: int = Field(gt=0)
     vocab_size: int = Field(gt=0)
-    """Rows of the embedding and lm_head; logits are cut to the tokenizer's length."""
+    """Rows of the embedding and lm_head (151,936 in the released checkpoints)."""
+    text_vocab: int | None = Field(None, gt=0)
+    """The tokenizer's length (Qwen2.5: 151,665): logits are cut to these first rows and CE targets at or past
+    it are ignored, as the release does (``len(tokenizer)``). None = all ``vocab_size`` rows."""
     rope_theta: float = Field(1_000_000.0, gt=0)
     mrope_section: tuple[int, int, int] = (16, 24, 24)
     """Rotary frequency pairs given to the (t, h, w) axes; sums to head_dim / 2."""
@@ -75,7 +89,12 @@ class ModelConfig(StrictModel):
     latent_grid: int = Field(64, gt=0)
     """Side of the fixed latent position table (64 x 64 latent tokens, 1024 px)."""
     max_latent_frames: int = Field(31, gt=0)
+    """Latent frames of the fixed position table (max_latent_frames x latent_grid² rows): 1 in the released
+    image model, 31 (121 video frames) in the video model."""
     timestep_freq_dim: int = Field(256, gt=0)
+    """Width of the timestep sinusoid (cos/sin pairs, so even)."""
+    vit_in_checkpoint: bool = False
+    """The Lance checkpoint also holds the ViT weights, under ``vit_model.*`` (``Lance_3B_Video``)."""
     qk_norm: bool = True
     """Per-head RMSNorm on q and k in both experts."""
     mape: bool = True
@@ -90,6 +109,15 @@ class ModelConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "ModelConfig":
+        if self.hidden_size % 2 or self.hidden_size < 6:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be even and at least 6: the latent position table "
+                f"splits it into t/h/w blocks of sin-cos pairs"
+            )
+        if self.timestep_freq_dim % 2:
+            raise ValueError(f"timestep_freq_dim ({self.timestep_freq_dim}) must be even (cos/sin pairs)")
+        if self.text_vocab is not None and self.text_vocab > self.vocab_size:
+            raise ValueError(f"text_vocab ({self.text_vocab}) must not exceed vocab_size ({self.vocab_size})")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if sum(self.mrope_section) * 2 != self.head_dim:
@@ -109,6 +137,11 @@ class ModelConfig(StrictModel):
     def kv_groups(self) -> int:
         return self.num_heads // self.num_kv_heads
 
+    @property
+    def logit_rows(self) -> int:
+        """Logit rows in use: ``text_vocab``, else ``vocab_size``."""
+        return self.text_vocab or self.vocab_size
+
 
 TINY_VIT = dict(
     preset="tiny", depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
@@ -120,14 +153,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         preset="tiny", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
         intermediate_size=128, vocab_size=512, rope_theta=10_000.0, mrope_section=(2, 3, 3),
-        vit=TINY_VIT, vae=TINY_VAE,
+        latent_grid=16, max_latent_frames=16, vit=TINY_VIT, vae=TINY_VAE,
     ),
     "lance-3b": dict(
         preset="lance-3b", hidden_size=2048, num_layers=36, num_heads=16, num_kv_heads=2, head_dim=128,
-        intermediate_size=11008, vocab_size=151936, rope_theta=1_000_000.0, mrope_section=(16, 24, 24),
-        vit=dict(preset="qwen2.5-vl-3b"), vae=dict(preset="wan2.2"),
+        intermediate_size=11008, vocab_size=151936, text_vocab=151665, rope_theta=1_000_000.0,
+        mrope_section=(16, 24, 24),
+        latent_grid=64, max_latent_frames=1, vit=dict(preset="qwen2.5-vl-3b"), vae=dict(preset="wan2.2"),
     ),
 }
+PRESETS["lance-3b-video"] = dict(PRESETS["lance-3b"], preset="lance-3b-video", max_latent_frames=31,
+                                 vit_in_checkpoint=True)
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -151,7 +187,7 @@ def load_config(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> 
 
 
 def model_preset(name: str, **overrides: Any) -> ModelConfig:
-    """Build a preset (``tiny`` or ``lance-3b``) with optional field overrides."""
+    """Build a preset (``tiny``, ``lance-3b`` or ``lance-3b-video``) with optional field overrides."""
     if name not in PRESETS:
         raise ConfigError(f"model.preset: unknown preset {name!r}; allowed: {', '.join(sorted(PRESETS))}")
     data = {**PRESETS[name]}

@@ -28,12 +28,17 @@ class ParameterCounts:
     active_per_token: int
     """One expert's layers + final norm + lm_head: the weights a text token multiplies through."""
     embedding: int
+    vit: int = 0
+    """The ViT tower the checkpoint carries under ``vit_model.*`` (``Lance_3B_Video``; frozen), in ``total``."""
+    tensors: int = 0
+    """Parameter tensors, the ViT's included: the checkpoint's tensor count."""
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
 
 
-def count_parameters(model: nn.Module) -> ParameterCounts:
+def count_parameters(model: nn.Module, vit: nn.Module | None = None) -> ParameterCounts:
+    """Counts of ``model``; with ``vit`` (the tower a video checkpoint carries) it joins total and tensors."""
     und = gen = shared = 0
     sizes = {}
     for name, param in model.named_parameters():
@@ -45,10 +50,12 @@ def count_parameters(model: nn.Module) -> ParameterCounts:
             gen += n
         else:
             und += n
-    total = und + gen + shared
+    vit_sizes = [p.numel() for p in vit.parameters()] if vit is not None else []
+    total = und + gen + shared + sum(vit_sizes)
     lm_head = sizes.get("language_model.lm_head.weight", 0)
     embedding = sizes.get("language_model.model.embed_tokens.weight", 0)
-    return ParameterCounts(total, und, gen, shared, und + lm_head, embedding)
+    return ParameterCounts(total, und, gen, shared, und + lm_head, embedding, sum(vit_sizes),
+                           len(sizes) + len(vit_sizes))
 
 
 def attention_flops_per_token(cfg: ModelConfig, context: int) -> float:
@@ -60,8 +67,8 @@ def training_flops_per_token(cfg: ModelConfig, counts: ParameterCounts, context:
     return 6.0 * counts.active_per_token + attention_flops_per_token(cfg, context)
 
 
-def model_info(cfg: ModelConfig, model: nn.Module, context: int) -> dict:
-    counts = count_parameters(model)
+def model_info(cfg: ModelConfig, model: nn.Module, context: int, vit: nn.Module | None = None) -> dict:
+    counts = count_parameters(model, vit)
     return {
         "preset": cfg.preset,
         "parameters": counts.as_dict(),

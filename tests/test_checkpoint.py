@@ -13,7 +13,11 @@ from lance_core.checkpoint import (
     save_lance_checkpoint,
 )
 from lance_core.config import model_preset
+from lance_core.encoders import QwenViT
+from lance_core.encoders.vit import meta_vision_tower
+from lance_core.flops import count_parameters
 from lance_core.model import build_model
+from lance_core.model.embeddings import latent_position_table
 from tests.qwen_tiny import random_qwen, save_random_qwen
 
 
@@ -25,6 +29,10 @@ def _randomised(cfg, seed):
             if param.requires_grad:
                 param.add_(torch.randn_like(param) * 0.05)
     return model
+
+
+def _raw(tensor):
+    return tensor.dtype, tuple(tensor.shape), tensor.contiguous().view(torch.uint8).numpy().tobytes()
 
 
 def _state(model):
@@ -51,7 +59,8 @@ def test_lance_checkpoint_round_trip_is_identical(tmp_path, tiny_cfg):
                 "language_model.model.norm_moe_gen.weight", "language_model.lm_head.weight",
                 "time_embedder.mlp.2.weight", "vae2llm.bias", "llm2vae.weight", "latent_pos_embed.pos_embed"):
         assert key in a, key
-    assert a["latent_pos_embed.pos_embed"].shape == (tiny_cfg.latent_grid ** 2, tiny_cfg.hidden_size)
+    rows = tiny_cfg.max_latent_frames * tiny_cfg.latent_grid ** 2
+    assert a["latent_pos_embed.pos_embed"].shape == (rows, tiny_cfg.hidden_size)
     from safetensors import safe_open
 
     with safe_open(str(first), framework="pt") as fh:
@@ -140,6 +149,17 @@ def _released_lance_keys(num_layers):
     return keys
 
 
+def _released_vit_keys(depth):
+    """``vit_model.*`` names of the released ``Lance_3B_Video`` checkpoint: the Qwen2.5-VL vision tower."""
+    per_block = ["norm1.weight", "norm2.weight"]
+    per_block += [f"attn.{m}.{t}" for m in ("qkv", "proj") for t in ("weight", "bias")]
+    per_block += [f"mlp.{p}_proj.{t}" for p in ("gate", "up", "down") for t in ("weight", "bias")]
+    keys = {f"vit_model.blocks.{i}.{name}" for i in range(depth) for name in per_block}
+    keys |= {"vit_model.patch_embed.proj.weight", "vit_model.merger.ln_q.weight"}
+    keys |= {f"vit_model.merger.mlp.{i}.{t}" for i in (0, 2) for t in ("weight", "bias")}
+    return keys
+
+
 def test_lance_3b_has_the_released_parameter_count_and_key_names():
     model = build_model(model_preset("lance-3b"), device="meta")
     state = model.state_dict()
@@ -147,6 +167,91 @@ def test_lance_3b_has_the_released_parameter_count_and_key_names():
     assert all(k.startswith(LANCE_PREFIXES) for k in state)
     assert set(state) == _released_lance_keys(36)
     assert state["latent_pos_embed.pos_embed"].shape == (4096, 2048)
+
+
+def test_lance_3b_video_has_the_released_parameter_count_and_key_names():
+    """``Lance_3B_Video``: the 31-frame table and the ViT tower: 7,105,548,336 parameters in 1,411 tensors."""
+    cfg = model_preset("lance-3b-video")
+    assert cfg.vit_in_checkpoint and cfg.max_latent_frames == 31
+    model, tower = build_model(cfg, device="meta"), meta_vision_tower(cfg.vit)
+    state = {**model.state_dict(), **{"vit_model." + k: v for k, v in tower.state_dict().items()}}
+    assert len(state) == 1_411
+    assert sum(v.numel() for v in state.values()) == 7_105_548_336
+    assert set(state) == _released_lance_keys(36) | _released_vit_keys(32)
+    assert state["latent_pos_embed.pos_embed"].shape == (126_976, 2048)
+    counts = count_parameters(model, tower)
+    assert (counts.total, counts.tensors, counts.vit) == (7_105_548_336, 1_411, 668_684_288)
+
+
+def _tiny_video_setup():
+    """A tiny model of the video kind: several latent frames and the ViT inside the checkpoint."""
+    cfg = model_preset("tiny", vit_in_checkpoint=True)
+    return cfg, build_model(cfg), QwenViT.from_config(cfg.vit)
+
+
+def _released_tiny_video_file(folder, cfg, model, vit):
+    """A checkpoint written by hand under the released names (no code of ours writes it): random weights,
+    the release's position table, the ViT under ``vit_model.*``."""
+    gen = torch.Generator().manual_seed(11)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    shapes |= {"vit_model." + k: v.shape for k, v in vit.tower.state_dict().items()}
+    assert set(shapes) == _released_lance_keys(cfg.num_layers) | _released_vit_keys(cfg.vit.depth)
+    state = {k: torch.randn(shape, generator=gen) for k, shape in shapes.items()}
+    state["latent_pos_embed.pos_embed"] = latent_position_table(cfg.hidden_size, cfg.latent_grid,
+                                                                cfg.max_latent_frames)
+    folder.mkdir()
+    save_file(state, str(folder / "model.safetensors"))
+    return state
+
+
+def test_tiny_video_checkpoint_with_released_names_round_trips(tmp_path):
+    cfg, model, vit = _tiny_video_setup()
+    released = _released_tiny_video_file(tmp_path / "released", cfg, model, vit)
+    report = load_lance_checkpoint(model, tmp_path / "released", vit=vit)
+    assert report.loaded == len(model.state_dict()) and report.vit_loaded == len(vit.tower.state_dict())
+    assert not report.vit_weights
+    assert torch.equal(vit.tower.blocks[0].attn.qkv.weight, released["vit_model.blocks.0.attn.qkv.weight"])
+
+    first = save_lance_checkpoint(model, tmp_path / "first", vit=vit)
+    written = load_file(first)
+    assert written.keys() == released.keys()
+
+    _, again, again_vit = _tiny_video_setup()
+    load_lance_checkpoint(again, first, vit=again_vit)
+    second = save_lance_checkpoint(again, tmp_path / "second", vit=again_vit)
+    rewritten = load_file(second)  # the header's metadata order varies, so compare tensor bytes, not files
+    assert rewritten.keys() == written.keys()
+    assert all(_raw(rewritten[k]) == _raw(written[k]) == _raw(released[k]) for k in written)
+
+    # model.vit.path may name the video checkpoint: the encoder reads its vit_model.* tensors
+    direct = QwenViT.from_config(cfg.vit.model_copy(update={"path": str(tmp_path / "first")}))
+    assert all(torch.equal(v, vit.tower.state_dict()[k]) for k, v in direct.tower.state_dict().items())
+    frames = torch.rand(1, 3, 56, 56)
+    assert torch.equal(direct.encode(frames)[0], vit.encode(frames)[0])
+
+
+def test_video_checkpoint_errors_name_the_preset_and_the_tensor(tmp_path):
+    cfg, model, vit = _tiny_video_setup()
+    released = _released_tiny_video_file(tmp_path / "released", cfg, model, vit)
+    image_model = build_model(model_preset("tiny", max_latent_frames=1))
+    with pytest.raises(ValueError, match=r"latent_pos_embed\.pos_embed has shape \(4096, 64\) \(16 latent "
+                                         r"frame\(s\) of 16x16\).*lance-3b-video"):
+        load_lance_checkpoint(image_model, tmp_path / "released")
+
+    report = load_lance_checkpoint(build_model(cfg), tmp_path / "released")  # no encoder: handed back
+    assert set(report.vit_weights) == {k[len("vit_model."):] for k in released if k.startswith("vit_model.")}
+
+    image_only = save_lance_checkpoint(build_model(cfg), tmp_path / "image_only")
+    with pytest.raises(KeyError, match="no vit_model"):
+        load_lance_checkpoint(build_model(cfg), image_only, vit=QwenViT.from_config(cfg.vit))
+
+    state = dict(released, **{"vit_model.merger.ln_q.weight": torch.ones(3)})
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    fresh, fresh_vit = build_model(cfg), QwenViT.from_config(cfg.vit)
+    before = _state(fresh)
+    with pytest.raises(ValueError, match=r"vit_model\.\*\).*merger\.ln_q\.weight has shape \(3,\)"):
+        load_lance_checkpoint(fresh, tmp_path / "bad.safetensors", vit=fresh_vit)
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
 
 
 # ------------------------------------------------------------------------------------------ Qwen2.5-VL

@@ -22,7 +22,7 @@ def test_bad_backend_names_field_and_allowed_values():
 def test_unknown_field_and_unknown_preset_are_named():
     with pytest.raises(ConfigError, match="model.hidden_sise"):
         model_preset("tiny", hidden_sise=3)
-    with pytest.raises(ConfigError, match="allowed: lance-3b, tiny"):
+    with pytest.raises(ConfigError, match="allowed: lance-3b, lance-3b-video, tiny"):
         model_preset("lance-7b")
 
 
@@ -31,6 +31,8 @@ def test_shape_constraints_are_explained():
         model_preset("tiny", mrope_section=(2, 2, 2))
     with pytest.raises(ConfigError, match="num_kv_heads"):
         model_preset("tiny", num_kv_heads=3)
+    with pytest.raises(ConfigError, match=r"hidden_size \(4\) must be even and at least 6"):
+        model_preset("tiny", hidden_size=4, vit={"out_hidden_size": 4})
     with pytest.raises(ConfigError, match="model.num_layers"):
         load_config(ModelConfig, {**model_preset("tiny").model_dump(), "num_layers": 0}, prefix="model")
 
@@ -49,6 +51,16 @@ def test_model_info_cli_json():
     info = json.loads(out.stdout)
     assert info["parameters"]["total"] == 6_185_205_808
     assert info["training_flops_per_token"] > 6 * info["parameters"]["active_per_token"]
+
+
+def test_model_info_counts_the_vit_of_the_video_checkpoint(capsys):
+    from jobs.model_info import main
+
+    assert main(["--preset", "lance-3b-video", "--json"]) == 0
+    params = json.loads(capsys.readouterr().out)["parameters"]
+    assert (params["total"], params["tensors"], params["vit"]) == (7_105_548_336, 1_411, 668_684_288)
+    image = count_parameters(build_model(model_preset("lance-3b"), device="meta"))
+    assert params["active_per_token"] == image.active_per_token  # the frozen ViT and table are not active
 
 
 def test_presets_differ_only_in_sizes():

@@ -15,8 +15,9 @@ from ..config import ViTConfig
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-VISION_PREFIXES = ("model.visual.", "visual.")
-"""Vision-tower key prefixes: transformers >= 4.52 saves ``model.visual.*``, the original release ``visual.*``."""
+VISION_PREFIXES = ("model.visual.", "visual.", "vit_model.")
+"""Vision-tower key prefixes: transformers >= 4.52 saves ``model.visual.*``, the original Qwen release
+``visual.*``, the ``Lance_3B_Video`` checkpoint ``vit_model.*`` (so ``model.vit.path`` may name it too)."""
 
 QWEN25_VL_3B_VISION = dict(
     depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048, window_size=112,
@@ -37,6 +38,14 @@ def vision_config(cfg: ViTConfig):
                      fullatt_block_indexes=list(cfg.fullatt_block_indexes), tokens_per_second=2)
     return Qwen2_5_VLVisionConfig(patch_size=cfg.patch_size, temporal_patch_size=cfg.temporal_patch_size,
                                   spatial_merge_size=cfg.spatial_merge_size, **sizes)
+
+
+def meta_vision_tower(cfg: ViTConfig) -> nn.Module:
+    """The vision tower of ``cfg`` on the meta device (nothing allocated, no weights read): for counting."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    with torch.device("meta"):
+        return Qwen2_5_VisionTransformerPretrainedModel._from_config(vision_config(cfg))
 
 
 def _vision_key(key: str) -> str | None:
@@ -76,7 +85,7 @@ def read_vision_weights(path: str) -> dict[str, torch.Tensor]:
                 if (name := _vision_key(key)) is not None:
                     weights[name] = fh.get_tensor(key)
     if not weights:
-        raise KeyError(f"{path!r} holds no vision tower weights (keys under model.visual. or visual.)")
+        raise KeyError(f"{path!r} holds no vision tower weights (keys under {', '.join(VISION_PREFIXES)})")
     return weights
 
 
