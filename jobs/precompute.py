@@ -13,7 +13,7 @@ from jobs.config_io import read_yaml
 from lance_core.config import ConfigError, load_config
 from pipelines.data.config import PrecomputeConfig
 from pipelines.data.report import print_summary
-from pipelines.data.sources import StorageError
+from pipelines.data.storage import StorageError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--entrypoint-num-gpus", type=float, default=0.0)
         p.add_argument("--entrypoint-resources", default="{}", help='JSON, e.g. \'{"cpu_node": 1}\'')
         p.add_argument("--no-wait", action="store_true", help="print the submission id and return")
+        p.add_argument("--allow-secret-files", action="store_true",
+                       help="submit although the project holds credential-like files (.env, *.pem, .aws/, ...); "
+                            "they are left out of the upload either way")
     for action, help_ in (("status", "status of a submitted job"), ("stop", "stop a submitted job"),
                           ("logs", "logs of a submitted job")):
         p = sub.add_parser(action, help=help_)
@@ -58,7 +61,8 @@ def _submit(args: argparse.Namespace, job_args: list[str]) -> int:
     opts = load_config(SubmitOptions, {
         "job": args.action, "config": args.config, "job_args": job_args, "address": args.address, "env": env,
         "submission_id": args.submission_id, "entrypoint_num_cpus": args.entrypoint_num_cpus,
-        "entrypoint_num_gpus": args.entrypoint_num_gpus, "entrypoint_resources": resources}, prefix="submit")
+        "entrypoint_num_gpus": args.entrypoint_num_gpus, "entrypoint_resources": resources,
+        "allow_secret_files": args.allow_secret_files}, prefix="submit")
     for path in local_data_paths(opts.job_args):
         print(f"lance submit: {path} is a local path; every node must see it (use s3:// on a cluster)",
               file=sys.stderr)

@@ -13,6 +13,7 @@ import sys
 
 from jobs.config_io import read_yaml
 from lance_core.config import ConfigError
+from pipelines.data.storage import StorageError
 from pipelines.train.config import apply_overrides, load_train_config
 from pipelines.train.plan import DataError
 
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = run_training(cfg)
-    except DataError as err:
+    except (DataError, StorageError) as err:
         print(f"lance train: data: {err}", file=sys.stderr)
         return 1
     except TrainingFailedError as err:

@@ -1,9 +1,11 @@
 """Submitting the project's jobs to a Ray cluster through Ray's Job Submission API (``lance submit``).
 
 The project folder travels as the job's working directory (without what must not travel: virtual
-environments, git data, run outputs, caches, large files); a config given as a local path travels with it.
-Data and weights are read by the job from shared storage (s3://); credentials come from the cluster's
-environment or the platform's identity, never from the submission.
+environments, git data, run outputs, caches, large files, and files that look like credentials); a config
+given as a local path travels with it. Data and weights are read by the job from shared storage (s3://);
+credentials come from the cluster's environment or the platform's identity, never from the submission: a
+working dir that holds a credential-like file is refused unless the user allows it, and even then the file
+stays behind.
 """
 
 from __future__ import annotations
@@ -39,6 +41,18 @@ EXCLUDES = (
     ".ruff_cache/", ".mypy_cache/", "*.egg-info/", "build/", "dist/", ".cache/",
     "*.safetensors", "*.pth", "*.pt", "*.ckpt", "*.onnx", "*.parquet", "*.tar", "*.mp4",
 )
+SECRET_FILES = (
+    ".env", ".env.*", ".envrc", ".aws/", ".ssh/", ".gnupg/", ".docker/", ".kube/", ".azure/", ".config/gcloud/",
+    ".netrc", "_netrc", ".pgpass", ".npmrc", ".pypirc", ".git-credentials", ".htpasswd", "auth_token",
+    "*.pem", "*.key", "*.p12", "*.pfx", "*.jks", "*.keystore", "*.kdbx", "id_rsa*", "id_dsa*", "id_ecdsa*",
+    "id_ed25519*", "credentials", "credentials.json", "service-account*.json", "secrets.*", "*.secret",
+    "*.secrets",
+)
+"""Files that look like credentials (patterns as in :data:`EXCLUDES`): never uploaded, and a working dir that
+holds one is refused unless ``allow_secret_files`` is set. cluster/Dockerfile.dockerignore keeps them out of
+the image too."""
+TEMPLATE_MARKERS = (".example", ".sample", ".template")
+"""A credential-like name with one of these in it is a template (``.env.example``): left behind, not refused."""
 SECRET_NAME = re.compile(
     r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|PRIVATE_KEY|SESSION_KEY|API_KEY", re.IGNORECASE)
 DATA_FLAGS = ("--input", "--output", "--data", "--checkpoint", "--weights")
@@ -65,6 +79,8 @@ class SubmitOptions(StrictModel):
     entrypoint_num_gpus: float = Field(0.0, ge=0)
     entrypoint_resources: dict[str, float] = Field(default_factory=dict)
     """Custom resources for the driver, e.g. {"cpu_node": 1} to keep it off the head."""
+    allow_secret_files: bool = False
+    """Submit although the working dir holds credential-like files (:data:`SECRET_FILES`); they stay behind."""
 
     @field_validator("address")
     @classmethod
@@ -98,9 +114,16 @@ def job_module(job: str) -> str:
 
 
 def excluded(relative: Path) -> bool:
-    """Whether a path inside the project matches one of :data:`EXCLUDES` (the staging rules for configs)."""
+    """Whether a path inside the project stays behind: it matches :data:`EXCLUDES` or :data:`SECRET_FILES`."""
+    return _matches(relative, EXCLUDES) or _matches(relative, SECRET_FILES)
+
+
+def _matches(relative: Path, patterns: tuple[str, ...]) -> bool:
+    """Whether a path inside the project matches one of ``patterns`` the way Ray's excludes match it: a
+    pattern ending in / names a folder at any depth (or a path from the root when it holds a /), any other a
+    file name at any depth."""
     parts = relative.parts
-    for pattern in EXCLUDES:
+    for pattern in patterns:
         if pattern.endswith("/"):
             name = pattern.rstrip("/")
             if "/" in name:
@@ -126,8 +149,32 @@ def large_files(root: Path, limit: int = MAX_FILE_BYTES) -> list[str]:
     return sorted(found)
 
 
+def secret_files(root: Path) -> list[str]:
+    """Files under ``root`` that look like credentials and would otherwise travel (templates aside)."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        rel_folder = Path(folder).relative_to(root)
+        dirs[:] = [d for d in dirs if not _matches(rel_folder / d / "x", EXCLUDES)]
+        for name in files:
+            rel = rel_folder / name
+            if (_matches(rel, SECRET_FILES) and not _matches(rel, EXCLUDES)
+                    and not any(marker in name for marker in TEMPLATE_MARKERS)):
+                found.append(rel.as_posix())
+    return sorted(found)
+
+
+def check_no_secrets(root: Path, allow: bool) -> None:
+    """Refuse a working dir that holds credential-like files, unless ``allow`` (they stay behind either way)."""
+    found = secret_files(root)
+    if found and not allow:
+        shown = ", ".join(found[:10]) + (f" and {len(found) - 10} more" if len(found) > 10 else "")
+        raise SubmitError(f"the working dir {root} holds files that look like credentials: {shown}. They are "
+                          "never uploaded, but move them out of the project (the cluster's identity gives the "
+                          "job its access), or pass --allow-secret-files to submit anyway")
+
+
 def runtime_env(root: Path, env: dict[str, str]) -> dict:
-    excludes = list(EXCLUDES) + ["/" + path for path in large_files(root)]
+    excludes = list(EXCLUDES) + list(SECRET_FILES) + ["/" + path for path in large_files(root)]
     runtime = {"working_dir": str(root), "excludes": excludes}
     if env:
         runtime["env_vars"] = dict(env)
@@ -147,6 +194,8 @@ def staged_config(config: str | None, root: Path) -> Iterator[str | None]:
     path = Path(config).expanduser().resolve()
     if not path.is_file():
         raise SubmitError(f"config file {config!r} does not exist")
+    if _matches(Path(path.name), SECRET_FILES):
+        raise SubmitError(f"config file {config!r} has the name of a credential file; it would travel with the job")
     root = root.resolve()
     if path.is_relative_to(root) and not excluded(path.relative_to(root)):
         yield path.relative_to(root).as_posix()
@@ -208,12 +257,14 @@ def new_submission_id(job: str) -> str:
     return f"lance-{job}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}"
 
 
-def submit(opts: SubmitOptions, root: Path = PROJECT_ROOT) -> str:
-    """Upload the working dir and submit the job; returns the submission id."""
+def submit(opts: SubmitOptions, root: Path | None = None) -> str:
+    """Upload the working dir (default: the project) and submit the job; returns the submission id."""
     import importlib.util
 
+    root = root or PROJECT_ROOT
     if importlib.util.find_spec(job_module(opts.job)) is None:
         raise SubmitError(f"{job_module(opts.job)} is not part of this project")
+    check_no_secrets(root, opts.allow_secret_files)
     api = client(opts.address)
     with staged_config(opts.config, root) as config:
         return api.submit_job(

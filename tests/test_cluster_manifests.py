@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import re
 import shlex
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -199,13 +203,83 @@ def test_kuberay_clusters_are_not_exposed_and_need_a_token(name, spec):
                 assert not (SECRET_NAME.search(env["name"]) and "value" in env), env["name"]
 
 
-def test_head_accepts_traffic_from_its_namespace_only():
-    docs = _docs(KUBERAY / "namespace.yaml")
-    policy = next(d for d in docs if d["kind"] == "NetworkPolicy")
-    assert policy["spec"]["podSelector"]["matchLabels"] == {"ray.io/node-type": "head"}
-    assert policy["spec"]["ingress"] == [{"from": [{"podSelector": {}}]}]
+def _operator_namespace() -> str:
+    """The namespace cluster/README.md installs the KubeRay operator into."""
+    install = re.search(r"helm install kuberay-operator .*", (CLUSTER / "README.md").read_text()).group(0)
+    return re.search(r"--namespace[ =](\S+)", install).group(1)
+
+
+def _policies() -> dict[str, dict]:
+    """NetworkPolicies by the Ray node type their pods carry (ray.io/node-type)."""
+    docs = [d for d in _docs(KUBERAY / "namespace.yaml") if d["kind"] == "NetworkPolicy"]
+    return {d["spec"]["podSelector"]["matchLabels"]["ray.io/node-type"]: d for d in docs}
+
+
+def test_head_and_workers_accept_traffic_from_their_namespace_only():
+    policies = _policies()
+    assert set(policies) == {"head", "worker"}, "every Ray pod is behind a NetworkPolicy"
+    for node_type, policy in policies.items():
+        assert policy["metadata"]["namespace"] == "lance" and policy["spec"]["policyTypes"] == ["Ingress"]
+        rules = policy["spec"]["ingress"]
+        assert {"from": [{"podSelector": {}}]} in rules, f"{node_type}: pods of the namespace reach it"
+        for rule in rules:
+            peers = rule.get("from")
+            assert peers, f"{node_type}: a rule without 'from' admits every source"
+            for peer in peers:
+                assert "ipBlock" not in peer, f"{node_type}: no address ranges"
+                if "namespaceSelector" in peer:
+                    assert node_type == "head", "only the head admits another namespace"
     every_kind = {d["kind"] for p in CLUSTER.rglob("*.yaml") for d in _docs(p) if "kind" in d}
     assert not every_kind & {"Ingress", "Service", "Gateway", "Route"}, "nothing routes the job API outwards"
+
+
+def test_kuberay_operator_reaches_the_job_api_and_nothing_else():
+    head = _policies()["head"]["spec"]["ingress"]
+    foreign = [rule for rule in head if any("namespaceSelector" in peer for peer in rule["from"])]
+    assert len(foreign) == 1
+    [rule] = foreign
+    [peer] = rule["from"]
+    assert peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": _operator_namespace()}}
+    assert peer["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}
+    assert rule["ports"] == [{"protocol": "TCP", "port": 8265}], "the job API only, not GCS or the client port"
+    text = (CLUSTER / "README.md").read_text()
+    assert "8265" in text and _operator_namespace() in text.split("helm install", 1)[1]
+
+
+def _token_commands() -> list[str]:
+    cfg = yaml.safe_load((RAY_UP / "lance-aws.yaml").read_text())
+    commands = [c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in cfg[key]
+                if "auth_token" in c]
+    assert len(commands) == 2, "the head and the workers write the token file"
+    return commands
+
+
+@pytest.mark.parametrize("old_mode", [None, 0o644], ids=["new", "left-from-an-older-start"])
+def test_ray_up_token_file_is_0600_from_the_start(tmp_path, old_mode):
+    """Run the token command of each node with a stand-in for python (it records the file's mode while its
+    output is being written, then prints a token) under the default umask 022."""
+    shim = tmp_path / "bin" / "python"
+    shim.parent.mkdir()
+    shim.write_text(f"#!{sys.executable}\n"
+                    "import os, stat\n"
+                    "path = os.path.expanduser('~/.ray/auth_token')\n"
+                    "with open(os.path.expanduser('~/mode-while-writing'), 'w') as fh:\n"
+                    "    fh.write(oct(stat.S_IMODE(os.stat(path).st_mode)))\n"
+                    "print('t' * 64, end='')\n")
+    shim.chmod(0o755)
+    for command in _token_commands():
+        assert "chmod" not in command, "no window between writing the file and restricting it"
+        home = tmp_path / f"home-{len(list(tmp_path.iterdir()))}"
+        (home / ".ray").mkdir(parents=True)
+        if old_mode is not None:
+            (home / ".ray" / "auth_token").write_text("old")
+            (home / ".ray" / "auth_token").chmod(old_mode)
+        env = {**os.environ, "HOME": str(home), "PATH": f"{shim.parent}{os.pathsep}{os.environ['PATH']}"}
+        subprocess.run(["bash", "-c", f"umask 022; {command}"], env=env, check=True, timeout=30)
+        token = home / ".ray" / "auth_token"
+        assert token.read_text() == "t" * 64
+        assert (home / "mode-while-writing").read_text() == "0o600"
+        assert stat.S_IMODE(token.stat().st_mode) == 0o600
 
 
 def test_no_credentials_anywhere_in_cluster():
@@ -244,3 +318,11 @@ def test_readme_walks_through_every_manifest():
         assert path.name in text, f"cluster/README.md does not mention {path.name}"
     for command in ("lance submit", "kubectl -n lance port-forward", "ray up", "ray dashboard"):
         assert command in text
+
+
+def test_credential_like_files_stay_out_of_the_image():
+    from pipelines.submit import SECRET_FILES
+
+    ignored = {line.strip() for line in (CLUSTER / "Dockerfile.dockerignore").read_text().splitlines()}
+    missing = [p for p in SECRET_FILES if "**/" + p.rstrip("/") not in ignored]
+    assert not missing, f"Dockerfile.dockerignore lets these into the image: {missing}"

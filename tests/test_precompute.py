@@ -234,3 +234,18 @@ def test_decode_runs_in_its_own_tasks_not_fused_into_the_encoder_actors(ray_loca
     optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     assert "TaskPoolMapOperator[MapBatches(_partition_rows)]" in optimized
     assert "ActorPoolMapOperator[MapBatches(VAEEncoder)]" in optimized
+
+
+def test_posterior_std_is_stored_beside_the_mean(ray_local, synth, tmp_path):
+    """``encoders.store_posterior_std``: every VAE slot gets its normalised std (same shape and dtype); the
+    mean is what the default run writes."""
+    _run(synth["parquet_v2v"], tmp_path / "mean")
+    _run(synth["parquet_v2v"], tmp_path / "std", encoders=dict(store_posterior_std=True))
+    plain = {r["sample_id"]: r for r in _shard_rows(tmp_path / "mean")}
+    rows = _shard_rows(tmp_path / "std")
+    assert rows and all(r["target_vae_std"] is None for r in plain.values())
+    for row in rows:
+        assert row["target_vae"] == plain[row["sample_id"]]["target_vae"]
+        for slot in ("target", "source"):
+            std = bytes_to_tensor(row[f"{slot}_vae_std"], row[f"{slot}_vae_shape"], row[f"{slot}_vae_dtype"])
+            assert std.shape[-1] == 48 and bool((std > 0).all())

@@ -195,3 +195,72 @@ def test_refused_token_is_reported(recording, monkeypatch, capsys):
     recording.get_job_info = refuse
     assert cli.main(["status", "some-id", "--address", "http://x:8265"]) == 1
     assert "lance submit: http://x:8265: Authentication failed" in capsys.readouterr().err
+
+
+SECRETS = [".env", ".env.production", ".aws/credentials", ".ssh/id_ed25519", "deploy/tls.key", "certs/server.pem",
+           "nested/secrets.yaml", ".git-credentials", "keys/store.p12", "gcp/credentials.json"]
+
+
+@pytest.fixture
+def project_with_secrets(project) -> Path:
+    for name in [*SECRETS, ".env.example", ".venv/lib/certifi/cacert.pem", "runs/out/.env", "pipelines/keys.py"]:
+        path = project / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("AWS_SECRET_ACCESS_KEY=not-a-real-one\n")
+    return project
+
+
+def _uploaded(root: Path, excludes: list[str]) -> set[str]:
+    """The files Ray's own packaging of the working dir takes, with ``excludes`` (without .gitignore)."""
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+
+    files: set[str] = set()
+    _dir_travel(root, [_get_excludes(root, excludes)],
+                lambda p: files.add(p.relative_to(root).as_posix()) if p.is_file() else None, include_gitignore=False)
+    return files
+
+
+def test_secret_like_files_are_found_and_never_travel(project_with_secrets):
+    root = project_with_secrets
+    assert api.secret_files(root) == sorted(SECRETS), "templates and already excluded folders are not reported"
+    uploaded = _uploaded(root, api.runtime_env(root, {})["excludes"])
+    assert not uploaded & {*SECRETS, ".env.example"}, sorted(uploaded)
+    assert {"jobs/configs/a.yaml", "pipelines/keys.py"} <= uploaded
+    for name in SECRETS:
+        assert api.excluded(Path(name)), name
+
+
+def test_the_project_itself_holds_no_secret_like_file():
+    assert api.secret_files(ROOT) == []
+
+
+def test_submit_refuses_a_working_dir_with_secrets_unless_allowed(recording, project_with_secrets):
+    root = project_with_secrets
+    recording.root = root
+    with pytest.raises(api.SubmitError) as err:
+        api.submit(api.SubmitOptions(job="train"), root=root)
+    text = str(err.value)
+    assert ".env" in text and ".aws/credentials" in text and "--allow-secret-files" in text
+    assert ".env.example" not in text and "not-a-real-one" not in text
+    assert recording.submitted == [], "nothing was submitted"
+    api.submit(api.SubmitOptions(job="train", allow_secret_files=True), root=root)
+    excludes = recording.submitted[0]["runtime_env"]["excludes"]
+    assert not _uploaded(root, excludes) & set(SECRETS), "allowed, but still left behind"
+
+
+def test_cli_flag_allows_secret_files(recording, project_with_secrets, monkeypatch, capsys):
+    from jobs import submit as cli
+
+    monkeypatch.setattr(api, "PROJECT_ROOT", project_with_secrets)
+    recording.root = project_with_secrets
+    assert cli.main(["train", "--no-wait"]) == 1
+    assert "look like credentials" in capsys.readouterr().err and recording.submitted == []
+    assert cli.main(["train", "--no-wait", "--allow-secret-files"]) == 0
+    assert len(recording.submitted) == 1
+
+
+def test_a_config_named_like_a_credential_is_refused(project):
+    (project / "secrets.yaml").write_text("steps: 1\n")
+    with pytest.raises(api.SubmitError, match="name of a credential file"), \
+            api.staged_config(str(project / "secrets.yaml"), project):
+        pass

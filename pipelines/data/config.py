@@ -43,13 +43,28 @@ class FilterConfig(StrictModel):
 
 
 class VideoConfig(StrictModel):
+    """Frame selection as in the Lance release: a clip of d seconds gives round(min(d, max_seconds) x fps)
+    frames snapped down to 4k + 1, spread evenly over the whole clip (6 s -> 69 frames, 18 latent frames;
+    7-8 s -> the same 69 frames over the longer clip)."""
+
     fps: float = Field(12.0, gt=0)
+    """Sampling rate the frame count is based on (the effective rate is a little lower: 6 s -> 69 frames)."""
     max_seconds: float = Field(6.0, gt=0)
-    """Clip length; longer videos are cut into several clips."""
-    stride_seconds: float | None = None
+    """Seconds that set the most frames a clip takes, and the length of the clips a long video is cut into."""
+    max_clip_seconds: float = Field(8.0, gt=0)
+    """Longest stretch one clip spans: a video (or the rest of one) up to this long is one clip, its frames
+    spread over all of it; a longer one is cut into ``max_seconds`` clips."""
+    stride_seconds: float | None = Field(None, gt=0)
     """Start-to-start distance of clips (default: max_seconds, back to back)."""
     max_clips_per_video: int = Field(64, ge=1)
     min_frames: int = Field(5, ge=1)
+
+    @model_validator(mode="after")
+    def _check_clip_seconds(self) -> VideoConfig:
+        if self.max_clip_seconds < self.max_seconds:
+            raise ValueError(f"max_clip_seconds ({self.max_clip_seconds:g}) must be at least max_seconds "
+                             f"({self.max_seconds:g})")
+        return self
 
 
 class BucketConfig(StrictModel):
@@ -57,8 +72,16 @@ class BucketConfig(StrictModel):
     """Target pixel area of image buckets (released SFT: 768 x 768)."""
     video_area: int = Field(480 * 848, gt=0)
     """Target pixel area of video buckets (released SFT: 480 x 848)."""
-    vit_area: int = Field(448 * 448, gt=0)
-    """Target pixel area of the ViT input (sides multiples of 28)."""
+    vit_image_area: int = Field(672 * 672, gt=0)
+    """Target pixel area of the ViT input of an image (sides multiples of 28; the release: 672²)."""
+    vit_video_area: int = Field(616 * 616, gt=0)
+    """Target pixel area of the ViT input of video frames (the release: 616², so 854x480 -> 812x448)."""
+    vit_area: int | None = Field(None, gt=0)
+    """One ViT area for images and videos alike, in place of the two above (small test presets)."""
+
+    def vit_area_for(self, video: bool) -> int:
+        """The ViT target area of a video's frames or of an image."""
+        return self.vit_area or (self.vit_video_area if video else self.vit_image_area)
 
 
 class EncoderConfig(StrictModel):
@@ -81,6 +104,9 @@ class EncoderConfig(StrictModel):
     """Memory reserved per read/decode task (one partition's decoded pixels are held at once)."""
     max_decode_tasks: int | None = Field(None, ge=1)
     """Cap on concurrent read/decode tasks (None: as many as CPUs and memory allow)."""
+    store_posterior_std: bool = False
+    """Also store the VAE posterior's std (normalised like the latents) as ``<slot>_vae_std``, so training can
+    draw a fresh latent each step (``data.sample_posterior``); False stores the posterior mean alone."""
     vit_tasks: tuple[str, ...] = ("i2t", "v2t", "i2i", "v2v")
     """Tasks whose media also get ViT features (they are large; understanding and edit sources need them)."""
 
@@ -89,14 +115,28 @@ class StorageConfig(StrictModel):
     endpoint_url: str | None = None
     """S3-compatible endpoint; credentials come from the environment (never from this file)."""
     region: str | None = None
-    retries: int = Field(4, ge=0)
+    connect_timeout_seconds: float = Field(5.0, gt=0)
+    """Longest wait for a connection to the S3 endpoint, per attempt."""
+    read_timeout_seconds: float = Field(20.0, gt=0)
+    """Longest wait for the next bytes of an answer, per attempt: an endpoint that accepts and never answers
+    fails after (retries + 1) x this, instead of hanging."""
+    retries: int = Field(3, ge=0)
+    """Retries of a transient failure (timeout, refused or reset connection, 5xx, throttling) after the first
+    attempt; on S3 botocore makes them in ``retry_mode``. Not found, access denied, missing credentials and
+    corrupt objects fail at once."""
+    retry_mode: Literal["standard", "adaptive"] = "standard"
+    """botocore's retry mode (adaptive also slows the client down while S3 throttles it)."""
     backoff_seconds: float = Field(0.5, ge=0)
+    """First wait before a retry botocore does not make (other filesystems, a broken download); doubles."""
 
 
 class PrecomputeConfig(StrictModel):
     input: str = ""
     """Input URI: a file or folder, local or s3://."""
     input_format: InputFormat = "auto"
+    max_tar_member_mb: float = Field(256.0, gt=0)
+    """Largest WebDataset tar member read (MiB; a member is read whole into memory): a larger one is
+    quarantined with its size, and its bytes are skipped, not read."""
     task: str | None = None
     """Task of rows that do not name one (webdataset, manifests); default t2i for images, t2v for videos."""
     output: str = "runs/latents"

@@ -16,38 +16,74 @@ from ray.data import ActorPoolStrategy
 
 from .config import PrecomputeConfig
 from .encode import VAEEncoder, ViTEncoder
-from .records import ROW_DEFAULTS, process_record, to_arrow
+from .records import ROW_DEFAULTS, dropped, process_record, to_arrow
 from .scores import ScoreFilter
 from .sources import InputFile, list_inputs, plan_partitions, read_segment
-from .writer import committed_hashes, read_commits, read_json, write_json, write_partition
+from .storage import TRANSIENT_KINDS, StorageError, classify
+from .writer import (
+    DamagedFileError,
+    committed_hashes,
+    read_commits,
+    read_json,
+    remove_temporary_files,
+    write_json,
+    write_partition,
+)
 
 
-@ray.remote(num_cpus=0)
-class DedupIndex:
-    """Content hashes claimed so far; the first claim of a hash wins."""
+class ContentOwners:
+    """Which record owns each content hash: the first claim wins; hashes of committed shards are owned by
+    them. A partition claims its records in record order, so inside a partition the first occurrence is
+    kept; a writer retried after a crash claims again with the same answer."""
 
     def __init__(self, hashes: list[str]) -> None:
-        self.owner = {h: "committed" for h in hashes}
+        self.owner: dict[str, tuple[int, int] | None] = {h: None for h in hashes}
 
-    def claim(self, hashes: list[str], keys: list[str]) -> list[str]:
-        """Return the hashes among ``hashes`` already owned by another key."""
-        taken = []
-        for digest, key in zip(hashes, keys):
-            owner = self.owner.setdefault(digest, key)
-            if owner != key:
-                taken.append(digest)
-        return taken
+    def claim(self, partition: int, hashes: list[str], records: list[int]) -> list[int]:
+        """Claim ``hashes`` for the records ``records`` of ``partition`` (one hash per record); return the
+        records whose content another record owns (an earlier one of this partition, another partition
+        or a committed shard)."""
+        duplicates = []
+        for digest, record in sorted(zip(hashes, records), key=lambda pair: pair[1]):
+            if self.owner.setdefault(digest, (partition, record)) != (partition, record):
+                duplicates.append(record)
+        return duplicates
 
 
-def load_plan(cfg: PrecomputeConfig) -> tuple[list[InputFile], list]:
-    """The stored plan of the output folder, or a new one; a rerun with other inputs is refused."""
+DedupIndex = ray.remote(num_cpus=0)(ContentOwners)
+
+
+def _stored_plan(cfg: PrecomputeConfig) -> tuple[list[InputFile], list, tuple] | None:
+    """(files, partitions, (input, partition_size)) of ``plan.json``; DamagedFileError naming it if damaged."""
     stored = read_json(cfg.output, "plan.json", cfg)
-    if stored is not None:
+    if stored is None:
+        return None
+    try:
         files = [InputFile(**f) for f in stored["inputs"]]
-        if stored["input"] != cfg.input or stored["partition_size"] != cfg.partition_size:
-            raise ValueError(f"output {cfg.output!r} was planned for input {stored['input']!r} with partition_size "
-                             f"{stored['partition_size']}; use a new output folder for other inputs")
-        return files, [[tuple(s) for s in p] for p in stored["partitions"]]
+        partitions = [[tuple(int(x) for x in s) for s in p] for p in stored["partitions"]]
+        return files, partitions, (stored["input"], stored["partition_size"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise DamagedFileError(f"{cfg.output.rstrip('/')}/plan.json is damaged ({type(err).__name__}: {err})") \
+            from None
+
+
+def load_plan(cfg: PrecomputeConfig, committed: bool = False) -> tuple[list[InputFile], list]:
+    """The stored plan of the output folder, or a new one; a rerun with other inputs is refused. A damaged
+    plan is made again while no partition is committed (``committed``), else refused with its file named."""
+    try:
+        stored = _stored_plan(cfg)
+    except DamagedFileError as err:
+        if committed:
+            raise DamagedFileError(f"{err}; partitions are committed against it: restore it, or use a new "
+                                   "output folder") from None
+        print(f"precompute: {err}; no partition is committed yet, planning again", flush=True)
+        stored = None
+    if stored is not None:
+        files, partitions, (planned_input, planned_size) = stored
+        if (planned_input, planned_size) != (cfg.input, cfg.partition_size):
+            raise ValueError(f"output {cfg.output!r} was planned for input {planned_input!r} with partition_size "
+                             f"{planned_size}; use a new output folder for other inputs")
+        return files, partitions
     files = list_inputs(cfg)
     partitions = plan_partitions(files, cfg.partition_size)
     write_json(cfg.output, "plan.json", {
@@ -67,18 +103,69 @@ def _partition_rows(items, files: list[InputFile], cfg_json: str):
     return to_arrow(columns)
 
 
+TEXT_FIELDS = ("source_uri", "task", "caption", "system", "question", "answer")
+ENVIRONMENT_FAILURES = TRANSIENT_KINDS | {"credentials", "access_denied"}
+
+
+def _is_transient(err: Exception) -> bool:
+    """A failure of the storage or its access rather than of the data (timeouts, lost connections, server
+    errors, throttling, credentials): it fails the task (retried by Ray, then by a rerun) instead of
+    quarantining records for good. Corrupt or missing input is the data's: its records are quarantined."""
+    kind = err.kind if isinstance(err, StorageError) else getattr(classify(err), "kind", None)
+    return kind in ENVIRONMENT_FAILURES
+
+
+def _error_text(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"
+
+
+def _record_rows(record: dict, partition: int, index: int, cfg: PrecomputeConfig) -> list[dict]:
+    """``process_record`` for one record; any exception quarantines that record (with the exception's type
+    and message) instead of failing the partition."""
+    started = time.perf_counter()
+    try:
+        produced = process_record(record, partition, index, cfg)
+        for row in produced:
+            for name in TEXT_FIELDS:
+                if not isinstance(row[name], str):
+                    raise TypeError(f"{name} is {type(row[name]).__name__}, expected a string")
+    except Exception as err:  # noqa: BLE001 - one record's failure of any kind must not stop the partition
+        source = {"source_uri": str(record.get("source_uri", ""))} if isinstance(record, dict) else {}
+        produced = [dropped(source, partition, index, "quarantined", "read", "record_error", _error_text(err))]
+    seconds = (time.perf_counter() - started) / len(produced)
+    for row in produced:
+        row["decode_seconds"] = seconds
+    return produced
+
+
 def _rows_of_partition(partition: int, segments, files: list[InputFile], cfg: PrecomputeConfig) -> list[dict]:
+    """The rows of every planned record of the partition. Records a segment cannot deliver (the file cannot
+    be parsed past some point, or holds fewer records than planned) are quarantined, so that each planned
+    record has an outcome."""
     rows = []
     index = 0
     for file_index, start, stop in segments:
-        for record in read_segment(files[file_index], start, stop, cfg):
-            started = time.perf_counter()
-            produced = process_record(record, partition, index, cfg)
-            seconds = (time.perf_counter() - started) / len(produced)
-            for row in produced:
-                row["decode_seconds"] = seconds
-            rows += produced
-            index += 1
+        file = files[file_index]
+        records = read_segment(file, start, stop, cfg)
+        for position in range(start, stop):
+            try:
+                record = next(records, None)
+            except Exception as err:  # parsers of every format raise their own types
+                if _is_transient(err):
+                    raise
+                reason, detail = "unreadable_input", _error_text(err)
+            else:
+                if record is not None:
+                    rows += _record_rows(record, partition, index, cfg)
+                    index += 1
+                    continue
+                reason, detail = "missing_record", f"{file.uri} holds fewer records than planned ({stop})"
+            for missing in range(position, stop):
+                rows.append(dropped({"source_uri": f"{file.uri}#{missing}"}, partition, index, "quarantined",
+                                    "read", reason, detail))
+                rows[-1]["decode_seconds"] = 0.0
+                index += 1
+            break
     return rows
 
 
@@ -130,8 +217,10 @@ def run_precompute(cfg: PrecomputeConfig, progress: bool = True) -> PrecomputeRe
     ctx.enable_progress_bars = progress
     ctx.target_max_block_size = max(ctx.target_max_block_size or 0, 8 * 2**30)
     _prepare_output(cfg)
-    files, partitions = load_plan(cfg)
+    for path in remove_temporary_files(cfg.output, cfg):
+        print(f"precompute: removed {path}, left by an attempt that did not finish", flush=True)
     commits = read_commits(cfg.output, cfg)
+    files, partitions = load_plan(cfg, committed=bool(commits))
     todo = [p for p in range(len(partitions)) if p not in commits]
     skipped = len(partitions) - len(todo)
     dedup = DedupIndex.remote(committed_hashes(cfg.output, commits, cfg) if cfg.filters.dedup else [])

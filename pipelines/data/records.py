@@ -14,10 +14,10 @@ import numpy as np
 
 from lance_core.shards import sample_id
 
-from .buckets import bucket_for, resize_center_crop
 from .config import PrecomputeConfig
-from .decode import DecodeError, decode_image, decode_video, media_kind
-from .filters import caption_reason, duration_reason, motion_score, size_reason
+from .decode import DecodeError
+from .filters import caption_reason
+from .media import media_reason, open_media, slot_clips
 from .sources import fetch_bytes
 
 ROW_DEFAULTS: dict = {
@@ -29,7 +29,6 @@ ROW_DEFAULTS: dict = {
         ("pixels", b""), ("shape", []), ("vit_pixels", b""), ("vit_shape", []), ("width", 0), ("height", 0),
         ("frames", 0), ("fps", 0.0))},
 }
-VIDEO_TASKS = ("t2v", "i2v", "v2v", "v2t")
 
 
 def _row(record: dict, partition: int, index: int, **values) -> dict:
@@ -56,40 +55,11 @@ def _media_bytes(record: dict, slot: str, cfg: PrecomputeConfig) -> bytes:
     return fetch_bytes(uri, cfg.storage)
 
 
-def _vit_size(width: int, height: int, cfg: PrecomputeConfig) -> tuple[int, int]:
-    _, w, h = bucket_for(width, height, cfg.buckets.vit_area, multiple=28)
-    return w, h
-
-
-def _slot_values(slot: str, frames: np.ndarray, fps: float, needs_vit: bool, cfg: PrecomputeConfig,
-                 area: int) -> dict:
-    count, height, width, _ = frames.shape
-    bucket, bw, bh = bucket_for(width, height, area)
-    resized = (resize_center_crop(frames, bw, bh) * 255).round().byte()
-    values = {f"{slot}_pixels": resized.permute(0, 2, 3, 1).numpy().tobytes(),
-              f"{slot}_shape": [count, bh, bw, 3], f"{slot}_width": width, f"{slot}_height": height,
-              f"{slot}_frames": count, f"{slot}_fps": fps}
-    if needs_vit:
-        vw, vh = _vit_size(width, height, cfg)
-        vit = (resize_center_crop(frames, vw, vh) * 255).round().byte()
-        values[f"{slot}_vit_pixels"] = vit.permute(0, 2, 3, 1).numpy().tobytes()
-        values[f"{slot}_vit_shape"] = [count, vh, vw, 3]
-    return values, bucket
-
-
-def _decode_slot(data: bytes, name: str, task: str, cfg: PrecomputeConfig):
-    """-> list of (frames (T, H, W, 3), fps, clip_index)."""
-    if media_kind(name, data) == "video" or task in VIDEO_TASKS:
-        v = cfg.video
-        return [(c.frames, c.fps, c.clip_index) for c in decode_video(
-            data, v.fps, v.max_seconds, v.stride_seconds, v.min_frames, v.max_clips_per_video)]
-    return [(decode_image(data).pixels[None], 0.0, 0)]
-
-
 def process_record(record: dict, partition: int, index: int, cfg: PrecomputeConfig) -> list[dict]:
     """Read, decode, filter and bucket one record."""
     if "error" in record:
-        return [dropped(record, partition, index, "quarantined", "read", "bad_record", record["error"])]
+        return [dropped(record, partition, index, "quarantined", "read", record.get("error_reason", "bad_record"),
+                        record["error"])]
     task = record.get("task") or "t2i"
     caption = record.get("caption")
     if caption == "\0invalid-utf8":
@@ -106,33 +76,35 @@ def process_record(record: dict, partition: int, index: int, cfg: PrecomputeConf
     except Exception as err:  # noqa: BLE001 - storage errors of any client
         return [dropped(record, partition, index, "quarantined", "read", "storage_error", str(err))]
     content = hashlib.sha256(target_data + (source_data or b"")).hexdigest()
+    # Videos are probed, not decoded, until the size / aspect / duration filters have passed them; their
+    # clips then stream (decoded, bucketed and handed on one at a time).
     try:
-        clips = _decode_slot(target_data, record.get("target_name", ""), task, cfg)
-        source_clips = (_decode_slot(source_data, record.get("source_name", ""), task, cfg)
-                        if source_data is not None else None)
+        target = open_media(target_data, record.get("target_name", ""), task, cfg.video)
+        source = (open_media(source_data, record.get("source_name", ""), task, cfg.video)
+                  if source_data is not None else None)
     except DecodeError as err:
         return [dropped(record, partition, index, "quarantined", "decode", err.reason, err.detail)]
-    frames0 = clips[0][0]
-    reason = size_reason(frames0.shape[2], frames0.shape[1], cfg.filters)
-    if reason:
-        return [dropped(record, partition, index, "filtered", "size", reason)]
-    if clips[0][1] and duration_reason(len(frames0) / clips[0][1], cfg.filters):
-        return [dropped(record, partition, index, "filtered", "duration", "too_short")]
+    for media in (target, source):
+        failed = media_reason(media, cfg.filters) if media is not None else None
+        if failed:
+            return [dropped(record, partition, index, "filtered", *failed)]
     needs_vit = task in cfg.encoders.vit_tasks
     rows = []
-    for frames, fps, clip_index in clips:
-        motion = motion_score(frames) if fps else float("nan")
-        if cfg.filters.motion_min is not None and fps and motion < cfg.filters.motion_min:
-            continue
-        area = cfg.buckets.video_area if fps else cfg.buckets.image_area
-        values, bucket = _slot_values("target", frames, fps, needs_vit and task in ("i2t", "v2t"), cfg, area)
-        if source_clips is not None:
-            src_frames, src_fps, _ = source_clips[min(clip_index, len(source_clips) - 1)]
-            src_values, _ = _slot_values("source", src_frames, src_fps, needs_vit, cfg, area)
-            values.update(src_values)
-        rows.append(_row(record, partition, index, clip_index=clip_index, content_sha256=content,
-                         sample_id=sample_id(record["source_uri"], content, clip_index), bucket=bucket,
-                         motion=motion, **values))
+    try:
+        source_clips = slot_clips(source, "source", needs_vit, cfg) if source is not None else None
+        source_values: dict = {}
+        for clip in slot_clips(target, "target", needs_vit and task in ("i2t", "v2t"), cfg):
+            source_clip = next(source_clips, None) if source_clips is not None else None
+            if source_clip is not None:  # the source clip of the same index, or a shorter source's last
+                source_values = source_clip.values
+            static = cfg.filters.motion_min is not None and clip.motion < cfg.filters.motion_min
+            if static and target.video is not None:
+                continue
+            rows.append(_row(record, partition, index, clip_index=clip.clip_index, content_sha256=content,
+                             sample_id=sample_id(record["source_uri"], content, clip.clip_index),
+                             bucket=clip.bucket, motion=clip.motion, **clip.values, **source_values))
+    except DecodeError as err:
+        return [dropped(record, partition, index, "quarantined", "decode", err.reason, err.detail)]
     if not rows:
         return [dropped(record, partition, index, "filtered", "motion", "static_video")]
     return rows
@@ -153,7 +125,7 @@ def _arrow_type(name: str, sample):
 
     if name.endswith(("_shape", "_grid")):
         return pa.list_(pa.int64())
-    if name.endswith(("_pixels", "_vae", "_vit")):
+    if name.endswith(("_pixels", "_vae", "_vae_std", "_vit")):
         return pa.binary()
     if isinstance(sample, bool):
         return pa.bool_()

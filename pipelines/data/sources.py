@@ -12,52 +12,24 @@ import csv
 import io
 import json
 import tarfile
-import time
 from dataclasses import dataclass
 from typing import Iterator
 
-import fsspec
 import pyarrow.parquet as pq
 
 from .config import PrecomputeConfig, StorageConfig
 
+# StorageError, filesystem and with_retries are also imported from here by the writer and the pipeline.
+from .storage import StorageError, filesystem, open_input, path_exists, with_retries  # noqa: F401
+
 MEDIA_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff",
                     ".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v")
-INPUT_EXTENSIONS = {".tar": "webdataset", ".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv"}
-
-
-class StorageError(RuntimeError):
-    """Storage could not be reached after retries; the message names the URI."""
-
-
-def filesystem(uri: str, storage: StorageConfig):
-    protocol = uri.split("://", 1)[0] if "://" in uri else "file"
-    options = {}
-    if protocol == "s3":
-        client = {}
-        if storage.endpoint_url:
-            client["endpoint_url"] = storage.endpoint_url
-        if storage.region:
-            client["region_name"] = storage.region
-        options = {"client_kwargs": client, "config_kwargs": {"retries": {"max_attempts": 2}},
-                   "skip_instance_cache": True}
-    return fsspec.filesystem(protocol, **options)
-
-
-def with_retries(what: str, storage: StorageConfig, fn):
-    """Run ``fn`` with exponential backoff; a final failure names ``what``."""
-    delay = storage.backoff_seconds
-    for attempt in range(storage.retries + 1):
-        try:
-            return fn()
-        except FileNotFoundError:
-            raise
-        except (OSError, PermissionError, Exception) as err:  # noqa: BLE001 - storage clients raise many types
-            if attempt == storage.retries:
-                raise StorageError(f"{what}: unreachable after {storage.retries + 1} attempts: "
-                                   f"{type(err).__name__}: {err}") from None
-            time.sleep(delay)
-            delay *= 2
+TAR_COMPRESSION = {".tar": "", ".tar.gz": "gz", ".tgz": "gz", ".tar.bz2": "bz2", ".tbz2": "bz2",
+                   ".tbz": "bz2", ".tar.xz": "xz", ".txz": "xz"}
+"""WebDataset names and the compression each declares: a tar is decompressed only when its name says so."""
+INPUT_EXTENSIONS = {**dict.fromkeys(TAR_COMPRESSION, "webdataset"), ".parquet": "parquet", ".jsonl": "jsonl",
+                    ".json": "jsonl", ".csv": "csv"}
+COMPRESSION_MAGIC = {"gz": b"\x1f\x8b", "bz2": b"BZh", "xz": b"\xfd7zXZ\x00", "zstd": b"\x28\xb5\x2f\xfd"}
 
 
 @dataclass(frozen=True)
@@ -85,7 +57,7 @@ def list_inputs(cfg: PrecomputeConfig) -> list[InputFile]:
     if not cfg.input:
         raise ValueError("input: no input URI given (--input or input: in the config)")
     fs = filesystem(cfg.input, cfg.storage)
-    if not with_retries(f"listing {cfg.input}", cfg.storage, lambda: fs.exists(cfg.input)):
+    if not with_retries(f"listing {cfg.input}", cfg.storage, lambda: path_exists(fs, cfg.input)):
         raise FileNotFoundError(f"input {cfg.input!r} does not exist")
     if with_retries(f"listing {cfg.input}", cfg.storage, lambda: fs.isdir(cfg.input)):
         paths = sorted(with_retries(f"listing {cfg.input}", cfg.storage, lambda: fs.find(cfg.input)))
@@ -105,20 +77,49 @@ def list_inputs(cfg: PrecomputeConfig) -> list[InputFile]:
 
 
 def count_records(uri: str, fmt: str, storage: StorageConfig) -> int:
-    fs = filesystem(uri, storage)
-    with fs.open(uri, "rb") as fh:
+    with open_input(uri, storage) as fh:
         if fmt == "parquet":
             return pq.ParquetFile(fh).metadata.num_rows
         if fmt == "webdataset":
-            return len(_tar_keys(fh))
+            return 1 if _tar_problem(fh, uri) else len(_tar_keys(fh, uri))
         if fmt == "jsonl":
             return sum(1 for line in fh if line.strip())
         return sum(1 for _ in csv.DictReader(io.TextIOWrapper(fh, encoding="utf-8", errors="replace")))
 
 
-def _tar_keys(fh) -> list[str]:
+def _tar_declared(uri: str) -> str:
+    """The compression the name of a tar declares ("" for a plain .tar)."""
+    lower = uri.lower()
+    return next((kind for ext, kind in TAR_COMPRESSION.items() if ext != ".tar" and lower.endswith(ext)), "")
+
+
+def _tar_problem(fh, uri: str) -> str | None:
+    """Why a tar is refused, or None: a compressed stream under a plain .tar name (read as a stream it
+    expands without bound: 2.2 MB of gzip named .tar held 2 GiB), or a name that declares another compression
+    than the bytes have. A refused tar counts as one record, quarantined with this message."""
+    declared = _tar_declared(uri)
+    head = fh.read(8)
+    fh.seek(0)
+    found = next((kind for kind, magic in COMPRESSION_MAGIC.items() if head.startswith(magic)), "")
+    if found == declared:
+        return None
+    if not declared:
+        names = ", ".join(ext for ext, kind in TAR_COMPRESSION.items() if kind == found) or "not supported"
+        return f"{uri}: a {found} stream named .tar; a compressed tar is read only under its name ({names})"
+    actual = f"a {found} stream" if found else "not compressed"
+    return f"{uri}: named as a {declared} tar, but the bytes are {actual}"
+
+
+def _open_tar(fh, uri: str) -> tarfile.TarFile:
+    """A plain .tar is read with random access (a skipped member is seeked over, never read); a compressed
+    one as a stream of the compression its name declares (never ``r|*``, which guesses)."""
+    declared = _tar_declared(uri)
+    return tarfile.open(fileobj=fh, mode=f"r|{declared}" if declared else "r:")
+
+
+def _tar_keys(fh, uri: str) -> list[str]:
     keys: list[str] = []
-    with tarfile.open(fileobj=fh, mode="r|*") as tar:
+    with _open_tar(fh, uri) as tar:
         for member in tar:
             if member.isfile():
                 key = member.name.rsplit(".", 1)[0] if "." in member.name.rsplit("/", 1)[-1] else member.name
@@ -151,8 +152,7 @@ def plan_partitions(files: list[InputFile], partition_size: int) -> list[list[tu
 
 
 def read_segment(file: InputFile, start: int, stop: int, cfg: PrecomputeConfig) -> Iterator[dict]:
-    fs = filesystem(file.uri, cfg.storage)
-    opener = lambda: fs.open(file.uri, "rb")  # noqa: E731
+    opener = lambda: open_input(file.uri, cfg.storage)  # noqa: E731
     if file.format == "parquet":
         yield from _parquet_records(opener, file.uri, start, stop, cfg)
     elif file.format == "webdataset":
@@ -164,7 +164,8 @@ def read_segment(file: InputFile, start: int, stop: int, cfg: PrecomputeConfig) 
                 if index >= stop:
                     break
                 if index >= start:
-                    yield _manifest_record(_json_or_error(line, f"{file.uri}#{index}"), file.uri, index, cfg)
+                    yield _guarded(f"{file.uri}#{index}", _manifest_record,
+                                   _json_or_error(line, f"{file.uri}#{index}"), file.uri, index, cfg)
     else:
         with opener() as fh:
             reader = csv.DictReader(io.TextIOWrapper(fh, encoding="utf-8", errors="replace"))
@@ -172,7 +173,22 @@ def read_segment(file: InputFile, start: int, stop: int, cfg: PrecomputeConfig) 
                 if index >= stop:
                     break
                 if index >= start:
-                    yield _manifest_record(row, file.uri, index, cfg)
+                    yield _guarded(f"{file.uri}#{index}", _manifest_record, row, file.uri, index, cfg)
+
+
+def _guarded(source_uri: str, build, *args) -> dict:
+    """``build(*args)``: one input record as a dict; a record whose values have the wrong types (a number
+    where a URI belongs, text where bytes belong) becomes an error record, quarantined downstream."""
+    try:
+        return build(*args)
+    except Exception as err:  # noqa: BLE001 - whatever one malformed record raises stays with that record
+        return {"source_uri": source_uri, "error": f"{source_uri}: {type(err).__name__}: {err}"}
+
+
+def _expect(value, kinds: tuple[type, ...], what: str):
+    if value is not None and not isinstance(value, kinds):
+        raise TypeError(f"{what} is {type(value).__name__}, expected {' or '.join(k.__name__ for k in kinds)}")
+    return value
 
 
 def _json_or_error(line: bytes, where: str) -> dict:
@@ -204,9 +220,16 @@ def _manifest_record(row: dict, file_uri: str, index: int, cfg: PrecomputeConfig
     source_uri = f"{file_uri}#{index}"
     if "__error__" in row:
         return {"source_uri": source_uri, "error": row["__error__"]}
+    from lance_core.packing import TASKS
+
     media = row.get("uri") or row.get("image") or row.get("video") or row.get("media_uri") or ""
+    _expect(media, (str,), "the media URI")
+    _expect(row.get("source"), (str,), "the source media URI")
+    task = _expect(row.get("task"), (str,), "task") or _default_task(media, cfg)
+    if task not in TASKS:
+        raise ValueError(f"task {task!r} is unknown; allowed: {', '.join(TASKS)}")
     record = {
-        "source_uri": source_uri, "task": row.get("task") or _default_task(media, cfg),
+        "source_uri": source_uri, "task": task,
         "caption": _text(row.get("caption")), "system": _text(row.get("system")),
         "question": _text(row.get("question")), "answer": _text(row.get("answer")),
         "target_uri": _resolve(media, file_uri), "target_name": media,
@@ -249,13 +272,16 @@ def _parquet_records(opener, uri: str, start: int, stop: int, cfg: PrecomputeCon
             for local, row in enumerate(table.to_pylist()):
                 index = offset + local
                 if start <= index < stop:
-                    yield (_release_record(row, layout, uri, index) if layout
-                           else _manifest_record(row, uri, index, cfg))
+                    yield (_guarded(f"{uri}#{index}", _release_record, row, layout, uri, index) if layout
+                           else _guarded(f"{uri}#{index}", _manifest_record, row, uri, index, cfg))
             offset += rows
 
 
 def _release_record(row: dict, layout, uri: str, index: int) -> dict:
     _, task, target_col, source_col = layout
+    for column in (target_col, source_col):
+        if column:
+            _expect(row.get(column), (bytes,), f"column {column}")
     ext = ".mp4" if "video" in target_col else ".jpg"
     record = {
         "source_uri": f"{uri}#{index}", "task": task, "target_bytes": row.get(target_col) or b"",
@@ -271,24 +297,48 @@ def _release_record(row: dict, layout, uri: str, index: int) -> dict:
 
 
 def _tar_records(opener, uri: str, start: int, stop: int, cfg: PrecomputeConfig) -> Iterator[dict]:
-    with opener() as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
-        index, key, parts = -1, None, {}
-        for member in tar:
-            if not member.isfile():
-                continue
-            name = member.name
-            member_key, _, ext = name.rpartition(".") if "." in name.rsplit("/", 1)[-1] else (name, "", "")
-            if member_key != key:
-                if key is not None and start <= index < stop:
-                    yield _wds_record(key, parts, uri, index, cfg)
-                index += 1
-                key, parts = member_key, {}
-                if index >= stop:
-                    return
-            if start <= index < stop:
+    with opener() as fh:
+        problem = _tar_problem(fh, uri)
+        if problem:
+            if start <= 0 < stop:
+                yield {"source_uri": uri, "error": problem, "error_reason": "tar_compression"}
+            return
+        with _open_tar(fh, uri) as tar:
+            yield from _tar_samples(tar, uri, start, stop, cfg)
+
+
+def _tar_samples(tar: tarfile.TarFile, uri: str, start: int, stop: int,
+                 cfg: PrecomputeConfig) -> Iterator[dict]:
+    cap = int(cfg.max_tar_member_mb * 2**20)
+    index, key, parts, oversize = -1, None, {}, {}
+    for member in tar:
+        if not member.isfile():
+            continue
+        name = member.name
+        member_key, _, ext = name.rpartition(".") if "." in name.rsplit("/", 1)[-1] else (name, "", "")
+        if member_key != key:
+            if key is not None and start <= index < stop:
+                yield _tar_sample(key, parts, oversize, uri, index, cfg)
+            index += 1
+            key, parts, oversize = member_key, {}, {}
+            if index >= stop:
+                return
+        if start <= index < stop:
+            if member.size > cap:
+                oversize[name] = member.size
+            else:
                 parts[ext.lower()] = tar.extractfile(member).read()
-        if key is not None and start <= index < stop:
-            yield _wds_record(key, parts, uri, index, cfg)
+    if key is not None and start <= index < stop:
+        yield _tar_sample(key, parts, oversize, uri, index, cfg)
+
+
+def _tar_sample(key: str, parts: dict[str, bytes], oversize: dict[str, int], uri: str, index: int,
+                cfg: PrecomputeConfig) -> dict:
+    if oversize:
+        sizes = ", ".join(f"{name} is {size} bytes" for name, size in oversize.items())
+        return {"source_uri": f"{uri}#{key}", "error_reason": "member_too_large",
+                "error": f"{uri}#{key}: {sizes}, above max_tar_member_mb ({cfg.max_tar_member_mb:g} MiB)"}
+    return _guarded(f"{uri}#{key}", _wds_record, key, parts, uri, index, cfg)
 
 
 def _wds_record(key: str, parts: dict[str, bytes], uri: str, index: int, cfg: PrecomputeConfig) -> dict:

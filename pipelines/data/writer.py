@@ -3,7 +3,10 @@
 
 A partition commits in this order: quarantine file, shard (written under a temporary name, then moved
 into place), then its commit record. The commit record is the truth: a rerun skips partitions that have
-one and redoes the others, overwriting any half-written files of theirs, so no sample is written twice.
+a readable one and redoes the others (a damaged record counts as none), overwriting any half-written files
+of theirs, so no sample is written twice. JSON files (commit records, plan, manifest, stats) are written
+whole: under a temporary name and renamed on a local disk, with one PUT on an object store (atomic there).
+Temporary files of an attempt that died (``.tmp-*``) are removed when the next run starts.
 """
 
 from __future__ import annotations
@@ -25,6 +28,14 @@ from .config import PrecomputeConfig
 from .sources import filesystem, with_retries
 
 COMMITS = "_commits"
+TMP_PREFIX = ".tmp-"
+COMMIT_FIELDS = ("partition", "shard", "rows", "bytes", "sha256", "inputs", "inputs_written", "filtered",
+                 "quarantined", "filtered_inputs", "quarantined_inputs")
+OUTPUT_FOLDERS = ("", "shards", "quarantine", COMMITS)
+
+
+class DamagedFileError(ValueError):
+    """A file of the output folder cannot be parsed; the message names it."""
 
 
 def part_name(partition: int) -> str:
@@ -58,6 +69,7 @@ def _shard_rows(ok: pd.DataFrame) -> dict[str, list]:
                 f"{slot}_vae": row[f"{slot}_vae"] if has else None,
                 f"{slot}_vae_shape": list(row[f"{slot}_vae_shape"]) if has else None,
                 f"{slot}_vae_dtype": row[f"{slot}_vae_dtype"] if has else None,
+                f"{slot}_vae_std": (row.get(f"{slot}_vae_std") or None) if has else None,
                 f"{slot}_vit": vit if len(vit) else None,
                 f"{slot}_vit_shape": list(row[f"{slot}_vit_feat_shape"]) if len(vit) else None,
                 f"{slot}_vit_grid": list(row[f"{slot}_vit_grid"]) if len(vit) else None,
@@ -71,14 +83,51 @@ def _shard_rows(ok: pd.DataFrame) -> dict[str, list]:
     return columns
 
 
+def _is_local(fs) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
+def put_whole(fs, final: str, data: bytes) -> None:
+    """Write ``data`` to ``final`` so that readers see the old file or the new one, never a part of it:
+    a temporary name in the same folder, then a rename on a local disk; one PUT on an object store."""
+    if not _is_local(fs):
+        fs.pipe_file(final, data)
+        return
+    suffix = final.rsplit(".", 1)[-1] if "." in final.rsplit("/", 1)[-1] else "part"
+    tmp = final.rsplit("/", 1)[0] + f"/{TMP_PREFIX}{uuid.uuid4().hex}.{suffix}"
+    try:
+        fs.pipe_file(tmp, data)
+        fs.mv(tmp, final)
+    except BaseException:
+        if fs.exists(tmp):
+            fs.rm_file(tmp)
+        raise
+
+
 def _write_parquet(fs, table: pa.Table, final: str) -> int:
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     data = buffer.getvalue()
-    tmp = final.rsplit("/", 1)[0] + f"/.tmp-{uuid.uuid4().hex}.parquet"
-    fs.pipe_file(tmp, data)
-    fs.mv(tmp, final)
+    put_whole(fs, final, data)
     return len(data)
+
+
+def remove_temporary_files(output: str, cfg: PrecomputeConfig) -> list[str]:
+    """Remove the ``.tmp-*`` files that attempts which died left in the output folders; return their paths."""
+    fs = filesystem(output, cfg.storage)
+    removed = []
+    for sub in OUTPUT_FOLDERS:
+        folder = _join(output, sub) if sub else output.rstrip("/")
+        if not with_retries(f"reading {output}", cfg.storage, lambda folder=folder: fs.exists(folder)):
+            continue
+        names = with_retries(f"listing {folder}", cfg.storage,
+                             lambda folder=folder: fs.ls(folder, detail=False))
+        for path in names:
+            if path.rstrip("/").rsplit("/", 1)[-1].startswith(TMP_PREFIX):
+                with_retries(f"writing {output}", cfg.storage, lambda path=path: fs.rm_file(path))
+                removed.append(path)
+    return removed
 
 
 def write_partition(group: pd.DataFrame, cfg_json: str, output: str, dedup_index=None) -> pd.DataFrame:
@@ -92,24 +141,27 @@ def write_partition(group: pd.DataFrame, cfg_json: str, output: str, dedup_index
     name = part_name(partition)
     group = group.sort_values(["record_index", "clip_index"], kind="stable")
     ok = group[group["status"] == "ok"]
-    duplicate_of_other: set[str] = set()
+    dup_records: set[int] = set()
     if cfg.filters.dedup and dedup_index is not None and len(ok):
         import ray
 
-        keys = [f"{partition}:{i}" for i in ok["record_index"]]
-        duplicate_of_other = set(ray.get(dedup_index.claim.remote(list(ok["content_sha256"]), keys)))
-    dup_records = set(ok.loc[ok["content_sha256"].isin(duplicate_of_other), "record_index"])
+        first_rows = ok.drop_duplicates("record_index")
+        dup_records = set(ray.get(dedup_index.claim.remote(
+            partition, list(first_rows["content_sha256"]), [int(i) for i in first_rows["record_index"]])))
     ok = ok[~ok["record_index"].isin(dup_records)]
-    # Each input record has one outcome: written if any of its rows (clips) is written, else quarantined
-    # if any row was, else filtered (reasons counted once per record).
+    # Each input record has one outcome: written if any of its rows (clips) is written, else an exact
+    # duplicate of a record written elsewhere, else quarantined if any row was, else filtered (reasons
+    # counted once per record).
     written_records = set(ok["record_index"])
-    quarantined = group[(group["status"] == "quarantined") & ~group["record_index"].isin(written_records)]
+    settled = written_records | dup_records
+    quarantined = group[(group["status"] == "quarantined") & ~group["record_index"].isin(settled)]
     quarantined_records = set(quarantined["record_index"])
-    filtered_rows = group[(group["status"] == "filtered") & ~group["record_index"].isin(written_records
+    filtered_rows = group[(group["status"] == "filtered") & ~group["record_index"].isin(settled
                                                                                       | quarantined_records)]
     filtered_rows = filtered_rows.drop_duplicates("record_index")
     filtered = Counter(f"{s}:{r}" for s, r in zip(filtered_rows["stage"], filtered_rows["reason"]))
-    filtered["dedup:exact_duplicate"] += len(dup_records - quarantined_records)
+    if dup_records:
+        filtered["dedup:exact_duplicate"] += len(dup_records)
     inputs = group["record_index"].nunique()
 
     q_table = pa.table({"source_uri": list(quarantined["source_uri"]),
@@ -134,36 +186,66 @@ def write_partition(group: pd.DataFrame, cfg_json: str, output: str, dedup_index
                      ("vit", "vit_seconds")) if col in group},
         "committed_at": time.time(),
     }
-    with_retries(f"writing {output}", cfg.storage, lambda: fs.pipe_file(
-        _join(output, COMMITS, f"{name}.json"), json.dumps(record).encode()))
+    with_retries(f"writing {output}", cfg.storage, lambda: put_whole(
+        fs, _join(output, COMMITS, f"{name}.json"), json.dumps(record).encode()))
     return pd.DataFrame([{"commit": json.dumps(record)}])
 
 
+def parse_commit(data: bytes, path: str) -> dict:
+    """A commit record from its file's bytes; DamagedFileError (naming ``path``) unless it is whole."""
+    try:
+        record = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DamagedFileError(f"commit record {path} is damaged ({type(err).__name__}: {err})") from None
+    missing = [key for key in COMMIT_FIELDS if not isinstance(record, dict) or key not in record]
+    if missing:
+        raise DamagedFileError(f"commit record {path} is damaged (no {', '.join(missing)})")
+    expected = path.rstrip("/").rsplit("/", 1)[-1]
+    if not isinstance(record["partition"], int) or f"{part_name(record['partition'])}.json" != expected:
+        raise DamagedFileError(f"commit record {path} is damaged (partition {record['partition']!r} "
+                               f"does not match the file name)")
+    return record
+
+
 def read_commits(output: str, cfg: PrecomputeConfig) -> dict[int, dict]:
+    """The readable commit records by partition. A damaged one (a writer killed mid-write, a full disk)
+    means that partition is not committed: it is reported and the partition is redone."""
     fs = filesystem(output, cfg.storage)
     folder = _join(output, COMMITS)
     if not with_retries(f"reading {output}", cfg.storage, lambda: fs.exists(folder)):
         return {}
     commits = {}
     for path in with_retries(f"listing {folder}", cfg.storage, lambda: fs.find(folder)):
-        if path.endswith(".json"):
-            record = json.loads(fs.cat_file(path))
-            commits[int(record["partition"])] = record
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if not name.endswith(".json") or name.startswith(TMP_PREFIX):
+            continue
+        data = with_retries(f"reading {path}", cfg.storage, lambda path=path: fs.cat_file(path))
+        try:
+            record = parse_commit(data, path)
+        except DamagedFileError as err:
+            print(f"precompute: {err}; that partition is not committed and will be redone", flush=True)
+            continue
+        commits[record["partition"]] = record
     return commits
 
 
 def write_json(output: str, name: str, payload: dict, cfg: PrecomputeConfig) -> None:
     fs = filesystem(output, cfg.storage)
-    with_retries(f"writing {output}", cfg.storage, lambda: fs.pipe_file(
-        _join(output, name), json.dumps(payload, indent=2).encode()))
+    with_retries(f"writing {output}", cfg.storage, lambda: put_whole(
+        fs, _join(output, name), json.dumps(payload, indent=2).encode()))
 
 
 def read_json(output: str, name: str, cfg: PrecomputeConfig) -> dict | None:
+    """``output/name`` parsed, None if there is none; DamagedFileError (naming the file) if it cannot be parsed."""
     fs = filesystem(output, cfg.storage)
     path = _join(output, name)
     if not with_retries(f"reading {output}", cfg.storage, lambda: fs.exists(path)):
         return None
-    return json.loads(fs.cat_file(path))
+    data = with_retries(f"reading {path}", cfg.storage, lambda: fs.cat_file(path))
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DamagedFileError(f"{path} is damaged ({type(err).__name__}: {err})") from None
 
 
 def committed_hashes(output: str, commits: dict[int, dict], cfg: PrecomputeConfig) -> list[str]:

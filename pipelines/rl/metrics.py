@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipelines.train.metrics import read_jsonl, write_text_atomic
+
 
 def reward_metrics(scores: dict[int, dict], prefix: str = "reward") -> dict[str, float]:
     """Mean/std of the total and of every component, and counts of the reasons each component gave."""
@@ -32,12 +34,12 @@ class MetricsLog:
     def history(self) -> list[dict]:
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return read_jsonl(self.path)
 
     def truncate(self, epochs: int) -> None:
         """Keep the rows of the first ``epochs`` epochs (a resumed run rewrites later ones)."""
         rows = [r for r in self.history() if r["epoch"] < epochs]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))
 
     def append(self, row: dict) -> None:
         with open(self.path, "a") as fh:

@@ -2,14 +2,21 @@
 
 A checkpoint folder holds, from every rank: its DeepSpeed shard (``ds/``: model states on rank 0 or
 partitioned under ZeRO-3, optimizer partitions, LR scheduler), its data position
-(``data/rank_<r>.pt``: stream cursors, random states, waiting samples, the next packs' mixture weights),
-and from rank 0 ``train_state.json`` (step, mixture schedule state, counters) and the EMA weights.
+(``data/rank_<r>.json`` + ``data/rank_<r>.safetensors``: stream cursors, random states, waiting samples,
+the next packs' mixture weights), and from rank 0 ``train_state.json`` (step, mixture schedule state,
+counters) and the EMA weights.
+
+The data position is plain JSON plus a safetensors file of its tensors, so that loading it cannot run code
+(a pickle can: anyone able to write the checkpoint store would run code on every worker at resume). The
+JSON marks tuples, tensors and the few dataclasses of a waiting sample (:data:`STATE_CLASSES`); nothing
+else is rebuilt from it.
 All ranks write into their own local folder and report it to Ray Train, which merges them into one
 checkpoint in the run's storage. ``model.safetensors`` (released Lance names) goes with the last one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -19,8 +26,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from lance_core.checkpoint import save_lance_checkpoint
+from lance_core.packing import Sample, Span, VisualInput
 
 DS_TAG = "ds"
 TRAIN_STATE = "train_state.json"
@@ -28,17 +37,88 @@ EMA_FILE = "ema.pt"
 EXPORT_FILE = "model.safetensors"
 
 
+STATE_CLASSES = {cls.__name__: cls for cls in (Sample, Span, VisualInput)}
+"""The only classes a data state may hold (the packer's waiting samples)."""
+TUPLE, TENSOR, ITEMS, OBJECT = "__tuple__", "__tensor__", "__items__", "__object__"
+
+
 def data_state_path(folder: Path, rank: int) -> Path:
-    return folder / "data" / f"rank_{rank:05d}.pt"
+    """The JSON part of a rank's data state; its tensors sit beside it (:func:`data_tensors_path`)."""
+    return folder / "data" / f"rank_{rank:05d}.json"
+
+
+def data_tensors_path(folder: Path, rank: int) -> Path:
+    return folder / "data" / f"rank_{rank:05d}.safetensors"
+
+
+def encode_state(value, tensors: dict[str, torch.Tensor]):
+    """``value`` as JSON data; its tensors go into ``tensors`` (by the name the JSON refers to)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.Tensor):
+        name = str(len(tensors))
+        tensors[name] = value.detach().to("cpu").contiguous().clone()
+        return {TENSOR: name}
+    if isinstance(value, list):
+        return [encode_state(v, tensors) for v in value]
+    if isinstance(value, tuple):
+        return {TUPLE: [encode_state(v, tensors) for v in value]}
+    if isinstance(value, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in value):
+            return {k: encode_state(v, tensors) for k, v in value.items()}
+        return {ITEMS: [[encode_state(k, tensors), encode_state(v, tensors)] for k, v in value.items()]}
+    if dataclasses.is_dataclass(value) and STATE_CLASSES.get(type(value).__name__) is type(value):
+        return {OBJECT: type(value).__name__,
+                "fields": {f.name: encode_state(getattr(value, f.name), tensors) for f in dataclasses.fields(value)}}
+    raise TypeError(f"a data state cannot hold a {type(value).__name__}: only JSON values, tuples, tensors and "
+                    f"{', '.join(STATE_CLASSES)}")
+
+
+def decode_state(value, tensors: dict[str, torch.Tensor], where: str = "data state"):
+    """The inverse of :func:`encode_state`; anything it did not write is refused, naming ``where``."""
+    if isinstance(value, list):
+        return [decode_state(v, tensors, where) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if TENSOR in value:
+        if value[TENSOR] not in tensors:
+            raise ValueError(f"{where}: tensor {value[TENSOR]!r} is missing from its safetensors file")
+        return tensors[value[TENSOR]]
+    if TUPLE in value:
+        return tuple(decode_state(v, tensors, where) for v in value[TUPLE])
+    if ITEMS in value:
+        return {decode_state(k, tensors, where): decode_state(v, tensors, where) for k, v in value[ITEMS]}
+    if OBJECT in value:
+        cls = STATE_CLASSES.get(value[OBJECT])
+        if cls is None:
+            raise ValueError(f"{where}: {value[OBJECT]!r} is not a class a data state may hold")
+        return cls(**{k: decode_state(v, tensors, where) for k, v in value["fields"].items()})
+    return {k: decode_state(v, tensors, where) for k, v in value.items()}
+
+
+def save_data_state(folder: Path, rank: int, data_state: dict) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    encoded = encode_state(data_state, tensors)
+    path = data_state_path(folder, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(data_tensors_path(folder, rank)))
+    path.write_text(json.dumps(encoded))
+
+
+def load_data_state(folder: Path, rank: int) -> dict:
+    path, tensors_path = data_state_path(folder, rank), data_tensors_path(folder, rank)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {folder} holds no data state of rank {rank} ({path.name}); a "
+                                "checkpoint of an older format cannot be resumed exactly")
+    tensors = load_file(str(tensors_path)) if tensors_path.is_file() else {}
+    return decode_state(json.loads(path.read_text()), tensors, str(path))
 
 
 def save_checkpoint(engine, folder: Path, rank: int, train_state: dict, data_state: dict,
                     ema: dict[str, torch.Tensor] | None) -> None:
     """Collective: every rank calls it with its own (local) ``folder``."""
     engine.save_checkpoint(str(folder), tag=DS_TAG)
-    path = data_state_path(folder, rank)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(data_state, path)
+    save_data_state(folder, rank, data_state)
     if rank == 0:
         (folder / TRAIN_STATE).write_text(json.dumps(train_state, indent=2))
         if ema is not None:
@@ -55,7 +135,7 @@ def load_checkpoint(engine, folder: Path, rank: int, world: int) -> tuple[dict, 
                                           load_lr_scheduler_states=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint under {folder}/{DS_TAG}")
-    data_state = torch.load(data_state_path(folder, rank), weights_only=False)
+    data_state = load_data_state(folder, rank)
     ema = torch.load(folder / EMA_FILE, weights_only=True) if (folder / EMA_FILE).is_file() else None
     return train_state, data_state, ema
 

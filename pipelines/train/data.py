@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import torch
 
 from lance_core.config import ModelConfig
+from lance_core.encoders.vae import sample_posterior
 from lance_core.packing import (
     GENERATION_TASKS,
     TASKS,
@@ -34,7 +35,7 @@ from lance_core.packing import (
 )
 from lance_core.shards import bytes_to_tensor
 from lance_core.tokenizer import TextTokenizer
-from pipelines.data.sources import filesystem
+from pipelines.data.storage import open_input
 
 from .config import DataSection
 from .plan import DataError, DataPlan, passes_resolution
@@ -50,19 +51,36 @@ def _dtype_of(row: dict, slot: str, data: bytes, numel: int) -> str:
     return {2: "bfloat16", 4: "float32"}.get(len(data) // max(numel, 1), "bfloat16")
 
 
-def slot_latents(row: dict, slot: str, channels: int) -> torch.Tensor | None:
+def slot_latents(row: dict, slot: str, channels: int,
+                 generator: torch.Generator | None = None) -> torch.Tensor | None:
+    """The slot's stored latents (the posterior mean); with a generator, a fresh draw mean + std * eps from
+    the posterior whose std the shard stores beside it (``<slot>_vae_std``, normalised like the mean)."""
     data = row.get(f"{slot}_vae")
     if data is None:
         return None
     shape = row[f"{slot}_vae_shape"]
-    latents = bytes_to_tensor(data, shape, _dtype_of(row, slot, data, 0))
+    dtype = _dtype_of(row, slot, data, 0)
+    latents = bytes_to_tensor(data, shape, dtype)
     if latents.dim() != 4 or latents.shape[-1] != channels:
         raise ValueError(f"{slot}_vae has shape {tuple(latents.shape)}, expected (T, H, W, {channels})")
+    if generator is not None:
+        std = row.get(f"{slot}_vae_std")
+        if std is None:
+            raise ValueError(f"{slot}_vae_std is missing: data.sample_posterior needs shards precomputed "
+                             "with encoders.store_posterior_std")
+        latents = sample_posterior(latents, bytes_to_tensor(std, shape, dtype), generator)
     return latents
 
 
-def slot_visual(row: dict, slot: str, cfg: ModelConfig) -> VisualInput | None:
-    latents = slot_latents(row, slot, cfg.latent_channels)
+def posterior_generator(data: DataSection, rng: random.Random) -> torch.Generator | None:
+    """The noise stream of one row's posterior draws (seeded from the loader's random state, so a resumed
+    run draws the same latents), or None when training on the posterior mean."""
+    return torch.Generator().manual_seed(rng.getrandbits(63)) if data.sample_posterior else None
+
+
+def slot_visual(row: dict, slot: str, cfg: ModelConfig,
+                generator: torch.Generator | None = None) -> VisualInput | None:
+    latents = slot_latents(row, slot, cfg.latent_channels, generator)
     vit = grid = None
     data = row.get(f"{slot}_vit")
     if data is not None:
@@ -84,20 +102,22 @@ def row_to_sample(row: dict, tokenizer: TextTokenizer, cfg: ModelConfig, data: D
     """One shard row -> one interleaved sample of its task (MODEL.md layouts), with CFG dropout."""
     task, key = row["task"], row["sample_id"]
     caption = row.get("caption") or ""
+    generator = posterior_generator(data, rng)
     if task in ("i2t", "v2t"):
-        media = slot_visual(row, "target", cfg)
+        media = slot_visual(row, "target", cfg, generator)
         if media is None or media.vit_features is None:
             raise ValueError("understanding row without target ViT features")
         return build_understanding_sample(tokenizer, task, media, row.get("question") or "",
                                           row.get("answer") or caption, key=key)
-    target = slot_latents(row, "target", cfg.latent_channels)
+    target = slot_latents(row, "target", cfg.latent_channels, generator)
     if target is None:
         raise ValueError("generation row without target latents")
     if rng.random() < data.caption_dropout:
         caption = ""
     drop_condition = rng.random() < data.condition_dropout
-    source = None if drop_condition else slot_visual(row, "source", cfg)
-    references = [] if drop_condition else [v for v in (slot_visual(row, f"ref_{i}", cfg) for i in range(3)) if v]
+    source = None if drop_condition else slot_visual(row, "source", cfg, generator)
+    references = [] if drop_condition else [
+        v for v in (slot_visual(row, f"ref_{i}", cfg, generator) for i in range(3)) if v]
     if task in ("i2i", "v2v") and source is None and not drop_condition:
         raise ValueError(f"{task} row without a source")
     return build_generation_sample(tokenizer, task, caption, target, source=source, references=references,
@@ -106,9 +126,9 @@ def row_to_sample(row: dict, tokenizer: TextTokenizer, cfg: ModelConfig, data: D
 
 # ---------------------------------------------------------------------------------------------- streams
 def iter_rows(uri: str, start: int, data: DataSection) -> Iterator[tuple[int, dict]]:
-    """(row index, row) of a shard from ``start`` on, one record batch at a time."""
-    fs = filesystem(uri, data.storage)
-    with fs.open(uri, "rb") as fh:
+    """(row index, row) of a shard from ``start`` on, one record batch at a time (a broken download of an
+    S3 shard resumes)."""
+    with open_input(uri, data.storage) as fh:
         pf = pq.ParquetFile(fh)
         offset, groups = 0, []
         for group in range(pf.num_row_groups):

@@ -23,14 +23,14 @@ from lance_core.flops import count_parameters
 from lance_core.flow import compute_losses
 from lance_core.model import build_model
 from lance_core.packing import GENERATION_TASKS, TASKS
-from lance_core.tokenizer import load_tokenizer
+from lance_core.tokenizer import load_tokenizer_for
 
 from . import checkpoints as ckpt
 from .config import TrainConfig
 from .data import PackLoader
 from .deepspeed_config import build_deepspeed_config
 from .evaluate import HeldOut, SampleWriter
-from .metrics import ExpertGradProbe, MetricsWriter, pack_flops, peak_tflops, task_loss_sums
+from .metrics import ExpertGradProbe, MetricsWriter, copy_file_atomic, pack_flops, peak_tflops, task_loss_sums
 from .mixture import MixtureSchedule
 from .plan import DataPlan
 
@@ -165,7 +165,7 @@ def train_func(config: dict) -> None:
     module = engine.module
     named_trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
 
-    tokenizer = load_tokenizer(cfg.model.tokenizer)
+    tokenizer = load_tokenizer_for(model_cfg, cfg.model.tokenizer)
     schedule = MixtureSchedule(cfg.mixture, list(plan.task_rows))
     need_generation = any(t in schedule.tasks for t in GENERATION_TASKS)
     loader = PackLoader(plan, cfg.data, model_cfg, tokenizer, rank, world, cfg.seed, need_generation)
@@ -311,7 +311,7 @@ def train_func(config: dict) -> None:
                 exported = ckpt.export_safetensors(engine, cfg.deepspeed.zero_stage, folder, rank, ema,
                                                    {"step": step, "stage": cfg.stage, "run": cfg.name})
                 if exported is not None:
-                    (run_dir / ckpt.EXPORT_FILE).write_bytes(exported.read_bytes())
+                    copy_file_atomic(exported, run_dir / ckpt.EXPORT_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
                              checkpoint_dir_name=f"checkpoint_{step:07d}")
             ckpt.remove_local_folder(folder)

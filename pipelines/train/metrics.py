@@ -9,7 +9,10 @@ probe's FLOP per CPU-second).
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -92,9 +95,9 @@ class MetricsWriter:
         self.path = run_dir / METRICS_FILE
         run_dir.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            # A resumed run writes the steps after its checkpoint again; a line cut by a kill is dropped.
+            kept = [row for row in read_jsonl(self.path) if row.get("step", 0) <= start_step]
+            write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept))
         self.tb = None
         if tensorboard:
             try:
@@ -120,14 +123,56 @@ class MetricsWriter:
             self.tb.close()
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The JSON objects of a JSON-lines log, skipping lines that do not parse: a process killed while
+    appending leaves the last line cut short (and the next append may land after it)."""
+    rows = []
+    for line in Path(path).read_bytes().splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _replace_whole(path: Path, fill) -> None:
+    """Write ``path`` through ``fill(file)`` beside it under a temporary name, then rename it into place:
+    readers (and a resume after a kill) see the old file or the new one, never a part."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as out:
+            fill(out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    _replace_whole(path, lambda out: out.write(text.encode()))
+
+
+def copy_file_atomic(source: Path, path: Path) -> None:
+    def fill(out) -> None:
+        with open(source, "rb") as src:
+            shutil.copyfileobj(src, out, 1 << 24)
+
+    _replace_whole(path, fill)
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     """The rows of ``metrics.jsonl``, one per step (the last one written wins after a restart)."""
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
     rows: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
+    for row in read_jsonl(path):
+        if "step" in row:
             rows[row["step"]] = row
     return [rows[k] for k in sorted(rows)]

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from lance_core.packing import TASKS
 from lance_core.shards import check_schema
-from pipelines.data.sources import filesystem, with_retries
+from pipelines.data.storage import StorageError, filesystem, open_input, with_retries
 
 from .config import DataSection, ResolutionFilter
 
@@ -106,18 +106,27 @@ def _manifest_shards(root: str, cfg: DataSection, plan: DataPlan) -> list[str]:
     return uris
 
 
+def _plan_columns(uri: str, cfg: DataSection) -> list[dict]:
+    with open_input(uri, cfg.storage) as fh:
+        pf = pq.ParquetFile(fh)
+        check_schema(pf.schema_arrow, uri)
+        return pf.read(columns=PLAN_COLUMNS).to_pylist()
+
+
 def _scan_shard(uri: str, cfg: DataSection) -> tuple[list[dict] | None, str | None, str | None]:
-    """(plan columns as rows, issue, message): only the footer and four small columns are read."""
-    fs = filesystem(uri, cfg.storage)
+    """(plan columns as rows, issue, message): only the footer and four small columns are read. A damaged or
+    foreign shard is skipped and counted; a storage failure (timeout, access denied, no credentials) stops
+    the plan instead of silently leaving the shard out of training."""
     try:
-        with fs.open(uri, "rb") as fh:
-            pf = pq.ParquetFile(fh)
-            check_schema(pf.schema_arrow, uri)
-            return pf.read(columns=PLAN_COLUMNS).to_pylist(), None, None
+        return with_retries(f"reading {uri}", cfg.storage, lambda: _plan_columns(uri, cfg)), None, None
+    except FileNotFoundError as err:
+        return None, "missing_shards", f"{err}; skipped"
+    except StorageError as err:
+        if err.kind not in ("corrupt", "io_error"):
+            raise
+        return None, "unreadable_shards", f"{err}; skipped"
     except ValueError as err:
         return None, "bad_schema_shards", f"{err}; skipped"
-    except OSError as err:
-        return None, "unreadable_shards", f"{uri}: not readable as Parquet ({type(err).__name__}: {err}); skipped"
 
 
 def make_plan(cfg: DataSection, tasks_wanted: dict[str, float]) -> DataPlan:

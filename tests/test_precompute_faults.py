@@ -1,0 +1,260 @@
+"""The precompute under faults a real crawl and a real cluster bring (issue 13): duplicates inside a
+partition, across partitions and across a rerun; a Parquet whose bytes column holds text; a manifest whose
+URI is a number; a writer killed mid-commit (empty or cut commit records, temporary files left behind); a
+damaged plan. The corpus is made here; after each run: inputs = written + filtered + quarantined, and no
+sample (nor any content) is written twice."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipelines.data.config import PrecomputeConfig
+
+TINY = {"buckets": {"image_area": 64 * 64, "video_area": 64 * 96, "vit_area": 56 * 56}, "video": {"max_seconds": 1.0}}
+
+
+def _jpeg(shade: int) -> bytes:
+    """A 96x64 image of its own content for each ``shade``."""
+    image = Image.new("RGB", (96, 64), (shade, 255 - shade, (shade * 7) % 256))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def build_fault_corpus(folder: Path) -> dict:
+    """Inputs in plan order (partition_size 6):
+    p0 ``a.jsonl``  A A B B B C      duplicates inside one partition (issue: 1 record written instead of 3)
+    p1 ``b.parquet`` two rows whose image_bytes column is a string, then ``c.jsonl``: D, uri 5, A, D
+    p2 ``d.jsonl``  E E F G
+    Returns the media hashes by letter and the expected totals."""
+    media = folder / "media"
+    media.mkdir(parents=True)
+    letters = "ABCDEFG"
+    hashes = {}
+    for shade, letter in enumerate(letters):
+        data = _jpeg(30 * shade + 10)
+        (media / f"{letter}.jpg").write_bytes(data)
+        hashes[letter] = hashlib.sha256(data).hexdigest()
+
+    def row(letter: str) -> dict:
+        return {"uri": f"media/{letter}.jpg", "caption": f"a flat picture {letter}"}
+
+    _write_jsonl(folder / "a.jsonl", [row(x) for x in "AABBBC"])
+    pq.write_table(pa.table({"caption": ["text where bytes belong", "more text"],
+                             "image_bytes": ["not bytes", "still not bytes"]}), folder / "b.parquet")
+    _write_jsonl(folder / "c.jsonl", [row("D"), {"uri": 5, "caption": "a number where a URI belongs"}, row("A"),
+                                      row("D")])
+    _write_jsonl(folder / "d.jsonl", [row(x) for x in "EEFG"])
+    plan = {0: [f"a.jsonl#{i}" for i in range(6)],
+            1: ["b.parquet#0", "b.parquet#1"] + [f"c.jsonl#{i}" for i in range(4)],
+            2: [f"d.jsonl#{i}" for i in range(4)]}
+    letters_at = dict(zip(plan[0], "AABBBC")) | dict(zip(plan[1][2:], "D?AD")) | dict(zip(plan[2], "EEFG"))
+    return {"hashes": hashes, "plan": plan, "letters_at": letters_at,
+            "inputs": 16, "written": 7, "quarantined": 3, "duplicates": 6}
+
+
+def _config(input_uri: Path, output: Path, **overrides) -> PrecomputeConfig:
+    return PrecomputeConfig(input=str(input_uri), output=str(output), partition_size=6,
+                            filters={"dedup": True}, **{**TINY, **overrides})
+
+
+def _committed_rows(output: Path) -> dict[int, list[dict]]:
+    manifest = json.loads((output / "manifest.json").read_text())
+    return {s["partition"]: pq.read_table(output / s["shard"]).to_pylist() for s in manifest["shards"]}
+
+
+def _check_run(output: Path, expected: dict) -> dict[int, list[dict]]:
+    """The invariant, each sample and each content written once, and inside every partition the first
+    occurrence of a content kept."""
+    stats = json.loads((output / "stats.json").read_text())
+    assert stats["partitions_committed"] == stats["partitions_planned"] == 3
+    assert stats["inputs"] == stats["inputs_written"] + stats["inputs_filtered"] + stats["inputs_quarantined"]
+    assert (stats["inputs"], stats["inputs_written"], stats["inputs_quarantined"]) == (
+        expected["inputs"], expected["written"], expected["quarantined"])
+    assert stats["filtered_by_reason"] == {"dedup:exact_duplicate": expected["duplicates"]}
+    by_partition = _committed_rows(output)
+    rows = [r for part in by_partition.values() for r in part]
+    ids = [r["sample_id"] for r in rows]
+    assert len(ids) == len(set(ids)), "a sample was written twice"
+    assert sorted(r["content_sha256"] for r in rows) == sorted(expected["hashes"].values()), "a content twice"
+    letters = {h: letter for letter, h in expected["hashes"].items()}
+    for partition, part in by_partition.items():
+        order = expected["plan"][partition]
+        for row in part:
+            where = _name(row)
+            assert expected["letters_at"][where] == letters[row["content_sha256"]]
+            first = next(k for k in order if expected["letters_at"].get(k) == letters[row["content_sha256"]])
+            assert where == first, f"partition {partition} kept {where}, not the first occurrence {first}"
+    return by_partition
+
+
+def _name(row: dict) -> str:
+    """``file#index`` of a row's source URI."""
+    return row["source_uri"].rsplit("/", 1)[-1]
+
+
+def _temporary_files(output: Path) -> list[Path]:
+    return [p for p in output.rglob(".tmp-*")]
+
+
+# ------------------------------------------------------------------------------------------- fast, no Ray
+def test_first_claim_of_a_content_wins_and_a_retry_gets_the_same_answer():
+    from pipelines.data.pipeline import ContentOwners
+
+    owners = ContentOwners(["committed"])
+    hashes, records = ["a", "a", "b", "b", "b", "c"], [0, 1, 2, 3, 4, 5]
+    assert owners.claim(0, hashes, records) == [1, 3, 4]
+    assert owners.claim(0, list(reversed(hashes)), list(reversed(records))) == [1, 3, 4]  # a retried writer
+    assert owners.claim(1, ["c", "d", "committed", "d"], [0, 1, 2, 3]) == [0, 2, 3]
+
+
+def test_malformed_records_are_quarantined_one_by_one(tmp_path):
+    from pipelines.data.pipeline import _rows_of_partition
+    from pipelines.data.sources import InputFile
+
+    build_fault_corpus(tmp_path / "in")
+    (tmp_path / "in" / "e.parquet").write_bytes(b"PAR1" + b"\0" * 64 + b"PAR1")  # not readable as Parquet
+    cfg = _config(tmp_path / "in", tmp_path / "out")
+    folder = tmp_path / "in"
+    files = [InputFile(str(folder / "b.parquet"), "parquet", 2), InputFile(str(folder / "c.jsonl"), "jsonl", 5),
+             InputFile(str(folder / "e.parquet"), "parquet", 2)]
+    rows = _rows_of_partition(0, [(0, 0, 2), (1, 0, 5), (2, 0, 2)], files, cfg)
+    assert [r["record_index"] for r in rows] == list(range(9)), "every planned record has exactly one row"
+    outcome = {r["source_uri"].rsplit("/", 1)[-1]: (r["status"], r["reason"], r["error"]) for r in rows}
+    for key in ("b.parquet#0", "b.parquet#1"):
+        status, reason, error = outcome[key]
+        assert (status, reason) == ("quarantined", "bad_record")
+        assert "TypeError" in error and "image_bytes is str" in error, error
+    assert outcome["c.jsonl#1"][:2] == ("quarantined", "bad_record") and "URI is int" in outcome["c.jsonl#1"][2]
+    assert [outcome[f"c.jsonl#{i}"][0] for i in (0, 2, 3)] == ["ok"] * 3
+    assert outcome["c.jsonl#4"][:2] == ("quarantined", "missing_record")  # planned 5, the file holds 4
+    for key in ("e.parquet#0", "e.parquet#1"):
+        status, reason, error = outcome[key]
+        assert (status, reason) == ("quarantined", "unreadable_input") and re.match(r"\w+: .", error), error
+
+
+def test_an_exception_inside_one_record_quarantines_that_record_only(tmp_path, monkeypatch):
+    from pipelines.data import pipeline
+
+    real = pipeline.process_record
+
+    def flaky(record, partition, index, cfg):
+        if index == 1:
+            raise AttributeError("'int' object has no attribute 'lower'")
+        return real(record, partition, index, cfg)
+
+    monkeypatch.setattr(pipeline, "process_record", flaky)
+    folder = tmp_path / "in"
+    build_fault_corpus(folder)
+    from pipelines.data.sources import InputFile
+
+    rows = pipeline._rows_of_partition(3, [(0, 0, 3)], [InputFile(str(folder / "d.jsonl"), "jsonl", 4)],
+                                       _config(folder, tmp_path / "out"))
+    assert [(r["record_index"], r["status"]) for r in rows] == [(0, "ok"), (1, "quarantined"), (2, "ok")]
+    assert rows[1]["reason"] == "record_error" and rows[1]["error"].startswith("AttributeError: 'int' object")
+    assert rows[1]["source_uri"].endswith("d.jsonl#1")
+
+
+def test_commit_records_and_json_are_written_whole_and_damaged_ones_are_not_commits(tmp_path, capsys):
+    from pipelines.data.writer import parse_commit, read_commits, remove_temporary_files, write_json
+
+    cfg = _config(tmp_path / "in", tmp_path / "out")
+    out = tmp_path / "out"
+    (out / "_commits").mkdir(parents=True)
+    (out / "shards").mkdir()
+    good = {"partition": 0, "shard": "shards/part-00000.parquet", "rows": 1, "bytes": 10, "sha256": "x", "inputs": 1,
+            "inputs_written": 1, "filtered": {}, "quarantined": {}, "filtered_inputs": 0, "quarantined_inputs": 0}
+    write_json(str(out), "_commits/part-00000.json", good, cfg)
+    (out / "_commits" / "part-00001.json").write_bytes(b"")  # killed before the first byte
+    (out / "_commits" / "part-00002.json").write_text(json.dumps({**good, "partition": 2})[:40])  # cut short
+    (out / "_commits" / "part-00003.json").write_text(json.dumps({"partition": 3}))  # fields missing
+    (out / "_commits" / "part-00004.json").write_text(json.dumps({**good, "partition": 7}))  # not its name
+    (out / "_commits" / ".tmp-0123.json").write_text("{")
+    (out / "shards" / ".tmp-dead.parquet").write_bytes(b"PAR1")
+    (out / ".tmp-beef.json").write_text("{")
+    assert list(read_commits(str(out), cfg)) == [0]
+    printed = capsys.readouterr().out
+    for name in ("part-00001.json", "part-00002.json", "part-00003.json", "part-00004.json"):
+        assert f"{name} is damaged" in printed, printed
+    with pytest.raises(ValueError, match="part-00009.json is damaged"):
+        parse_commit(b"", str(out / "_commits" / "part-00009.json"))
+    removed = remove_temporary_files(str(out), cfg)
+    assert len(removed) == 3 and not _temporary_files(out)
+    assert json.loads((out / "_commits" / "part-00000.json").read_text()) == good
+
+
+def test_damaged_plan_is_named_and_made_again_only_while_nothing_is_committed(tmp_path, capsys):
+    from pipelines.data.pipeline import load_plan
+    from pipelines.data.writer import DamagedFileError
+
+    build_fault_corpus(tmp_path / "in")
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = _config(tmp_path / "in", out)
+    (out / "plan.json").write_text('{"input": "')
+    with pytest.raises(DamagedFileError, match=str(out / "plan.json")):
+        load_plan(cfg, committed=True)
+    (out / "plan.json").write_text(json.dumps({"input": cfg.input, "partition_size": 6}))  # no partitions
+    with pytest.raises(DamagedFileError, match="plan.json is damaged"):
+        load_plan(cfg, committed=True)
+    files, partitions = load_plan(cfg, committed=False)
+    assert "planning again" in capsys.readouterr().out
+    assert [f.records for f in files] == [6, 2, 4, 4] and len(partitions) == 3
+    assert load_plan(cfg, committed=True) == (files, partitions)  # the new plan was stored whole
+    assert not _temporary_files(out)
+
+
+# ------------------------------------------------------------------------------------------- real runs
+@pytest.mark.slow
+def test_fault_corpus_then_a_writer_killed_mid_commit(ray_local, tmp_path):
+    from pipelines.data.pipeline import run_precompute
+    from pipelines.data.writer import DamagedFileError
+
+    expected = build_fault_corpus(tmp_path / "in")
+    out = tmp_path / "out"
+    run_precompute(_config(tmp_path / "in", out), progress=False)
+    by_partition = _check_run(out, expected)
+    a_hash = expected["hashes"]["A"]
+    assert [_name(r) for r in by_partition[0] if r["content_sha256"] != a_hash] == ["a.jsonl#2", "a.jsonl#5"]
+    assert [_name(r) for r in by_partition[2]] == ["d.jsonl#0", "d.jsonl#2", "d.jsonl#3"]
+    quarantine = pq.read_table(out / "quarantine").to_pylist()
+    assert sorted((_name(q), q["stage"], q["reason"]) for q in quarantine) == [
+        ("b.parquet#0", "read", "bad_record"), ("b.parquet#1", "read", "bad_record"),
+        ("c.jsonl#1", "read", "bad_record")]
+    assert all("TypeError" in q["error"] for q in quarantine)
+
+    # A writer killed mid-commit: the partition holding the dropped copy of A and partition 2 lose their
+    # commit records (one empty, one cut short), and temporary files of the dead attempt stay behind.
+    owner = next(p for p, rows in by_partition.items() if any(r["content_sha256"] == a_hash for r in rows))
+    other = 1 - owner
+    (out / "_commits" / f"part-{other:05d}.json").write_bytes(b"")
+    cut = (out / "_commits" / "part-00002.json").read_bytes()[:30]
+    (out / "_commits" / "part-00002.json").write_bytes(cut)
+    for leftover in ("shards/.tmp-dead.parquet", "quarantine/.tmp-dead.parquet", "_commits/.tmp-dead.json",
+                     ".tmp-dead.json"):
+        (out / leftover).write_bytes(b"half")
+    rerun = run_precompute(_config(tmp_path / "in", out), progress=False)
+    assert (rerun.skipped, rerun.committed_now) == (1, 2)
+    assert not _temporary_files(out)
+    again = _check_run(out, expected)
+    assert again[owner] == by_partition[owner]
+    assert a_hash not in {r["content_sha256"] for r in again[other]}  # the committed copy of A is kept
+
+    # A damaged plan with partitions committed against it: refused, naming the file.
+    (out / "plan.json").write_text('{"input": "')
+    with pytest.raises(DamagedFileError, match=str(out / "plan.json")):
+        run_precompute(_config(tmp_path / "in", out), progress=False)
