@@ -95,6 +95,8 @@ def test_deepspeed_config_built_from_typed_config():
     assert ds["scheduler"]["params"] == {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-4, "warmup_num_steps": 500,
                                          "warmup_type": "linear"}
     assert not build_deepspeed_config(cfg, on_gpu=False)["bf16"]["enabled"]
+    no_warmup = load_train_config({"optim": {"warmup_steps": 0}})
+    assert "scheduler" not in build_deepspeed_config(no_warmup, on_gpu=False)  # WarmupLR refuses 0 steps
 
 
 # ---------------------------------------------------------------------------------------------- mixture
@@ -334,10 +336,52 @@ def test_zero3_resume_and_killed_worker_give_the_same_run(zero2_run, latents, tm
     assert second.export is not None and second.export.stat().st_size > 0
 
 
-def test_tune_trial_sets_lr_loss_weight_and_understanding_share():
+def test_tune_trial_sets_searched_fields_and_understanding_share():
     from pipelines.train.tune import trial_config
 
     base = load_train_config({"mixture": {"weights": {"t2i": 2.0, "t2v": 1.0, "i2t": 1.0}}})
-    cfg = trial_config(base, {"lr": 1e-3, "ce_weight": 0.5, "understanding_share": 0.4, "name": "trial-1"})
+    cfg = trial_config(base, {"optim.lr": 1e-3, "loss.ce_weight": 0.5, "mixture.understanding_share": 0.4,
+                              "optim.warmup_steps": 7, "name": "trial-1"})
     assert cfg.optim.lr == 1e-3 and cfg.loss.ce_weight == 0.5 and cfg.name == "trial-1"
+    assert cfg.optim.warmup_steps == 7
     assert cfg.mixture.weights == pytest.approx({"t2i": 0.4, "t2v": 0.2, "i2t": 0.4})
+
+
+def test_tune_section_search_space_is_validated_with_the_config():
+    cfg = load_train_config({"tune": {"num_samples": 3, "scheduler": {"kind": "fifo"},
+                                      "search_space": {"optim.warmup_steps": {"choice": [0, 5]}}}})
+    assert cfg.tune.num_samples == 3 and set(cfg.tune.search_space) == {"optim.warmup_steps"}
+    with pytest.raises(ConfigError, match="'optim.lrr' is not a field"):
+        load_train_config({"tune": {"search_space": {"optim.lrr": {"uniform": [0.1, 0.2]}}}})
+    with pytest.raises(ConfigError, match="exactly one of"):
+        load_train_config({"tune": {"search_space": {"optim.lr": {"uniform": [0.1, 0.2], "choice": [1]}}}})
+    with pytest.raises(ConfigError, match="does not accept"):
+        load_train_config({"tune": {"search_space": {"optim.lr": {"uniform": [-1.0, 0.2]}}}})
+
+
+@pytest.mark.slow
+def test_tune_sweeps_the_config_space_and_writes_a_best_config(latents, tmp_path):
+    """Two one-worker trials of two steps (FIFO) from a config's ``tune:`` section; the best config is a
+    training config again, with the trial's values from the search space."""
+    import yaml
+
+    from jobs import tune as tune_job
+
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "sweep", "steps": 40, "model": {"preset": "tiny"},
+        "data": {"token_budget": 1024, "holdout_per_task": 1},
+        "mixture": {"weights": {"t2i": 1.0, "i2t": 1.0}},
+        "deepspeed": {"zero_stage": 0},
+        "tune": {"num_samples": 2, "seed": 3, "scheduler": {"kind": "fifo"},
+                 "search_space": {"optim.lr": {"loguniform": [1e-4, 1e-2]},
+                                  "optim.warmup_steps": {"choice": [0, 1]}}},
+    }))
+    code = tune_job.main(["--config", str(config), "--data", str(latents), "--output", str(tmp_path / "runs"),
+                          "--steps", "2", "--workers", "1"])
+    assert code == 0
+    best_file = tmp_path / "runs" / "sweep-tune" / "best_config.yaml"
+    best = load_train_config(yaml.safe_load(best_file.read_text()))
+    assert best.name == "sweep-best" and best.steps == 40
+    assert 1e-4 <= best.optim.lr <= 1e-2 and best.optim.warmup_steps in (0, 1)
+    assert best.mixture.weights == {"t2i": 1.0, "i2t": 1.0} and best.data.uris == (str(latents),)

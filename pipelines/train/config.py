@@ -13,6 +13,7 @@ from pydantic import Field, field_validator, model_validator
 from lance_core.config import PRESETS, ConfigError, ModelConfig, StrictModel, load_config, model_preset
 from lance_core.flow import LossConfig
 from lance_core.packing import GENERATION_TASKS, TASKS
+from lance_core.tokenizer import check_tokenizer_fits
 from pipelines.data.config import StorageConfig
 
 Stage = Literal["pretrain", "continual", "sft", "custom"]
@@ -38,7 +39,8 @@ class ModelSection(StrictModel):
     init_lance: str | None = None
     """Lance checkpoint (released names) to start from (continual training, SFT)."""
     tokenizer: str | None = None
-    """Qwen2 tokenizer folder; None = the byte-level tokenizer (tiny preset only)."""
+    """``qwen2.5`` (the built-in Qwen2.5 tokenizer), ``byte`` (byte-level) or a Qwen2 tokenizer folder. None =
+    ``qwen2.5`` where the model's logit rows hold its 151,665 ids (``lance-3b``), else ``byte`` (``tiny``)."""
 
     @field_validator("preset")
     @classmethod
@@ -55,7 +57,8 @@ class ResolutionFilter(StrictModel):
     max_image_tokens: int | None = Field(None, gt=0)
     """Skip image targets with more latent tokens than this (768² = 2304)."""
     max_video_tokens: int | None = Field(None, gt=0)
-    """Skip video targets with more latent tokens than this (480x848, 6 s at 12 fps = 28,620)."""
+    """Skip video targets with more latent tokens than this (a 6 s clip: 18 latent frames x 1,590 at 480x848,
+    x 1,610 in the 4:3 and 3:4 buckets = 28,980)."""
     max_video_latent_frames: int | None = Field(None, gt=0)
 
 
@@ -309,7 +312,12 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        check_tokenizer_fits(self.model.build(), self.model.tokenizer)
+        model = self.model.build()
+        check_tokenizer_fits(model, self.model.tokenizer)
+        video = [t for t in ("t2v", "i2v", "v2v") if self.mixture.weights.get(t, 0) > 0]
+        if video and model.max_latent_frames == 1:
+            raise ValueError(f"mixture.weights: {', '.join(video)} need video latents but the {self.model.preset} "
+                             "model's position table holds 1 latent frame; use model.preset lance-3b-video")
         self.check_search_space()
         if "://" in self.output and self.log_dir is None:
             raise ValueError(f"log_dir is required when output is a URI ({self.output}): metrics and samples "

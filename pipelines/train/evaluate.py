@@ -30,7 +30,8 @@ class HeldOut:
     """The held-out rows of the plan, as samples per task (no conditioning dropout)."""
 
     def __init__(self, plan: DataPlan, data: DataSection, cfg: ModelConfig, tokenizer: TextTokenizer) -> None:
-        no_dropout = data.model_copy(update={"caption_dropout": 0.0, "condition_dropout": 0.0})
+        no_dropout = data.model_copy(update={"caption_dropout": 0.0, "condition_dropout": 0.0,
+                                             "sample_posterior": False})
         self.rows: dict[str, list[dict]] = {}
         self.samples: dict[str, list[Sample]] = {}
         for task, refs in plan.holdout.items():
@@ -96,10 +97,14 @@ class SampleWriter:
         result: dict = {"step": step}
         image_caption, image_grid = self._prompt("t2i", (1, 4, 4))
         image = generate_latents(model, self.tok, "t2i", image_caption, image_grid, sampling, generator=generator)
-        video_caption, video_grid = self._prompt("t2v", (2, 4, 4))
-        video = generate_latents(model, self.tok, "t2v", video_caption, video_grid, sampling, generator=generator)
-        result.update(image_prompt=image_caption, video_prompt=video_caption, image_latent_shape=list(image.shape),
-                      video_latent_shape=list(video.shape))
+        result.update(image_prompt=image_caption, image_latent_shape=list(image.shape))
+        video = None
+        if self.cfg.max_latent_frames > 1:  # an image-only model (lance-3b: 1 latent frame) makes no video
+            video_caption, video_grid = self._prompt("t2v", (2, 4, 4))
+            video_grid = (min(video_grid[0], self.cfg.max_latent_frames), *video_grid[1:])
+            video = generate_latents(model, self.tok, "t2v", video_caption, video_grid, sampling,
+                                     generator=generator)
+            result.update(video_prompt=video_caption, video_latent_shape=list(video.shape))
         understanding = next((t for t in ("i2t", "v2t") if self.held.rows.get(t)), None)
         if understanding is not None:
             row = self.held.rows[understanding][0]
@@ -112,6 +117,7 @@ class SampleWriter:
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
             Image.fromarray(_to_uint8(self._decode(image))).save(out_dir / f"step{step:07d}_image.png")
-            Image.fromarray(_to_uint8(self._decode(video))).save(out_dir / f"step{step:07d}_video_frames.png")
+            if video is not None:
+                Image.fromarray(_to_uint8(self._decode(video))).save(out_dir / f"step{step:07d}_video_frames.png")
             (out_dir / f"step{step:07d}.json").write_text(json.dumps(result, indent=2))
         return result
