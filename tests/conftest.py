@@ -52,3 +52,20 @@ def ray_local():
                  runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), **S3_TEST_ENV}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def latents(ray_local, tmp_path_factory) -> Path:
+    """Tiny latent shards of six tasks (t2i, t2v, i2i, v2v, i2t, v2t), made once per session: ``lance synth``
+    data through the precompute pipeline. Tests read them; none writes into them."""
+    from pipelines.data.config import PrecomputeConfig
+    from pipelines.data.pipeline import run_precompute
+    from pipelines.data.synth import synth_all
+
+    root = tmp_path_factory.mktemp("train-data")
+    synth_all(root / "synth", count=8, seed=0)
+    cfg = PrecomputeConfig(input=str(root / "synth" / "parquet"), output=str(root / "latents"), partition_size=8,
+                           buckets=dict(image_area=64 * 64, video_area=64 * 96, vit_area=56 * 56),
+                           video=dict(max_seconds=1.0), filters=dict(dedup=False))
+    run_precompute(cfg, progress=False)
+    return root / "latents"

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -25,22 +28,6 @@ from pipelines.train.plan import DataError, make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS_IN_DATA = {"t2i": 1.0, "t2v": 1.0, "i2i": 1.0, "v2v": 1.0, "i2t": 1.0, "v2t": 1.0}
-
-
-@pytest.fixture(scope="module")
-def latents(ray_local, tmp_path_factory) -> Path:
-    """Tiny latent shards of six tasks, made once: ``lance synth`` data through the precompute pipeline."""
-    from pipelines.data.config import PrecomputeConfig
-    from pipelines.data.pipeline import run_precompute
-    from pipelines.data.synth import synth_all
-
-    root = tmp_path_factory.mktemp("train-data")
-    synth_all(root / "synth", count=8, seed=0)
-    cfg = PrecomputeConfig(input=str(root / "synth" / "parquet"), output=str(root / "latents"), partition_size=8,
-                           buckets=dict(image_area=64 * 64, video_area=64 * 96, vit_area=56 * 56),
-                           video=dict(max_seconds=1.0), filters=dict(dedup=False))
-    run_precompute(cfg, progress=False)
-    return root / "latents"
 
 
 def _data(latents: Path, **overrides) -> DataSection:
@@ -260,6 +247,32 @@ def _run(data: dict):
     return run_training(load_train_config(data))
 
 
+@dataclass
+class CliRun:
+    run_dir: Path
+    metrics: list[dict]
+    export: Path | None
+    output: str
+    """What the driver printed (stdout and stderr)."""
+
+
+def _run_cli(data: dict, config: Path) -> CliRun:
+    """``lance train --config`` in its own driver process, as a user runs it, joined to the session's Ray."""
+    import ray
+    import yaml
+
+    from pipelines.train.metrics import read_metrics
+
+    config.write_text(yaml.safe_dump(data))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "train", "--config", str(config)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run_dir = Path(data["output"]) / data["name"]
+    export = run_dir / "model.safetensors"
+    return CliRun(run_dir, read_metrics(run_dir), export if export.is_file() else None, out.stdout + out.stderr)
+
+
 def _losses(rows):
     return [r["loss"] for r in rows]
 
@@ -267,7 +280,7 @@ def _losses(rows):
 @pytest.fixture(scope="module")
 def zero2_run(latents, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    return _run(_train_config(latents, out, "zero2", deepspeed={"ema_decay": 0.5}))
+    return _run_cli(_train_config(latents, out, "zero2", deepspeed={"ema_decay": 0.5}), out / "zero2.yaml")
 
 
 @pytest.mark.slow
@@ -290,6 +303,30 @@ def test_zero2_two_workers_learn_and_skip_a_nan_step(zero2_run):
     assert list((run / "tb").glob("events.out.tfevents.*"))
     assert (run / "samples" / "step0000008_image.png").stat().st_size > 0
     assert (run / "samples" / "step0000008_video_frames.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_driver_prints_a_progress_line_per_logging_step_and_workers_log_to_files(zero2_run):
+    """One line per logging step (train_tiny.yaml: report_every 4) in the one log format; Ray's per-rank
+    report dicts and the workers' own output stay in <run>/logs/rank-N.log."""
+    output = zero2_run.output
+    progress = [line for line in output.splitlines() if " lance.train: step " in line and "/8 (" in line]
+    assert [re.search(r"step (\d+)/8", line).group(1) for line in progress] == ["4", "8"], output[-3000:]
+    for line in progress:
+        assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO lance\.train: step \d/8 \(\d+%\) \| loss [\d.]+ \| "
+                        r"\d+ tok/s \| MFU [\d.]+% \| data wait [\d.]+% \| lr .* \| ETA \d+:\d\d:\d\d$", line), line
+    rows = zero2_run.metrics
+    first_interval = [r["loss"] for r in rows[:4] if r["loss"] is not None]  # step 3 was skipped (non-finite)
+    assert float(re.search(r"loss ([\d.]+)", progress[0]).group(1)) == pytest.approx(
+        sum(first_interval) / len(first_interval), abs=1e-4)
+    assert "skipped steps 1" in progress[0]
+    assert "WARNING lance.train: step 3: non-finite loss on a rank" in output  # rank 0's lines reach the driver
+    assert "TrainingReport(" not in output and "RayTrainWorker" not in output
+    logs = zero2_run.run_dir / "logs"
+    assert sorted(p.name for p in logs.iterdir()) == ["rank-0.log", "rank-1.log"]
+    rank0, rank1 = (logs / "rank-0.log").read_text(), (logs / "rank-1.log").read_text()
+    assert "Reporting training result 1: TrainingReport(" in rank0 and "lance.train: step 8/8" in rank0
+    assert "from rank 1" in rank1 and "lance.train" not in rank1
 
 
 @pytest.mark.slow
