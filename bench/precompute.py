@@ -14,7 +14,7 @@ Figures (each a ratio against a baseline measured in the same run):
   share of the window says the same without that noise: near 1, the slowest stage never waits for the
   others. The start-up (run start to first commit) is reported apart, and so is the end-to-end ratio with
   start-up included;
-- our video decode (PyAV, 12 fps resampling, clip cutting) / a bare PyAV decode loop of the same files;
+- our video decode (PyAV, the release's frame sampler, clip cutting) / a bare PyAV decode loop of the same files;
 - peak memory (summed PSS of the driver and its local Ray processes, sampled at 2 Hz in runs of their own, as
   the sampling costs CPU) at N and 4N images: near 1 means the job streams.
 """

@@ -3,7 +3,9 @@
 One Parquet row per sample. Latents are raw little-endian bytes with a shape and a dtype column, so
 pyarrow, Ray Data, pandas and DuckDB read shards without project code. Media slots: ``target`` always;
 ``source`` for edits and i2v; ``ref_0``... for subject-driven samples. Shapes: VAE (T', H', W', C=48),
-ViT (L, D) with its token grid (t, h, w).
+ViT (L, D) with its token grid (t, h, w). ``<slot>_vae_std`` (optional, same shape and dtype as
+``<slot>_vae``) holds the VAE posterior's std, normalised per channel like the mean, for training that draws
+a fresh latent mean + std * eps each step; shards without it carry the posterior mean alone.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ def slot_fields(slot: str) -> list[pa.Field]:
         pa.field(f"{slot}_vae", pa.binary()),
         pa.field(f"{slot}_vae_shape", pa.list_(pa.int32())),
         pa.field(f"{slot}_vae_dtype", pa.string()),
+        pa.field(f"{slot}_vae_std", pa.binary()),
         pa.field(f"{slot}_vit", pa.binary()),
         pa.field(f"{slot}_vit_shape", pa.list_(pa.int32())),
         pa.field(f"{slot}_vit_grid", pa.list_(pa.int32())),
@@ -50,6 +53,9 @@ SHARD_SCHEMA = pa.schema(
     + [f for slot in SLOTS for f in slot_fields(slot)],
     metadata={"lance_shard_schema": str(SCHEMA_VERSION)},
 )
+
+OPTIONAL_COLUMNS = frozenset(f"{slot}_vae_std" for slot in SLOTS)
+"""Columns that older shards lack: readers treat a missing one as all null."""
 
 QUARANTINE_SCHEMA = pa.schema([
     pa.field("source_uri", pa.string()),
@@ -92,7 +98,8 @@ def bytes_to_tensor(data: bytes, shape, dtype: str):
 def check_schema(schema: pa.Schema, where: str) -> None:
     """A shard whose schema lacks required columns or has other types is rejected with the column named."""
     for field in SHARD_SCHEMA:
-        if field.name.startswith(SLOTS[1:]):
+        absent_optional = field.name in OPTIONAL_COLUMNS and field.name not in schema.names
+        if field.name.startswith(SLOTS[1:]) or absent_optional:
             continue
         if field.name not in schema.names:
             raise ValueError(f"{where}: not a latent shard, column {field.name!r} is missing")

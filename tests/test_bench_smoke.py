@@ -22,6 +22,8 @@ MODEL_STEP_KEYS = {"model", "backend", "budget", "fill", "real_tokens", "step_ms
     ("model_step.py", {"threads", "rows"}, MODEL_STEP_KEYS),
     ("precompute.py", {"images", "written", "clips", "stage_rates", "vae_alone_runs", "overlap_ratios"},
      {"figure", "value", "baseline", "ratio"}),
+    ("video_memory.py", {"rows", "source_first", "flat"},
+     {"seconds", "clips", "peak_mib", "handed_on_mib", "working_mib", "working_ratio", "peak_ratio"}),
 ])
 def test_bench_quick(tmp_path, script, top_keys, row_keys):
     out = tmp_path / "result.json"

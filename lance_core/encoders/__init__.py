@@ -3,6 +3,7 @@ from .vae import (
     WanVAE,
     convert_wan_vae_state_dict,
     latents_to_tokens,
+    sample_posterior,
     to_original_wan_state_dict,
     tokens_to_latents,
 )
@@ -14,6 +15,7 @@ __all__ = [
     "WanVAE",
     "convert_wan_vae_state_dict",
     "latents_to_tokens",
+    "sample_posterior",
     "to_original_wan_state_dict",
     "tokens_to_latents",
 ]

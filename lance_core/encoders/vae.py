@@ -222,10 +222,7 @@ class WanVAE(nn.Module):
         ``sample=True`` draws z = mu + sigma·eps from the posterior and normalises it like the mean, so the
         noise is divided by the same per-channel std (eps is drawn on the generator's device).
         """
-        if pixels.dim() != 5 or pixels.shape[1] != 3:
-            raise ValueError(f"pixels must be (B, 3, T, H, W), got {tuple(pixels.shape)}")
-        self.latent_shape(*pixels.shape[2:])
-        dist = self.autoencoder.encode(pixels.to(self.device, self.dtype)).latent_dist
+        dist = self._posterior(pixels)
         z = dist.mean.float()
         if sample:
             device = generator.device if generator is not None else z.device
@@ -233,6 +230,22 @@ class WanVAE(nn.Module):
             z = z + dist.std.float() * eps
         mean, std = self.latent_stats(z.device)
         return ((z - mean) / std).to(self.dtype)
+
+    @torch.no_grad()
+    def encode_posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, T, H, W) in [-1, 1] -> the posterior's mean and std, both normalised per channel:
+        ((mu - m) / s, sigma / s). A latent drawn as ``mean + std * eps`` (:func:`sample_posterior`) is then
+        exactly the normalised posterior sample (mu + sigma * eps - m) / s."""
+        dist = self._posterior(pixels)
+        mean, std = self.latent_stats(dist.mean.device)
+        return (((dist.mean.float() - mean) / std).to(self.dtype),
+                (dist.std.float() / std).to(self.dtype))
+
+    def _posterior(self, pixels: torch.Tensor):
+        if pixels.dim() != 5 or pixels.shape[1] != 3:
+            raise ValueError(f"pixels must be (B, 3, T, H, W), got {tuple(pixels.shape)}")
+        self.latent_shape(*pixels.shape[2:])
+        return self.autoencoder.encode(pixels.to(self.device, self.dtype)).latent_dist
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -243,6 +256,16 @@ class WanVAE(nn.Module):
         mean, std = self.latent_stats(self.device)
         z = latents.to(self.device).float() * std + mean
         return self.autoencoder.decode(z.to(self.dtype)).sample.clamp(-1, 1)
+
+
+def sample_posterior(mean: torch.Tensor, std: torch.Tensor,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """A fresh latent ``mean + std * eps`` from a stored posterior (both normalised, as
+    :meth:`WanVAE.encode_posterior` gives them), in float32; eps is drawn on the CPU generator's stream."""
+    if mean.shape != std.shape:
+        raise ValueError(f"posterior mean {tuple(mean.shape)} and std {tuple(std.shape)} differ in shape")
+    eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32)
+    return mean.float() + std.float() * eps.to(mean.device)
 
 
 def latents_to_tokens(latents: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:

@@ -36,3 +36,10 @@ def resize_center_crop(frames: np.ndarray, width: int, height: int) -> torch.Ten
     video = F.interpolate(video, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
     top, left = (new_h - height) // 2, (new_w - width) // 2
     return video[:, :, top:top + height, left:left + width].clamp(0, 1)
+
+
+def resize_frame(frame: np.ndarray, width: int, height: int) -> np.ndarray:
+    """One (H, W, 3) uint8 frame -> (height, width, 3) uint8, as :func:`resize_center_crop` resizes each frame
+    of a clip: decoders resize frame by frame, so no clip is ever held at source resolution."""
+    resized = resize_center_crop(frame[None], width, height)[0]
+    return (resized * 255).round().byte().permute(1, 2, 0).numpy()

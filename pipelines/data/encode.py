@@ -1,7 +1,8 @@
 """Encoder actors for Ray Data ``map_batches``: the Wan2.2 VAE and the Qwen2.5-VL ViT.
 
 A batch is one partition's block; its rows are grouped by pixel shape (the aspect bucket) and encoded in
-chunks of ``encoders.batch_size``.
+chunks of ``encoders.batch_size``. With ``encoders.store_posterior_std`` the VAE stage also hands on the
+posterior's normalised std (``<slot>_vae_std``) beside the mean.
 Rows that are not ``ok`` pass through untouched. The actors are built once per pool member.
 """
 
@@ -68,17 +69,24 @@ class VAEEncoder(_EncoderActor):
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         started = time.perf_counter()
+        with_std = self.cfg.encoders.store_posterior_std
         for slot in ("target", "source"):
-            latents, shapes = [b""] * len(batch), [[] for _ in range(len(batch))]
+            latents, stds, shapes = [b""] * len(batch), [b""] * len(batch), [[] for _ in range(len(batch))]
             for shape, rows in _groups(batch, slot, self.chunk):
                 pixels = _pixels(batch, slot, rows, shape).permute(0, 4, 1, 2, 3) * 2 - 1  # (B, 3, T, H, W)
-                encoded = self.vae.encode(pixels.to(self.device)).permute(0, 2, 3, 4, 1).cpu()  # (B, T', H', W', C)
-                for i, lat in zip(rows, encoded):
+                pixels = pixels.to(self.device)
+                mean, std = self.vae.encode_posterior(pixels) if with_std else (self.vae.encode(pixels), None)
+                for k, i in enumerate(rows):
+                    lat = mean[k].permute(1, 2, 3, 0).cpu()  # (T', H', W', C)
                     latents[i] = tensor_to_bytes(lat, self.dtype)
                     shapes[i] = list(lat.shape)
+                    if std is not None:
+                        stds[i] = tensor_to_bytes(std[k].permute(1, 2, 3, 0).cpu(), self.dtype)
             batch[f"{slot}_vae"] = latents
             batch[f"{slot}_vae_shape"] = shapes
             batch[f"{slot}_vae_dtype"] = [self.dtype if s else "" for s in shapes]
+            if with_std:
+                batch[f"{slot}_vae_std"] = stds
             batch = batch.drop(columns=[f"{slot}_pixels"])
         batch["vae_seconds"] = (time.perf_counter() - started) / max(len(batch), 1)
         return frame_to_arrow(batch)

@@ -30,8 +30,13 @@ def duration_reason(seconds: float, cfg: FilterConfig) -> str | None:
 
 
 def motion_score(frames: np.ndarray) -> float:
-    """Mean absolute difference of consecutive grey frames, in [0, 1]."""
+    """Mean absolute difference of consecutive grey frames, in [0, 1] (two grey frames held at a time)."""
     if len(frames) < 2:
         return 0.0
-    grey = frames.astype(np.float32).mean(axis=-1) / 255.0
-    return float(np.abs(np.diff(grey, axis=0)).mean())
+    total = 0.0
+    previous = frames[0].mean(axis=-1, dtype=np.float32)
+    for frame in frames[1:]:
+        grey = frame.mean(axis=-1, dtype=np.float32)
+        total += float(np.abs(grey - previous).mean())
+        previous = grey
+    return total / (len(frames) - 1) / 255.0

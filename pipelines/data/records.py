@@ -60,6 +60,8 @@ def process_record(record: dict, partition: int, index: int, cfg: PrecomputeConf
     if "error" in record:
         return [dropped(record, partition, index, "quarantined", "read", record.get("error_reason", "bad_record"),
                         record["error"])]
+    if "filtered_reason" in record:  # the source marks the sample failed (img2dataset's status)
+        return [dropped(record, partition, index, "filtered", "read", record["filtered_reason"])]
     task = record.get("task") or "t2i"
     caption = record.get("caption")
     if caption == "\0invalid-utf8":
