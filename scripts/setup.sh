@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-command setup: system packages (ffmpeg), a virtualenv in .venv, the project with all extras.
+# One-command setup: system packages (ffmpeg), a virtualenv in .venv, the project with every job's extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,5 +21,5 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 echo "== installing the project and its extras (pip)"
-python -m pip install -q -e ".[ray,dev]"
+python -m pip install -q -e ".[all,dev]"
 echo "== setup done: activate with '. .venv/bin/activate'"
