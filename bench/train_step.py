@@ -36,13 +36,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from bench.common import load_average, print_table, write_json
 from lance_core.flow import LossConfig, compute_losses
-from lance_core.shards import SHARD_SCHEMA, tensor_to_bytes
+from lance_core.shards import parquet_options, shard_table
 from lance_core.tokenizer import ByteTokenizer
 
 MID = {"hidden_size": 512, "num_layers": 4, "num_heads": 8, "num_kv_heads": 2, "head_dim": 64,
@@ -52,15 +51,13 @@ WORDS = ("red", "blue", "sign", "square", "moving", "right", "small", "large", "
 
 
 def _latent_slot(row: dict, slot: str, shape, gen: torch.Generator) -> None:
-    row[f"{slot}_vae"] = tensor_to_bytes(torch.randn(*shape, 48, generator=gen), "bfloat16")
-    row[f"{slot}_vae_shape"] = [*shape, 48]
-    row[f"{slot}_vae_dtype"] = "bfloat16"
+    row[f"{slot}_vae"] = torch.randn(*shape, 48, generator=gen)
 
 
 def _vit_slot(row: dict, slot: str, grid, dim: int, gen: torch.Generator) -> None:
     n = grid[0] * grid[1] * grid[2]
-    row[f"{slot}_vit"] = tensor_to_bytes(torch.randn(n, dim, generator=gen) * 0.5, "bfloat16")
-    row[f"{slot}_vit_shape"], row[f"{slot}_vit_grid"] = [n, dim], list(grid)
+    row[f"{slot}_vit"] = torch.randn(n, dim, generator=gen) * 0.5
+    row[f"{slot}_vit_grid"] = list(grid)
 
 
 def write_shards(root: Path, rows_per_task: int, hidden: int, seed: int = 0) -> Path:
@@ -84,7 +81,8 @@ def write_shards(root: Path, rows_per_task: int, hidden: int, seed: int = 0) -> 
                 row.update(question="What is shown?", answer=caption)
             rows.append(row)
         name = f"shards/part-{index:05d}.parquet"
-        pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), root / name, row_group_size=16)
+        table = shard_table(rows, "bf16")
+        pq.write_table(table, root / name, row_group_size=16, **parquet_options(table.schema))
         entries.append({"partition": index, "shard": name, "rows": len(rows)})
     (root / "manifest.json").write_text(json.dumps({"schema": "lance-latent-shards/1", "shards": entries}))
     return root

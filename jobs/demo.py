@@ -2,7 +2,10 @@
 tiny encoders) -> ``lance train`` (2 DeepSpeed ZeRO-2 workers, tiny model) -> ``lance grpo`` (a short phase from
 the exported weights) -> a report in the run folder.
 
-    lance demo [--config jobs/configs/demo.yaml] [--output runs/demo] [--steps N]
+    lance demo [--config jobs/configs/demo.yaml] [--output runs/demo] [--steps N] [--resume | --overwrite]
+
+Running again into the same ``--output`` with the same demo settings resumes it (each stage reports what an
+earlier run finished); other settings are refused; ``--overwrite`` removes the earlier demo folder first.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from pathlib import Path
 from jobs.config_io import read_yaml
 from lance_core.config import ConfigError
 from pipelines.demo import demo_configs, load_demo_config, run_demo
+from pipelines.runtime.run_folder import CONFIG_FILE, RunFolder, RunFolderError, add_rerun_options
+from pipelines.runtime.run_log import setup_logging
 
 
 def _num(value: float | None) -> str:
@@ -28,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML file of demo settings (defaults built in)")
     parser.add_argument("--output", help="run folder (default: runs/demo-<time>)")
     parser.add_argument("--steps", type=int, help="training steps (overrides the config)")
+    add_rerun_options(parser)
     args = parser.parse_args(argv)
+    setup_logging()
     run_dir = Path(args.output or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
         data = read_yaml(args.config)
@@ -36,7 +43,11 @@ def main(argv: list[str] | None = None) -> int:
             data["steps"] = args.steps
         cfg = load_demo_config(data)
         demo_configs(cfg, run_dir)
-    except ConfigError as err:
+        # the demo's own settings decide; each stage then checks its own config (in config.json beside them)
+        folder = RunFolder("demo", str(run_dir.resolve()))
+        folder.settle({"demo": cfg.model_dump(mode="json")}, ("precompute", "train", "grpo"), args.mode,
+                      holds_run=folder.holds(CONFIG_FILE))
+    except (ConfigError, RunFolderError) as err:
         print(f"lance demo: {err}", file=sys.stderr)
         return 2
     metrics = run_demo(cfg, run_dir)

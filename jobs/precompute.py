@@ -1,7 +1,11 @@
 """``lance precompute``: raw pairs -> latent shards on Ray Data (local Ray unless RAY_ADDRESS is set).
 
     lance precompute [--config jobs/configs/precompute_tiny.yaml] [--input URI] [--output URI]
+                     [--resume | --overwrite]
     python -m jobs.precompute ...      (for ray job submit)
+
+Relative paths are taken from the current folder. Running again into the same output resumes it when its
+config is the same (a finished one is reported, nothing runs), and is refused when it differs.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from lance_core.config import ConfigError, load_config
 from pipelines.data.config import PrecomputeConfig
 from pipelines.data.report import print_summary
 from pipelines.data.storage import StorageError
+from pipelines.runtime.run_folder import RunFolderError, add_rerun_options
+from pipelines.runtime.run_log import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", help="input URI (file or folder, local or s3://)")
     parser.add_argument("--output", help="output URI for shards, manifest, quarantine and stats")
     parser.add_argument("--no-progress", action="store_true", help="hide the live progress bars")
+    add_rerun_options(parser)
     args = parser.parse_args(argv)
+    setup_logging()
     try:
         data = read_yaml(args.config)
         if args.input:
@@ -31,13 +39,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.output:
             data["output"] = args.output
         cfg = load_config(PrecomputeConfig, data, prefix="precompute")
-    except ConfigError as err:
+        from pipelines.data.pipeline import run_precompute
+
+        result = run_precompute(cfg, progress=not args.no_progress, mode=args.mode)
+    except (ConfigError, RunFolderError) as err:
         print(f"lance precompute: {err}", file=sys.stderr)
         return 2
-    from pipelines.data.pipeline import run_precompute
-
-    try:
-        result = run_precompute(cfg, progress=not args.no_progress)
     except (StorageError, FileNotFoundError, ValueError) as err:
         print(f"lance precompute: {err}", file=sys.stderr)
         return 1

@@ -3,6 +3,10 @@ and concurrency), each trial a real training run of the given config (use the ti
 The winner is written as ``<sweep>/best_config.yaml``, which ``lance train --config`` takes back.
 
     lance tune --config jobs/configs/train_tiny.yaml [--data URI ...] [--samples N] [--steps N] [--workers N]
+               [--resume | --overwrite]
+
+Relative paths are taken from the current folder. Rerunning into the same sweep folder reports a finished
+sweep, continues an unfinished one of the same config, and refuses one of another config.
 """
 
 from __future__ import annotations
@@ -11,10 +15,10 @@ import argparse
 import json
 import sys
 
-import yaml
-
 from jobs.config_io import read_yaml
 from lance_core.config import ConfigError
+from pipelines.runtime.run_folder import RunFolderError, add_rerun_options
+from pipelines.runtime.run_log import setup_logging
 from pipelines.train.config import apply_overrides, load_train_config
 from pipelines.train.plan import DataError
 
@@ -30,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="Ray Train workers per trial")
     parser.add_argument("--samples", type=int, help="trials (tune.num_samples)")
     parser.add_argument("--grace", type=int, help="steps before ASHA may stop a trial (tune.scheduler.grace_period)")
+    add_rerun_options(parser, "the sweep folder")
     args = parser.parse_args(argv)
+    setup_logging()
     try:
         given = read_yaml(args.config)
         data = apply_overrides(given, uris=args.data, output=args.output, steps=args.steps, workers=args.workers)
@@ -46,25 +52,22 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"lance tune: {err}", file=sys.stderr)
         return 2
-    from pipelines.train.trainer import storage_and_log_dir
-    from pipelines.train.tune import best_config_data, best_params, run_sweep
+    from pipelines.train.tune import SweepFailed, sweep
 
     try:
-        grid = run_sweep(base)
+        outcome = sweep(base, f"{name}-best", given.get("steps", base.steps), mode=args.mode)
+    except (ConfigError, RunFolderError) as err:
+        print(f"lance tune: {err}", file=sys.stderr)
+        return 2
     except DataError as err:
         print(f"lance tune: data: {err}", file=sys.stderr)
         return 1
-    errors = [r.error for r in grid if r.error]
-    if len(errors) == len(grid):
-        print(f"lance tune: every trial failed; first error: {errors[0]}", file=sys.stderr)
+    except SweepFailed as err:
+        print(f"lance tune: {err}", file=sys.stderr)
         return 1
-    best = best_params(grid, base)
-    path = storage_and_log_dir(base)[1] / "best_config.yaml"
-    best_data = best_config_data(base, best["params"], f"{name}-best")
-    best_data["steps"] = given.get("steps", best_data["steps"])  # the sweep's short trials set none of it
-    path.write_text(yaml.safe_dump(best_data, sort_keys=False))
-    print("best trial: " + json.dumps(best))
-    print(f"best config: {path}  (lance train --config {path})")
+    earlier = " (found from an earlier run)" if outcome.complete_before else ""
+    print(f"best trial{earlier}: " + json.dumps(outcome.best))
+    print(f"best config: {outcome.config_path}  (lance train --config {outcome.config_path})")
     return 0
 
 

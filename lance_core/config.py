@@ -3,13 +3,22 @@
 
 Every config is a pydantic model with ``extra="forbid"``; :func:`load_config` turns a validation failure
 into a :class:`ConfigError` whose message names the field, the bad value and the allowed values.
+
+Paths a user gives (CLI or YAML) are typed :data:`InputPath` or :data:`OutputPath`: validation makes a
+relative local path absolute against the working directory of the process that loads the config (the
+user's, on the driver), before any Ray worker, whose working directory differs, sees it. A URI with a
+scheme (``s3://``, ``gs://``...) is kept as it is. Validating an absolute path again changes nothing, so
+a config dumped on the driver loads the same in every worker.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 AttentionBackend = Literal["auto", "sdpa", "per_sample", "flex", "flash"]
 
@@ -22,11 +31,101 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
 
+def resolve_user_path(value: str) -> str:
+    """A local path made absolute against the current working directory (``~`` expanded); a URI with a
+    scheme (``s3://bucket/x``, ``gs://...``, ``file://...``) and the empty string (not given) unchanged."""
+    if not value or "://" in value:
+        return value
+    return os.path.abspath(os.path.expanduser(value))
+
+
+@dataclass(frozen=True)
+class PathRole:
+    """Marks a path field: an ``input`` must exist when a job starts (checked before any Ray work), an
+    ``output`` is written by the job. ``names`` are values of the field that are names, not paths."""
+
+    role: Literal["input", "output"]
+    names: tuple[str, ...] = ()
+
+
+def _resolver(names: tuple[str, ...]):
+    def resolve(value: str) -> str:
+        return value if value in names else resolve_user_path(value)
+
+    return resolve
+
+
+InputPath = Annotated[str, AfterValidator(resolve_user_path), PathRole("input")]
+"""A file or folder the job reads (data, weights, prompts...): local (made absolute) or a URI."""
+OutputPath = Annotated[str, AfterValidator(resolve_user_path), PathRole("output")]
+"""A folder the job writes (run folder, shards, logs): local (made absolute) or a URI. A field with a
+default needs ``Field(default, validate_default=True)`` so that the default is made absolute too."""
+
+
+def input_path_or_name(*names: str):
+    """An input field holding either one of ``names`` (kept as it is) or a path (made absolute), e.g. a
+    tokenizer: ``qwen2.5``, ``byte`` or a tokenizer folder."""
+    return Annotated[str, AfterValidator(_resolver(names)), PathRole("input", names)]
+
+
+def _path_role(annotation) -> PathRole | None:
+    """The PathRole inside a field's annotation (through Optional, tuples and lists), if any."""
+    if get_origin(annotation) is Annotated:
+        return next((m for m in annotation.__metadata__ if isinstance(m, PathRole)), None)
+    return next((role for arg in get_args(annotation) if (role := _path_role(arg)) is not None), None)
+
+
+def field_path_role(info) -> PathRole | None:
+    """The PathRole of a model field (``model_fields[name]``), if it holds paths."""
+    return next((m for m in info.metadata if isinstance(m, PathRole)), None) or _path_role(info.annotation)
+
+
+def path_fields(model: BaseModel, prefix: str = "") -> Iterator[tuple[str, str, PathRole]]:
+    """(dotted field name, value, role) of every path value given in ``model`` and its sections."""
+    for name, info in type(model).model_fields.items():
+        value, dotted = getattr(model, name), f"{prefix}{name}"
+        role = field_path_role(info)
+        items = value if isinstance(value, (tuple, list)) else [value]
+        for index, item in enumerate(items):
+            where = f"{dotted}[{index}]" if isinstance(value, (tuple, list)) else dotted
+            if isinstance(item, BaseModel):
+                yield from path_fields(item, where + ".")
+            elif role is not None and isinstance(item, str) and item and item not in role.names:
+                yield where, item, role
+
+
+def resolve_override_paths(section: type[BaseModel], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Path fields inside a mapping of field overrides of ``section`` (``{"vae": {"path": "w/vae"}}``) made
+    absolute, as if the mapping had been validated: such mappings are validated later, maybe in a worker."""
+    out = dict(overrides)
+    for key, value in overrides.items():
+        info = section.model_fields.get(key)
+        if info is None:
+            continue
+        nested = next((a for a in (info.annotation, *get_args(info.annotation))
+                       if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        role = field_path_role(info)
+        if nested is not None and isinstance(value, dict):
+            out[key] = resolve_override_paths(nested, value)
+        elif role is not None and isinstance(value, str):
+            out[key] = _resolver(role.names)(value)
+    return out
+
+
+def _resolve_model_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    return resolve_override_paths(ModelConfig, overrides)
+
+
+ModelOverrides = Annotated[dict[str, Any], AfterValidator(_resolve_model_overrides)]
+"""Fields of :class:`ModelConfig` to change, as a mapping validated when the model is built; its path fields
+(``vae.path``, ``vit.path``) are made absolute at load."""
+
+
 class VAEConfig(StrictModel):
     """Wan2.2 VAE (diffusers ``AutoencoderKLWan``). ``path`` is a diffusers folder or the original ``.pth``."""
 
     preset: Literal["tiny", "wan2.2"] = "tiny"
-    path: str | None = None
+    path: InputPath | None = None
     """Weights: a diffusers model folder, or the original single-file ``Wan2.2_VAE.pth``. None = random init."""
     latent_channels: int = Field(48, gt=0)
     spatial_ratio: int = Field(16, gt=0)
@@ -42,7 +141,7 @@ class ViTConfig(StrictModel):
     """Qwen2.5-VL vision tower (transformers). ``path`` is a Qwen2.5-VL checkpoint folder."""
 
     preset: Literal["tiny", "qwen2.5-vl-3b"] = "tiny"
-    path: str | None = None
+    path: InputPath | None = None
     depth: int = Field(32, gt=0)
     hidden_size: int = Field(1280, gt=0)
     intermediate_size: int = Field(3420, gt=0)

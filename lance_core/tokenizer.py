@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, input_path_or_name
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,8 @@ QWEN25 = "qwen2.5"
 """Name of the built-in Qwen2.5 tokenizer (``load_tokenizer(None)`` where dashscope is installed)."""
 BYTE = "byte"
 """Name of the byte-level tokenizer (a folder literally named ``byte`` is given as ``./byte``)."""
+TokenizerRef = input_path_or_name(QWEN25, BYTE)
+"""A config field naming a tokenizer: ``qwen2.5``, ``byte`` (kept) or a Qwen2 tokenizer folder (made absolute)."""
 
 QWEN25_RANKS_SHA256 = "b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186"
 """sha256 of ``qwen.tiktoken`` (one ``base64(token) rank`` per line)."""

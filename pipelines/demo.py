@@ -4,8 +4,9 @@
 ``lance precompute`` on a local Ray (tiny Wan VAE and Qwen ViT, latent shards) -> ``lance train`` (Ray
 Train, 2 DeepSpeed ZeRO-2 workers on CPU, a few dozen steps of the multi-task mixture) -> a short
 ``lance grpo`` phase from the exported weights (rollout, PP-OCR reward and learner actors) -> a report in
-the run folder: loss curves, a generated image and video strip decoded through the VAE, a generated
-caption, the GRPO rewards and gallery, the metrics and the throughput summary.
+the run folder: loss curves, a generated image and video strip decoded through the VAE (enlarged, their
+prompts written under them), a generated caption, the GRPO rewards and gallery (``grpo_gallery.png``:
+rollouts with prompt and reward), the metrics and the throughput summary.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import Field
 
 from lance_core.config import StrictModel, load_config
@@ -81,6 +83,7 @@ def run_demo(cfg: DemoConfig, run_dir: Path) -> dict:
     from pipelines.data.pipeline import run_precompute
     from pipelines.data.synth import synth_all
     from pipelines.rl import run_grpo
+    from pipelines.rl.metrics import GALLERY_GRID
     from pipelines.train.report import plot_losses, throughput_summary
     from pipelines.train.trainer import ensure_ray, run_training
 
@@ -114,8 +117,14 @@ def run_demo(cfg: DemoConfig, run_dir: Path) -> dict:
     last_eval = next((r["eval"] for r in reversed(rows) if "eval" in r), {})
     samples = result.run_dir / "samples"
     step = last_eval.get("step", cfg.steps)
-    shutil.copyfile(samples / f"step{step:07d}_image.png", run_dir / "sample_image.png")
-    shutil.copyfile(samples / f"step{step:07d}_video_frames.png", run_dir / "sample_video_frames.png")
+    _captioned_copy(samples / f"step{step:07d}_image.png", last_eval.get("image_prompt", ""),
+                    run_dir / "sample_image.png")
+    _captioned_copy(samples / f"step{step:07d}_video_frames.png",
+                    f"{last_eval.get('video_prompt', '')}\n(frames, left to right)",
+                    run_dir / "sample_video_frames.png")
+    galleries = sorted((run_dir / "grpo" / "gallery").glob(f"epoch_*/{GALLERY_GRID}")) if grpo else []
+    if galleries:
+        shutil.copyfile(galleries[-1], run_dir / "grpo_gallery.png")
     summary = throughput_summary(rows)
     metrics = {
         "steps": summary["steps"],
@@ -140,6 +149,15 @@ def run_demo(cfg: DemoConfig, run_dir: Path) -> dict:
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def _captioned_copy(source: Path, caption: str, target: Path) -> None:
+    """A sample of the report: enlarged, its prompt written under it."""
+    from PIL import Image
+
+    from pipelines.runtime.gallery import write_captioned
+
+    write_captioned([np.asarray(Image.open(source).convert("RGB"))], [caption], target)
 
 
 def load_demo_config(data: dict | None) -> DemoConfig:

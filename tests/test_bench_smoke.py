@@ -22,6 +22,8 @@ MODEL_STEP_KEYS = {"model", "backend", "budget", "fill", "real_tokens", "step_ms
     ("model_step.py", {"threads", "rows"}, MODEL_STEP_KEYS),
     ("precompute.py", {"images", "written", "clips", "stage_rates", "vae_alone_runs", "overlap_ratios"},
      {"figure", "value", "baseline", "ratio"}),
+    ("shards.py", {"reps", "batch_rows", "rows"},
+     {"shape", "layout", "bytes", "bytes_ratio", "read_rows_per_s", "read_mb_per_s", "read_speedup"}),
     ("video_memory.py", {"rows", "source_first", "flat"},
      {"seconds", "clips", "peak_mib", "handed_on_mib", "working_mib", "working_ratio", "peak_ratio"}),
 ])

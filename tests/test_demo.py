@@ -17,8 +17,12 @@ def test_lance_demo_runs_synth_precompute_train_and_writes_a_report(tmp_path):
     assert f"report: {tmp_path}" in out.stdout
     for name in ("loss_curve.png", "sample_image.png", "sample_video_frames.png", "metrics.json",
                  "loss_history.jsonl", "config.json", "latents/manifest.json", "train/metrics.jsonl",
-                 "train/model.safetensors", "grpo/metrics.jsonl", "grpo/summary.json"):
+                 "train/model.safetensors", "grpo/metrics.jsonl", "grpo/summary.json", "grpo_gallery.png"):
         assert (tmp_path / name).stat().st_size > 0, name
+    from PIL import Image
+
+    assert Image.open(tmp_path / "sample_image.png").width >= 256  # enlarged, the prompt written under it
+    assert list((tmp_path / "grpo" / "tb").glob("events.out.tfevents.*"))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["tasks"] == sorted(["t2i", "t2v", "i2i", "v2v", "i2t", "v2t"])
     assert metrics["workers"] == 2 and metrics["zero_stage"] == 2 and metrics["steps"] == 12

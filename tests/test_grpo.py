@@ -134,6 +134,14 @@ def test_full_policy_reference_swap():
     assert torch.equal(policy.trained()[name], before + 1.0)
 
 
+def _tensorboard(folder: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    return events
+
+
 # ------------------------------------------------------------------------------------------ on Ray
 @pytest.mark.slow
 def test_grpo_raises_brightness(ray_local, tmp_path):
@@ -156,6 +164,13 @@ def test_grpo_raises_brightness(ray_local, tmp_path):
     gallery = json.loads((tmp_path / "gallery" / "epoch_0015" / "gallery.json").read_text())
     assert len(gallery) == 4 and all((tmp_path / "gallery" / "epoch_0015" / g["file"]).is_file() for g in gallery)
     assert {"prompt", "reward", "components"} <= set(gallery[0])
+    assert (tmp_path / "gallery" / "epoch_0015" / "grid.png").stat().st_size > 0  # captioned with prompt + reward
+    events = _tensorboard(tmp_path / "tb")
+    assert {"reward/mean", "reward/brightness/mean", "kl", "clip_fraction", "ratio_std", "eval/reward/mean",
+            "images_per_s"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("kl")] == list(range(16))
+    assert [e.step for e in events.Scalars("eval/reward/mean")] == [7, 15]
+    assert [e.step for e in events.Images("gallery")] == [0, 15]
     trained = build_model(model_preset("tiny"))
     load_lance_checkpoint(trained, summary["model"])
     torch.manual_seed(0)
@@ -192,6 +207,9 @@ def test_reward_actor_death_is_retried_then_resume(ray_local, tmp_path):
     assert resumed["last"]["updates"] == 6  # 2 updates per epoch, counted on across the resume
     assert all(r["ratio_first_update_max_dev"] < 1e-6 and r["kl"] >= 0 for r in history)
     assert history[-1]["kl"] > 0  # LoRA moved the policy away from the reference
+    events = _tensorboard(tmp_path / "run" / "tb")  # the resumed run's events continue the first run's
+    assert [(e.step, e.value) for e in events.Scalars("kl")] == [(r["epoch"], pytest.approx(r["kl"])) for r in history]
+    assert [e.step for e in events.Scalars("reward/bright/mean")] == [0, 1, 2]
     merged = build_model(model_preset("tiny"))
     load_lance_checkpoint(merged, resumed["model"])  # LoRA merged into plain Lance weights
 

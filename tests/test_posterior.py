@@ -11,7 +11,14 @@ import torch
 
 from lance_core.config import TINY_VAE, VAEConfig
 from lance_core.encoders import WanVAE, sample_posterior
-from lance_core.shards import OPTIONAL_COLUMNS, SHARD_SCHEMA, bytes_to_tensor, check_schema, tensor_to_bytes
+from lance_core.shards import (
+    LEGACY_OPTIONAL_COLUMNS,
+    LEGACY_SCHEMA,
+    SHARD_SCHEMA,
+    check_schema,
+    shard_rows,
+    shard_table,
+)
 from pipelines.data.config import PrecomputeConfig
 from pipelines.train.config import DataSection
 from pipelines.train.data import row_to_sample, slot_latents
@@ -53,14 +60,19 @@ def test_vae_stage_stores_the_std_only_when_asked(store_std):
     cfg = PrecomputeConfig(encoders=dict(store_posterior_std=store_std), latent_dtype="fp32")
     stage = VAEEncoder(cfg.model_dump_json())
     table = stage(_pixel_batch()).to_pylist()[0]
-    mean = bytes_to_tensor(table["target_vae"], table["target_vae_shape"], table["target_vae_dtype"])
+
+    def stored(name: str) -> torch.Tensor:  # the stage hands on the values as stored (fp32 here)
+        values = np.frombuffer(table[name], np.float32).reshape(table["target_vae_shape"])
+        return torch.from_numpy(values.copy())
+
+    mean = stored("target_vae")
     assert list(mean.shape) == [2, 2, 3, 48]
     frames = np.frombuffer(_pixel_batch()["target_pixels"][0], dtype=np.uint8).reshape(5, 32, 48, 3)
     pixels = torch.from_numpy(frames.copy()).float().div(255).permute(3, 0, 1, 2)[None] * 2 - 1
     expected_mean, expected_std = stage.vae.encode_posterior(pixels)
     assert torch.equal(mean, expected_mean[0].permute(1, 2, 3, 0))  # the mean is the same either way
     if store_std:
-        std = bytes_to_tensor(table["target_vae_std"], table["target_vae_shape"], table["target_vae_dtype"])
+        std = stored("target_vae_std")
         assert torch.equal(std, expected_std[0].permute(1, 2, 3, 0)) and bool((std > 0).all())
         assert table["source_vae_std"] == b""
     else:
@@ -70,24 +82,33 @@ def test_vae_stage_stores_the_std_only_when_asked(store_std):
 def test_shard_schema_has_an_optional_std_column():
     import pyarrow as pa
 
-    assert SHARD_SCHEMA.field("target_vae_std").type == pa.binary()
-    assert "target_vae_std" in OPTIONAL_COLUMNS
-    older = pa.schema([f for f in SHARD_SCHEMA if f.name not in OPTIONAL_COLUMNS])
-    check_schema(older, "older.parquet")  # shards written before the column existed still read
-    wrong = pa.schema([pa.field(f.name, pa.string()) if f.name == "target_vae_std" else f
-                       for f in SHARD_SCHEMA])
-    with pytest.raises(ValueError, match="target_vae_std"):
-        check_schema(wrong, "wrong.parquet")
+    assert SHARD_SCHEMA.field("target_vae_std").type == SHARD_SCHEMA.field("target_vae").type
+    without = shard_table([_row(with_std=False)], "fp32")
+    assert "target_vae_std" not in without.schema.names and check_schema(without.schema, "mean.parquet") == 2
+    assert "target_vae_std" in shard_table([_row()], "fp32").schema.names
+    assert "target_vae_std" in LEGACY_OPTIONAL_COLUMNS
+    older = pa.schema([f for f in LEGACY_SCHEMA if f.name not in LEGACY_OPTIONAL_COLUMNS],
+                      metadata=LEGACY_SCHEMA.metadata)
+    assert check_schema(older, "older.parquet") == 1  # version-1 shards from before the column still read
+    for schema in (LEGACY_SCHEMA, SHARD_SCHEMA):
+        wrong = pa.schema([pa.field(f.name, pa.string()) if f.name == "target_vae_std" else f
+                           for f in schema], metadata=schema.metadata)
+        with pytest.raises(ValueError, match="target_vae_std"):
+            check_schema(wrong, "wrong.parquet")
 
 
 def _row(with_std: bool = True) -> dict:
     gen = torch.Generator().manual_seed(0)
     mean, std = torch.randn(2, 2, 3, 48, generator=gen), torch.rand(2, 2, 3, 48, generator=gen) + 0.5
-    row = {"task": "t2v", "sample_id": "s0", "caption": "a clip", "target_vae_shape": [2, 2, 3, 48],
-           "target_vae_dtype": "float32", "target_vae": tensor_to_bytes(mean, "float32"), "target_fps": 11.4}
+    row = {"task": "t2v", "sample_id": "s0", "caption": "a clip", "target_vae": mean, "target_fps": 11.4}
     if with_std:
-        row["target_vae_std"] = tensor_to_bytes(std, "float32")
+        row["target_vae_std"] = std
     return row
+
+
+def _read_row(with_std: bool = True) -> dict:
+    """The row as training reads it: written as an fp32 shard, read back."""
+    return shard_rows(shard_table([_row(with_std)], "fp32"))[0]
 
 
 def _target_latents(sample) -> torch.Tensor:
@@ -95,9 +116,10 @@ def _target_latents(sample) -> torch.Tensor:
 
 
 def test_training_draws_a_fresh_latent_per_read(tokenizer, tiny_cfg):
-    row = _row()
+    row = _read_row()
     mean = slot_latents(row, "target", 48)
-    std = bytes_to_tensor(row["target_vae_std"], row["target_vae_shape"], "float32")
+    assert torch.equal(mean, _row()["target_vae"])
+    std = torch.from_numpy(row["target_vae_std"].copy())
     assert torch.equal(slot_latents(row, "target", 48, None), mean)
     drawn = slot_latents(row, "target", 48, torch.Generator().manual_seed(5))
     eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(5))
@@ -127,4 +149,4 @@ def test_training_draws_a_fresh_latent_per_read(tokenizer, tiny_cfg):
 def test_sampling_without_a_stored_std_names_the_option(tokenizer, tiny_cfg):
     sampling = DataSection(sample_posterior=True, caption_dropout=0.0, condition_dropout=0.0)
     with pytest.raises(ValueError, match="store_posterior_std"):
-        row_to_sample(_row(with_std=False), tokenizer, tiny_cfg, sampling, random.Random(0))
+        row_to_sample(_read_row(with_std=False), tokenizer, tiny_cfg, sampling, random.Random(0))

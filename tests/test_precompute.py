@@ -10,10 +10,11 @@ import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from lance_core.shards import SHARD_SCHEMA, bytes_to_tensor, check_schema
+from lance_core.shards import REQUIRED_COLUMNS, check_schema, shard_rows
 from pipelines.data.buckets import bucket_for
 from pipelines.data.config import PrecomputeConfig
 from pipelines.data.synth import synth_all
@@ -37,9 +38,9 @@ def _shard_rows(output: Path) -> list[dict]:
     rows = []
     for shard in manifest["shards"]:
         table = pq.read_table(output / shard["shard"])
-        check_schema(table.schema, shard["shard"])
+        assert check_schema(table.schema, shard["shard"]) == 2
         assert table.num_rows == shard["rows"]
-        rows += table.to_pylist()
+        rows += shard_rows(table)
     return rows
 
 
@@ -70,7 +71,8 @@ def test_every_input_format(ray_local, synth, tmp_path, name, task):
     rows = _shard_rows(tmp_path / "out")
     assert {r["task"] for r in rows} == {task}
     for row in rows:
-        latents = bytes_to_tensor(row["target_vae"], row["target_vae_shape"], row["target_vae_dtype"])
+        latents = row["target_vae"]
+        assert latents.dtype == np.float16 and list(latents.shape) == row["target_vae_shape"]
         frames, height, width, channels = latents.shape
         area = TINY["buckets"]["video_area" if row["target_fps"] else "image_area"]
         _, bucket_w, bucket_h = bucket_for(row["target_width"], row["target_height"], area)
@@ -81,7 +83,7 @@ def test_every_input_format(ray_local, synth, tmp_path, name, task):
             assert row["source_vit_shape"][1] == 64
         if task in ("i2t", "v2t"):
             assert row["answer"] and row["question"] is not None and row["target_vit"] is not None
-            feats = bytes_to_tensor(row["target_vit"], row["target_vit_shape"], row["target_vae_dtype"])
+            feats = row["target_vit"]
             t, h, w = row["target_vit_grid"]
             assert feats.shape == (t * h * w, 64)
 
@@ -90,7 +92,25 @@ def test_shards_read_back_with_ray_data(ray_local, synth, tmp_path):
     _run(synth["parquet_t2i"], tmp_path / "out")
     ds = ray_local.data.read_parquet(str(tmp_path / "out" / "shards"))
     assert ds.count() == 6
-    assert set(SHARD_SCHEMA.names) <= set(ds.schema().names)
+    names = set(ds.schema().names)
+    assert set(REQUIRED_COLUMNS) | {"target_vae", "target_vae_shape"} <= names
+    never_filled = [n for n in names
+                    if n.startswith("source_v") or n.endswith(("_vit", "_std")) or n == "answer"]
+    assert not never_filled  # a t2i shard
+    batch = ds.take_batch(2, batch_format="numpy")  # a numpy array per cell, as stored
+    latents = np.asarray(batch["target_vae"][0]).reshape(batch["target_vae_shape"][0])
+    assert latents.dtype == np.float16 and latents.shape[-1] == 48 and np.isfinite(latents).all()
+    # shards whose columns differ (t2i and i2t) read together
+    _run(synth["parquet_i2t"], tmp_path / "qa")
+    both = ray_local.data.read_parquet([str(tmp_path / "out" / "shards"), str(tmp_path / "qa" / "shards")])
+    rows = both.take_all()
+    assert len(rows) == 12 and {"target_vit", "answer", "target_vae"} <= set(both.schema().names)
+    for row in rows:
+        if row["task"] == "i2t":
+            t, h, w = row["target_vit_grid"]
+            assert np.asarray(row["target_vit"]).reshape(row["target_vit_shape"]).shape == (t * h * w, 64)
+        else:
+            assert row.get("target_vit") is None and row.get("answer") is None
 
 
 def test_bad_input_corpus_is_quarantined_and_the_run_goes_on(ray_local, tmp_path):
@@ -243,9 +263,9 @@ def test_posterior_std_is_stored_beside_the_mean(ray_local, synth, tmp_path):
     _run(synth["parquet_v2v"], tmp_path / "std", encoders=dict(store_posterior_std=True))
     plain = {r["sample_id"]: r for r in _shard_rows(tmp_path / "mean")}
     rows = _shard_rows(tmp_path / "std")
-    assert rows and all(r["target_vae_std"] is None for r in plain.values())
+    assert rows and all("target_vae_std" not in r for r in plain.values())  # never filled: not written
     for row in rows:
-        assert row["target_vae"] == plain[row["sample_id"]]["target_vae"]
+        assert np.array_equal(row["target_vae"], plain[row["sample_id"]]["target_vae"])
         for slot in ("target", "source"):
-            std = bytes_to_tensor(row[f"{slot}_vae_std"], row[f"{slot}_vae_shape"], row[f"{slot}_vae_dtype"])
-            assert std.shape[-1] == 48 and bool((std > 0).all())
+            std = row[f"{slot}_vae_std"]
+            assert std.shape == row[f"{slot}_vae"].shape and std.shape[-1] == 48 and bool((std > 0).all())

@@ -78,8 +78,8 @@ def _committed_rows(output: Path) -> dict[int, list[dict]]:
 
 
 def _check_run(output: Path, expected: dict) -> dict[int, list[dict]]:
-    """The invariant, each sample and each content written once, and inside every partition the first
-    occurrence of a content kept."""
+    """The invariant, each sample and each content written once, and the first occurrence of a content in
+    plan order kept (inside a partition and across partitions)."""
     stats = json.loads((output / "stats.json").read_text())
     assert stats["partitions_committed"] == stats["partitions_planned"] == 3
     assert stats["inputs"] == stats["inputs_written"] + stats["inputs_filtered"] + stats["inputs_quarantined"]
@@ -92,8 +92,8 @@ def _check_run(output: Path, expected: dict) -> dict[int, list[dict]]:
     assert len(ids) == len(set(ids)), "a sample was written twice"
     assert sorted(r["content_sha256"] for r in rows) == sorted(expected["hashes"].values()), "a content twice"
     letters = {h: letter for letter, h in expected["hashes"].items()}
+    order = [name for partition in sorted(expected["plan"]) for name in expected["plan"][partition]]
     for partition, part in by_partition.items():
-        order = expected["plan"][partition]
         for row in part:
             where = _name(row)
             assert expected["letters_at"][where] == letters[row["content_sha256"]]
@@ -120,6 +120,20 @@ def test_first_claim_of_a_content_wins_and_a_retry_gets_the_same_answer():
     assert owners.claim(0, hashes, records) == [1, 3, 4]
     assert owners.claim(0, list(reversed(hashes)), list(reversed(records))) == [1, 3, 4]  # a retried writer
     assert owners.claim(1, ["c", "d", "committed", "d"], [0, 1, 2, 3]) == [0, 2, 3]
+
+
+def test_first_occurrence_in_plan_order_wins_whatever_order_partitions_are_written_in():
+    from pipelines.data.pipeline import ContentOwners
+
+    owners = ContentOwners(["old"], pending=[3, 4, 5])
+    owners.register(5, ["x", "y"], [0, 1])           # partition 5 read first
+    assert owners.unregistered_before(5) == [3, 4]   # its writer waits for 3 and 4
+    owners.register(4, ["y", "old"], [2, 0])
+    owners.register(3, ["x"], [7])
+    assert owners.unregistered_before(5) == []
+    assert owners.claim(5, ["x", "y"], [0, 1]) == [0, 1]  # x: owned by partition 3, y: by partition 4
+    assert owners.claim(4, ["y", "old"], [2, 0]) == [0]  # y owned by 4#2, "old" by a committed shard
+    assert owners.claim(3, ["x"], [7]) == []
 
 
 def test_malformed_records_are_quarantined_one_by_one(tmp_path):

@@ -410,7 +410,7 @@ def test_tune_sweeps_the_config_space_and_writes_a_best_config(latents, tmp_path
         "data": {"token_budget": 1024, "holdout_per_task": 1},
         "mixture": {"weights": {"t2i": 1.0, "i2t": 1.0}},
         "deepspeed": {"zero_stage": 0},
-        "tune": {"num_samples": 2, "seed": 3, "scheduler": {"kind": "fifo"},
+        "tune": {"num_samples": 2, "max_concurrent": 2, "seed": 3, "scheduler": {"kind": "fifo"},
                  "search_space": {"optim.lr": {"loguniform": [1e-4, 1e-2]},
                                   "optim.warmup_steps": {"choice": [0, 1]}}},
     }))

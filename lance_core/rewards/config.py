@@ -6,16 +6,16 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from ..config import StrictModel
+from ..config import InputPath, StrictModel
 
 
 class OCRConfig(StrictModel):
     backend: str = Field("rapidocr", pattern="^(rapidocr|paddleocr)$")
-    det_model: str | None = None
+    det_model: InputPath | None = None
     """Detection model: an ONNX file (rapidocr) or an inference-model folder (paddleocr). None = the
     PP-OCRv4 model shipped in the rapidocr-onnxruntime wheel (required for paddleocr)."""
-    rec_model: str | None = None
-    cls_model: str | None = None
+    rec_model: InputPath | None = None
+    cls_model: InputPath | None = None
     use_angle_cls: bool = False
     use_cuda: bool = False
     """Run the ONNX sessions on CUDA (needs onnxruntime-gpu, and num_gpus on the reward actors)."""
@@ -32,8 +32,9 @@ class CLIPConfig(StrictModel):
     """An open_clip architecture name; ignored when ``architecture`` is given."""
     architecture: dict[str, Any] | None = None
     """A custom open_clip CLIP config: {embed_dim, vision_cfg, text_cfg} (tests use a tiny one)."""
-    pretrained: str | None = None
-    """Local weights file (required for a named model; a custom ``architecture`` without it starts random)."""
+    pretrained: InputPath | None = None
+    """Local weights file (required for a named model; a custom ``architecture`` without it starts random).
+    Always a path, never one of open_clip's download tags: nothing is downloaded at run time."""
     device: str = "auto"
     """auto = cuda when the process sees a GPU (declare num_gpus on the reward actors), else cpu."""
     scale: float = Field(1.0, gt=0)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from lance_core.config import StrictModel
+from lance_core.config import InputPath, OutputPath, StrictModel
 
 InputFormat = Literal["auto", "webdataset", "parquet", "jsonl", "csv"]
 
@@ -20,14 +20,19 @@ class FilterConfig(StrictModel):
     max_caption_chars: int = Field(4000, ge=1)
     min_duration_seconds: float = Field(0.3, ge=0)
     dedup: bool = True
-    """Drop exact duplicates (same content hash) within the run."""
+    """Drop exact duplicates (same content hash): the first occurrence in plan order is kept, across
+    partitions and reruns."""
+    dedup_wait_seconds: float = Field(600.0, gt=0)
+    """How long a writer waits for earlier partitions of the run to register their hashes (they are read
+    before it, so this only runs out when a read is retried while every task slot holds a waiting writer);
+    past it the writer claims with what is registered and logs that plan order is not guaranteed."""
     clip_score: bool = False
     """Compute the open_clip image-text score and store it in the shard (implied by ``clip_score_min``)."""
     clip_score_min: float | None = Field(None, ge=-1.0, le=1.0)
     """Drop image-text pairs whose open_clip cosine score is below this (None: no threshold)."""
     clip_model: str = "tiny"
     """open_clip model name, or 'tiny' for a small random model (tests); weights from clip_weights."""
-    clip_weights: str | None = None
+    clip_weights: InputPath | None = None
     """Local open_clip checkpoint file (required for any model but 'tiny'; nothing is downloaded)."""
     text_area_max: float | None = Field(None, ge=0.0, le=1.0)
     """Drop media whose detected text covers more than this fraction of the frame (PP-OCR detector)."""
@@ -87,8 +92,8 @@ class BucketConfig(StrictModel):
 class EncoderConfig(StrictModel):
     model_preset: Literal["tiny", "lance-3b"] = "tiny"
     """Sizes of the VAE and ViT (tiny: random weights for tests and the demo)."""
-    vae_path: str | None = None
-    vit_path: str | None = None
+    vae_path: InputPath | None = None
+    vit_path: InputPath | None = None
     vae_actors: int = Field(1, ge=1)
     vit_actors: int = Field(1, ge=1)
     batch_size: int = Field(8, ge=1)
@@ -130,8 +135,38 @@ class StorageConfig(StrictModel):
     """First wait before a retry botocore does not make (other filesystems, a broken download); doubles."""
 
 
+class ManifestConfig(StrictModel):
+    """Column names of JSONL / CSV / Parquet manifests (rows of media URIs and captions). Each field takes one
+    name or a list tried in order: a row's value is the first present and non-empty one, so manifests with
+    different columns can share a run."""
+
+    uri_column: tuple[str, ...] = ("uri", "image", "video", "media_uri", "path", "url")
+    """Media URI: a path relative to the manifest, an absolute path, s3://, https://... (``url`` is
+    img2dataset's default input column). A CSV or Parquet manifest holding none of these is refused."""
+    caption_column: tuple[str, ...] = ("caption",)
+    task_column: tuple[str, ...] = ("task",)
+    """A row's task; rows without one take ``task`` of the config (or t2i / t2v by the media's kind)."""
+    source_column: tuple[str, ...] = ("source",)
+    """Source media URI of edit tasks (i2i, v2v)."""
+    system_column: tuple[str, ...] = ("system",)
+    question_column: tuple[str, ...] = ("question",)
+    answer_column: tuple[str, ...] = ("answer",)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _one_or_more(cls, value):
+        return (value,) if isinstance(value, str) else value
+
+    @field_validator("*")
+    @classmethod
+    def _not_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value or not all(value):
+            raise ValueError("give a column name or a list of them (none empty)")
+        return value
+
+
 class PrecomputeConfig(StrictModel):
-    input: str = ""
+    input: InputPath = ""
     """Input URI: a file or folder, local or s3://."""
     input_format: InputFormat = "auto"
     max_tar_member_mb: float = Field(256.0, gt=0)
@@ -139,17 +174,20 @@ class PrecomputeConfig(StrictModel):
     quarantined with its size, and its bytes are skipped, not read."""
     task: str | None = None
     """Task of rows that do not name one (webdataset, manifests); default t2i for images, t2v for videos."""
-    output: str = "runs/latents"
+    output: OutputPath = Field("runs/latents", validate_default=True)
     partition_size: int = Field(64, ge=1)
     """Input records per partition; one partition becomes one shard."""
     manifest_every: int = Field(64, ge=1)
     """Commits between rewrites of manifest.json and stats.json (each commit record is durable by itself)."""
     latent_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """Precision of the stored latents and ViT features: bf16 (rounded to bfloat16, stored as float16 in the same
+    2 bytes, which numpy reads), fp16, or fp32 (twice the size); see ``lance_core/shards.py``."""
     filters: FilterConfig = FilterConfig()
     video: VideoConfig = VideoConfig()
     buckets: BucketConfig = BucketConfig()
     encoders: EncoderConfig = EncoderConfig()
     storage: StorageConfig = StorageConfig()
+    manifest: ManifestConfig = ManifestConfig()
 
     @model_validator(mode="after")
     def _check_task(self) -> "PrecomputeConfig":

@@ -1,6 +1,10 @@
 """The precompute pipeline on Ray Data: plan -> (read + decode + filter + bucket) -> scoring pool -> VAE pool
 -> ViT pool -> per-partition shard writer, as one streaming execution: the actor pools start once, and
 Ray Data's backpressure bounds memory whatever the dataset size.
+
+Before Ray starts: the paths are checked, the rerun is decided (``config.json`` of the output against this
+config, see pipelines/runtime/run_folder.py) and the inputs are listed; an output whose partitions are all
+committed returns its recorded figures without starting Ray.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from dataclasses import dataclass
 import ray
 from ray.data import ActorPoolStrategy
 
+from pipelines.runtime.preflight import check_paths
+from pipelines.runtime.run_folder import CONFIG_FILE, RunFolder, RunMode
+
 from .config import PrecomputeConfig
 from .encode import VAEEncoder, ViTEncoder
 from .records import ROW_DEFAULTS, dropped, process_record, to_arrow
@@ -21,6 +28,8 @@ from .scores import ScoreFilter
 from .sources import InputFile, list_inputs, plan_partitions, read_segment
 from .storage import TRANSIENT_KINDS, StorageError, classify
 from .writer import (
+    COMMITS,
+    TMP_PREFIX,
     DamagedFileError,
     committed_hashes,
     read_commits,
@@ -32,25 +41,47 @@ from .writer import (
 
 
 class ContentOwners:
-    """Which record owns each content hash: the first claim wins; hashes of committed shards are owned by
-    them. A partition claims its records in record order, so inside a partition the first occurrence is
-    kept; a writer retried after a crash claims again with the same answer."""
+    """Which record owns each content hash: the first in plan order (partition, record), or a committed
+    shard. Read tasks register their records' hashes as soon as they are read; a writer first waits until
+    every earlier partition of the run has registered (they were read before it: reads start in plan
+    order), then claims. So the owner is the earliest occurrence in plan order whatever order partitions
+    are written in, across partitions and reruns; a writer retried after a crash gets the same answer."""
 
-    def __init__(self, hashes: list[str]) -> None:
-        self.owner: dict[str, tuple[int, int] | None] = {h: None for h in hashes}
+    def __init__(self, hashes: list[str], pending: list[int] = ()) -> None:
+        self.committed = set(hashes)
+        self.owner: dict[str, tuple[int, int]] = {}
+        self.pending = set(pending)
+
+    def register(self, partition: int, hashes: list[str], records: list[int]) -> None:
+        for digest, record in zip(hashes, records):
+            current = self.owner.get(digest)
+            if current is None or (partition, record) < current:
+                self.owner[digest] = (partition, record)
+        self.pending.discard(partition)
+
+    def unregistered_before(self, partition: int) -> list[int]:
+        """Partitions of this run before ``partition`` whose hashes are not registered yet."""
+        return sorted(p for p in self.pending if p < partition)
 
     def claim(self, partition: int, hashes: list[str], records: list[int]) -> list[int]:
         """Claim ``hashes`` for the records ``records`` of ``partition`` (one hash per record); return the
-        records whose content another record owns (an earlier one of this partition, another partition
-        or a committed shard)."""
-        duplicates = []
-        for digest, record in sorted(zip(hashes, records), key=lambda pair: pair[1]):
-            if self.owner.setdefault(digest, (partition, record)) != (partition, record):
-                duplicates.append(record)
-        return duplicates
+        records whose content another record owns (an earlier one in plan order or a committed shard)."""
+        self.register(partition, hashes, records)
+        return sorted(record for digest, record in zip(hashes, records)
+                      if digest in self.committed or self.owner[digest] != (partition, record))
 
 
 DedupIndex = ray.remote(num_cpus=0)(ContentOwners)
+
+PRECOMPUTE_RESUMABLE = (
+    "manifest_every", "storage", "filters.score_actors", "encoders.vae_actors", "encoders.vit_actors",
+    "encoders.batch_size", "encoders.num_gpus_per_actor", "encoders.cpus_per_actor", "encoders.threads_per_actor",
+    "encoders.cpus_per_task", "encoders.memory_per_task_gb", "encoders.max_decode_tasks",
+)
+"""Fields a resumed precompute may change: where, how fast and in what chunks it runs, not what it writes."""
+PRECOMPUTE_OUTPUTS = ("shards", "quarantine", COMMITS, "plan.json", "manifest.json", "stats.json", CONFIG_FILE,
+                      f"{TMP_PREFIX}*")
+"""What ``--overwrite`` removes from the output folder; nothing else in it is touched."""
 
 
 def _stored_plan(cfg: PrecomputeConfig) -> tuple[list[InputFile], list, tuple] | None:
@@ -86,18 +117,24 @@ def load_plan(cfg: PrecomputeConfig, committed: bool = False) -> tuple[list[Inpu
         return files, partitions
     files = list_inputs(cfg)
     partitions = plan_partitions(files, cfg.partition_size)
+    _prepare_output(cfg)  # only now: an input that cannot be listed leaves no output folder behind
     write_json(cfg.output, "plan.json", {
         "input": cfg.input, "partition_size": cfg.partition_size,
         "inputs": [f.__dict__ for f in files], "partitions": partitions}, cfg)
     return files, partitions
 
 
-def _partition_rows(items, files: list[InputFile], cfg_json: str):
-    """A batch of partition items -> the Arrow table of all their rows."""
+def _partition_rows(items, files: list[InputFile], cfg_json: str, dedup=None):
+    """A batch of partition items -> the Arrow table of all their rows; their content hashes registered
+    with the dedup index."""
     cfg = PrecomputeConfig.model_validate_json(cfg_json)
     rows = []
     for partition, segments in zip(items["partition"], items["segments"]):
-        rows += _rows_of_partition(int(partition), json.loads(segments), files, cfg)
+        part = _rows_of_partition(int(partition), json.loads(segments), files, cfg)
+        if dedup is not None:
+            first = {r["record_index"]: r["content_sha256"] for r in reversed(part) if r.get("status") == "ok"}
+            ray.get(dedup.register.remote(int(partition), list(first.values()), list(first)))
+        rows += part
     columns = {name: [row.get(name, ROW_DEFAULTS.get(name)) for row in rows]
                for name in [*ROW_DEFAULTS, "decode_seconds"]}
     return to_arrow(columns)
@@ -176,6 +213,8 @@ class PrecomputeResult:
     committed_now: int
     skipped: int
     stats: dict
+    complete_before: bool = False
+    """Every partition was committed by earlier runs: nothing ran, ``stats`` are theirs."""
 
 
 def _prepare_output(cfg: PrecomputeConfig) -> None:
@@ -207,7 +246,43 @@ def check_cpu_budget(cfg: PrecomputeConfig, cluster_cpus: float, autoscaling: bo
     print(f"precompute: warning: {message} (waiting for the autoscaler to add nodes)", flush=True)
 
 
-def run_precompute(cfg: PrecomputeConfig, progress: bool = True) -> PrecomputeResult:
+def check_precompute_paths(cfg: PrecomputeConfig) -> None:
+    """ConfigError naming each path field (and flag) that cannot serve: no input, a missing local input or
+    weights file, an output that is a file."""
+    missing = {} if cfg.input else {"input": "no input given: pass --input URI or set input: in the config"}
+    check_paths(cfg, "precompute", flags={"input": "--input", "output": "--output"}, missing=missing)
+
+
+def _recorded_stats(cfg: PrecomputeConfig) -> dict | None:
+    try:
+        return read_json(cfg.output, "stats.json", cfg)
+    except DamagedFileError as err:
+        print(f"precompute: {err}; it is written again from the commit records", flush=True)
+        return None
+
+
+def run_precompute(cfg: PrecomputeConfig, progress: bool = True, mode: RunMode = "auto") -> PrecomputeResult:
+    """Run (or resume) the precompute of ``cfg`` into ``cfg.output``; ``mode`` as ``--resume`` /
+    ``--overwrite`` (RunFolderError when the output holds a run of another config)."""
+    check_precompute_paths(cfg)
+    config = cfg.model_dump(mode="json")
+    folder = RunFolder("precompute", cfg.output, cfg.storage)
+    folder.settle(config, PRECOMPUTE_RESUMABLE, mode, holds_run=folder.holds("plan.json", f"{COMMITS}/*.json"),
+                  remove=PRECOMPUTE_OUTPUTS)
+    for path in remove_temporary_files(cfg.output, cfg):
+        print(f"precompute: removed {path}, left by an attempt that did not finish", flush=True)
+    commits = read_commits(cfg.output, cfg)
+    files, partitions = load_plan(cfg, committed=bool(commits))
+    todo = [p for p in range(len(partitions)) if p not in commits]
+    skipped = len(partitions) - len(todo)
+    recorded = _recorded_stats(cfg)
+    earlier_seconds = (recorded or {}).get("wall_seconds", 0.0) if commits else 0.0
+    if not todo:
+        if recorded is None or recorded.get("partitions_committed") != len(partitions):
+            recorded = write_manifest(cfg, commits, len(partitions), earlier_seconds)
+        return PrecomputeResult(cfg.output, len(partitions), 0, skipped, recorded, complete_before=True)
+    folder.record_config(config)
+    _prepare_output(cfg)
     joined = bool(os.environ.get("RAY_ADDRESS"))
     if not ray.is_initialized():
         # RAY_ADDRESS (a submitted job) joins its cluster; otherwise a new local Ray, never another one's.
@@ -216,25 +291,17 @@ def run_precompute(cfg: PrecomputeConfig, progress: bool = True) -> PrecomputeRe
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     ctx.target_max_block_size = max(ctx.target_max_block_size or 0, 8 * 2**30)
-    _prepare_output(cfg)
-    for path in remove_temporary_files(cfg.output, cfg):
-        print(f"precompute: removed {path}, left by an attempt that did not finish", flush=True)
-    commits = read_commits(cfg.output, cfg)
-    files, partitions = load_plan(cfg, committed=bool(commits))
-    todo = [p for p in range(len(partitions)) if p not in commits]
-    skipped = len(partitions) - len(todo)
-    dedup = DedupIndex.remote(committed_hashes(cfg.output, commits, cfg) if cfg.filters.dedup else [])
+    dedup = DedupIndex.remote(committed_hashes(cfg.output, commits, cfg), todo) if cfg.filters.dedup else None
     started = time.perf_counter()
-    if todo:
-        since_manifest = 0
-        for row in _build_dataset(cfg, files, partitions, todo, dedup).iter_rows():
-            record = json.loads(row["commit"])
-            commits[record["partition"]] = record
-            since_manifest += 1
-            if since_manifest >= cfg.manifest_every:
-                write_manifest(cfg, commits, len(partitions), time.perf_counter() - started)
-                since_manifest = 0
-    stats = write_manifest(cfg, commits, len(partitions), time.perf_counter() - started)
+    since_manifest = 0
+    for row in _build_dataset(cfg, files, partitions, todo, dedup).iter_rows():
+        record = json.loads(row["commit"])
+        commits[record["partition"]] = record
+        since_manifest += 1
+        if since_manifest >= cfg.manifest_every:
+            write_manifest(cfg, commits, len(partitions), earlier_seconds + time.perf_counter() - started)
+            since_manifest = 0
+    stats = write_manifest(cfg, commits, len(partitions), earlier_seconds + time.perf_counter() - started)
     return PrecomputeResult(cfg.output, len(partitions), len(todo), skipped, stats)
 
 
@@ -247,7 +314,7 @@ def _build_dataset(cfg: PrecomputeConfig, files: list[InputFile], partitions: li
     ds = ray.data.from_items(items, override_num_blocks=len(todo))
     # The memory reservation also keeps decode in its own tasks: Ray Data fuses a task stage into the
     # next actor stage when their remote args match, which would run decode and encode one after the other.
-    ds = ds.map_batches(_partition_rows, fn_args=(files, cfg_json), batch_size=1, batch_format="numpy",
+    ds = ds.map_batches(_partition_rows, fn_args=(files, cfg_json, dedup), batch_size=1, batch_format="numpy",
                         num_cpus=enc.cpus_per_task, memory=int(enc.memory_per_task_gb * 2**30),
                         concurrency=enc.max_decode_tasks)
     # One block per partition from the read stage to the writer: the actor stages take whole blocks
@@ -267,7 +334,7 @@ def write_manifest(cfg: PrecomputeConfig, commits: dict[int, dict], total: int, 
         "schema": "lance-latent-shards/1", "partitions_planned": total, "partitions_committed": len(ordered),
         "shards": [{k: c[k] for k in ("partition", "shard", "rows", "bytes", "sha256", "inputs")} for c in ordered],
     }, cfg)
-    stats = summarize(ordered, total, seconds)
+    stats = summarize(ordered, total, seconds)  # seconds: the wall time of every run that committed partitions
     write_json(cfg.output, "stats.json", stats, cfg)
     return stats
 

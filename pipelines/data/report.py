@@ -24,6 +24,9 @@ def stage_rows(stats: dict) -> list[tuple[str, int, int, str, float]]:
 def print_summary(result) -> None:
     s = result.stats
     print(f"\nprecompute: {result.output}")
+    if result.complete_before:
+        print(f"  complete: all {result.partitions} partitions were committed by an earlier run; nothing ran now "
+              "and the figures below are that run's (--overwrite starts afresh)")
     print(f"  partitions  planned {s['partitions_planned']}, committed {s['partitions_committed']} "
           f"(this run {result.committed_now}, skipped as already committed {result.skipped})")
     print(f"  inputs      {s['inputs']} = written {s['inputs_written']} + filtered {s['inputs_filtered']} "
@@ -36,4 +39,5 @@ def print_summary(result) -> None:
     for row in table:
         print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, width)))
     rate = s["samples_written"] / s["wall_seconds"] if s["wall_seconds"] else 0.0
-    print(f"  wall {s['wall_seconds']:.1f} s, {rate:.1f} samples/s")
+    runs = "the runs that committed partitions" if result.skipped else "this run"
+    print(f"  wall {s['wall_seconds']:.1f} s ({runs}), {rate:.1f} samples/s")

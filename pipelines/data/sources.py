@@ -3,7 +3,17 @@ reading one partition's records.
 
 A record is a plain dict: ``source_uri``, ``task``, ``caption``, ``system``/``question``/``answer`` for QA,
 and per media slot (``target``, ``source``) either the bytes (``<slot>_bytes``) or a URI to fetch
-(``<slot>_uri``), with a name that carries the extension (``<slot>_name``).
+(``<slot>_uri``), with a name that carries the extension (``<slot>_name``). A record the source itself marks
+as failed (img2dataset's ``status``) carries ``filtered_reason``; a malformed one carries ``error``.
+
+Layouts read:
+- WebDataset tars, split by the WebDataset convention: a member's key is its path up to the first dot of
+  its basename, the rest is the field (``s7.image.jpg`` + ``s7.caption.txt`` = one sample with fields
+  ``image.jpg`` and ``caption.txt``); a field's role comes from its last suffix (see :func:`_pick_field`).
+- img2dataset / video2dataset output folders (``00000.tar`` + ``00000.parquet`` + ``00000_stats.json``):
+  the tars are read; the per-shard metadata Parquet and ``_stats.json`` beside a tar are not inputs.
+- Parquet in the Lance release layouts (:data:`RELEASE_LAYOUTS`).
+- JSONL / CSV / Parquet manifests of media URIs and captions, columns named by ``manifest:`` of the config.
 """
 
 from __future__ import annotations
@@ -11,19 +21,31 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import tarfile
 from dataclasses import dataclass
 from typing import Iterator
 
 import pyarrow.parquet as pq
 
-from .config import PrecomputeConfig, StorageConfig
+from .config import ManifestConfig, PrecomputeConfig, StorageConfig
 
 # StorageError, filesystem and with_retries are also imported from here by the writer and the pipeline.
 from .storage import StorageError, filesystem, open_input, path_exists, with_retries  # noqa: F401
 
-MEDIA_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff",
-                    ".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v")
+IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+VIDEO_SUFFIXES = ("mp4", "mov", "webm", "mkv", "avi", "m4v")
+MEDIA_EXTENSIONS = tuple(f".{suffix}" for suffix in IMAGE_SUFFIXES + VIDEO_SUFFIXES)
+VIDEO_TASKS = ("t2v", "i2v", "v2v", "v2t")
+WDS_ROLES = {  # role: (last suffixes of its fields, first parts that name the role in a multi-part field)
+    "media": (IMAGE_SUFFIXES + VIDEO_SUFFIXES, ("image", "img", "video", "vid", "media", "target")),
+    "caption": (("txt", "text", "caption"), ("caption", "captions", "txt", "text", "prompt")),
+    "json": (("json",), ("meta", "metadata", "info")),
+}
+"""How a WebDataset field is recognised: by its last suffix (``image.jpg`` is media, ``caption.txt`` text)."""
+FAILED_STATUS = ("fail", "error")
+"""A per-sample JSON ``status`` starting with one of these marks a sample its source did not get (img2dataset:
+``failed_to_download``, ``failed_to_resize``; video2dataset: ``failed_to_subsample``): filtered, not read."""
 TAR_COMPRESSION = {".tar": "", ".tar.gz": "gz", ".tgz": "gz", ".tar.bz2": "bz2", ".tbz2": "bz2",
                    ".tbz": "bz2", ".tar.xz": "xz", ".txz": "xz"}
 """WebDataset names and the compression each declares: a tar is decompressed only when its name says so."""
@@ -61,7 +83,7 @@ def list_inputs(cfg: PrecomputeConfig) -> list[InputFile]:
         raise FileNotFoundError(f"input {cfg.input!r} does not exist")
     if with_retries(f"listing {cfg.input}", cfg.storage, lambda: fs.isdir(cfg.input)):
         paths = sorted(with_retries(f"listing {cfg.input}", cfg.storage, lambda: fs.find(cfg.input)))
-        uris = [_join(cfg.input, p) for p in paths]
+        uris = [_join(cfg.input, p) for p in skip_tar_sidecars(paths)]
     else:
         uris = [cfg.input]
     files = []
@@ -69,22 +91,54 @@ def list_inputs(cfg: PrecomputeConfig) -> list[InputFile]:
         fmt = _format_of(uri, cfg.input_format)
         if fmt is None:
             continue
-        count = with_retries(f"reading {uri}", cfg.storage, lambda: count_records(uri, fmt, cfg.storage))
+        count = with_retries(f"reading {uri}", cfg.storage,
+                             lambda: count_records(uri, fmt, cfg.storage, cfg.manifest))
         files.append(InputFile(uri, fmt, count))
     if not files:
         raise ValueError(f"input {cfg.input!r} holds no .tar, .parquet, .jsonl or .csv files")
     return files
 
 
-def count_records(uri: str, fmt: str, storage: StorageConfig) -> int:
+def skip_tar_sidecars(paths: list[str]) -> list[str]:
+    """``paths`` without the per-shard metadata img2dataset and video2dataset write beside each tar
+    (``00000.tar`` + ``00000.parquet`` + ``00000_stats.json``): the samples are in the tar; the Parquet
+    repeats their metadata (and lists the failed ones) and the stats are one JSON document, not JSONL.
+    ``_stats.json`` is also skipped beside a Parquet of the same name (img2dataset's parquet output)."""
+    stems = set()
+    for path in paths:
+        lower = path.lower()
+        ext = next((ext for ext in TAR_COMPRESSION if lower.endswith(ext)), None)
+        if ext is not None:
+            stems.add(path[: -len(ext)])
+    shards = stems | {path[: -len(".parquet")] for path in paths if path.lower().endswith(".parquet")}
+    return [path for path in paths
+            if not (path.lower().endswith(".parquet") and path[: -len(".parquet")] in stems)
+            and not (path.endswith("_stats.json") and path[: -len("_stats.json")] in shards)]
+
+
+def count_records(uri: str, fmt: str, storage: StorageConfig, manifest: ManifestConfig | None = None) -> int:
+    manifest = manifest or ManifestConfig()
     with open_input(uri, storage) as fh:
         if fmt == "parquet":
-            return pq.ParquetFile(fh).metadata.num_rows
+            pf = pq.ParquetFile(fh)
+            if not any(layout[0] <= set(pf.schema_arrow.names) for layout in RELEASE_LAYOUTS):
+                _check_manifest_columns(pf.schema_arrow.names, uri, manifest)
+            return pf.metadata.num_rows
         if fmt == "webdataset":
             return 1 if _tar_problem(fh, uri) else len(_tar_keys(fh, uri))
         if fmt == "jsonl":
             return sum(1 for line in fh if line.strip())
-        return sum(1 for _ in csv.DictReader(io.TextIOWrapper(fh, encoding="utf-8", errors="replace")))
+        reader = csv.DictReader(io.TextIOWrapper(fh, encoding="utf-8", errors="replace"))
+        _check_manifest_columns(reader.fieldnames or [], uri, manifest)
+        return sum(1 for _ in reader)
+
+
+def _check_manifest_columns(columns: list[str], uri: str, manifest: ManifestConfig) -> None:
+    """A CSV or Parquet manifest must hold one of the media URI columns (its header says so up front; JSONL
+    rows may differ, and a row without a URI is quarantined by itself)."""
+    if not set(manifest.uri_column) & set(columns):
+        raise ValueError(f"{uri}: no media URI column; manifest.uri_column names {', '.join(manifest.uri_column)}"
+                         f", the file has {', '.join(columns) or 'no columns'}")
 
 
 def _tar_declared(uri: str) -> str:
@@ -117,14 +171,26 @@ def _open_tar(fh, uri: str) -> tarfile.TarFile:
     return tarfile.open(fileobj=fh, mode=f"r|{declared}" if declared else "r:")
 
 
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """(key, field) of a tar member by the WebDataset convention: the key is the member's path up to the first
+    dot of its basename (folders belong to the key), the field is the rest, lower-cased:
+    ``shard/s7.image.JPG`` -> ``("shard/s7", "image.jpg")``. None for a member that has no field (no dot in
+    its basename, or one that starts with a dot, as macOS's ``._s7.jpg``): WebDataset readers skip those."""
+    folder, slash, base = name.rpartition("/")
+    stem, _, field = base.partition(".")
+    if not stem or not field:
+        return None
+    return f"{folder}{slash}{stem}", field.lower()
+
+
 def _tar_keys(fh, uri: str) -> list[str]:
+    """Sample keys in tar order; consecutive members of one key make one sample."""
     keys: list[str] = []
     with _open_tar(fh, uri) as tar:
         for member in tar:
-            if member.isfile():
-                key = member.name.rsplit(".", 1)[0] if "." in member.name.rsplit("/", 1)[-1] else member.name
-                if not keys or keys[-1] != key:
-                    keys.append(key)
+            split = split_member_name(member.name) if member.isfile() else None
+            if split is not None and (not keys or keys[-1] != split[0]):
+                keys.append(split[0])
     return keys
 
 
@@ -222,22 +288,31 @@ def _manifest_record(row: dict, file_uri: str, index: int, cfg: PrecomputeConfig
         return {"source_uri": source_uri, "error": row["__error__"]}
     from lance_core.packing import TASKS
 
-    media = row.get("uri") or row.get("image") or row.get("video") or row.get("media_uri") or ""
+    columns = cfg.manifest
+    media = _column(row, columns.uri_column) or ""
     _expect(media, (str,), "the media URI")
-    _expect(row.get("source"), (str,), "the source media URI")
-    task = _expect(row.get("task"), (str,), "task") or _default_task(media, cfg)
+    source = _expect(_column(row, columns.source_column), (str,), "the source media URI")
+    task = _expect(_column(row, columns.task_column), (str,), "task") or _default_task(media, cfg)
     if task not in TASKS:
         raise ValueError(f"task {task!r} is unknown; allowed: {', '.join(TASKS)}")
     record = {
         "source_uri": source_uri, "task": task,
-        "caption": _text(row.get("caption")), "system": _text(row.get("system")),
-        "question": _text(row.get("question")), "answer": _text(row.get("answer")),
+        "caption": _text(_column(row, columns.caption_column)), "system": _text(_column(row, columns.system_column)),
+        "question": _text(_column(row, columns.question_column)),
+        "answer": _text(_column(row, columns.answer_column)),
         "target_uri": _resolve(media, file_uri), "target_name": media,
     }
-    if row.get("source"):
-        record["source_uri_media"] = _resolve(row["source"], file_uri)
-        record["source_name"] = row["source"]
+    if source:
+        record["source_uri_media"] = _resolve(source, file_uri)
+        record["source_name"] = source
     return record
+
+
+def _column(row: dict, names: tuple[str, ...]):
+    """The value of the first of ``names`` that the row holds non-empty; else that of the first it holds at
+    all (an empty string stays an empty string); else None."""
+    present = [row[name] for name in names if name in row]
+    return next((value for value in present if value not in (None, "")), present[0] if present else None)
 
 
 def _resolve(media: str, manifest_uri: str) -> str:
@@ -315,7 +390,10 @@ def _tar_samples(tar: tarfile.TarFile, uri: str, start: int, stop: int,
         if not member.isfile():
             continue
         name = member.name
-        member_key, _, ext = name.rpartition(".") if "." in name.rsplit("/", 1)[-1] else (name, "", "")
+        split = split_member_name(name)
+        if split is None:
+            continue
+        member_key, field = split
         if member_key != key:
             if key is not None and start <= index < stop:
                 yield _tar_sample(key, parts, oversize, uri, index, cfg)
@@ -327,7 +405,7 @@ def _tar_samples(tar: tarfile.TarFile, uri: str, start: int, stop: int,
             if member.size > cap:
                 oversize[name] = member.size
             else:
-                parts[ext.lower()] = tar.extractfile(member).read()
+                parts[field] = tar.extractfile(member).read()
     if key is not None and start <= index < stop:
         yield _tar_sample(key, parts, oversize, uri, index, cfg)
 
@@ -341,18 +419,52 @@ def _tar_sample(key: str, parts: dict[str, bytes], oversize: dict[str, int], uri
     return _guarded(f"{uri}#{key}", _wds_record, key, parts, uri, index, cfg)
 
 
+def _pick_field(parts: dict[str, bytes], role: str, prefer: tuple[str, ...] = ()) -> str | None:
+    """The field of a WebDataset sample that fills ``role`` (media, caption, json; see :data:`WDS_ROLES`).
+
+    Candidates are the fields whose last suffix belongs to the role. Precedence: a field of a ``prefer``red
+    suffix (the media kind the configured task needs: a t2v run takes ``mp4`` over a ``jpg`` thumbnail), then
+    a bare field (``jpg``, ``txt``, ``json``), then one whose first part names the role (``image.jpg``,
+    ``caption.txt``, ``meta.json``), then any other (``mask.png``, ``ocr.txt``); ties go to tar order.
+    """
+    suffixes, names = WDS_ROLES[role]
+
+    def rank(item: tuple[int, str]) -> tuple[bool, int, int]:
+        position, field = item
+        pieces = field.split(".")
+        naming = 0 if len(pieces) == 1 else 1 if pieces[0] in names else 2
+        return bool(prefer) and pieces[-1] not in prefer, naming, position
+
+    candidates = [(position, field) for position, field in enumerate(parts) if field.rsplit(".", 1)[-1] in suffixes]
+    return min(candidates, key=rank)[1] if candidates else None
+
+
+def _failed_status(meta: dict) -> str | None:
+    """The filter reason of a sample whose metadata says its source failed to get it, else None."""
+    status = meta.get("status")
+    if not isinstance(status, str) or not status.strip().lower().startswith(FAILED_STATUS):
+        return None
+    return "status_" + (re.sub(r"[^0-9a-z]+", "_", status.strip().lower()).strip("_")[:60] or "failed")
+
+
 def _wds_record(key: str, parts: dict[str, bytes], uri: str, index: int, cfg: PrecomputeConfig) -> dict:
-    media_ext = next((e for e in parts if "." + e in MEDIA_EXTENSIONS), None)
-    caption = None
-    if "txt" in parts:
-        caption = _text(parts["txt"])
-    elif "json" in parts:
-        meta = _json_or_error(parts["json"], f"{uri}#{key}")
-        caption = _text(meta.get("caption"))
-    name = f"{key}.{media_ext}" if media_ext else key
-    return {"source_uri": f"{uri}#{key}", "task": _default_task(name, cfg), "caption": caption,
-            "target_bytes": parts.get(media_ext, b"") if media_ext else b"", "target_name": name,
-            **({} if media_ext else {"error": f"{uri}#{key}: no media file in the sample"})}
+    """One WebDataset sample: media, caption (a text field, else ``caption`` of the JSON metadata) and the
+    JSON's ``status`` (img2dataset / video2dataset: a failed sample is filtered with its status)."""
+    where = f"{uri}#{key}"
+    prefer = (VIDEO_SUFFIXES if cfg.task in VIDEO_TASKS else IMAGE_SUFFIXES) if cfg.task else ()
+    media_field = _pick_field(parts, "media", prefer)
+    text_field, json_field = _pick_field(parts, "caption"), _pick_field(parts, "json")
+    meta = _json_or_error(parts[json_field], where) if json_field else {}
+    caption = _text(parts[text_field]) if text_field else _text(meta.get("caption"))
+    name = f"{key}.{media_field}" if media_field else key
+    record = {"source_uri": where, "task": _default_task(name, cfg), "caption": caption,
+              "target_bytes": parts[media_field] if media_field else b"", "target_name": name}
+    failed = _failed_status(meta)
+    if failed:
+        record["filtered_reason"] = failed
+    elif not media_field:
+        record["error"] = f"{where}: no media file in the sample (fields: {', '.join(parts) or 'none'})"
+    return record
 
 
 def fetch_bytes(uri: str, storage: StorageConfig) -> bytes:

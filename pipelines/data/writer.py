@@ -14,15 +14,17 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import time
 import uuid
 from collections import Counter
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lance_core.shards import QUARANTINE_SCHEMA, SHARD_SCHEMA
+from lance_core.shards import QUARANTINE_SCHEMA, STORAGE_DTYPES, parquet_options, shard_table
 
 from .config import PrecomputeConfig
 from .sources import filesystem, with_retries
@@ -51,10 +53,25 @@ def _number(value) -> float | None:
     return None if value is None or value != value else float(value)
 
 
-def _shard_rows(ok: pd.DataFrame) -> dict[str, list]:
-    columns: dict[str, list] = {f.name: [] for f in SHARD_SCHEMA}
+def _stored(row: dict, name: str, shape_name: str, dtype: str):
+    """An encoder stage's stored bytes -> the tensor in its shape (None where the stage left none)."""
+    data = row.get(name)
+    if data is None or not len(data):
+        return None
+    return np.frombuffer(data, dtype=dtype).reshape([int(s) for s in row[shape_name]])
+
+
+def _info(ok: pd.DataFrame, name: str) -> dict | None:
+    """An encoder stage's description (the same on every row), for the shard's metadata."""
+    values = [v for v in ok[name] if v] if name in ok else []
+    return json.loads(values[0]) if values else None
+
+
+def _shard_table(ok: pd.DataFrame, cfg: PrecomputeConfig) -> pa.Table:
+    dtype = STORAGE_DTYPES[cfg.latent_dtype]
+    rows = []
     for row in ok.to_dict("records"):
-        base = {
+        out = {
             "sample_id": row["sample_id"], "source_uri": row["source_uri"], "content_sha256": row["content_sha256"],
             "task": row["task"], "caption": row["caption"], "system": row["system"] or None,
             "question": row["question"] or None, "answer": row["answer"] or None, "clip_index": row["clip_index"],
@@ -63,24 +80,22 @@ def _shard_rows(ok: pd.DataFrame) -> dict[str, list]:
                                   for name in ("motion", "text_area")}),
         }
         for slot in ("target", "source"):
-            has = bool(len(row.get(f"{slot}_vae") or b""))
-            vit = row.get(f"{slot}_vit") or b""
-            base.update({
-                f"{slot}_vae": row[f"{slot}_vae"] if has else None,
-                f"{slot}_vae_shape": list(row[f"{slot}_vae_shape"]) if has else None,
-                f"{slot}_vae_dtype": row[f"{slot}_vae_dtype"] if has else None,
-                f"{slot}_vae_std": (row.get(f"{slot}_vae_std") or None) if has else None,
-                f"{slot}_vit": vit if len(vit) else None,
-                f"{slot}_vit_shape": list(row[f"{slot}_vit_feat_shape"]) if len(vit) else None,
-                f"{slot}_vit_grid": list(row[f"{slot}_vit_grid"]) if len(vit) else None,
+            vae = _stored(row, f"{slot}_vae", f"{slot}_vae_shape", dtype)
+            vit = _stored(row, f"{slot}_vit", f"{slot}_vit_feat_shape", dtype)
+            has = vae is not None
+            out.update({
+                f"{slot}_vae": vae,
+                f"{slot}_vae_std": _stored(row, f"{slot}_vae_std", f"{slot}_vae_shape", dtype) if has
+                else None,
+                f"{slot}_vit": vit,
+                f"{slot}_vit_grid": list(row[f"{slot}_vit_grid"]) if vit is not None else None,
                 f"{slot}_width": row[f"{slot}_width"] if has else None,
                 f"{slot}_height": row[f"{slot}_height"] if has else None,
                 f"{slot}_frames": row[f"{slot}_frames"] if has else None,
                 f"{slot}_fps": row[f"{slot}_fps"] if has else None,
             })
-        for name in columns:
-            columns[name].append(base.get(name))
-    return columns
+        rows.append(out)
+    return shard_table(rows, cfg.latent_dtype, latents=_info(ok, "vae_info"), vit=_info(ok, "vit_info"))
 
 
 def _is_local(fs) -> bool:
@@ -107,7 +122,7 @@ def put_whole(fs, final: str, data: bytes) -> None:
 
 def _write_parquet(fs, table: pa.Table, final: str) -> int:
     buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
+    pq.write_table(table, buffer, compression="zstd", **parquet_options(table.schema))
     data = buffer.getvalue()
     put_whole(fs, final, data)
     return len(data)
@@ -130,6 +145,23 @@ def remove_temporary_files(output: str, cfg: PrecomputeConfig) -> list[str]:
     return removed
 
 
+def _wait_for_earlier_partitions(dedup_index, partition: int, timeout: float) -> None:
+    """Until every earlier partition of the run has registered its content hashes (see ContentOwners)."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while waiting := ray.get(dedup_index.unregistered_before.remote(partition)):
+        if time.monotonic() > deadline:
+            logging.getLogger(__name__).warning(
+                "partition %d: partitions %s did not register their hashes within %.0f s; exact duplicates "
+                "shared with them keep the copy claimed first, not necessarily the first in plan order",
+                partition, waiting[:5], timeout)
+            return
+        time.sleep(delay)
+        delay = min(delay * 2, 1.0)
+
+
 def write_partition(group: pd.DataFrame, cfg_json: str, output: str, dedup_index=None) -> pd.DataFrame:
     """Write one partition (all its rows, one block) and return its commit record as a one-row frame."""
     cfg = PrecomputeConfig.model_validate_json(cfg_json)
@@ -146,6 +178,7 @@ def write_partition(group: pd.DataFrame, cfg_json: str, output: str, dedup_index
         import ray
 
         first_rows = ok.drop_duplicates("record_index")
+        _wait_for_earlier_partitions(dedup_index, partition, cfg.filters.dedup_wait_seconds)
         dup_records = set(ray.get(dedup_index.claim.remote(
             partition, list(first_rows["content_sha256"]), [int(i) for i in first_rows["record_index"]])))
     ok = ok[~ok["record_index"].isin(dup_records)]
@@ -170,7 +203,7 @@ def write_partition(group: pd.DataFrame, cfg_json: str, output: str, dedup_index
                        schema=QUARANTINE_SCHEMA)
     with_retries(f"writing {output}", cfg.storage, lambda: _write_parquet(
         fs, q_table, _join(output, "quarantine", f"{name}.parquet")))
-    table = pa.table(_shard_rows(ok), schema=SHARD_SCHEMA)
+    table = _shard_table(ok, cfg)
     shard_path = _join(output, "shards", f"{name}.parquet")
     size = with_retries(f"writing {output}", cfg.storage, lambda: _write_parquet(fs, table, shard_path))
     checksum = hashlib.sha256(fs.cat_file(shard_path)).hexdigest()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, model_validator
 
-from lance_core.config import StrictModel, load_config
+from lance_core.config import InputPath, ModelOverrides, StrictModel, load_config
 from lance_core.rewards import RewardSpec
 from lance_core.rl import SDESamplerConfig
+from lance_core.tokenizer import TokenizerRef
 
 
 class ActorResources(StrictModel):
@@ -25,7 +26,7 @@ class ActorResources(StrictModel):
 
 
 class PromptsConfig(StrictModel):
-    path: str | None = None
+    path: InputPath | None = None
     """A text file (one prompt per line, target text in double quotes) or JSONL. None = built-in prompts."""
     text_field: str = "prompt"
     """JSONL: the field holding the prompt."""
@@ -102,12 +103,12 @@ class PlacementConfig(StrictModel):
 
 class GRPOConfig(StrictModel):
     model_preset: str = "tiny"
-    model: dict[str, Any] = Field(default_factory=dict)
+    model: ModelOverrides = Field(default_factory=dict)
     """Overrides of the preset's fields (e.g. vae.path for real weights)."""
-    tokenizer: str | None = None
+    tokenizer: TokenizerRef | None = None
     """``qwen2.5`` (built in), ``byte`` or a Qwen2 tokenizer folder; None = ``qwen2.5`` where the model's
     logit rows hold its 151,665 ids, else ``byte`` (tiny presets)."""
-    checkpoint: str | None = None
+    checkpoint: InputPath | None = None
     """Initial Lance weights (safetensors file or folder); None = random init (tests, demo)."""
     prompts: PromptsConfig = PromptsConfig()
     rollout: RolloutConfig = RolloutConfig()
@@ -121,6 +122,9 @@ class GRPOConfig(StrictModel):
     """Save a resumable checkpoint every N epochs (0 = only at the end)."""
     keep_checkpoints: int = Field(2, gt=0)
     gallery_size: int = Field(8, ge=0)
+    """Rollouts kept (PNGs, gallery.json, a captioned grid.png) at the first and the last epoch."""
+    tensorboard: bool = True
+    """TensorBoard events under ``<run>/tb``: rewards per component, KL, clip fraction, ..., gallery grids."""
     ray_address: str | None = None
     """None = RAY_ADDRESS or a new local Ray."""
     ray_num_cpus: int | None = Field(None, gt=0)

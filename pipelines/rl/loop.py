@@ -8,6 +8,7 @@ the new weights go to the rollout workers through the object store.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -16,18 +17,22 @@ from pathlib import Path
 import ray
 import torch
 
+from lance_core.config import resolve_user_path
 from lance_core.rl import group_advantages
+from pipelines.runtime.run_folder import RunMode
 
 from .config import GRPOConfig
 from .learner import Learner
 from .metrics import MetricsLog, console_line, reward_metrics, write_gallery
 from .placement import create_placement
 from .policy import check_checkpoint
+from .preflight import settle_rerun, with_initial_checkpoint
 from .prompts import Prompt, epoch_prompts, load_prompts
 from .rewards import RewardPool, RewardWorker
 from .rollout import GroupTask, RolloutWorker, group_seed
 
 ROOT = Path(__file__).resolve().parents[2]
+log = logging.getLogger("lance.grpo")
 
 
 def ensure_ray(cfg: GRPOConfig) -> bool:
@@ -44,12 +49,12 @@ def ensure_ray(cfg: GRPOConfig) -> bool:
 
 
 class GRPORun:
-    def __init__(self, cfg: GRPOConfig, run_dir: Path, checkpoint: str | None = None, log=print) -> None:
+    def __init__(self, cfg: GRPOConfig, run_dir: Path, checkpoint: str | None = None, log=log.info) -> None:
         self.cfg, self.run_dir, self.log = cfg, run_dir, log
         self.prompts = load_prompts(cfg.prompts, cfg.seed)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
-        self.metrics = MetricsLog(run_dir)
+        self.metrics = MetricsLog(run_dir, cfg.tensorboard)
         started = time.perf_counter()
         self.placement = create_placement(cfg)
         data = cfg.model_dump(mode="json")
@@ -178,7 +183,8 @@ class GRPORun:
                                 "components": {n: v[k] for n, v in result["components"].items()},
                                 "reasons": {n: v[k] for n, v in result["reasons"].items()},
                                 "details": {n: v[k] for n, v in result["details"].items()}})
-        write_gallery(self.run_dir / "gallery" / f"epoch_{epoch:04d}", images, entries)
+        grid = write_gallery(self.run_dir / "gallery" / f"epoch_{epoch:04d}", images, entries)
+        self.metrics.image("gallery", grid, epoch)
 
     # ------------------------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict:
@@ -227,6 +233,7 @@ class GRPORun:
     def run(self) -> dict:
         cfg = self.cfg
         start = self.resume()
+        self.metrics.open_tensorboard(start)
         self.broadcast(start)
         last = cfg.epochs - 1
         for epoch in range(start, cfg.epochs):
@@ -243,6 +250,7 @@ class GRPORun:
         return summary
 
     def shutdown(self) -> None:
+        self.metrics.close()
         self.pool.shutdown()
         for actor in [self.learner, *self.rollouts]:
             ray.kill(actor, no_restart=True)
@@ -264,15 +272,22 @@ def summarise(history: list[dict], run: GRPORun) -> dict:
     }
 
 
-def run_grpo(cfg: GRPOConfig, run_dir: str | Path, checkpoint: str | None = None, log=print) -> dict:
-    """Run GRPO into ``run_dir`` (resuming from its latest checkpoint); returns the summary metrics."""
-    if checkpoint or cfg.checkpoint:  # a wrong checkpoint fails here, before Ray and the actors start
-        check_checkpoint(cfg, checkpoint or cfg.checkpoint)
+def run_grpo(cfg: GRPOConfig, run_dir: str | Path, checkpoint: str | None = None, log=log.info,
+             mode: RunMode = "auto") -> dict:
+    """Run GRPO into ``run_dir`` (resuming a run of the same config from its latest checkpoint; ``mode`` as
+    ``--resume`` / ``--overwrite``); returns the summary metrics (a complete run's own, nothing run)."""
+    cfg = with_initial_checkpoint(cfg, checkpoint)
+    run_dir = Path(resolve_user_path(str(run_dir)))
+    finished = settle_rerun(cfg, run_dir, mode)  # paths and the rerun, before Ray and the actors start
+    if finished is not None:
+        return finished
+    if cfg.checkpoint:  # a wrong checkpoint fails here, before Ray and the actors start
+        check_checkpoint(cfg, cfg.checkpoint)
     load_prompts(cfg.prompts, cfg.seed)
     started_ray = ensure_ray(cfg)
     run = None
     try:
-        run = GRPORun(cfg, Path(run_dir), checkpoint, log)
+        run = GRPORun(cfg, run_dir, cfg.checkpoint, log)
         return run.run()
     finally:
         if run is not None:

@@ -1,4 +1,5 @@
-"""Epoch metrics of a GRPO run, the JSONL log, the console line and the rollout gallery."""
+"""Epoch metrics of a GRPO run, the JSONL log and TensorBoard events, the console line and the rollout
+gallery."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipelines.runtime.gallery import captioned_grid
+from pipelines.runtime.run_log import TensorBoardLog
 from pipelines.train.metrics import read_jsonl, write_text_atomic
 
 
@@ -28,8 +31,13 @@ def reward_metrics(scores: dict[int, dict], prefix: str = "reward") -> dict[str,
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path) -> None:
+    """``metrics.jsonl`` (one row per epoch) and, with ``tensorboard``, events under ``tb/``: every number
+    of a row (rewards per component, KL, clip fraction, ratio, timings) and the gallery images."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
         self.path = run_dir / "metrics.jsonl"
+        self.tb_dir = run_dir / "tb" if tensorboard else None
+        self.tb: TensorBoardLog | None = None
 
     def history(self) -> list[dict]:
         if not self.path.is_file():
@@ -41,9 +49,26 @@ class MetricsLog:
         rows = [r for r in self.history() if r["epoch"] < epochs]
         write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))
 
+    def open_tensorboard(self, first_epoch: int) -> None:
+        """Events from ``first_epoch`` on (those a run before wrote from there are dropped)."""
+        if self.tb_dir is not None:
+            self.close()
+            self.tb = TensorBoardLog(self.tb_dir, purge_step=first_epoch, index="epoch")
+
     def append(self, row: dict) -> None:
         with open(self.path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            self.tb.scalars(row, row["epoch"])
+
+    def image(self, tag: str, image: np.ndarray, epoch: int) -> None:
+        if self.tb is not None:
+            self.tb.image(tag, image, epoch)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
 
 
 def console_line(row: dict) -> str:
@@ -57,11 +82,18 @@ def console_line(row: dict) -> str:
     return " | ".join(parts)
 
 
-def write_gallery(folder: Path, images: list[np.ndarray], entries: list[dict]) -> None:
-    """PNG per rollout plus ``gallery.json`` with its prompt and rewards."""
+GALLERY_GRID = "grid.png"
+
+
+def write_gallery(folder: Path, images: list[np.ndarray], entries: list[dict]) -> np.ndarray:
+    """PNG per rollout, ``gallery.json`` with its prompt and rewards, and ``grid.png``: the rollouts
+    enlarged with prompt and reward written under each (returned, for TensorBoard)."""
     folder.mkdir(parents=True, exist_ok=True)
     for index, (image, entry) in enumerate(zip(images, entries)):
         name = f"{index:03d}.png"
         Image.fromarray(image).save(folder / name)
         entry["file"] = name
     (folder / "gallery.json").write_text(json.dumps(entries, indent=2))
+    grid = captioned_grid(images, [f"{e['prompt']}\nreward {e['reward']:.3f}" for e in entries])
+    Image.fromarray(grid).save(folder / GALLERY_GRID)
+    return grid

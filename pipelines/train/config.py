@@ -10,10 +10,20 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from lance_core.config import PRESETS, ConfigError, ModelConfig, StrictModel, load_config, model_preset
+from lance_core.config import (
+    PRESETS,
+    ConfigError,
+    InputPath,
+    ModelConfig,
+    ModelOverrides,
+    OutputPath,
+    StrictModel,
+    load_config,
+    model_preset,
+)
 from lance_core.flow import LossConfig
 from lance_core.packing import GENERATION_TASKS, TASKS
-from lance_core.tokenizer import check_tokenizer_fits
+from lance_core.tokenizer import TokenizerRef, check_tokenizer_fits
 from pipelines.data.config import StorageConfig
 
 Stage = Literal["pretrain", "continual", "sft", "custom"]
@@ -32,13 +42,13 @@ def _check_tasks(names, where: str) -> None:
 class ModelSection(StrictModel):
     preset: str = "tiny"
     """``tiny`` or ``lance-3b``."""
-    overrides: dict[str, Any] = {}
+    overrides: ModelOverrides = Field(default_factory=dict)
     """Fields of :class:`lance_core.config.ModelConfig` to change (e.g. ``attention_backend``)."""
-    init_qwen: str | None = None
+    init_qwen: InputPath | None = None
     """Qwen2.5-VL checkpoint folder loaded into UND, then copied into GEN (pre-training start)."""
-    init_lance: str | None = None
+    init_lance: InputPath | None = None
     """Lance checkpoint (released names) to start from (continual training, SFT)."""
-    tokenizer: str | None = None
+    tokenizer: TokenizerRef | None = None
     """``qwen2.5`` (the built-in Qwen2.5 tokenizer), ``byte`` (byte-level) or a Qwen2 tokenizer folder. None =
     ``qwen2.5`` where the model's logit rows hold its 151,665 ids (``lance-3b``), else ``byte`` (``tiny``)."""
 
@@ -63,7 +73,7 @@ class ResolutionFilter(StrictModel):
 
 
 class DataSection(StrictModel):
-    uris: tuple[str, ...] = ()
+    uris: tuple[InputPath, ...] = ()
     """Latent shard roots (each holding ``manifest.json``), local or s3://."""
     token_budget: int = Field(4096, gt=0)
     """Real tokens per rank per step (released SFT: 65,536 per GPU)."""
@@ -279,9 +289,9 @@ class TrainConfig(StrictModel):
     stage: Stage = "custom"
     name: str = "lance-train"
     """Run name: the run folder is ``<output>/<name>``; rerunning the same name resumes."""
-    output: str = "runs/train"
+    output: OutputPath = Field("runs/train", validate_default=True)
     """Storage of the run (checkpoints): a local folder or a URI Ray Train can write to (s3://...)."""
-    log_dir: str | None = None
+    log_dir: OutputPath | None = None
     """Folder rank 0 writes metrics, TensorBoard events, samples and the export into: local, or a shared
     filesystem on a cluster. Default ``<output>/<name>``; required when ``output`` is a URI."""
     steps: int = Field(1000, gt=0)

@@ -33,7 +33,7 @@ from lance_core.packing import (
     build_understanding_sample,
     pack_samples,
 )
-from lance_core.shards import bytes_to_tensor
+from lance_core.shards import shard_rows, tensor
 from lance_core.tokenizer import TextTokenizer
 from pipelines.data.storage import open_input
 
@@ -44,31 +44,22 @@ MAX_CONSECUTIVE_SKIPS = 1000
 
 
 # ---------------------------------------------------------------------------------------------- rows -> samples
-def _dtype_of(row: dict, slot: str, data: bytes, numel: int) -> str:
-    for key in (f"{slot}_vae_dtype", "target_vae_dtype", "source_vae_dtype"):
-        if row.get(key):
-            return row[key]
-    return {2: "bfloat16", 4: "float32"}.get(len(data) // max(numel, 1), "bfloat16")
-
-
 def slot_latents(row: dict, slot: str, channels: int,
                  generator: torch.Generator | None = None) -> torch.Tensor | None:
     """The slot's stored latents (the posterior mean); with a generator, a fresh draw mean + std * eps from
-    the posterior whose std the shard stores beside it (``<slot>_vae_std``, normalised like the mean)."""
-    data = row.get(f"{slot}_vae")
-    if data is None:
+    the posterior whose std the shard stores beside it (``<slot>_vae_std``, normalised like the mean).
+    ``row`` is a :func:`lance_core.shards.shard_rows` row (tensor cells as numpy arrays in their shape)."""
+    latents = tensor(row, f"{slot}_vae")
+    if latents is None:
         return None
-    shape = row[f"{slot}_vae_shape"]
-    dtype = _dtype_of(row, slot, data, 0)
-    latents = bytes_to_tensor(data, shape, dtype)
     if latents.dim() != 4 or latents.shape[-1] != channels:
         raise ValueError(f"{slot}_vae has shape {tuple(latents.shape)}, expected (T, H, W, {channels})")
     if generator is not None:
-        std = row.get(f"{slot}_vae_std")
+        std = tensor(row, f"{slot}_vae_std")
         if std is None:
             raise ValueError(f"{slot}_vae_std is missing: data.sample_posterior needs shards precomputed "
                              "with encoders.store_posterior_std")
-        latents = sample_posterior(latents, bytes_to_tensor(std, shape, dtype), generator)
+        latents = sample_posterior(latents, std, generator)
     return latents
 
 
@@ -81,13 +72,11 @@ def posterior_generator(data: DataSection, rng: random.Random) -> torch.Generato
 def slot_visual(row: dict, slot: str, cfg: ModelConfig,
                 generator: torch.Generator | None = None) -> VisualInput | None:
     latents = slot_latents(row, slot, cfg.latent_channels, generator)
-    vit = grid = None
-    data = row.get(f"{slot}_vit")
-    if data is not None:
-        shape = [int(x) for x in row[f"{slot}_vit_shape"]]
-        vit = bytes_to_tensor(data, shape, _dtype_of(row, slot, data, shape[0] * shape[1]))
+    grid = None
+    vit = tensor(row, f"{slot}_vit")
+    if vit is not None:
         grid = tuple(int(x) for x in row[f"{slot}_vit_grid"])
-        if vit.shape[1] != cfg.hidden_size or vit.shape[0] != grid[0] * grid[1] * grid[2]:
+        if vit.dim() != 2 or vit.shape[1] != cfg.hidden_size or vit.shape[0] != grid[0] * grid[1] * grid[2]:
             raise ValueError(f"{slot}_vit has shape {tuple(vit.shape)} and grid {grid}; the model needs "
                              f"(t*h*w, {cfg.hidden_size})")
     if latents is None and vit is None:
@@ -141,7 +130,7 @@ def iter_rows(uri: str, start: int, data: DataSection) -> Iterator[tuple[int, di
             return
         row_no = offset
         for batch in pf.iter_batches(batch_size=data.read_batch_rows, row_groups=groups):
-            for record in batch.to_pylist():
+            for record in shard_rows(batch):
                 if row_no >= start:
                     yield row_no, record
                 row_no += 1

@@ -9,6 +9,7 @@ and write the metrics, evaluate, checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 import zlib
@@ -24,6 +25,7 @@ from lance_core.flow import compute_losses
 from lance_core.model import build_model
 from lance_core.packing import GENERATION_TASKS, TASKS
 from lance_core.tokenizer import load_tokenizer_for
+from pipelines.runtime.run_log import worker_logging
 
 from . import checkpoints as ckpt
 from .config import TrainConfig
@@ -33,6 +35,7 @@ from .evaluate import HeldOut, SampleWriter
 from .metrics import ExpertGradProbe, MetricsWriter, copy_file_atomic, pack_flops, peak_tflops, task_loss_sums
 from .mixture import MixtureSchedule
 from .plan import DataPlan
+from .progress import StepProgress
 
 FREEZE_GROUPS = {
     "embed_tokens": lambda n: n.startswith("language_model.model.embed_tokens."),
@@ -41,6 +44,7 @@ FREEZE_GROUPS = {
     "gen": lambda n: (".layers." in n and "_moe_gen" in n) or n.startswith("language_model.model.norm_moe_gen."),
     "vae_io": lambda n: n.startswith(("vae2llm.", "llm2vae.", "time_embedder.")),
 }
+log = logging.getLogger("lance.train")
 
 
 def freeze(model: torch.nn.Module, groups: tuple[str, ...]) -> int:
@@ -141,6 +145,18 @@ def heldout_score(heldout: dict[str, float]) -> float | None:
 
 
 def train_func(config: dict) -> None:
+    """Ray Train's function on every worker. All output of the worker process goes to
+    ``<log_dir>/logs/rank-N.log``; rank 0's ``lance`` log lines (progress) also go to the driver through
+    ``config["log_sink"]`` when the driver made one."""
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    with worker_logging(Path(config["run_dir"]) / "logs" / f"rank-{rank}.log",
+                        config.get("log_sink") if rank == 0 else None):
+        _train(config)
+
+
+def _train(config: dict) -> None:
     import deepspeed
     import ray.train
 
@@ -189,7 +205,7 @@ def train_func(config: dict) -> None:
     if start == 0 and cfg.mixture.capability.enabled:
         schedule.update_capability(held.losses(module, model_cfg, cfg.loss, device, cfg.seed))
     if rank == 0:
-        print(f"training from step {start} to {cfg.steps} on {world} worker(s); tasks {schedule.tasks}", flush=True)
+        log.info(f"training from step {start} to {cfg.steps} on {world} worker(s); tasks {schedule.tasks}")
 
     next_ticket = start + len(pending) + 1
     while len(pending) < cfg.data.prefetch and next_ticket <= cfg.steps:
@@ -199,6 +215,7 @@ def train_func(config: dict) -> None:
         loader.submit(weights)
 
     writer = MetricsWriter(run_dir, start, cfg.metrics.tensorboard) if rank == 0 else None
+    progress = StepProgress(start, cfg.steps, cfg.metrics.report_every) if rank == 0 else None
     counts = count_parameters(build_model(model_cfg, device="meta"))
     peak, peak_source = peak_tflops(cfg.metrics.peak_tflops_per_worker, device) if rank == 0 else (0.0, "")
     report_losses: list[float] = []
@@ -234,7 +251,7 @@ def train_func(config: dict) -> None:
         else:
             skipped_steps += 1
             if rank == 0:
-                print(f"step {step}: non-finite loss on a rank; step skipped on all ranks", flush=True)
+                log.warning(f"step {step}: non-finite loss on a rank; step skipped on all ranks")
         und_grad, gen_grad = probe.take() if probe is not None else (float("nan"), float("nan"))
         step_seconds, step_cpu = time.perf_counter() - began, time.process_time() - cpu_began
 
@@ -294,6 +311,7 @@ def train_func(config: dict) -> None:
                 row["eval"] = result
         if writer is not None:
             writer.write(row | {"peak_tflops": peak, "peak_source": peak_source} if step == start + 1 else row)
+            progress.add(row)
         if row["loss"] is not None:
             report_losses.append(row["loss"])
 

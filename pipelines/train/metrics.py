@@ -20,6 +20,7 @@ import torch
 from lance_core.config import ModelConfig
 from lance_core.flops import ParameterCounts, attention_flops_per_token
 from lance_core.packing import IGNORE_INDEX, TASKS, PackedBatch
+from pipelines.runtime.run_log import TensorBoardLog
 
 H100_BF16_DENSE_TFLOPS = 989.0
 METRICS_FILE = "metrics.jsonl"
@@ -98,25 +99,13 @@ class MetricsWriter:
             # A resumed run writes the steps after its checkpoint again; a line cut by a kill is dropped.
             kept = [row for row in read_jsonl(self.path) if row.get("step", 0) <= start_step]
             write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept))
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                print("tensorboard is not installed: metrics go to metrics.jsonl only", flush=True)
-            else:
-                self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1)
+        self.tb = TensorBoardLog(run_dir / "tb", purge_step=start_step + 1) if tensorboard else None
 
     def write(self, row: dict) -> None:
         with open(self.path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
         if self.tb is not None:
-            step = row["step"]
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)) and value is not None:
-                    self.tb.add_scalar(key, value, step)
-            for key, value in row.get("mixture", {}).items():
-                self.tb.add_scalar(f"mixture/{key}", value, step)
+            self.tb.scalars(row, row["step"])  # nested dicts too: mixture/<task>, capability/<task>, eval/...
 
     def close(self) -> None:
         if self.tb is not None:

@@ -109,8 +109,9 @@ def _manifest_shards(root: str, cfg: DataSection, plan: DataPlan) -> list[str]:
 def _plan_columns(uri: str, cfg: DataSection) -> list[dict]:
     with open_input(uri, cfg.storage) as fh:
         pf = pq.ParquetFile(fh)
-        check_schema(pf.schema_arrow, uri)
-        return pf.read(columns=PLAN_COLUMNS).to_pylist()
+        check_schema(pf.schema_arrow, uri)  # a column no row of the shard fills is not written: None here
+        rows = pf.read(columns=[c for c in PLAN_COLUMNS if c in pf.schema_arrow.names]).to_pylist()
+        return [{name: row.get(name) for name in PLAN_COLUMNS} for row in rows]
 
 
 def _scan_shard(uri: str, cfg: DataSection) -> tuple[list[dict] | None, str | None, str | None]:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 from pathlib import Path
 
 from lance_core.packing import TASKS
+
+log = logging.getLogger("lance.train")
 
 
 def throughput_summary(rows: list[dict], warmup: int = 2) -> dict:
@@ -75,14 +78,16 @@ def write_report(run_dir: Path, rows: list[dict]) -> dict:
 
 def print_summary(result) -> None:
     rows = result.metrics
-    summary = write_report(result.run_dir, rows)
+    earlier = getattr(result, "complete_before", False)  # nothing trained now: the earlier run's report stands
+    summary = throughput_summary(rows) if earlier else write_report(result.run_dir, rows)
     first, last = summary["first_loss"], summary["last_loss"]
     if first and last and first.get("loss") is not None:
-        print(f"trained {summary['steps']} steps: loss {first['loss']:.4f} (step {first['step']}) -> "
+        done = "nothing trained now; an earlier run trained" if earlier else "trained"
+        log.info(f"{done} {summary['steps']} steps: loss {first['loss']:.4f} (step {first['step']}) -> "
               f"{last['loss']:.4f} (step {last['step']})")
     fmt = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in summary.items()
            if k not in ("first_loss", "last_loss")}
-    print("throughput: " + ", ".join(f"{k}={v}" for k, v in fmt.items()))
+    log.info("throughput: " + ", ".join(f"{k}={v}" for k, v in fmt.items()))
     if result.export is not None:
-        print(f"exported: {result.export}")
-    print(f"run folder: {result.run_dir}")
+        log.info(f"exported: {result.export}")
+    log.info(f"run folder: {result.run_dir}")

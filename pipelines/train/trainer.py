@@ -4,19 +4,31 @@ Ray Train keeps the run's checkpoints (the last ``checkpoint.keep_last``) under 
 (local or s3://). Rank 0 writes ``metrics.jsonl``, TensorBoard events (``tb/``), generated samples
 (``samples/``) and the exported ``model.safetensors`` into the log folder (``log_dir``, by default the
 same ``<output>/<name>``); the driver writes ``config.json`` and ``plan.json`` there. Running again with
-the same output and name resumes from the last checkpoint.
+the same output and name resumes from the last checkpoint when the config is the same (a complete run is
+reported and nothing starts), and is refused when it differs (pipelines/train/preflight.py).
+
+What the driver says goes through the ``lance.train`` logger: one progress line per logging step, made by
+rank 0 and carried to the driver. Everything a worker process prints (DeepSpeed, torch, Ray's own lines)
+goes to ``<log_dir>/logs/rank-N.log``, not to the driver.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipelines.runtime.run_folder import RunMode
+from pipelines.runtime.run_log import follow_worker_logs, new_log_sink
+
 from .config import TrainConfig
 from .metrics import read_metrics
 from .plan import DataPlan, make_plan
+from .preflight import settle_rerun
+
+log = logging.getLogger("lance.train")
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
@@ -30,6 +42,8 @@ class TrainResult:
     metrics: list[dict]
     checkpoint: str | None
     export: Path | None
+    complete_before: bool = False
+    """The run was already complete: nothing trained now; metrics and export are the earlier run's."""
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -40,9 +54,9 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         return
     env = {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
+        ray.init(runtime_env={"env_vars": env}, log_to_driver=False)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": env})
 
 
@@ -73,7 +87,9 @@ def storage_and_log_dir(cfg: TrainConfig) -> tuple[str, Path]:
     return str(storage), Path(cfg.log_dir).resolve() if cfg.log_dir else storage / cfg.name
 
 
-def build_trainer(cfg: TrainConfig, plan: DataPlan, run_dir: Path, callbacks: list | None = None):
+def build_trainer(cfg: TrainConfig, plan: DataPlan, run_dir: Path, callbacks: list | None = None,
+                  log_sink=None):
+    """``log_sink``: the actor that carries rank 0's log lines to the driver (``run_log.new_log_sink``)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -89,7 +105,8 @@ def build_trainer(cfg: TrainConfig, plan: DataPlan, run_dir: Path, callbacks: li
         failure_config=FailureConfig(max_failures=cfg.max_failures),
         worker_runtime_env={"env_vars": worker_env(cfg)}, callbacks=callbacks,
     )
-    loop_config = {"cfg": cfg.model_dump_json(), "plan": plan.to_json(), "run_dir": str(run_dir)}
+    loop_config = {"cfg": cfg.model_dump_json(), "plan": plan.to_json(), "run_dir": str(run_dir),
+                   "log_sink": log_sink}
     return TorchTrainer(train_func, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config)
 
 
@@ -97,7 +114,7 @@ def prepare_run(cfg: TrainConfig) -> tuple[DataPlan, Path]:
     """Plan the data (raises DataError with the reason) and write the run's config and plan."""
     plan = make_plan(cfg.data, cfg.mixture.weights)
     for message in plan.messages:
-        print(f"data: {message}", flush=True)
+        log.info(f"data: {message}")
     run_dir = storage_and_log_dir(cfg)[1]
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
@@ -106,10 +123,26 @@ def prepare_run(cfg: TrainConfig) -> tuple[DataPlan, Path]:
     return plan, run_dir
 
 
-def run_training(cfg: TrainConfig, callbacks: list | None = None) -> TrainResult:
+def run_training(cfg: TrainConfig, callbacks: list | None = None, mode: RunMode = "auto") -> TrainResult:
+    """Train (or resume) ``cfg``; ``mode`` as ``--resume`` / ``--overwrite``. Paths and the rerun are settled
+    before the data is planned and before Ray starts."""
+    finished = settle_rerun(cfg, mode)
+    if finished is not None:
+        run_dir = storage_and_log_dir(cfg)[1]
+        plan = DataPlan.from_json((run_dir / "plan.json").read_text()) if (run_dir / "plan.json").is_file() \
+            else DataPlan()
+        export = run_dir / "model.safetensors"
+        return TrainResult(run_dir, plan, read_metrics(run_dir), finished.uri, export if export.is_file() else None,
+                           complete_before=True)
     plan, run_dir = prepare_run(cfg)
     ensure_ray()
-    result = build_trainer(cfg, plan, run_dir, callbacks).fit()
+    scaling = cfg.scaling
+    log.info(f"starting {scaling.workers} Ray Train worker(s) with {scaling.cpus_per_worker:g} CPU"
+             f"{' and 1 GPU' if scaling.use_gpu else ''} each for {cfg.steps} steps; "
+             f"worker logs in {run_dir / 'logs'}/rank-N.log")
+    sink = new_log_sink()
+    with follow_worker_logs(sink):
+        result = build_trainer(cfg, plan, run_dir, callbacks, log_sink=sink).fit()
     export = run_dir / "model.safetensors"
     return TrainResult(run_dir, plan, read_metrics(run_dir), result.checkpoint.path if result.checkpoint else None,
                        export if export.is_file() else None)

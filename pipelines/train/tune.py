@@ -6,21 +6,55 @@ with their distributions (by default the learning rate, the CE loss weight and t
 understanding share). Trials are compared on the held-out loss ``heldout_total`` (mean generation MSE +
 0.25 · mean understanding CE), which does not depend on the trial's own loss weights. The winner is
 written as a config file that ``lance train --config`` takes back.
+
+A rerun into the same sweep folder (pipelines/runtime/run_folder.py): of the same config, a finished sweep
+is reported (its best trial and config file) and nothing runs; an unfinished one continues its unfinished
+trials (``Tuner.restore``; each trial's trainer resumes from its own checkpoint); of another config, it is
+refused.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from lance_core.packing import UNDERSTANDING_TASKS
+from pipelines.runtime.run_folder import RunFolder, RunMode
 
 from .config import UNDERSTANDING_SHARE, SearchDimension, TrainConfig, TuneSection, load_train_config
 from .plan import DataPlan
-from .trainer import ensure_ray, prepare_run
+from .preflight import check_train_paths
+from .trainer import ensure_ray, prepare_run, storage_and_log_dir
+
+log = logging.getLogger("lance.tune")
 
 METRIC = "heldout_total"
 TRIAL_DRIVER_CPUS = 0.1
 """A trial only launches its trainer; the trainer's workers reserve their own CPUs."""
+BEST_CONFIG, BEST_TRIAL = "best_config.yaml", "best_trial.json"
+EXPERIMENT = "tune"
+"""Ray Tune's experiment folder inside the sweep folder."""
+TUNE_RESUMABLE = ("max_failures", "debug", "scaling.worker_start_timeout_s", "data.storage")
+"""Fields a resumed sweep may change: restarts, fault injection, the workers' start timeout, how shards are
+read. The search space, the trials' config and their step count must stay the same."""
+
+
+class SweepFailed(RuntimeError):
+    """Every trial of the sweep failed; the message holds the first error."""
+
+
+@dataclass
+class SweepOutcome:
+    best: dict
+    """The best trial: its ``params``, ``heldout_total``, ``step`` and the number of ``trials``."""
+    config_path: Path
+    """``best_config.yaml``: a training config ``lance train --config`` takes."""
+    complete_before: bool = False
+    """The sweep had finished in an earlier run: nothing ran now."""
 
 
 def trial_config(base: TrainConfig, params: dict) -> TrainConfig:
@@ -111,34 +145,70 @@ def _scheduler(sweep: TuneSection, steps: int):
                          reduction_factor=sweep.scheduler.reduction_factor)
 
 
-def run_sweep(base: TrainConfig):
-    """Run the sweep of ``base.tune``; returns Tune's ResultGrid (``get_best_result()`` gives the winner)."""
-    from ray import tune
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
-    sweep = base.tune
-    every = max(1, sweep.scheduler.grace_period // 2)
-    base = base.model_copy(update={
+def sweep_config(base: TrainConfig) -> TrainConfig:
+    """The config every trial starts from: held-out loss and reports every half grace period, no samples,
+    no export, one checkpoint at the end."""
+    every = max(1, base.tune.scheduler.grace_period // 2)
+    return base.model_copy(update={
         "eval": base.eval.model_copy(update={"samples": False, "heldout_every": every}),
         "metrics": base.metrics.model_copy(update={"report_every": every}),
         "checkpoint": base.checkpoint.model_copy(update={"export_safetensors": False, "keep_last": 1,
                                                          "every_steps": base.steps}),
     })
+
+
+def run_sweep(base: TrainConfig, resume: bool = False):
+    """Run the sweep of ``base.tune`` (``base`` as :func:`sweep_config` makes it); with ``resume``, continue
+    the unfinished trials of the sweep folder's experiment if there is one. Returns Tune's ResultGrid."""
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    sweep = base.tune
     plan, sweep_dir = prepare_run(base)
     ensure_ray()
     space = {key: _distribution(dimension) for key, dimension in sweep.search_space.items()}
     trial = tune.with_parameters(_trial, base=base.model_dump_json(), plan=plan.to_json(), sweep_dir=str(sweep_dir),
                                  one_at_a_time=sweep.max_concurrent == 1)
+    trainable = tune.with_resources(trial, {"cpu": TRIAL_DRIVER_CPUS})
+    experiment = str(sweep_dir / EXPERIMENT)
+    if resume and tune.Tuner.can_restore(experiment):
+        log.info(f"continuing the unfinished trials of {experiment}")
+        return tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True).fit()
     tuner = tune.Tuner(
-        tune.with_resources(trial, {"cpu": TRIAL_DRIVER_CPUS}),
+        trainable,
         param_space=space,
         tune_config=tune.TuneConfig(metric=METRIC, mode="min", scheduler=_scheduler(sweep, base.steps),
                                     num_samples=sweep.num_samples, max_concurrent_trials=sweep.max_concurrent,
                                     search_alg=BasicVariantGenerator(random_state=sweep.seed,
                                                                      max_concurrent=sweep.max_concurrent)),
-        run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir)),
+        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(sweep_dir)),
     )
     return tuner.fit()
+
+
+def sweep(base: TrainConfig, best_name: str, best_steps: int, mode: RunMode = "auto") -> SweepOutcome:
+    """Run, continue or report the sweep of ``base`` into ``<output>/<name>`` (``mode`` as ``--resume`` /
+    ``--overwrite``); write the best trial as a training config named ``best_name`` with ``best_steps``."""
+    swept = sweep_config(base)
+    check_train_paths(swept)
+    directory = storage_and_log_dir(swept)[1]
+    best_file, trial_file = directory / BEST_CONFIG, directory / BEST_TRIAL
+    folder = RunFolder("tune", str(directory))
+    action = folder.settle(swept.model_dump(mode="json"), TUNE_RESUMABLE, mode,
+                           holds_run=folder.holds(EXPERIMENT, BEST_CONFIG))
+    if action == "resume" and best_file.is_file() and trial_file.is_file():
+        log.info(f"the sweep in {directory} is complete; nothing ran now (--overwrite starts it afresh)")
+        return SweepOutcome(json.loads(trial_file.read_text()), best_file, complete_before=True)
+    grid = run_sweep(swept, resume=action == "resume")
+    errors = [r.error for r in grid if r.error]
+    if len(errors) == len(grid):
+        raise SweepFailed(f"every trial failed; first error: {errors[0]}")
+    best = best_params(grid, base)
+    data = best_config_data(base, best["params"], best_name)
+    data["steps"] = best_steps  # the sweep's short trials set none of it
+    best_file.write_text(yaml.safe_dump(data, sort_keys=False))
+    trial_file.write_text(json.dumps(best, indent=2))
+    return SweepOutcome(best, best_file)
 
 
 def best_params(grid, base: TrainConfig) -> dict:
