@@ -96,7 +96,7 @@ def main() -> None:
     args = parser.parse_args()
     reps = 1 if args.quick else 5
     # (model, pack budget, samples per task, image side in latents)
-    plans = [("tiny", 1536, 1, 4)] if args.quick else [("tiny", 4096, 2, 6), ("mid", 4096, 2, 6)]
+    plans = [("tiny", 2560, 1, 4)] if args.quick else [("tiny", 6144, 2, 6), ("mid", 6144, 2, 6)]
     rows = []
     load_start = load_average()
     for name, budget, per_task, side in plans:
