@@ -3,20 +3,25 @@
     python bench/video_memory.py [--quick] [--out FILE]
 
 Videos of 15, 30, 60 and 120 s at 1920x1080, 24 fps (quick: 3, 6, 12 and 24 s at 320x180, 12 fps) are made
-with ffmpeg (one keyframe a second; the shorter ones are cut from the longest without re-encoding). Each
-goes through the task's own code, ``process_record`` of a t2v record with the config defaults (quick: the
-tiny buckets): its size, aspect and duration read from the container, then its clips decoded, bucketed to
-480x848 and handed on one at a time.
+with ffmpeg (one keyframe a second; the shorter ones are cut from the longest without re-encoding). Each is
+one partition of a t2v manifest, run through the read task's own generator (``_partition_rows``) with the
+config defaults but 128 MiB blocks, one 69 x 480 x 848 x 3 clip (84 MB) each, so that every video, the
+shortest too, fills its blocks (quick: the tiny buckets and 1 MiB blocks, one clip each): the video is read
+from disk, its size, aspect and duration read from the container, then its clips decoded, bucketed to
+480x848 and handed on in blocks of about ``encoders.block_mb``, each dropped once handed on, as Ray Data's
+object store takes it.
 
 Figures (in one fresh process, after a warm-up run, with glibc told to return large blocks to the OS on
 free so the resident set follows live memory; peaks sampled at 2 kHz, see ``bench/common.py``):
-- ``peak``: largest growth of the resident set during the task (the video's bytes are loaded before);
-- ``handed on``: the bucketed pixels of the rows the task returns, what the encoders receive: one
-  69 x 480 x 848 x 3 clip (84 MB) per 6 s of video, by design;
-- ``working`` = peak - handed on: what the task holds beyond its output, the figure that must stay flat;
-  ``working x`` is its ratio to the shortest video's in the same run, ``peak x`` the same for the peak;
-- ``source first``: the shortest video through the pre-streaming path (every clip decoded and held at
-  source resolution, then bucketed clip by clip), its peak as a ratio to the streaming peak.
+- ``peak``: largest growth of the resident set during the task; ``peak x`` its ratio to the shortest video's;
+- ``video``: the file's bytes, which the task reads and holds once (a record's input, as tar members and
+  Parquet cells arrive); ``beside video`` = peak - video, the decoded side, the figure that must stay flat;
+  ``beside x`` its ratio to the shortest video's in the same run;
+- ``blocks``, ``largest block``: what the task hands on;
+- ``one block``: every clip of the partition, what the task held before its rows left in blocks (a computed
+  size: the sum of the blocks); ``one block x`` its ratio to the streaming peak;
+- ``source first``: the shortest video through the path before streaming decode (every clip decoded and
+  held at source resolution, then bucketed clip by clip), its peak as a ratio to the streaming peak.
 """
 
 from __future__ import annotations
@@ -35,9 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import load_average, peak_rss_increase, print_table, write_json  # noqa: E402
 
-FULL = dict(seconds=(15, 30, 60, 120), size=(1920, 1080), fps=24, config={})
+FULL = dict(seconds=(15, 30, 60, 120), size=(1920, 1080), fps=24, config=dict(encoders=dict(block_mb=128.0)))
 QUICK = dict(seconds=(3, 6, 12, 24), size=(320, 180), fps=12,
-             config=dict(buckets=dict(image_area=64 * 64, video_area=64 * 96, vit_area=56 * 56)))
+             config=dict(buckets=dict(image_area=64 * 64, video_area=64 * 96, vit_area=56 * 56),
+                         encoders=dict(block_mb=1.0)))
 MIB = 2**20
 
 
@@ -75,41 +81,47 @@ def _source_first(data: bytes, cfg) -> list[bytes]:
     return out
 
 
+def _read_task(path: str, cfg) -> list[tuple[int, int]]:
+    """The read task over a one-record partition naming ``path``: (rows, bytes) of each block it hands on."""
+    from pipelines.data.pipeline import _partition_rows
+    from pipelines.data.sources import InputFile
+
+    manifest = Path(path).with_suffix(".jsonl")
+    manifest.write_text(json.dumps({"uri": Path(path).name, "caption": "a test pattern", "task": "t2v"}) + "\n")
+    items = {"partition": [0], "segments": [json.dumps([[0, 0, 1]])]}
+    blocks = []
+    for table in _partition_rows(items, [InputFile(str(manifest), "jsonl", 1)], cfg.model_dump_json()):
+        if set(table.column("status").to_pylist()) != {"ok"}:
+            raise RuntimeError(f"{path}: {table.select(['status', 'reason', 'error']).to_pylist()[:3]}")
+        blocks.append((table.num_rows, table.nbytes))
+        del table
+    return blocks
+
+
 def worker(videos: dict[int, str], config: dict) -> dict:
-    """In the child process: each video through the task, shortest first, then the pre-streaming path."""
+    """In the child process: each video through the read task, shortest first, then the pre-streaming path."""
     import torch
 
     from pipelines.data.config import PrecomputeConfig
     from pipelines.data.decode import probe_video
-    from pipelines.data.records import process_record
 
     torch.set_num_threads(1)  # one decode task holds one CPU
     cfg = PrecomputeConfig(**config)
-    warm_up = Path(videos[min(videos)]).read_bytes()  # codec and kernel set-up is not the task's memory
-    process_record({"source_uri": "warm-up", "task": "t2v", "caption": "warm-up", "target_bytes": warm_up}, 0, 0, cfg)
-    _source_first(warm_up, cfg)
-    del warm_up
+    _read_task(videos[min(videos)], cfg)  # codec and kernel set-up is not the task's memory
+    _source_first(Path(videos[min(videos)]).read_bytes(), cfg)
     rows = []
     for seconds in sorted(videos):
-        data = Path(videos[seconds]).read_bytes()
-        record = {"source_uri": videos[seconds], "task": "t2v", "caption": "a test pattern", "target_bytes": data}
         result: dict = {}
-
-        def task(record=record, result=result):
-            result["rows"] = process_record(record, 0, 0, cfg)
-
         started = time.perf_counter()
-        peak = peak_rss_increase(task)
+        peak = peak_rss_increase(lambda path=videos[seconds]: result.update(blocks=_read_task(path, cfg)))
         wall = time.perf_counter() - started
-        out = result.pop("rows")
-        if any(r["status"] != "ok" for r in out):
-            raise RuntimeError(f"{seconds} s video: {[(r['status'], r['reason']) for r in out][:3]}")
-        handed_on = sum(len(r["target_pixels"]) for r in out)
-        info = probe_video(data)
+        blocks = result["blocks"]
+        info = probe_video(Path(videos[seconds]).read_bytes())
         rows.append({"seconds": seconds, "source": f"{info.width}x{info.height}", "source_fps": info.fps,
-                     "clips": len(out), "peak_mib": peak / MIB, "handed_on_mib": handed_on / MIB,
-                     "working_mib": (peak - handed_on) / MIB, "wall_s": wall})
-        del out
+                     "clips": sum(n for n, _ in blocks), "blocks": len(blocks), "peak_mib": peak / MIB,
+                     "largest_block_mib": max(b for _, b in blocks) / MIB,
+                     "one_block_mib": sum(b for _, b in blocks) / MIB,
+                     "video_mib": os.path.getsize(videos[seconds]) / MIB, "wall_s": wall})
     shortest = min(videos)
     data = Path(videos[shortest]).read_bytes()
     result = {}
@@ -148,15 +160,19 @@ def main() -> None:
     rows = measured["rows"]
     base = rows[0]
     for row in rows:
-        row["working_ratio"] = row["working_mib"] / base["working_mib"]
         row["peak_ratio"] = row["peak_mib"] / base["peak_mib"]
+        row["beside_video_mib"] = row["peak_mib"] - row["video_mib"]
+        row["beside_ratio"] = row["beside_video_mib"] / (base["peak_mib"] - base["video_mib"])
+        row["one_block_ratio"] = row["one_block_mib"] / row["peak_mib"]
     source_first = measured["source_first"]
     source_first["ratio_to_streaming"] = source_first["peak_mib"] / base["peak_mib"]
     print(f"peak memory of one read + decode task ({rows[0]['source']}, {rows[0]['source_fps']:g} fps; "
           f"baseline: the {base['seconds']} s video)")
-    print_table(rows, [("seconds", "video s", "d"), ("clips", "clips", "d"), ("peak_mib", "peak MiB", ".0f"),
-                       ("handed_on_mib", "handed on MiB", ".0f"), ("working_mib", "working MiB", ".0f"),
-                       ("working_ratio", "working x", ".2f"), ("peak_ratio", "peak x", ".2f"),
+    print_table(rows, [("seconds", "video s", "d"), ("clips", "clips", "d"), ("blocks", "blocks", "d"),
+                       ("peak_mib", "peak MiB", ".0f"), ("peak_ratio", "peak x", ".2f"),
+                       ("video_mib", "video MiB", ".0f"), ("beside_video_mib", "beside video MiB", ".0f"),
+                       ("beside_ratio", "beside x", ".2f"), ("largest_block_mib", "largest block MiB", ".0f"),
+                       ("one_block_mib", "one block MiB", ".0f"), ("one_block_ratio", "one block x", ".2f"),
                        ("wall_s", "wall s", ".1f")])
     print(f"source first (all clips at source resolution, then bucketed), {source_first['seconds']} s video: "
           f"peak {source_first['peak_mib']:.0f} MiB = {source_first['ratio_to_streaming']:.2f} x streaming")
@@ -164,7 +180,7 @@ def main() -> None:
         "quick": args.quick, "source_size": list(setting["size"]), "source_fps": setting["fps"],
         "config": setting["config"], "make_videos_s": make_seconds, "load_average": load_average(),
         "rows": rows, "source_first": source_first,
-        "flat": max(r["working_ratio"] for r in rows),
+        "flat": max(r["beside_ratio"] for r in rows),
     }, args.out)
 
 

@@ -146,7 +146,7 @@ def test_malformed_records_are_quarantined_one_by_one(tmp_path):
     folder = tmp_path / "in"
     files = [InputFile(str(folder / "b.parquet"), "parquet", 2), InputFile(str(folder / "c.jsonl"), "jsonl", 5),
              InputFile(str(folder / "e.parquet"), "parquet", 2)]
-    rows = _rows_of_partition(0, [(0, 0, 2), (1, 0, 5), (2, 0, 2)], files, cfg)
+    rows = list(_rows_of_partition(0, [(0, 0, 2), (1, 0, 5), (2, 0, 2)], files, cfg))
     assert [r["record_index"] for r in rows] == list(range(9)), "every planned record has exactly one row"
     outcome = {r["source_uri"].rsplit("/", 1)[-1]: (r["status"], r["reason"], r["error"]) for r in rows}
     for key in ("b.parquet#0", "b.parquet#1"):
@@ -164,20 +164,20 @@ def test_malformed_records_are_quarantined_one_by_one(tmp_path):
 def test_an_exception_inside_one_record_quarantines_that_record_only(tmp_path, monkeypatch):
     from pipelines.data import pipeline
 
-    real = pipeline.process_record
+    real = pipeline.record_rows
 
     def flaky(record, partition, index, cfg):
         if index == 1:
             raise AttributeError("'int' object has no attribute 'lower'")
-        return real(record, partition, index, cfg)
+        yield from real(record, partition, index, cfg)
 
-    monkeypatch.setattr(pipeline, "process_record", flaky)
+    monkeypatch.setattr(pipeline, "record_rows", flaky)
     folder = tmp_path / "in"
     build_fault_corpus(folder)
     from pipelines.data.sources import InputFile
 
-    rows = pipeline._rows_of_partition(3, [(0, 0, 3)], [InputFile(str(folder / "d.jsonl"), "jsonl", 4)],
-                                       _config(folder, tmp_path / "out"))
+    rows = list(pipeline._rows_of_partition(3, [(0, 0, 3)], [InputFile(str(folder / "d.jsonl"), "jsonl", 4)],
+                                            _config(folder, tmp_path / "out")))
     assert [(r["record_index"], r["status"]) for r in rows] == [(0, "ok"), (1, "quarantined"), (2, "ok")]
     assert rows[1]["reason"] == "record_error" and rows[1]["error"].startswith("AttributeError: 'int' object")
     assert rows[1]["source_uri"].endswith("d.jsonl#1")
@@ -200,6 +200,8 @@ def test_commit_records_and_json_are_written_whole_and_damaged_ones_are_not_comm
     (out / "_commits" / ".tmp-0123.json").write_text("{")
     (out / "shards" / ".tmp-dead.parquet").write_bytes(b"PAR1")
     (out / ".tmp-beef.json").write_text("{")
+    (out / "_pieces" / "part-00003").mkdir(parents=True)  # a partition whose last block never arrived
+    (out / "_pieces" / "part-00003" / "rows-0000000-0000001-2.arrow").write_bytes(b"ARROW1")
     assert list(read_commits(str(out), cfg)) == [0]
     printed = capsys.readouterr().out
     for name in ("part-00001.json", "part-00002.json", "part-00003.json", "part-00004.json"):
@@ -207,7 +209,7 @@ def test_commit_records_and_json_are_written_whole_and_damaged_ones_are_not_comm
     with pytest.raises(ValueError, match="part-00009.json is damaged"):
         parse_commit(b"", str(out / "_commits" / "part-00009.json"))
     removed = remove_temporary_files(str(out), cfg)
-    assert len(removed) == 3 and not _temporary_files(out)
+    assert len(removed) == 4 and not _temporary_files(out) and not (out / "_pieces").exists()
     assert json.loads((out / "_commits" / "part-00000.json").read_text()) == good
 
 

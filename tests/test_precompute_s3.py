@@ -61,10 +61,13 @@ def bucket(s3_endpoint, tmp_path_factory):
 def test_s3_input_and_output(ray_local, s3_endpoint, bucket):
     from pipelines.data.pipeline import run_precompute
 
+    # 10 kB blocks: every image leaves the read task in a block of its own, so each partition is written
+    # from pieces kept in the bucket
     cfg = PrecomputeConfig(input="s3://lance-test/raw/t2i.parquet", output="s3://lance-test/latents/t2i",
-                           storage=dict(endpoint_url=s3_endpoint), **TINY)
+                           storage=dict(endpoint_url=s3_endpoint), encoders=dict(block_mb=0.01), **TINY)
     result = run_precompute(cfg, progress=False)
     assert result.stats["inputs_written"] == 6
+    assert not bucket.find("lance-test/latents/t2i/_pieces"), "pieces are removed once their shard is written"
     manifest = json.loads(bucket.cat_file("lance-test/latents/t2i/manifest.json"))
     rows = 0
     for shard in manifest["shards"]:

@@ -4,10 +4,12 @@ resolution before the first was encoded; a 4880x416 video was decoded whole only
 Videos are made with ffmpeg at 1 fps (640x360) so a source of a minute costs seconds. Memory is measured with
 tracemalloc, which sees the numpy buffers (decoded RGB frames, clip buffers, row bytes) the stage holds."""
 
+import json
 import shutil
 import subprocess
 import tracemalloc
 
+import numpy as np
 import pytest
 
 from pipelines.data import decode as decode_module
@@ -111,3 +113,104 @@ def test_extreme_aspect_video_is_dropped_from_its_metadata(tmp_path, monkeypatch
     rows = process_record({"source_uri": "mem://short", "task": "t2v", "caption": "a short video",
                            "target_bytes": ok}, 0, 0, cfg)
     assert [(r["status"], r["stage"], r["reason"]) for r in rows] == [("filtered", "duration", "too_short")]
+
+
+def _read_task_blocks(cfg: PrecomputeConfig, manifest, records: int):
+    """The read task's own generator over one partition of ``manifest``: its Arrow blocks, one at a time."""
+    from pipelines.data.pipeline import _partition_rows
+    from pipelines.data.sources import InputFile
+
+    items = {"partition": [0], "segments": [json.dumps([[0, 0, records]])]}
+    return _partition_rows(items, [InputFile(str(manifest), "jsonl", records)], cfg.model_dump_json())
+
+
+def _video_manifest(folder, videos: dict[str, bytes]):
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for name, data in videos.items():
+        (folder / f"{name}.mp4").write_bytes(data)
+        lines.append(json.dumps({"uri": f"{name}.mp4", "caption": f"a test pattern ({name})", "task": "t2v"}))
+    (folder / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "manifest.jsonl"
+
+
+def test_read_task_hands_on_blocks_as_they_fill(long_videos, tmp_path):
+    """A partition leaves the read task in blocks of about ``encoders.block_mb``: the task's peak is a block
+    and one source frame or so, the same for a 12 s and a 48 s video (before: every clip of the partition
+    in one block). Rows carry their number in the partition; the last block carries the partition's count."""
+    clip = 69 * 64 * 96 * 3
+    cfg = PrecomputeConfig(**TINY, encoders=dict(block_mb=2.5 * clip / 2**20))
+    peaks, blocks = {}, {}
+    for seconds, data in [(12, long_videos[12]), *long_videos.items()]:  # the first pass warms up the codecs
+        manifest = _video_manifest(tmp_path / f"v{seconds}", {"clip": data})
+
+        def consume(manifest=manifest):
+            return [(t.num_rows, t.column("row_seq").to_pylist(), t.column("partition_rows").to_pylist())
+                    for t in _read_task_blocks(cfg, manifest, 1)]
+
+        peaks[seconds], blocks[seconds] = _peak_while(consume)
+    assert [n for n, _, _ in blocks[48]] == [2, 2, 2, 2]
+    assert [s for _, seqs, _ in blocks[48] for s in seqs] == list(range(8))
+    assert [set(c) for _, _, c in blocks[48]] == [{-1}, {-1}, {-1}, {8}]
+    file_bytes = len(long_videos[48])
+    # the block being filled and its Arrow copy, a few source frames, the video's bytes
+    assert peaks[48] < 4 * clip + 3 * FRAME + file_bytes, peaks
+    assert peaks[48] < 1.25 * peaks[12] + FRAME + file_bytes, peaks
+
+
+@pytest.mark.slow
+def test_partitions_written_from_several_blocks_equal_one_block(ray_local, long_videos, tmp_path):
+    """The whole precompute with every clip in its own block (pieces, then one shard per partition) writes the
+    same shards and figures as with one block per partition; exact dedup still keeps the first copy, and
+    no piece is left behind."""
+    import pyarrow.parquet as pq
+
+    from pipelines.data.pipeline import run_precompute
+
+    manifest = _video_manifest(tmp_path / "in", {"a": long_videos[12], "b": long_videos[48]})
+    lines = manifest.read_text().splitlines()
+    manifest.write_text("\n".join([lines[0], lines[1], lines[0]]) + "\n")  # a duplicate of a, after b
+
+    def run(name: str, **encoders):
+        cfg = PrecomputeConfig(input=str(manifest), output=str(tmp_path / name), partition_size=3,
+                               encoders=encoders, filters=dict(dedup=True), **TINY)
+        run_precompute(cfg, progress=False)
+        out = tmp_path / name
+        table = pq.read_table(out / "shards" / "part-00000.parquet")
+        return out, table, json.loads((out / "stats.json").read_text())
+
+    whole, whole_table, whole_stats = run("whole")
+    split, split_table, split_stats = run("split", block_mb=69 * 64 * 96 * 3 / 2**20)
+    assert split_table.column("sample_id").to_pylist() == whole_table.column("sample_id").to_pylist()
+    from lance_core.shards import shard_rows
+
+    for a, b in zip(shard_rows(split_table), shard_rows(whole_table)):  # encoded in batches of other sizes
+        assert np.allclose(np.asarray(a["target_vae"], np.float32), np.asarray(b["target_vae"], np.float32),
+                           atol=2e-2)
+    assert split_table.num_rows == 2 + 8
+    for key in ("inputs", "inputs_written", "samples_written", "filtered_by_reason"):
+        assert split_stats[key] == whole_stats[key], key
+    assert split_stats["filtered_by_reason"] == {"dedup:exact_duplicate": 1}
+    assert not (split / "_pieces").exists() or not any((split / "_pieces").iterdir())
+
+
+def test_a_record_that_fails_part_way_is_quarantined_whole(tmp_path):
+    """Clips decoded before a video's decode error are not written: the record is quarantined, once."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from pipelines.data.records import dropped
+    from pipelines.data.writer import write_partition
+
+    cfg = PrecomputeConfig(output=str(tmp_path / "out"), **TINY)
+    for folder in ("shards", "quarantine", "_commits"):
+        (tmp_path / "out" / folder).mkdir(parents=True)
+    record = {"source_uri": "mem://broken", "caption": "x", "task": "t2v"}
+    rows = [dropped(record, 0, 0, "ok", "", "") for _ in range(2)]
+    rows.append(dropped(record, 0, 0, "quarantined", "decode", "corrupt_video", "frame 140: invalid data"))
+    for k, row in enumerate(rows):
+        row.update(clip_index=k, sample_id=f"s{k}", content_sha256="c", decode_seconds=0.0)
+    commit = write_partition(pd.DataFrame(rows), cfg, cfg.output)
+    assert (commit["rows"], commit["inputs_written"], commit["quarantined_inputs"]) == (0, 0, 1)
+    assert commit["quarantined"] == {"decode:corrupt_video": 1}
+    assert pq.read_table(tmp_path / "out" / "quarantine" / "part-00000.parquet").num_rows == 1

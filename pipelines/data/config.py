@@ -106,7 +106,11 @@ class EncoderConfig(StrictModel):
     cpus_per_task: float = Field(0.5, gt=0)
     """CPUs reserved per read/decode and writer task."""
     memory_per_task_gb: float = Field(1.0, gt=0)
-    """Memory reserved per read/decode task (one partition's decoded pixels are held at once)."""
+    """Memory reserved per read/decode task: about two blocks of decoded pixels (``block_mb``) and one
+    video's bytes and decoder state."""
+    block_mb: float = Field(256.0, gt=0)
+    """Size of the blocks a read task hands on: a partition's rows leave in blocks of about this many MiB of
+    pixels (a long video's clips in several), so a task's memory does not grow with the partition."""
     max_decode_tasks: int | None = Field(None, ge=1)
     """Cap on concurrent read/decode tasks (None: as many as CPUs and memory allow)."""
     store_posterior_std: bool = False

@@ -13,8 +13,10 @@ import json
 import os
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy
 
@@ -23,20 +25,22 @@ from pipelines.runtime.run_folder import CONFIG_FILE, RunFolder, RunMode
 
 from .config import PrecomputeConfig
 from .encode import VAEEncoder, ViTEncoder
-from .records import ROW_DEFAULTS, dropped, process_record, to_arrow
+from .records import ROW_DEFAULTS, dropped, record_rows, to_arrow
 from .scores import ScoreFilter
 from .sources import InputFile, list_inputs, plan_partitions, read_segment
 from .storage import TRANSIENT_KINDS, StorageError, classify
 from .writer import (
     COMMITS,
+    PIECES,
     TMP_PREFIX,
     DamagedFileError,
     committed_hashes,
     read_commits,
     read_json,
     remove_temporary_files,
+    assemble_partition,
+    write_blocks,
     write_json,
-    write_partition,
 )
 
 
@@ -76,10 +80,10 @@ DedupIndex = ray.remote(num_cpus=0)(ContentOwners)
 PRECOMPUTE_RESUMABLE = (
     "manifest_every", "storage", "filters.score_actors", "encoders.vae_actors", "encoders.vit_actors",
     "encoders.batch_size", "encoders.num_gpus_per_actor", "encoders.cpus_per_actor", "encoders.threads_per_actor",
-    "encoders.cpus_per_task", "encoders.memory_per_task_gb", "encoders.max_decode_tasks",
+    "encoders.cpus_per_task", "encoders.memory_per_task_gb", "encoders.max_decode_tasks", "encoders.block_mb",
 )
 """Fields a resumed precompute may change: where, how fast and in what chunks it runs, not what it writes."""
-PRECOMPUTE_OUTPUTS = ("shards", "quarantine", COMMITS, "plan.json", "manifest.json", "stats.json", CONFIG_FILE,
+PRECOMPUTE_OUTPUTS = ("shards", "quarantine", COMMITS, PIECES, "plan.json", "manifest.json", "stats.json", CONFIG_FILE,
                       f"{TMP_PREFIX}*")
 """What ``--overwrite`` removes from the output folder; nothing else in it is touched."""
 
@@ -125,19 +129,78 @@ def load_plan(cfg: PrecomputeConfig, committed: bool = False) -> tuple[list[Inpu
 
 
 def _partition_rows(items, files: list[InputFile], cfg_json: str, dedup=None):
-    """A batch of partition items -> the Arrow table of all their rows; their content hashes registered
-    with the dedup index."""
+    """Partition items -> Arrow tables of their rows, yielded as they fill (``encoders.block_mb``), so a task
+    holds one block of a partition's decoded clips, not all of them. Each row carries its number within the
+    partition (``row_seq``); the rows of the partition's last table also carry the partition's row count
+    (``partition_rows``), which lets the writer know when it has them all. The partition's content hashes are
+    registered with the dedup index before that last table leaves."""
     cfg = PrecomputeConfig.model_validate_json(cfg_json)
-    rows = []
+    block_bytes = int(cfg.encoders.block_mb * 2**20)
     for partition, segments in zip(items["partition"], items["segments"]):
-        part = _rows_of_partition(int(partition), json.loads(segments), files, cfg)
+        partition = int(partition)
+        first_hashes: dict[int, str] = {}
+        block = _BlockBuilder(block_bytes)
+        seq = 0
+        for row in _rows_of_partition(partition, json.loads(segments), files, cfg):
+            row["row_seq"] = seq
+            seq += 1
+            if row.get("status") == "ok":
+                first_hashes.setdefault(row["record_index"], row["content_sha256"])
+            if block.full_with(row):
+                yield block.take()
+            block.add(row)
         if dedup is not None:
-            first = {r["record_index"]: r["content_sha256"] for r in reversed(part) if r.get("status") == "ok"}
-            ray.get(dedup.register.remote(int(partition), list(first.values()), list(first)))
-        rows += part
-    columns = {name: [row.get(name, ROW_DEFAULTS.get(name)) for row in rows]
-               for name in [*ROW_DEFAULTS, "decode_seconds"]}
-    return to_arrow(columns)
+            ray.get(dedup.register.remote(partition, list(first_hashes.values()), list(first_hashes)))
+        yield block.take(partition_rows=seq)
+
+
+class _BlockBuilder:
+    """Rows into an Arrow block of about ``block_bytes`` of pixels. Rows are moved into Arrow every eighth
+    of a block (a video clip at once), so the task holds a block and a little more, never a block twice."""
+
+    def __init__(self, block_bytes: int) -> None:
+        self.block_bytes = block_bytes
+        self.tables: list = []
+        self.rows: list[dict] = []
+        self.table_bytes = self.row_bytes = 0
+
+    def full_with(self, row: dict) -> bool:
+        held = self.table_bytes + self.row_bytes
+        return held > 0 and held + _row_bytes(row) > self.block_bytes
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self.row_bytes += _row_bytes(row)
+        if self.row_bytes >= self.block_bytes / 8:
+            self._convert()
+
+    def _convert(self) -> None:
+        if self.rows:
+            self.tables.append(_rows_table(self.rows))
+            self.table_bytes += self.row_bytes
+            self.rows, self.row_bytes = [], 0
+
+    def take(self, partition_rows: int = -1):
+        if partition_rows >= 0:
+            for row in self.rows:
+                row["partition_rows"] = partition_rows
+            self.tables = [t.set_column(t.schema.get_field_index("partition_rows"), "partition_rows",
+                                        pa.array([partition_rows] * t.num_rows, pa.int64()))
+                           for t in self.tables]
+        self._convert()
+        table = pa.concat_tables(self.tables)
+        self.tables, self.table_bytes = [], 0
+        return table
+
+
+def _row_bytes(row: dict) -> int:
+    return sum(len(row.get(f"{slot}{kind}") or b"") for slot in ("target", "source")
+               for kind in ("_pixels", "_vit_pixels"))
+
+
+def _rows_table(rows: list[dict]):
+    return to_arrow({name: [row.get(name, ROW_DEFAULTS.get(name)) for row in rows]
+                     for name in [*ROW_DEFAULTS, "decode_seconds"]})
 
 
 TEXT_FIELDS = ("source_uri", "task", "caption", "system", "question", "answer")
@@ -156,30 +219,29 @@ def _error_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def _record_rows(record: dict, partition: int, index: int, cfg: PrecomputeConfig) -> list[dict]:
-    """``process_record`` for one record; any exception quarantines that record (with the exception's type
-    and message) instead of failing the partition."""
+def _record_rows(record: dict, partition: int, index: int, cfg: PrecomputeConfig) -> Iterator[dict]:
+    """``record_rows`` of one record; any exception quarantines that record (with the exception's type and
+    message) instead of failing the partition."""
     started = time.perf_counter()
+    source = {"source_uri": str(record.get("source_uri", ""))} if isinstance(record, dict) else {}
     try:
-        produced = process_record(record, partition, index, cfg)
-        for row in produced:
+        for row in record_rows(record, partition, index, cfg):
             for name in TEXT_FIELDS:
                 if not isinstance(row[name], str):
                     raise TypeError(f"{name} is {type(row[name]).__name__}, expected a string")
+            now = time.perf_counter()
+            row["decode_seconds"], started = now - started, now
+            yield row
     except Exception as err:  # noqa: BLE001 - one record's failure of any kind must not stop the partition
-        source = {"source_uri": str(record.get("source_uri", ""))} if isinstance(record, dict) else {}
-        produced = [dropped(source, partition, index, "quarantined", "read", "record_error", _error_text(err))]
-    seconds = (time.perf_counter() - started) / len(produced)
-    for row in produced:
-        row["decode_seconds"] = seconds
-    return produced
+        row = dropped(source, partition, index, "quarantined", "read", "record_error", _error_text(err))
+        row["decode_seconds"] = time.perf_counter() - started
+        yield row
 
 
-def _rows_of_partition(partition: int, segments, files: list[InputFile], cfg: PrecomputeConfig) -> list[dict]:
-    """The rows of every planned record of the partition. Records a segment cannot deliver (the file cannot
-    be parsed past some point, or holds fewer records than planned) are quarantined, so that each planned
-    record has an outcome."""
-    rows = []
+def _rows_of_partition(partition: int, segments, files: list[InputFile], cfg: PrecomputeConfig) -> Iterator[dict]:
+    """The rows of every planned record of the partition, one at a time. Records a segment cannot deliver
+    (the file cannot be parsed past some point, or holds fewer records than planned) are quarantined, so
+    that each planned record has an outcome."""
     index = 0
     for file_index, start, stop in segments:
         file = files[file_index]
@@ -193,17 +255,37 @@ def _rows_of_partition(partition: int, segments, files: list[InputFile], cfg: Pr
                 reason, detail = "unreadable_input", _error_text(err)
             else:
                 if record is not None:
-                    rows += _record_rows(record, partition, index, cfg)
+                    yield from _record_rows(record, partition, index, cfg)
                     index += 1
                     continue
                 reason, detail = "missing_record", f"{file.uri} holds fewer records than planned ({stop})"
             for missing in range(position, stop):
-                rows.append(dropped({"source_uri": f"{file.uri}#{missing}"}, partition, index, "quarantined",
-                                    "read", reason, detail))
-                rows[-1]["decode_seconds"] = 0.0
+                row = dropped({"source_uri": f"{file.uri}#{missing}"}, partition, index, "quarantined", "read",
+                              reason, detail)
+                row["decode_seconds"] = 0.0
+                yield row
                 index += 1
             break
-    return rows
+
+
+class PiecesByPartition:
+    """The driver's count of the pieces written for partitions that reached the writer in several blocks."""
+
+    def __init__(self) -> None:
+        self.pieces: dict[int, list[dict]] = {}
+
+    def add(self, partition: int, piece: dict) -> list[str] | None:
+        """Note a piece; the paths of all the partition's pieces once they hold every row of it."""
+        held = self.pieces.setdefault(partition, [])
+        held.append(piece)
+        total = max(p["total"] for p in held)
+        if total > 0 and sum(p["rows"] for p in held) == total:
+            del self.pieces[partition]
+            return [p["path"] for p in held]
+        return None
+
+    def incomplete(self) -> list[int]:
+        return sorted(self.pieces)
 
 
 @dataclass
@@ -290,17 +372,36 @@ def run_precompute(cfg: PrecomputeConfig, progress: bool = True, mode: RunMode =
     check_cpu_budget(cfg, ray.cluster_resources().get("CPU", 0.0), autoscaling=joined)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
-    ctx.target_max_block_size = max(ctx.target_max_block_size or 0, 8 * 2**30)
+    ctx.target_max_block_size = int(cfg.encoders.block_mb * 2**20)
     dedup = DedupIndex.remote(committed_hashes(cfg.output, commits, cfg), todo) if cfg.filters.dedup else None
     started = time.perf_counter()
     since_manifest = 0
-    for row in _build_dataset(cfg, files, partitions, todo, dedup).iter_rows():
-        record = json.loads(row["commit"])
+
+    def committed(record: dict) -> None:
+        nonlocal since_manifest
         commits[record["partition"]] = record
         since_manifest += 1
         if since_manifest >= cfg.manifest_every:
             write_manifest(cfg, commits, len(partitions), earlier_seconds + time.perf_counter() - started)
             since_manifest = 0
+
+    pieces = PiecesByPartition()
+    assemble = ray.remote(assemble_partition).options(num_cpus=cfg.encoders.cpus_per_task)
+    assembling = []
+    cfg_json = cfg.model_dump_json()
+    for row in _build_dataset(cfg, files, partitions, todo, dedup).iter_rows():
+        if row["commit"]:
+            committed(json.loads(row["commit"]))
+        elif paths := pieces.add(int(row["partition"]), json.loads(row["piece"])):
+            assembling.append(assemble.remote(cfg_json, cfg.output, int(row["partition"]), paths, dedup))
+        if assembling:
+            done, assembling = ray.wait(assembling, num_returns=len(assembling), timeout=0)
+            for record in ray.get(done):
+                committed(json.loads(record))
+    for record in ray.get(assembling):
+        committed(json.loads(record))
+    if pieces.incomplete():
+        raise RuntimeError(f"partitions {pieces.incomplete()} did not reach the writer whole; rerun to redo them")
     stats = write_manifest(cfg, commits, len(partitions), earlier_seconds + time.perf_counter() - started)
     return PrecomputeResult(cfg.output, len(partitions), len(todo), skipped, stats)
 
@@ -317,14 +418,14 @@ def _build_dataset(cfg: PrecomputeConfig, files: list[InputFile], partitions: li
     ds = ds.map_batches(_partition_rows, fn_args=(files, cfg_json, dedup), batch_size=1, batch_format="numpy",
                         num_cpus=enc.cpus_per_task, memory=int(enc.memory_per_task_gb * 2**30),
                         concurrency=enc.max_decode_tasks)
-    # One block per partition from the read stage to the writer: the actor stages take whole blocks
-    # (batch_size=None) and blocks are never split, so no shuffle is needed to regroup partitions.
+    # A partition reaches the writer in one block or in several (a long video's clips, ``block_mb``); the
+    # writer commits a whole one at once and keeps the others' blocks as pieces until the last arrives.
     stages = [(ScoreFilter, cfg.filters.score_actors)] if cfg.filters.scoring else []
     stages += [(VAEEncoder, enc.vae_actors), (ViTEncoder, enc.vit_actors)]
     for stage, actors in stages:
         ds = ds.map_batches(stage, fn_constructor_args=(cfg_json,), batch_size=None, batch_format="pandas",
                             compute=ActorPoolStrategy(size=actors), num_cpus=enc.cpus_per_actor, num_gpus=gpu)
-    return ds.map_batches(write_partition, fn_args=(cfg_json, cfg.output, dedup), batch_size=None,
+    return ds.map_batches(write_blocks, fn_args=(cfg_json, cfg.output, dedup), batch_size=None,
                           batch_format="pandas", num_cpus=enc.cpus_per_task)
 
 

@@ -8,9 +8,7 @@ row, one quarantined row; the writer counts them per partition.
 from __future__ import annotations
 
 import hashlib
-import math
-
-import numpy as np
+from collections.abc import Iterator
 
 from lance_core.shards import sample_id
 
@@ -23,7 +21,8 @@ from .sources import fetch_bytes
 ROW_DEFAULTS: dict = {
     "partition": -1, "record_index": -1, "source_uri": "", "status": "ok", "stage": "", "reason": "", "error": "",
     "task": "", "caption": "", "system": "", "question": "", "answer": "", "clip_index": 0,
-    "content_sha256": "", "sample_id": "", "bucket": "", "motion": float("nan"),
+    "content_sha256": "", "sample_id": "", "bucket": "", "motion": float("nan"), "row_seq": -1,
+    "partition_rows": -1,
     "clip_score": float("nan"), "text_area": float("nan"),
     **{f"{slot}_{name}": default for slot in ("target", "source") for name, default in (
         ("pixels", b""), ("shape", []), ("vit_pixels", b""), ("vit_shape", []), ("width", 0), ("height", 0),
@@ -56,27 +55,42 @@ def _media_bytes(record: dict, slot: str, cfg: PrecomputeConfig) -> bytes:
 
 
 def process_record(record: dict, partition: int, index: int, cfg: PrecomputeConfig) -> list[dict]:
-    """Read, decode, filter and bucket one record."""
+    """Every row of :func:`record_rows` at once (tests and benches; the pipeline streams them)."""
+    return list(record_rows(record, partition, index, cfg))
+
+
+def record_rows(record: dict, partition: int, index: int, cfg: PrecomputeConfig) -> Iterator[dict]:
+    """Read, decode, filter and bucket one record, yielding its rows one at a time: a video's clips are
+    handed on as they are decoded, so a task holds one clip of a long video, not all of them.
+
+    A record that fails after some clips were yielded ends with a quarantined row; the writer then
+    quarantines the whole record (a record is written whole or not at all)."""
     if "error" in record:
-        return [dropped(record, partition, index, "quarantined", "read", record.get("error_reason", "bad_record"),
-                        record["error"])]
+        yield dropped(record, partition, index, "quarantined", "read", record.get("error_reason", "bad_record"),
+                      record["error"])
+        return
     if "filtered_reason" in record:  # the source marks the sample failed (img2dataset's status)
-        return [dropped(record, partition, index, "filtered", "read", record["filtered_reason"])]
+        yield dropped(record, partition, index, "filtered", "read", record["filtered_reason"])
+        return
     task = record.get("task") or "t2i"
     caption = record.get("caption")
     if caption == "\0invalid-utf8":
-        return [dropped(record, partition, index, "quarantined", "read", "caption_not_utf8")]
+        yield dropped(record, partition, index, "quarantined", "read", "caption_not_utf8")
+        return
     text = caption if task not in ("i2t", "v2t") else record.get("answer")
     reason = caption_reason(text, cfg.filters)
     if reason:
-        return [dropped(record, partition, index, "filtered", "caption", reason)]
+        yield dropped(record, partition, index, "filtered", "caption", reason)
+        return
     try:
         target_data = _media_bytes(record, "target", cfg)
         source_data = _media_bytes(record, "source", cfg) if task in ("i2i", "v2v") else None
     except FileNotFoundError as err:
-        return [dropped(record, partition, index, "quarantined", "read", "missing_file", str(err))]
+        yield dropped(record, partition, index, "quarantined", "read", "missing_file", str(err))
+        return
     except Exception as err:  # noqa: BLE001 - storage errors of any client
-        return [dropped(record, partition, index, "quarantined", "read", "storage_error", str(err))]
+        yield dropped(record, partition, index, "quarantined", "read", "storage_error", str(err))
+        return
     content = hashlib.sha256(target_data + (source_data or b"")).hexdigest()
     # Videos are probed, not decoded, until the size / aspect / duration filters have passed them; their
     # clips then stream (decoded, bucketed and handed on one at a time).
@@ -85,13 +99,15 @@ def process_record(record: dict, partition: int, index: int, cfg: PrecomputeConf
         source = (open_media(source_data, record.get("source_name", ""), task, cfg.video)
                   if source_data is not None else None)
     except DecodeError as err:
-        return [dropped(record, partition, index, "quarantined", "decode", err.reason, err.detail)]
+        yield dropped(record, partition, index, "quarantined", "decode", err.reason, err.detail)
+        return
     for media in (target, source):
         failed = media_reason(media, cfg.filters) if media is not None else None
         if failed:
-            return [dropped(record, partition, index, "filtered", *failed)]
+            yield dropped(record, partition, index, "filtered", *failed)
+            return
     needs_vit = task in cfg.encoders.vit_tasks
-    rows = []
+    yielded = 0
     try:
         source_clips = slot_clips(source, "source", needs_vit, cfg) if source is not None else None
         source_values: dict = {}
@@ -102,24 +118,15 @@ def process_record(record: dict, partition: int, index: int, cfg: PrecomputeConf
             static = cfg.filters.motion_min is not None and clip.motion < cfg.filters.motion_min
             if static and target.video is not None:
                 continue
-            rows.append(_row(record, partition, index, clip_index=clip.clip_index, content_sha256=content,
-                             sample_id=sample_id(record["source_uri"], content, clip.clip_index),
-                             bucket=clip.bucket, motion=clip.motion, **clip.values, **source_values))
+            yield _row(record, partition, index, clip_index=clip.clip_index, content_sha256=content,
+                       sample_id=sample_id(record["source_uri"], content, clip.clip_index),
+                       bucket=clip.bucket, motion=clip.motion, **clip.values, **source_values)
+            yielded += 1
     except DecodeError as err:
-        return [dropped(record, partition, index, "quarantined", "decode", err.reason, err.detail)]
-    if not rows:
-        return [dropped(record, partition, index, "filtered", "motion", "static_video")]
-    return rows
-
-
-def frames_from_row(row: dict, slot: str, vit: bool = False) -> np.ndarray:
-    key = f"{slot}_vit" if vit else slot
-    shape = tuple(int(s) for s in row[f"{key}_shape"])
-    return np.frombuffer(row[f"{key}_pixels"], dtype=np.uint8).reshape(shape)
-
-
-def is_nan(value) -> bool:
-    return isinstance(value, float) and math.isnan(value)
+        yield dropped(record, partition, index, "quarantined", "decode", err.reason, err.detail)
+        return
+    if not yielded:
+        yield dropped(record, partition, index, "filtered", "motion", "static_video")
 
 
 def _arrow_type(name: str, sample):

@@ -6,7 +6,10 @@ into place), then its commit record. The commit record is the truth: a rerun ski
 a readable one and redoes the others (a damaged record counts as none), overwriting any half-written files
 of theirs, so no sample is written twice. JSON files (commit records, plan, manifest, stats) are written
 whole: under a temporary name and renamed on a local disk, with one PUT on an object store (atomic there).
-Temporary files of an attempt that died (``.tmp-*``) are removed when the next run starts.
+A partition whose rows reach the writer in several blocks (a long video's clips) is kept in
+``_pieces/part-NNNNN/`` until its last block arrives, then written and committed as above and its pieces
+removed. Temporary files and pieces of an attempt that died (``.tmp-*``, ``_pieces/``) are removed when the
+next run starts.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from .config import PrecomputeConfig
 from .sources import filesystem, with_retries
 
 COMMITS = "_commits"
+PIECES = "_pieces"
 TMP_PREFIX = ".tmp-"
 COMMIT_FIELDS = ("partition", "shard", "rows", "bytes", "sha256", "inputs", "inputs_written", "filtered",
                  "quarantined", "filtered_inputs", "quarantined_inputs")
@@ -129,9 +133,14 @@ def _write_parquet(fs, table: pa.Table, final: str) -> int:
 
 
 def remove_temporary_files(output: str, cfg: PrecomputeConfig) -> list[str]:
-    """Remove the ``.tmp-*`` files that attempts which died left in the output folders; return their paths."""
+    """Remove what attempts which died left in the output folders: ``.tmp-*`` files and the pieces of
+    partitions they did not commit (``_pieces/``); return their paths."""
     fs = filesystem(output, cfg.storage)
     removed = []
+    pieces = _join(output, PIECES)
+    if with_retries(f"reading {output}", cfg.storage, lambda: fs.exists(pieces)):
+        removed += with_retries(f"listing {pieces}", cfg.storage, lambda: fs.find(pieces))
+        with_retries(f"writing {output}", cfg.storage, lambda: fs.rm(pieces, recursive=True))
     for sub in OUTPUT_FOLDERS:
         folder = _join(output, sub) if sub else output.rstrip("/")
         if not with_retries(f"reading {output}", cfg.storage, lambda folder=folder: fs.exists(folder)):
@@ -162,17 +171,78 @@ def _wait_for_earlier_partitions(dedup_index, partition: int, timeout: float) ->
         delay = min(delay * 2, 1.0)
 
 
-def write_partition(group: pd.DataFrame, cfg_json: str, output: str, dedup_index=None) -> pd.DataFrame:
-    """Write one partition (all its rows, one block) and return its commit record as a one-row frame."""
+def write_blocks(block: pd.DataFrame, cfg_json: str, output: str, dedup_index=None) -> pd.DataFrame:
+    """The writer stage: for each partition in the block, its commit record when the block holds all of the
+    partition's rows (``partition_rows`` of them), else the rows written as a piece (see
+    :func:`write_piece`). One output row per partition: ``commit`` or ``piece`` (JSON) set."""
     cfg = PrecomputeConfig.model_validate_json(cfg_json)
+    out = []
+    for partition, rows in block.groupby("partition", sort=True):
+        total = int(rows["partition_rows"].max())
+        if total == len(rows):
+            out.append({"partition": int(partition), "piece": "",
+                        "commit": json.dumps(write_partition(rows, cfg, output, dedup_index))})
+        else:
+            out.append({"partition": int(partition), "commit": "",
+                        "piece": json.dumps(write_piece(rows, cfg, output, int(partition), total))})
+    return pd.DataFrame(out, columns=["partition", "commit", "piece"])
+
+
+def _piece_folder(output: str, partition: int) -> str:
+    return _join(output, PIECES, part_name(partition))
+
+
+def write_piece(rows: pd.DataFrame, cfg: PrecomputeConfig, output: str, partition: int, total: int) -> dict:
+    """Rows of a partition that reached the writer in several blocks (a long video's clips), kept as an Arrow
+    IPC file under ``_pieces/part-N/`` until the last one arrives. The name comes from the rows' numbers, so
+    a retried writer overwrites its own piece instead of adding one."""
+    from .records import frame_to_arrow
+
+    seqs = [int(x) for x in rows["row_seq"]]
+    path = _join(_piece_folder(output, partition), f"rows-{min(seqs):07d}-{max(seqs):07d}-{len(seqs)}.arrow")
+    sink = pa.BufferOutputStream()
+    table = frame_to_arrow(rows)
+    with pa.ipc.new_file(sink, table.schema) as ipc:
+        ipc.write_table(table)
+    fs = filesystem(output, cfg.storage)
+    if _is_local(fs):
+        fs.makedirs(_piece_folder(output, partition), exist_ok=True)
+    with_retries(f"writing {output}", cfg.storage, lambda: put_whole(fs, path, sink.getvalue().to_pybytes()))
+    return {"path": path, "rows": len(seqs), "total": total if total > 0 else -1}
+
+
+def assemble_partition(cfg_json: str, output: str, partition: int, paths: list[str], dedup_index=None) -> str:
+    """The pieces of a partition (every row, checked by number) written as its shard and committed; the
+    pieces are then removed. Returns the commit record as JSON."""
+    cfg = PrecomputeConfig.model_validate_json(cfg_json)
+    fs = filesystem(output, cfg.storage)
+    frames = []
+    for path in paths:
+        data = with_retries(f"reading {path}", cfg.storage, lambda path=path: fs.cat_file(path))
+        frames.append(pa.ipc.open_file(pa.py_buffer(data)).read_all().to_pandas())
+    rows = pd.concat(frames, ignore_index=True)
+    total = int(rows["partition_rows"].max())
+    if sorted(int(x) for x in rows["row_seq"]) != list(range(total)):
+        raise RuntimeError(f"partition {partition}: its pieces hold rows {len(rows)} of {total} (or some twice)")
+    record = write_partition(rows, cfg, output, dedup_index)
+    folder = _piece_folder(output, partition)
+    with_retries(f"writing {output}", cfg.storage, lambda: fs.rm(folder, recursive=True))
+    return json.dumps(record)
+
+
+def write_partition(group: pd.DataFrame, cfg: PrecomputeConfig, output: str, dedup_index=None) -> dict:
+    """Write one partition (all its rows) and return its commit record."""
     fs = filesystem(output, cfg.storage)
     partitions = group["partition"].unique()
     if len(partitions) != 1:
-        raise RuntimeError(f"a writer block holds partitions {sorted(partitions)}; expected exactly one")
+        raise RuntimeError(f"rows of partitions {sorted(partitions)} were given to one partition's writer")
     partition = int(partitions[0])
     name = part_name(partition)
     group = group.sort_values(["record_index", "clip_index"], kind="stable")
-    ok = group[group["status"] == "ok"]
+    # A record that failed while it was read or decoded (a video whose later clips are corrupt) is
+    # quarantined whole, its clips decoded before the failure with it.
+    broken = group[(group["status"] == "quarantined") & group["stage"].isin(("read", "decode"))]
+    ok = group[(group["status"] == "ok") & ~group["record_index"].isin(set(broken["record_index"]))]
     dup_records: set[int] = set()
     if cfg.filters.dedup and dedup_index is not None and len(ok):
         import ray
@@ -182,7 +252,8 @@ def write_partition(group: pd.DataFrame, cfg_json: str, output: str, dedup_index
         dup_records = set(ray.get(dedup_index.claim.remote(
             partition, list(first_rows["content_sha256"]), [int(i) for i in first_rows["record_index"]])))
     ok = ok[~ok["record_index"].isin(dup_records)]
-    # Each input record has one outcome: written if any of its rows (clips) is written, else an exact
+    # Each input record has one outcome: written if any of its rows (clips) is written (a clip the encoders
+    # could not store is quarantined alone), else an exact
     # duplicate of a record written elsewhere, else quarantined if any row was, else filtered (reasons
     # counted once per record).
     written_records = set(ok["record_index"])
@@ -221,7 +292,7 @@ def write_partition(group: pd.DataFrame, cfg_json: str, output: str, dedup_index
     }
     with_retries(f"writing {output}", cfg.storage, lambda: put_whole(
         fs, _join(output, COMMITS, f"{name}.json"), json.dumps(record).encode()))
-    return pd.DataFrame([{"commit": json.dumps(record)}])
+    return record
 
 
 def parse_commit(data: bytes, path: str) -> dict:
