@@ -34,11 +34,11 @@ from .writer import (
     PIECES,
     TMP_PREFIX,
     DamagedFileError,
+    assemble_partition,
     committed_hashes,
     read_commits,
     read_json,
     remove_temporary_files,
-    assemble_partition,
     write_blocks,
     write_json,
 )
