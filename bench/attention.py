@@ -57,7 +57,7 @@ def build_layout(lengths: list[int]):
     """Each sample: causal text (1/8), full visual span (1/4), noisy target (the rest)."""
     import torch
 
-    from lance_core.model.attention import AttentionLayout
+    from lance_core.model.layout import AttentionLayout
 
     sample, span, bidir, noise = [], [], [], []
     span_no = 0

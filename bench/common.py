@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -21,10 +20,6 @@ def timings(fn: Callable[[], object], reps: int) -> list[float]:
         fn()
         times.append(time.perf_counter() - start)
     return times
-
-
-def median_seconds(fn: Callable[[], object], reps: int) -> float:
-    return statistics.median(timings(fn, reps))
 
 
 def wall_and_cpu(fn: Callable[[], object], reps: int) -> tuple[list[float], list[float]]:

@@ -50,7 +50,7 @@ def measure(name: str, backend: str, budget: int, per_task: int, image_side: int
     model = build_model(cfg)
     device = next(model.parameters()).device
     samples = synthetic_mix(ByteTokenizer(), cfg, per_task=per_task, image_side=image_side)
-    batch = pack_samples(samples, pad_to=budget)
+    batch = pack_samples(samples, cfg, pad_to=budget)
     loss_cfg = LossConfig()
     noised = noise_latents(batch, loss_cfg, torch.Generator().manual_seed(0))
     real = batch.num_real_tokens

@@ -233,10 +233,6 @@ class ModelConfig(StrictModel):
         return self
 
     @property
-    def kv_groups(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
-    @property
     def logit_rows(self) -> int:
         """Logit rows in use: ``text_vocab``, else ``vocab_size``."""
         return self.text_vocab or self.vocab_size

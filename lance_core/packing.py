@@ -3,6 +3,7 @@
 A :class:`Sample` is a list of :class:`Span` objects laid out with Qwen's chat template (MODEL.md,
 "Sequence layout"). :func:`pack_samples` concatenates samples into one flat :class:`PackedBatch`; every
 per-token field is a tensor of length L (the packed length), so the model never loops over samples.
+:class:`StepPacker` chooses the samples of each training step's pack under a token budget.
 
 PackedBatch fields (L tokens, S spans, V VAE tokens, U ViT tokens):
 
@@ -31,11 +32,13 @@ vit_features         (U, D)      ViT features (D = hidden size) placed at those 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Iterable, Iterator, Literal, Sequence
+from typing import Literal
 
 import torch
 
+from .config import ModelConfig
 from .positions import Role, SpanPosition, position_ids
 from .prompts import description_system_prompt, generation_system_prompt
 from .tokenizer import TextTokenizer, chat_turn
@@ -46,6 +49,8 @@ UNDERSTANDING_TASKS = ("i2t", "v2t")
 
 TEXT, VIT, VAE_CLEAN, VAE_NOISY = 0, 1, 2, 3
 IGNORE_INDEX = -100
+MAX_CONSECUTIVE_SKIPS = 1000
+"""Samples (or rows) in a row that may be unusable before packing gives up with a clear error."""
 SpanMode = Literal["causal", "full", "noise"]
 
 
@@ -313,99 +318,100 @@ def _latent_grid_coords(grid: tuple[int, int, int]) -> torch.Tensor:
     return torch.stack([t.reshape(-1), h.reshape(-1), w.reshape(-1)], dim=1)
 
 
-def pack_samples(
-    samples: list[Sample],
-    *,
-    mape: bool = True,
-    temporal_step: float = 2.0,
-    pad_to: int | None = None,
-    pad_id: int = 0,
-    latent_channels: int = 48,
-    vit_dim: int | None = None,
-) -> PackedBatch:
-    """Concatenate samples into one :class:`PackedBatch`, padding with isolated tokens to ``pad_to``."""
-    cols: dict[str, list[torch.Tensor]] = {k: [] for k in (
-        "input_ids", "is_gen", "token_kind", "position_ids", "sample_index", "span_index", "span_bidirectional",
-        "span_noise", "ce_labels", "mse_mask", "target_index", "task_index")}
-    vae_pos, vae_lat, vae_grid, vit_pos, vit_feat = [], [], [], [], []
+PER_TOKEN_FIELDS = ("input_ids", "is_gen", "token_kind", "position_ids", "sample_index", "span_index",
+                    "span_bidirectional", "span_noise", "ce_labels", "mse_mask", "target_index", "task_index")
+VISUAL_FIELDS = ("vae_positions", "vae_latents", "vae_grid", "vit_positions", "vit_features")
+
+
+def pack_samples(samples: list[Sample], cfg: ModelConfig, *, pad_to: int | None = None,
+                 pad_id: int = 0) -> PackedBatch:
+    """Concatenate samples into one :class:`PackedBatch`, padding with isolated tokens to ``pad_to``.
+
+    ``cfg`` gives MaPE, the mRoPE temporal step and the widths of the latent and ViT features."""
+    cols: dict[str, list[torch.Tensor]] = {k: [] for k in PER_TOKEN_FIELDS + VISUAL_FIELDS}
     offset = span_counter = target_counter = 0
     for sample_no, sample in enumerate(samples):
         if sample.task not in TASKS:
             raise ValueError(f"unknown task {sample.task!r}; allowed: {', '.join(TASKS)}")
-        pos = position_ids(sample.span_positions(temporal_step), mape=mape)
-        cols["position_ids"].append(pos)
-        ids = torch.cat([s.token_ids for s in sample.spans])
-        labels = torch.full_like(ids, IGNORE_INDEX)
-        ce_flags = torch.cat([s.ce_targets if s.ce_targets is not None else torch.zeros(len(s), dtype=torch.bool)
-                              for s in sample.spans])
-        labels[:-1][ce_flags[1:]] = ids[1:][ce_flags[1:]]
-        cols["input_ids"].append(ids)
-        cols["ce_labels"].append(labels)
-        cols["task_index"].append(torch.full_like(ids, TASKS.index(sample.task)))
-        cols["sample_index"].append(torch.full_like(ids, sample_no))
-        local = 0
+        _append_sample(cols, sample, sample_no, cfg)
         for span in sample.spans:
-            n, lead, inner = len(span), span.markers, span.visual_tokens
-            visual = slice(lead, lead + inner)
-            is_gen = torch.zeros(n, dtype=torch.bool)
-            is_gen[visual] = span.is_gen
-            kind = torch.full((n,), TEXT, dtype=torch.int8)
-            kind[visual] = span.kind
-            mse = torch.zeros(n, dtype=torch.bool)
-            target = torch.full((n,), -1, dtype=torch.long)
-            if span.kind == VAE_NOISY:
-                clean = span.clean_frames * span.grid[1] * span.grid[2]
-                kind[lead:lead + clean] = VAE_CLEAN
-                mse[lead + clean:lead + inner] = True
-                target[lead + clean:lead + inner] = target_counter
-                target_counter += 1
-            cols["is_gen"].append(is_gen)
-            cols["token_kind"].append(kind)
-            cols["mse_mask"].append(mse)
-            cols["target_index"].append(target)
-            cols["span_index"].append(torch.full((n,), span_counter))
-            cols["span_bidirectional"].append(torch.full((n,), span.mode != "causal"))
-            cols["span_noise"].append(torch.full((n,), span.mode == "noise"))
-            first = offset + local + lead
-            if span.latents is not None:
-                vae_pos.append(torch.arange(first, first + inner))
-                vae_lat.append(span.latents.float())
-                vae_grid.append(_latent_grid_coords(span.grid))
-            if span.vit_features is not None:
-                vit_pos.append(torch.arange(first, first + inner))
-                vit_feat.append(span.vit_features.float())
+            target_counter = _append_span(cols, span, offset, span_counter, target_counter)
             span_counter += 1
-            local += n
-        offset += local
-    real = offset
+            offset += len(span)
     if pad_to is not None:
-        if real > pad_to:
-            raise ValueError(f"{real} tokens do not fit the pack size {pad_to}")
-        _append_padding(cols, pad_to - real, len(samples), span_counter, pad_id)
-    vit_dim = vit_dim or (vit_feat[0].shape[1] if vit_feat else 1)
-    return PackedBatch(
-        input_ids=torch.cat(cols["input_ids"]).long(),
-        is_gen=torch.cat(cols["is_gen"]).bool(),
-        token_kind=torch.cat(cols["token_kind"]),
-        position_ids=torch.cat(cols["position_ids"], dim=1).long(),
-        sample_index=torch.cat(cols["sample_index"]).long(),
-        span_index=torch.cat(cols["span_index"]).long(),
-        span_bidirectional=torch.cat(cols["span_bidirectional"]).bool(),
-        span_noise=torch.cat(cols["span_noise"]).bool(),
-        ce_labels=torch.cat(cols["ce_labels"]).long(),
-        mse_mask=torch.cat(cols["mse_mask"]),
-        target_index=torch.cat(cols["target_index"]),
-        task_index=torch.cat(cols["task_index"]).long(),
-        vae_positions=torch.cat(vae_pos) if vae_pos else torch.zeros(0, dtype=torch.long),
-        vae_latents=torch.cat(vae_lat) if vae_lat else torch.zeros(0, latent_channels),
-        vae_grid=torch.cat(vae_grid) if vae_grid else torch.zeros(0, 3, dtype=torch.long),
-        vit_positions=torch.cat(vit_pos) if vit_pos else torch.zeros(0, dtype=torch.long),
-        vit_features=torch.cat(vit_feat) if vit_feat else torch.zeros(0, vit_dim),
-        num_targets=target_counter,
-        num_samples=len(samples),
-        num_real_tokens=real,
-        sample_tasks=[s.task for s in samples],
-    )
+        if offset > pad_to:
+            raise ValueError(f"{offset} tokens do not fit the pack size {pad_to}")
+        _append_padding(cols, pad_to - offset, len(samples), span_counter, pad_id)
+    return PackedBatch(**_concat_columns(cols, cfg), num_targets=target_counter, num_samples=len(samples),
+                       num_real_tokens=offset, sample_tasks=[s.task for s in samples])
+
+
+def _append_sample(cols: dict[str, list[torch.Tensor]], sample: Sample, sample_no: int, cfg: ModelConfig) -> None:
+    """The per-sample columns: mRoPE ids, token ids, next-token CE labels, task and sample index."""
+    cols["position_ids"].append(position_ids(sample.span_positions(cfg.tokens_per_second), mape=cfg.mape))
+    ids = torch.cat([s.token_ids for s in sample.spans])
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    ce_flags = torch.cat([s.ce_targets if s.ce_targets is not None else torch.zeros(len(s), dtype=torch.bool)
+                          for s in sample.spans])
+    labels[:-1][ce_flags[1:]] = ids[1:][ce_flags[1:]]
+    cols["input_ids"].append(ids)
+    cols["ce_labels"].append(labels)
+    cols["task_index"].append(torch.full_like(ids, TASKS.index(sample.task)))
+    cols["sample_index"].append(torch.full_like(ids, sample_no))
+
+
+def _append_span(cols: dict[str, list[torch.Tensor]], span: Span, first_token: int, span_no: int,
+                 target_no: int) -> int:
+    """The per-span columns of a span starting at token ``first_token``; returns the next target number."""
+    n, lead, inner = len(span), span.markers, span.visual_tokens
+    visual = slice(lead, lead + inner)
+    is_gen = torch.zeros(n, dtype=torch.bool)
+    is_gen[visual] = span.is_gen
+    kind = torch.full((n,), TEXT, dtype=torch.int8)
+    kind[visual] = span.kind
+    mse = torch.zeros(n, dtype=torch.bool)
+    target = torch.full((n,), -1, dtype=torch.long)
+    if span.kind == VAE_NOISY:
+        clean = span.clean_frames * span.grid[1] * span.grid[2]
+        kind[lead:lead + clean] = VAE_CLEAN
+        mse[lead + clean:lead + inner] = True
+        target[lead + clean:lead + inner] = target_no
+        target_no += 1
+    cols["is_gen"].append(is_gen)
+    cols["token_kind"].append(kind)
+    cols["mse_mask"].append(mse)
+    cols["target_index"].append(target)
+    cols["span_index"].append(torch.full((n,), span_no))
+    cols["span_bidirectional"].append(torch.full((n,), span.mode != "causal"))
+    cols["span_noise"].append(torch.full((n,), span.mode == "noise"))
+    _append_visual(cols, span, first_token + lead)
+    return target_no
+
+
+def _append_visual(cols: dict[str, list[torch.Tensor]], span: Span, first: int) -> None:
+    """Token positions and features of the span's latent or ViT tokens, the first at token ``first``."""
+    positions = torch.arange(first, first + span.visual_tokens)
+    if span.latents is not None:
+        cols["vae_positions"].append(positions)
+        cols["vae_latents"].append(span.latents.float())
+        cols["vae_grid"].append(_latent_grid_coords(span.grid))
+    if span.vit_features is not None:
+        cols["vit_positions"].append(positions)
+        cols["vit_features"].append(span.vit_features.float())
+
+
+def _concat_columns(cols: dict[str, list[torch.Tensor]], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The packed tensors; a visual field the pack has no token of is empty."""
+    out = {name: torch.cat(cols[name], dim=-1) for name in PER_TOKEN_FIELDS}
+    for name in ("input_ids", "position_ids", "sample_index", "span_index", "ce_labels", "task_index"):
+        out[name] = out[name].long()
+    for name in ("is_gen", "span_bidirectional", "span_noise"):
+        out[name] = out[name].bool()
+    empty = {"vae_positions": torch.zeros(0, dtype=torch.long), "vae_latents": torch.zeros(0, cfg.latent_channels),
+             "vae_grid": torch.zeros(0, 3, dtype=torch.long), "vit_positions": torch.zeros(0, dtype=torch.long),
+             "vit_features": torch.zeros(0, cfg.hidden_size)}
+    out.update({name: torch.cat(cols[name]) if cols[name] else empty[name] for name in VISUAL_FIELDS})
+    return out
 
 
 def _append_padding(cols: dict[str, list[torch.Tensor]], n: int, sample_no: int, span_no: int, pad_id: int) -> None:
@@ -425,12 +431,18 @@ def _append_padding(cols: dict[str, list[torch.Tensor]], n: int, sample_no: int,
     cols["span_noise"].append(torch.zeros(n, dtype=torch.bool))
 
 
-class TokenBudgetPacker:
-    """Greedy packing under a token budget with a small carry-over buffer.
+class TokenBudgetError(ValueError):
+    """:data:`MAX_CONSECUTIVE_SKIPS` samples in a row were longer than the token budget."""
 
-    Samples that do not fit the current pack wait in the buffer and are tried first for the next one;
-    samples longer than the budget can never fit and are counted in ``skipped``.
-    """
+
+class StepPacker:
+    """One pack per call, greedy under a token budget, with a small carry-over buffer.
+
+    Samples that do not fit the current pack wait in ``buffer`` and are tried first for the next one;
+    samples longer than the budget can never fit and are counted in ``skipped``. A pack opens with a
+    generation sample when ``need_generation`` (from the buffer if one waits), so that on every rank both
+    experts and the latent modules run every step; then waiting samples that fit; then new samples until
+    the pack is full or the buffer is full."""
 
     def __init__(self, token_budget: int, buffer_size: int = 16) -> None:
         self.token_budget = token_budget
@@ -438,28 +450,18 @@ class TokenBudgetPacker:
         self.buffer: list[Sample] = []
         self.skipped = 0
 
-    def packs(self, samples: Iterable[Sample]) -> Iterator[list[Sample]]:
+    def next_pack(self, draw: Callable[[bool], Sample], need_generation: bool) -> list[Sample]:
+        """``draw(generation)`` gives the next sample (a generation sample when ``generation``)."""
         current: list[Sample] = []
         used = 0
-        for sample in samples:
-            if sample.num_tokens > self.token_budget:
-                self.skipped += 1
-                continue
-            if used + sample.num_tokens <= self.token_budget:
-                current.append(sample)
-                used += sample.num_tokens
-                continue
-            self.buffer.append(sample)
-            if len(self.buffer) >= self.buffer_size:
-                yield current
-                current, used = self._refill()
-        while current or self.buffer:
-            if current:
-                yield current
-            current, used = self._refill()
-
-    def _refill(self) -> tuple[list[Sample], int]:
-        current, used, waiting = [], 0, []
+        if need_generation:
+            first = next((s for s in self.buffer if s.has_gen), None)
+            if first is not None:
+                self.buffer.remove(first)
+            else:
+                first = self._draw_fitting(draw, True)
+            current, used = [first], first.num_tokens
+        waiting = []
         for sample in self.buffer:
             if used + sample.num_tokens <= self.token_budget:
                 current.append(sample)
@@ -467,4 +469,22 @@ class TokenBudgetPacker:
             else:
                 waiting.append(sample)
         self.buffer = waiting
-        return current, used
+        while used < self.token_budget and len(self.buffer) < self.buffer_size:
+            sample = self._draw_fitting(draw, False)
+            if used + sample.num_tokens <= self.token_budget:
+                current.append(sample)
+                used += sample.num_tokens
+            else:
+                self.buffer.append(sample)
+        return current
+
+    def _draw_fitting(self, draw: Callable[[bool], Sample], generation: bool) -> Sample:
+        smallest = None
+        for _ in range(MAX_CONSECUTIVE_SKIPS):
+            sample = draw(generation)
+            if sample.num_tokens <= self.token_budget:
+                return sample
+            self.skipped += 1
+            smallest = min(smallest or sample.num_tokens, sample.num_tokens)
+        raise TokenBudgetError(f"{MAX_CONSECUTIVE_SKIPS} samples in a row exceed the token budget of "
+                               f"{self.token_budget} (smallest {smallest} tokens)")

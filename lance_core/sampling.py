@@ -67,9 +67,7 @@ def prefill(model: LanceModel, batch: PackedBatch) -> list[LayerCache]:
 
 
 def prepare_prefix(model: LanceModel, sample: Sample, device: torch.device | str) -> PrefixState:
-    cfg = model.cfg
-    batch = pack_samples([sample], mape=cfg.mape, temporal_step=cfg.tokens_per_second,
-                         latent_channels=cfg.latent_channels, vit_dim=cfg.hidden_size).to(device)
+    batch = pack_samples([sample], model.cfg).to(device)
     start, stop = _noisy_range(batch)
     return PrefixState(prefill(model, batch.token_slice(0, start)), batch.token_slice(start, stop))
 
@@ -159,10 +157,8 @@ def generate_text(
     generator: torch.Generator | None = None,
 ) -> list[int]:
     """Greedy (``temperature=0``) or sampled decoding with UND weights; stops at ``<|im_end|>``."""
-    cfg = model.cfg
     device = next(model.parameters()).device
-    batch = pack_samples([prompt], mape=cfg.mape, temporal_step=cfg.tokens_per_second,
-                         latent_channels=cfg.latent_channels, vit_dim=cfg.hidden_size).to(device)
+    batch = pack_samples([prompt], model.cfg).to(device)
     hidden, cache = model.backbone(TokenInputs.from_batch(batch), keep_cache=True)
     logits = model.text_logits(hidden[-1], len(tokenizer))
     next_position = batch.position_ids[:, -1:] + 1

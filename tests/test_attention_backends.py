@@ -15,7 +15,7 @@ from lance_core.synthetic import synthetic_mix
 @pytest.fixture
 def layout(tokenizer, tiny_cfg):
     samples = synthetic_mix(tokenizer, tiny_cfg, per_task=1)
-    return AttentionLayout.from_batch(pack_samples(samples, pad_to=_padded_length(samples)))
+    return AttentionLayout.from_batch(pack_samples(samples, tiny_cfg, pad_to=_padded_length(samples)))
 
 
 def _padded_length(samples, block: int = 128) -> int:
@@ -106,7 +106,7 @@ def test_flex_matches_dense(layout):
 @pytest.mark.slow
 def test_model_outputs_agree_across_backends(tokenizer, tiny_cfg):
     samples = synthetic_mix(tokenizer, tiny_cfg, per_task=1)
-    batch = pack_samples(samples, pad_to=_padded_length(samples))
+    batch = pack_samples(samples, tiny_cfg, pad_to=_padded_length(samples))
     reference = build_model(model_preset("tiny", attention_backend="sdpa")).eval()
     real = batch.task_index >= 0
     with torch.no_grad():

@@ -27,7 +27,7 @@ def test_interpolation_endpoints():
 
 
 def test_noised_latents_clean_tokens_untouched_and_target_is_velocity(tokenizer, tiny_cfg):
-    batch = pack_samples(synthetic_mix(tokenizer, tiny_cfg, per_task=1))
+    batch = pack_samples(synthetic_mix(tokenizer, tiny_cfg, per_task=1), tiny_cfg)
     noised = noise_latents(batch, LossConfig(), torch.Generator().manual_seed(1))
     is_target = batch.target_index[batch.vae_positions] >= 0
     assert torch.equal(noised.values[~is_target], batch.vae_latents[~is_target])
@@ -43,7 +43,7 @@ def test_noised_latents_clean_tokens_untouched_and_target_is_velocity(tokenizer,
 
 def test_loss_normalisation_uses_global_counts(tokenizer, tiny_cfg):
     model = build_model(tiny_cfg)
-    batch = pack_samples(synthetic_mix(tokenizer, tiny_cfg, per_task=1))
+    batch = pack_samples(synthetic_mix(tokenizer, tiny_cfg, per_task=1), tiny_cfg)
     noised = noise_latents(batch, LossConfig(), torch.Generator().manual_seed(0))
     local = compute_losses(model, batch, LossConfig(), noised=noised)
     doubled = compute_losses(model, batch, LossConfig(), noised=noised, count_reducer=lambda c: c * 2)

@@ -18,7 +18,7 @@ GOLDEN_TOTAL = 2.970132350921631
 def _train(tokenizer, cfg, steps, lr, fixed_noise=True):
     torch.manual_seed(0)
     model = build_model(cfg)
-    batch = pack_samples(synthetic_mix(tokenizer, cfg, per_task=1))
+    batch = pack_samples(synthetic_mix(tokenizer, cfg, per_task=1), cfg)
     loss_cfg = LossConfig()
     generator = torch.Generator().manual_seed(0)
     noised = noise_latents(batch, loss_cfg, generator) if fixed_noise else None

@@ -46,7 +46,7 @@ def _run(model, batch, values):
 def test_changing_noisy_tokens_changes_nothing_outside_their_span(tokenizer, tiny_cfg):
     model = build_model(tiny_cfg).eval()
     samples = synthetic_mix(tokenizer, tiny_cfg, per_task=1)
-    batch = pack_samples(samples)
+    batch = pack_samples(samples, tiny_cfg)
     values = batch.vae_latents.clone()
     out_a = _run(model, batch, values)
     noisy_rows = batch.span_noise[batch.vae_positions]
@@ -60,8 +60,8 @@ def test_changing_noisy_tokens_changes_nothing_outside_their_span(tokenizer, tin
 def test_packed_samples_do_not_see_each_other(tokenizer, tiny_cfg):
     model = build_model(tiny_cfg).eval()
     a, b, c = synthetic_mix(tokenizer, tiny_cfg, per_task=1, tasks=("t2i", "i2t", "v2v"))
-    packed = pack_samples([a, b, c])
-    alone = pack_samples([b])
+    packed = pack_samples([a, b, c], tiny_cfg)
+    alone = pack_samples([b], tiny_cfg)
     out_packed = _run(model, packed, packed.vae_latents)
     out_alone = _run(model, alone, alone.vae_latents)
     start = a.num_tokens
@@ -71,7 +71,7 @@ def test_packed_samples_do_not_see_each_other(tokenizer, tiny_cfg):
 def test_causal_text_token_does_not_see_later_tokens(tokenizer, tiny_cfg):
     model = build_model(tiny_cfg).eval()
     sample = build_generation_sample(tokenizer, "t2i", "a red circle on a table", torch.randn(1, 2, 2, 48))
-    batch = pack_samples([sample])
+    batch = pack_samples([sample], tiny_cfg)
     ids_b = batch.input_ids.clone()
     first_text_span_end = int((batch.span_index == 0).sum())
     ids_b[first_text_span_end - 1] = (ids_b[first_text_span_end - 1] + 1) % 256

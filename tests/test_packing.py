@@ -1,13 +1,19 @@
+import itertools
+from dataclasses import replace
+
 import pytest
 import torch
 
 from lance_core.packing import (
     IGNORE_INDEX,
+    MAX_CONSECUTIVE_SKIPS,
     TASKS,
     VAE_CLEAN,
     VAE_NOISY,
     VIT,
-    TokenBudgetPacker,
+    Sample,
+    StepPacker,
+    TokenBudgetError,
     VisualInput,
     build_generation_sample,
     build_understanding_sample,
@@ -19,7 +25,7 @@ from lance_core.synthetic import synthetic_mix
 def test_every_task_packs_with_consistent_fields(tokenizer, tiny_cfg):
     samples = synthetic_mix(tokenizer, tiny_cfg, per_task=1)
     size = sum(s.num_tokens for s in samples) + 100
-    batch = pack_samples(samples, pad_to=size)
+    batch = pack_samples(samples, tiny_cfg, pad_to=size)
     assert len(batch) == size and batch.num_real_tokens == sum(s.num_tokens for s in samples)
     assert batch.sample_tasks == list(TASKS)
     assert batch.position_ids.shape == (3, size)
@@ -40,18 +46,18 @@ def test_every_task_packs_with_consistent_fields(tokenizer, tiny_cfg):
     assert (batch.sample_index[pad] == len(samples)).all()
 
 
-def test_understanding_ce_covers_answer_and_im_end(tokenizer):
+def test_understanding_ce_covers_answer_and_im_end(tokenizer, tiny_cfg):
     media = VisualInput(vit_features=torch.randn(4, 64), vit_grid=(1, 2, 2))
     sample = build_understanding_sample(tokenizer, "i2t", media, "what?", "a cat")
-    batch = pack_samples([sample])
+    batch = pack_samples([sample], tiny_cfg)
     targets = batch.ce_labels[batch.ce_labels != IGNORE_INDEX].tolist()
     assert targets == tokenizer.encode("a cat") + [tokenizer.special.im_end]
 
 
-def test_i2v_first_latent_frame_is_clean_and_lossless(tokenizer):
+def test_i2v_first_latent_frame_is_clean_and_lossless(tokenizer, tiny_cfg):
     target = torch.randn(3, 2, 2, 48)
     sample = build_generation_sample(tokenizer, "i2v", "walk", target, first_frame_clean=True)
-    batch = pack_samples([sample])
+    batch = pack_samples([sample], tiny_cfg)
     noisy_span = torch.nonzero(batch.span_noise).squeeze(1)
     assert len(noisy_span) == 12 + 2  # with <|vision_start|> and <|vision_end|>
     latents = noisy_span[1:-1]
@@ -76,11 +82,11 @@ def test_unknown_task_is_rejected(tokenizer):
 def test_pack_overflow_names_sizes(tokenizer, tiny_cfg):
     samples = synthetic_mix(tokenizer, tiny_cfg, per_task=1, tasks=("t2i",))
     with pytest.raises(ValueError, match="do not fit"):
-        pack_samples(samples, pad_to=10)
+        pack_samples(samples, tiny_cfg, pad_to=10)
 
 
-def test_token_slice_splits_prefix_and_noise(tokenizer):
-    batch = pack_samples([build_generation_sample(tokenizer, "t2i", "x", torch.randn(1, 2, 2, 48))])
+def test_token_slice_splits_prefix_and_noise(tokenizer, tiny_cfg):
+    batch = pack_samples([build_generation_sample(tokenizer, "t2i", "x", torch.randn(1, 2, 2, 48))], tiny_cfg)
     start = int(torch.nonzero(batch.span_noise)[0])
     prefix, noisy = batch.token_slice(0, start), batch.token_slice(start, len(batch))
     assert len(prefix) + len(noisy) == len(batch)
@@ -88,15 +94,40 @@ def test_token_slice_splits_prefix_and_noise(tokenizer):
     assert torch.equal(noisy.position_ids, batch.position_ids[:, start:])
 
 
-def test_budget_packer_buffers_and_skips(tokenizer, tiny_cfg):
+def _numbered_stream(samples, oversize, oversize_at: int):
+    """Samples cycled forever, each with its own key, and ``oversize`` once after ``oversize_at`` of them."""
+    for number, sample in enumerate(itertools.cycle(samples)):
+        if number == oversize_at:
+            yield oversize
+        yield replace(sample, key=str(number))
+
+
+def test_step_packer_buffers_skips_and_loses_nothing(tokenizer, tiny_cfg):
     samples = synthetic_mix(tokenizer, tiny_cfg, per_task=3)
-    lengths = [s.num_tokens for s in samples]
-    budget = max(lengths) + 50
-    huge = build_generation_sample(tokenizer, "t2i", "x", torch.randn(1, 40, 40, 48))
-    packer = TokenBudgetPacker(budget, buffer_size=4)
-    packs = list(packer.packs(samples + [huge]))
+    budget = max(s.num_tokens for s in samples) + 50
+    huge = build_generation_sample(tokenizer, "t2i", "x", torch.randn(1, 40, 40, 48), key="huge")
+    stream = _numbered_stream(samples, huge, oversize_at=5)
+    drawn = []
+
+    def draw(generation: bool) -> Sample:
+        sample = next(s for s in stream if s.has_gen or not generation)
+        drawn.append(sample.key)
+        return sample
+
+    packer = StepPacker(budget, buffer_size=4)
+    packs = [packer.next_pack(draw, need_generation=True) for _ in range(12)]
     assert packer.skipped == 1
-    assert sorted(s.key for p in packs for s in p) == sorted(s.key for s in samples)
-    assert all(sum(s.num_tokens for s in p) <= budget for p in packs)
-    fill = sum(lengths) / (budget * len(packs))
+    packed = [s.key for p in packs for s in p] + [s.key for s in packer.buffer]
+    assert sorted(packed) == sorted(k for k in drawn if k != "huge")
+    assert all(sum(s.num_tokens for s in p) <= budget and p[0].has_gen for p in packs)
+    assert len(packer.buffer) <= 4
+    fill = sum(s.num_tokens for p in packs for s in p) / (budget * len(packs))
     assert fill > 0.6
+
+
+def test_step_packer_names_the_budget_when_nothing_fits(tokenizer):
+    huge = build_generation_sample(tokenizer, "t2i", "x", torch.randn(1, 8, 8, 48))
+    packer = StepPacker(20)
+    with pytest.raises(TokenBudgetError, match=f"exceed the token budget of 20 \\(smallest {huge.num_tokens}"):
+        packer.next_pack(lambda generation: huge, need_generation=False)
+    assert packer.skipped == MAX_CONSECUTIVE_SKIPS

@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 
+from lance_core.config import model_preset
 from lance_core.model import AttentionLayout
 from lance_core.packing import IGNORE_INDEX, VisualInput, build_generation_sample, build_understanding_sample, pack_samples
 from lance_core.positions import SpanPosition, position_ids
@@ -26,6 +27,7 @@ TASK_OF_LAYOUT = {
 }
 HIDDEN = 8
 CHANNELS = 48
+PACK_CFG = model_preset("tiny", hidden_size=HIDDEN, latent_channels=CHANNELS, vit={"out_hidden_size": HIDDEN})
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +142,7 @@ def _ranges(pairs) -> list[int]:
 def test_builders_and_packer_equal_the_release(release, qwen_tokenizer, name):
     layout = _layouts(release)[name]
     sample = build_like_release(layout, qwen_tokenizer)
-    batch = pack_samples([sample], latent_channels=CHANNELS, vit_dim=HIDDEN)
+    batch = pack_samples([sample], PACK_CFG)
     assert batch.input_ids.tolist() == _expected_ids(layout)
     assert batch.position_ids.tolist() == layout["position_ids"]
     assert torch.nonzero(batch.mse_mask).squeeze(1).tolist() == _ranges(layout.get("mse_loss_indexes") or [])
@@ -160,7 +162,7 @@ def test_builders_and_packer_equal_the_release(release, qwen_tokenizer, name):
 def test_attention_mask_equals_the_release(release, qwen_tokenizer, name):
     fixture = next(x for x in release["splits_and_mask"]["layouts"] if x["name"] == name)
     sample = build_like_release(_layouts(release)[name], qwen_tokenizer)
-    batch = pack_samples([sample], latent_channels=CHANNELS, vit_dim=HIDDEN)
+    batch = pack_samples([sample], PACK_CFG)
     mask = AttentionLayout.from_batch(batch).dense_mask()
     expected = torch.tensor([[c == "1" for c in row] for row in fixture["allowed"]])
     assert mask.shape == expected.shape
@@ -174,7 +176,7 @@ def test_mask_of_a_sample_packed_second_is_its_own(release, qwen_tokenizer):
     first = build_like_release(layouts[fixture["as_second_sample_of_a_pack"]["first_sample_of_the_pack"]],
                                qwen_tokenizer)
     second = build_like_release(layouts["i2i_edit"], qwen_tokenizer)
-    batch = pack_samples([first, second], latent_channels=CHANNELS, vit_dim=HIDDEN)
+    batch = pack_samples([first, second], PACK_CFG)
     mask = AttentionLayout.from_batch(batch).dense_mask()
     n = first.num_tokens
     expected = torch.tensor([[c == "1" for c in row] for row in fixture["allowed"]])

@@ -33,7 +33,7 @@ def test_kv_cached_step_equals_full_forward(tokenizer, tiny_cfg):
     model = build_model(tiny_cfg).eval()
     source = VisualInput(latents=torch.randn(1, 2, 3, 48), vit_features=torch.randn(4, 64), vit_grid=(1, 2, 2))
     sample = build_generation_sample(tokenizer, "i2i", "make it blue", torch.zeros(1, 2, 3, 48), source=source)
-    batch = pack_samples([sample])
+    batch = pack_samples([sample], tiny_cfg)
     x = batch.vae_latents.clone()
     n = 6
     x[-n:] = torch.randn(n, 48)
@@ -70,7 +70,7 @@ def test_sampling_is_deterministic_with_a_seed(tokenizer, tiny_cfg):
 
 
 def _greedy_without_cache(model, tokenizer, prompt, steps):
-    batch = pack_samples([prompt])
+    batch = pack_samples([prompt], model.cfg)
     out = []
     for _ in range(steps):
         with torch.no_grad():
@@ -106,7 +106,7 @@ def test_editing_uses_source_conditions_and_pixel_aligned_positions(tokenizer, t
     source = VisualInput(latents=torch.randn(1, 2, 3, 48), vit_features=torch.randn(4, 64), vit_grid=(1, 2, 2))
     sample = build_generation_sample(tokenizer, "i2i", "make it blue", torch.zeros(1, 2, 3, 48), source=source)
     state = prepare_prefix(model, sample, "cpu")
-    batch = pack_samples([sample])
+    batch = pack_samples([sample], tiny_cfg)
     source_span = batch.span_index[torch.nonzero(batch.token_kind == 2).squeeze(1)[0]]
     source_tokens = torch.nonzero(batch.span_index == source_span).squeeze(1)  # markers included
     assert torch.equal(state.noisy.position_ids, batch.position_ids[:, source_tokens])

@@ -41,7 +41,7 @@ def test_text_logits_are_cut_to_text_vocab():
 def test_ce_ignores_targets_past_text_vocab_and_softmaxes_over_it(tokenizer):
     cfg = model_preset("tiny", text_vocab=TEXT_VOCAB)
     model = build_model(cfg)
-    batch = pack_samples(synthetic_mix(tokenizer, cfg, per_task=1))
+    batch = pack_samples(synthetic_mix(tokenizer, cfg, per_task=1), cfg)
     positions = torch.nonzero(batch.ce_labels != IGNORE_INDEX).squeeze(1)
     assert positions.numel() >= 4
     out_of_range = positions[::3]

@@ -8,7 +8,7 @@ from lance_core.synthetic import synthetic_mix
 
 def test_varlen_segments_reproduce_the_dense_mask(tokenizer, tiny_cfg):
     samples = synthetic_mix(tokenizer, tiny_cfg, per_task=1)
-    batch = pack_samples(samples, pad_to=sum(s.num_tokens for s in samples) + 40)
+    batch = pack_samples(samples, tiny_cfg, pad_to=sum(s.num_tokens for s in samples) + 40)
     layout = AttentionLayout.from_batch(batch)
     plan = varlen_plan(layout)
     assert plan is not None

@@ -1,9 +1,7 @@
 """Packed attention for the generalized 3D causal mask of Lance, with interchangeable backends.
 
-Mask rule (MODEL.md): a query sees a key only inside its own packed sample; inside one span it sees
-everything when the span is ``full`` or ``noise`` and only earlier tokens when it is ``causal``; it sees
-every token of earlier spans except those of a ``noise`` span (nothing outside a noisy target attends
-to it). :func:`mask_rule` states this once. Backends:
+The mask rule and the per-token span structure it reads are in ``layout.py`` (:func:`mask_rule`,
+:class:`AttentionLayout`). Backends:
 
 - ``sdpa``: the rule on the full L x L grid, one dense SDPA call (cost L^2; the reference).
 - ``per_sample``: dense SDPA inside each packed sample (cost sum of len^2; CPU training default).
@@ -15,63 +13,22 @@ to it). :func:`mask_rule` states this once. Backends:
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from .layout import AttentionLayout
+from .varlen import flash_varlen_attention, varlen_plan
+
 try:  # flex attention: torch >= 2.5
-    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 except ImportError:  # pragma: no cover - old torch
-    BlockMask = create_block_mask = flex_attention = None
+    flex_attention = None
 
 try:  # flash-attention on CUDA, only when installed (extra "gpu")
     from flash_attn import flash_attn_func
 except ImportError:
     flash_attn_func = None
-
-
-def mask_rule(sample, span, bidirectional, noise, q_idx, kv_idx):
-    same_sample = sample[q_idx] == sample[kv_idx]
-    same_span = span[q_idx] == span[kv_idx]
-    inside = same_span & (bidirectional[q_idx] | (kv_idx <= q_idx))
-    earlier = ~same_span & (kv_idx < q_idx) & ~noise[kv_idx]
-    return same_sample & (inside | earlier)
-
-
-@dataclass
-class AttentionLayout:
-    """Per-token span structure of a packed sequence (see ``PackedBatch``)."""
-
-    sample: torch.Tensor
-    span: torch.Tensor
-    bidirectional: torch.Tensor
-    noise: torch.Tensor
-
-    @classmethod
-    def from_batch(cls, batch) -> "AttentionLayout":
-        return cls(batch.sample_index, batch.span_index, batch.span_bidirectional, batch.span_noise)
-
-    def __len__(self) -> int:
-        return int(self.sample.numel())
-
-    def dense_mask(self) -> torch.Tensor:
-        idx = torch.arange(len(self), device=self.sample.device)
-        return mask_rule(self.sample, self.span, self.bidirectional, self.noise, idx[:, None], idx[None, :])
-
-    def block_mask(self, block_size: int = 128) -> "BlockMask":
-        sample, span, bidir, noise = self.sample, self.span, self.bidirectional, self.noise
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            return mask_rule(sample, span, bidir, noise, q_idx, kv_idx)
-
-        n = len(self)
-        # _compile: evaluate the mask rule block-wise in a compiled kernel instead of on the full L x L grid
-        return create_block_mask(mask_mod, None, None, n, n, device=self.sample.device, BLOCK_SIZE=block_size,
-                                 _compile=True)
-
-    def is_single_bidirectional_span(self) -> bool:
-        return bool((self.span == self.span[0]).all() and self.bidirectional.all())
 
 
 @functools.lru_cache(maxsize=None)
@@ -116,8 +73,6 @@ def prepare_attention(layout: AttentionLayout, backend: str, block_size: int):
     if backend == "per_sample":
         return backend, sample_blocks(layout)
     if backend == "flash":
-        from .varlen import varlen_plan
-
         return backend, varlen_plan(layout)
     if backend == "flex":
         return backend, layout.block_mask(block_size)
@@ -141,8 +96,6 @@ def packed_attention(
         run = _compiled_flex() if q.device.type in ("cuda", "cpu") else flex_attention
         return run(q[None], k[None], v[None], block_mask=prepared, enable_gqa=True)[0]
     if backend == "flash":
-        from .varlen import flash_varlen_attention
-
         return flash_varlen_attention(q, k, v, prepared)
     mask = layout.dense_mask()
     return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask[None, None], enable_gqa=True)[0]

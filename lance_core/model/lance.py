@@ -16,9 +16,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
-from .attention import AttentionLayout, prepare_attention, resolve_backend
+from .attention import prepare_attention, resolve_backend
 from .embeddings import LatentPositionTable, TimestepEmbedder
 from .layer import DualStreamLayer, LayerCache, Routing, routed
+from .layout import AttentionLayout
 from .norms import RMSNorm
 from .rotary import mrope_cos_sin
 
@@ -102,10 +103,6 @@ class LanceModel(nn.Module):
     @property
     def layers(self) -> nn.ModuleList:
         return self.language_model.model.layers
-
-    def und_modules(self) -> list[nn.Module]:
-        """Modules of the UND expert (text / ViT tokens), the ``_moe_gen``-free half of every layer."""
-        return [m for name, m in self.named_modules() if name and "_moe_gen" not in name]
 
     def gen_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """GEN expert and the latent-token modules (what GRPO trains)."""

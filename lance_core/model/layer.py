@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import AttentionLayout, cached_attention, packed_attention
+from .attention import cached_attention, packed_attention
+from .layout import AttentionLayout
 from .norms import RMSNorm
 from .rotary import apply_rotary
 

@@ -22,7 +22,7 @@ from lance_core.config import (
     model_preset,
 )
 from lance_core.flow import LossConfig
-from lance_core.packing import GENERATION_TASKS, TASKS
+from lance_core.packing import TASKS
 from lance_core.tokenizer import TokenizerRef, check_tokenizer_fits
 from pipelines.data.config import StorageConfig
 
@@ -209,7 +209,8 @@ class MetricsSection(StrictModel):
     report_every: int = Field(10, gt=0)
     """Report metrics to Ray Train (and Tune) every N steps; files get every step."""
     peak_tflops_per_worker: float | None = Field(None, gt=0)
-    """Peak of one worker for MFU; default: 989 (H100/H200 dense bf16) on GPU, a matmul probe on CPU."""
+    """Peak of one worker for MFU; default: the GPU's dense bf16 peak from a table looked up by device name
+    (``metrics.GPU_BF16_DENSE_TFLOPS``; a bf16 matmul probe for a GPU not in it), a matmul probe on CPU."""
     expert_grad_check: bool = True
     """Record per rank and step whether the UND and the GEN expert received gradient."""
     tensorboard: bool = True
@@ -354,10 +355,6 @@ class TrainConfig(StrictModel):
                 except ValueError as err:
                     raise ValueError(f"tune.search_space: {key!r} does not accept {dimension.example()!r}: "
                                      f"{err}") from None
-
-    @property
-    def generation_weighted(self) -> bool:
-        return any(self.mixture.weights.get(t, 0) > 0 for t in GENERATION_TASKS)
 
 
 def load_train_config(data: dict[str, Any] | None) -> TrainConfig:

@@ -14,7 +14,7 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
@@ -24,10 +24,12 @@ from lance_core.config import ModelConfig
 from lance_core.encoders.vae import sample_posterior
 from lance_core.packing import (
     GENERATION_TASKS,
+    MAX_CONSECUTIVE_SKIPS,
     TASKS,
     PackedBatch,
     Sample,
-    TokenBudgetPacker,
+    StepPacker,
+    TokenBudgetError,
     VisualInput,
     build_generation_sample,
     build_understanding_sample,
@@ -39,8 +41,6 @@ from pipelines.data.storage import open_input
 
 from .config import DataSection
 from .plan import DataError, DataPlan, passes_resolution
-
-MAX_CONSECUTIVE_SKIPS = 1000
 
 
 # ---------------------------------------------------------------------------------------------- rows -> samples
@@ -221,53 +221,6 @@ def read_rows(plan: DataPlan, refs: list[tuple[int, int]], data: DataSection) ->
     return [found[ref] for ref in refs]
 
 
-# ---------------------------------------------------------------------------------------------- packing
-class StepPacker(TokenBudgetPacker):
-    """One pack per call under the token budget, with :class:`TokenBudgetPacker`'s buffer and skip count.
-
-    A pack opens with a generation sample when ``need_generation`` (from the buffer if one waits), so that
-    on every rank both experts and the latent modules run every step; then waiting samples that fit; then
-    new samples until the pack is full or the buffer is full."""
-
-    def next_pack(self, draw: Callable[[bool], Sample], need_generation: bool) -> list[Sample]:
-        current: list[Sample] = []
-        used = 0
-        if need_generation:
-            first = next((s for s in self.buffer if s.has_gen), None)
-            if first is not None:
-                self.buffer.remove(first)
-            else:
-                first = self._draw_fitting(draw, True)
-            current, used = [first], first.num_tokens
-        waiting = []
-        for sample in self.buffer:
-            if used + sample.num_tokens <= self.token_budget:
-                current.append(sample)
-                used += sample.num_tokens
-            else:
-                waiting.append(sample)
-        self.buffer = waiting
-        while used < self.token_budget and len(self.buffer) < self.buffer_size:
-            sample = self._draw_fitting(draw, False)
-            if used + sample.num_tokens <= self.token_budget:
-                current.append(sample)
-                used += sample.num_tokens
-            else:
-                self.buffer.append(sample)
-        return current
-
-    def _draw_fitting(self, draw: Callable[[bool], Sample], generation: bool) -> Sample:
-        smallest = None
-        for _ in range(MAX_CONSECUTIVE_SKIPS):
-            sample = draw(generation)
-            if sample.num_tokens <= self.token_budget:
-                return sample
-            self.skipped += 1
-            smallest = min(smallest or sample.num_tokens, sample.num_tokens)
-        raise DataError(f"{MAX_CONSECUTIVE_SKIPS} samples in a row exceed the token budget of {self.token_budget} "
-                        f"(smallest {smallest} tokens): raise data.token_budget or lower the resolution")
-
-
 # ---------------------------------------------------------------------------------------------- loader
 @dataclass
 class Pack:
@@ -328,11 +281,12 @@ class PackLoader:
 
     def build_pack(self, weights: dict[str, float]) -> Pack:
         started = time.perf_counter()
-        samples = self.packer.next_pack(lambda gen: self._draw(weights, gen), self.need_generation)
-        cfg = self.model_cfg
-        batch = pack_samples(samples, mape=cfg.mape, temporal_step=cfg.tokens_per_second,
-                             pad_to=self.data.token_budget if self.data.pad_to_budget else None,
-                             latent_channels=cfg.latent_channels, vit_dim=cfg.hidden_size)
+        try:
+            samples = self.packer.next_pack(lambda gen: self._draw(weights, gen), self.need_generation)
+        except TokenBudgetError as err:
+            raise DataError(f"{err}: raise data.token_budget or lower the resolution") from None
+        batch = pack_samples(samples, self.model_cfg,
+                             pad_to=self.data.token_budget if self.data.pad_to_budget else None)
         self.counters["filtered_rows"] = sum(s.filtered for s in self.streams.values())
         return Pack(batch, [s.key for s in samples], dict(weights), time.perf_counter() - started,
                     self.state_dict())

@@ -48,8 +48,7 @@ class HeldOut:
         model.eval()
         out = {}
         for task, samples in self.samples.items():
-            batch = pack_samples(samples, mape=cfg.mape, temporal_step=cfg.tokens_per_second,
-                                 latent_channels=cfg.latent_channels, vit_dim=cfg.hidden_size).to(device)
+            batch = pack_samples(samples, cfg).to(device)
             result = compute_losses(model, batch, loss_cfg, torch.Generator().manual_seed(seed))
             out[task] = float(result.mse if task in GENERATION_TASKS else result.ce)
         model.train(was_training)

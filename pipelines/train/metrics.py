@@ -22,7 +22,21 @@ from lance_core.flops import ParameterCounts, attention_flops_per_token
 from lance_core.packing import IGNORE_INDEX, TASKS, PackedBatch
 from pipelines.runtime.run_log import TensorBoardLog
 
-H100_BF16_DENSE_TFLOPS = 989.0
+GPU_BF16_DENSE_TFLOPS: tuple[tuple[str, str, float], ...] = (
+    # (entry, substring of the CUDA device name, datasheet dense bf16 TFLOP/s); the first entry whose
+    # substring occurs in the name wins, so "H100 PCIe" comes before "H100" and "L40S" / "L40" before "L4"
+    ("H100 PCIe", "H100 PCIe", 756.0),
+    ("H100 NVL", "H100 NVL", 835.0),
+    ("H100 SXM", "H100", 989.0),
+    ("H200 NVL", "H200 NVL", 835.0),
+    ("H200", "H200", 989.0),
+    ("B200", "B200", 2250.0),
+    ("A100", "A100", 312.0),
+    ("A10G", "A10G", 125.0),  # approximate: the A10's figure
+    ("L40S", "L40S", 362.0),
+    ("L40", "L40", 181.0),
+    ("L4", "L4", 121.0),
+)
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -45,12 +59,39 @@ def probe_peak_tflops(size: int = 1024, reps: int = 5) -> float:
     return 2 * size**3 * reps / (time.process_time() - start) / 1e12
 
 
+def probe_cuda_peak_tflops(device: torch.device, size: int = 8192, reps: int = 20) -> float:
+    """bf16 matmul TFLOP per wall second on ``device``: the MFU denominator of a GPU missing from
+    :data:`GPU_BF16_DENSE_TFLOPS` (a measured rate, below the datasheet peak)."""
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    a @ b
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize(device)
+    return 2 * size**3 * reps / (time.perf_counter() - start) / 1e12
+
+
+def gpu_table_entry(device_name: str) -> tuple[str, float] | None:
+    """(entry, dense bf16 TFLOP/s) of the first table row whose substring is in ``device_name`` (any case)."""
+    name = device_name.lower()
+    return next(((entry, tflops) for entry, pattern, tflops in GPU_BF16_DENSE_TFLOPS if pattern.lower() in name),
+                None)
+
+
 def peak_tflops(configured: float | None, device: torch.device) -> tuple[float, str]:
+    """Peak TFLOP/s of one worker and where it came from: the config, the GPU table (by device name), a bf16
+    matmul probe on a GPU missing from the table, or the CPU matmul probe."""
     if configured is not None:
         return configured, "config"
-    if device.type == "cuda":
-        return H100_BF16_DENSE_TFLOPS, "h100-bf16-dense"
-    return probe_peak_tflops(), "cpu-matmul-probe"
+    if device.type != "cuda":
+        return probe_peak_tflops(), "cpu-matmul-probe"
+    device_name = torch.cuda.get_device_name(device)
+    entry = gpu_table_entry(device_name)
+    if entry is not None:
+        return entry[1], f"table:{entry[0]} bf16 dense ({device_name})"
+    return probe_cuda_peak_tflops(device), f"cuda-matmul-probe ({device_name} is not in the table)"
 
 
 def task_loss_sums(batch: PackedBatch, per_task: dict[str, float]) -> torch.Tensor:
