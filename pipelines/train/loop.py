@@ -3,7 +3,7 @@
 Ray has set up the process group (gloo on CPU, NCCL on GPU); DeepSpeed is imported here and reuses it.
 Each step: take the next pack from the loader thread, compute CE + MSE with global token counts, skip the
 step on every rank if any rank's loss is not finite, backward + step through the DeepSpeed engine, reduce
-and write the metrics, evaluate, checkpoint.
+and write the metrics, evaluate, checkpoint (``Trainer``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import math
 import time
 import zlib
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -28,6 +30,7 @@ from lance_core.tokenizer import load_tokenizer_for
 from pipelines.runtime.run_log import worker_logging
 
 from . import checkpoints as ckpt
+from .collectives import all_reduce_named
 from .config import TrainConfig
 from .data import PackLoader
 from .deepspeed_config import build_deepspeed_config
@@ -124,12 +127,6 @@ def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch
                              weight_decay=optim.weight_decay, fused=optim.fused)
 
 
-def _all_reduce(values: list[float], op) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(tensor, op=op)
-    return tensor.tolist()
-
-
 def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
@@ -153,192 +150,318 @@ def train_func(config: dict) -> None:
     rank = ray.train.get_context().get_world_rank()
     with worker_logging(Path(config["run_dir"]) / "logs" / f"rank-{rank}.log",
                         config.get("log_sink") if rank == 0 else None):
-        _train(config)
+        Trainer(config).run()
 
 
-def _train(config: dict) -> None:
-    import deepspeed
-    import ray.train
+def _sum_over_ranks(local: torch.Tensor) -> torch.Tensor:
+    """The global token counts ``compute_losses`` normalises by."""
+    total = local.detach().clone()
+    dist.all_reduce(total)
+    return total
 
-    cfg = TrainConfig.model_validate_json(config["cfg"])
-    plan = DataPlan.from_json(config["plan"])
-    run_dir = Path(config["run_dir"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    on_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
-    device = torch.device(f"cuda:{ctx.get_local_rank()}" if on_gpu else "cpu")
-    if on_gpu:
-        torch.cuda.set_device(device)
-    torch.set_num_threads(cfg.scaling.threads_per_worker or max(1, int(cfg.scaling.cpus_per_worker)))
 
-    ds_config = build_deepspeed_config(cfg, on_gpu)
-    zero_init = cfg.deepspeed.zero_stage == 3 and cfg.deepspeed.zero_init
-    model_cfg, model = build_initial_model(cfg, ds_config if zero_init else None)
-    probe = ExpertGradProbe(model) if cfg.metrics.expert_grad_check else None
-    optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
-                                           dist_init_required=False)
-    module = engine.module
-    named_trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+@dataclass
+class StepOutcome:
+    """What one training step leaves for its metrics row, before any reduction across ranks."""
 
-    tokenizer = load_tokenizer_for(model_cfg, cfg.model.tokenizer)
-    schedule = MixtureSchedule(cfg.mixture, list(plan.task_rows))
-    need_generation = any(t in schedule.tasks for t in GENERATION_TASKS)
-    loader = PackLoader(plan, cfg.data, model_cfg, tokenizer, rank, world, cfg.seed, need_generation)
-    noise = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-    held = HeldOut(plan, cfg.data, model_cfg, tokenizer)
-    sampler = SampleWriter(model_cfg, tokenizer, held, cfg.eval)
+    pack: Any
+    losses: Any
+    """``compute_losses``' output on this rank."""
+    loss: torch.Tensor
+    """The total loss (made NaN at ``debug.nan_at_step``)."""
+    weights: dict[str, float]
+    """The mixture weights the pack was drawn with."""
+    applied: bool
+    """False when some rank's loss was not finite and every rank skipped the update."""
+    waited: float
+    step_seconds: float
+    step_cpu: float
+    und_grad: float
+    gen_grad: float
 
-    start, skipped_steps, pending = 0, 0, []
-    ema = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            train_state, data_state, ema = ckpt.load_checkpoint(engine, Path(folder), rank, world)
-        start, skipped_steps = train_state["step"], train_state["skipped_steps"]
-        schedule.load_state_dict(train_state["mixture"])
-        loader.load_state_dict(data_state["loader"])
-        noise.set_state(data_state["noise_rng"])
-        pending = [(int(k), w) for k, w in data_state["pending"]]
-    if cfg.deepspeed.ema_decay is not None and ema is None:
-        ema = {n: p.detach().clone() for n, p in named_trainable}
-    if start == 0 and cfg.mixture.capability.enabled:
-        schedule.update_capability(held.losses(module, model_cfg, cfg.loss, device, cfg.seed))
-    if rank == 0:
-        log.info(f"training from step {start} to {cfg.steps} on {world} worker(s); tasks {schedule.tasks}")
 
-    next_ticket = start + len(pending) + 1
-    while len(pending) < cfg.data.prefetch and next_ticket <= cfg.steps:
-        pending.append((next_ticket, schedule.weights(next_ticket)))
-        next_ticket += 1
-    for _, weights in pending:
-        loader.submit(weights)
+class Trainer:
+    """One worker's training run: the model in a DeepSpeed engine, the pack loader and mixture schedule,
+    resumed from Ray Train's checkpoint when there is one; then ``run`` takes steps ``start + 1 .. steps``.
+    Rank 0 writes the metrics rows; every rank takes part in each collective call, in the same order."""
 
-    writer = MetricsWriter(run_dir, start, cfg.metrics.tensorboard) if rank == 0 else None
-    progress = StepProgress(start, cfg.steps, cfg.metrics.report_every) if rank == 0 else None
-    counts = count_parameters(build_model(model_cfg, device="meta"))
-    peak, peak_source = peak_tflops(cfg.metrics.peak_tflops_per_worker, device) if rank == 0 else (0.0, "")
-    report_losses: list[float] = []
-    heldout_total = None
+    def __init__(self, config: dict) -> None:
+        import ray.train
 
-    def count_reducer(local: torch.Tensor) -> torch.Tensor:
-        total = local.detach().clone()
-        dist.all_reduce(total)
-        return total
+        self.cfg = cfg = TrainConfig.model_validate_json(config["cfg"])
+        self.plan = DataPlan.from_json(config["plan"])
+        self.run_dir = Path(config["run_dir"])
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        on_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
+        self.device = torch.device(f"cuda:{ctx.get_local_rank()}" if on_gpu else "cpu")
+        if on_gpu:
+            torch.cuda.set_device(self.device)
+        torch.set_num_threads(cfg.scaling.threads_per_worker or max(1, int(cfg.scaling.cpus_per_worker)))
 
-    for step in range(start + 1, cfg.steps + 1):
+        self._build_engine(on_gpu)
+        self._build_data()
+        self._resume(ray.train.get_checkpoint())
+        if self.start == 0 and cfg.mixture.capability.enabled:
+            self.schedule.update_capability(self._heldout_losses())
+        if self.rank == 0:
+            log.info(f"training from step {self.start} to {cfg.steps} on {self.world} worker(s); "
+                     f"tasks {self.schedule.tasks}")
+        self._queue_first_tickets()
+        self._build_reporting()
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def _build_engine(self, on_gpu: bool) -> None:
+        import deepspeed
+
+        cfg = self.cfg
+        ds_config = build_deepspeed_config(cfg, on_gpu)
+        zero_init = cfg.deepspeed.zero_stage == 3 and cfg.deepspeed.zero_init
+        self.model_cfg, model = build_initial_model(cfg, ds_config if zero_init else None)
+        self.probe = ExpertGradProbe(model) if cfg.metrics.expert_grad_check else None
+        optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                                    dist_init_required=False)
+        self.module = self.engine.module
+        self.named_trainable = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+
+    def _build_data(self) -> None:
+        cfg, model_cfg = self.cfg, self.model_cfg
+        tokenizer = load_tokenizer_for(model_cfg, cfg.model.tokenizer)
+        self.schedule = MixtureSchedule(cfg.mixture, list(self.plan.task_rows))
+        need_generation = any(t in self.schedule.tasks for t in GENERATION_TASKS)
+        self.loader = PackLoader(self.plan, cfg.data, model_cfg, tokenizer, self.rank, self.world, cfg.seed,
+                                 need_generation)
+        self.noise = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
+        self.held = HeldOut(self.plan, cfg.data, model_cfg, tokenizer)
+        self.sampler = SampleWriter(model_cfg, tokenizer, self.held, cfg.eval)
+
+    def _resume(self, checkpoint) -> None:
+        """Step, skipped-step count, mixture, loader and noise state, queued tickets and EMA weights from
+        ``checkpoint`` (a Ray Train checkpoint or None)."""
+        self.start, self.skipped_steps = 0, 0
+        self.pending: list[tuple[int, dict[str, float]]] = []
+        self.ema = None
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                train_state, data_state, self.ema = ckpt.load_checkpoint(self.engine, Path(folder), self.rank,
+                                                                         self.world)
+            self.start, self.skipped_steps = train_state["step"], train_state["skipped_steps"]
+            self.schedule.load_state_dict(train_state["mixture"])
+            self.loader.load_state_dict(data_state["loader"])
+            self.noise.set_state(data_state["noise_rng"])
+            self.pending = [(int(k), w) for k, w in data_state["pending"]]
+        if self.cfg.deepspeed.ema_decay is not None and self.ema is None:
+            self.ema = {n: p.detach().clone() for n, p in self.named_trainable}
+
+    def _queue_first_tickets(self) -> None:
+        """Up to ``data.prefetch`` steps' mixture weights handed to the loader thread ahead of their step."""
+        self.next_ticket = self.start + len(self.pending) + 1
+        while len(self.pending) < self.cfg.data.prefetch and self.next_ticket <= self.cfg.steps:
+            self.pending.append((self.next_ticket, self.schedule.weights(self.next_ticket)))
+            self.next_ticket += 1
+        for _, weights in self.pending:
+            self.loader.submit(weights)
+
+    def _queue_next_ticket(self) -> None:
+        if self.next_ticket <= self.cfg.steps:
+            self.pending.append((self.next_ticket, self.schedule.weights(self.next_ticket)))
+            self.loader.submit(self.pending[-1][1])
+            self.next_ticket += 1
+
+    def _build_reporting(self) -> None:
+        cfg, lead = self.cfg, self.rank == 0
+        self.writer = MetricsWriter(self.run_dir, self.start, cfg.metrics.tensorboard) if lead else None
+        self.progress = StepProgress(self.start, cfg.steps, cfg.metrics.report_every) if lead else None
+        self.counts = count_parameters(build_model(self.model_cfg, device="meta"))
+        no_peak = (0.0, "")
+        self.peak, self.peak_source = peak_tflops(cfg.metrics.peak_tflops_per_worker, self.device) if lead else no_peak
+        self.report_losses: list[float] = []
+        self.heldout_total: float | None = None
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def run(self) -> None:
+        for step in range(self.start + 1, self.cfg.steps + 1):
+            outcome = self.train_step(step)
+            row = self.metrics_row(step, outcome)
+            self.evaluate(step, row)
+            self._queue_next_ticket()
+            last = step == self.cfg.steps
+            self.write_samples(step, row, last)
+            self._write_row(step, row)
+            self.report(step, row, outcome.pack, last)
+        self.close()
+
+    def train_step(self, step: int) -> StepOutcome:
+        """Take the step's pack and compute its losses; update the weights on every rank, or on none
+        when any rank's loss is not finite."""
+        cfg = self.cfg
         began, cpu_began = time.perf_counter(), time.process_time()
-        pack = loader.next()
+        pack = self.loader.next()
         waited = time.perf_counter() - began
-        ticket_step, weights = pending.pop(0)
+        ticket_step, weights = self.pending.pop(0)
         assert ticket_step == step, (ticket_step, step)
-        if cfg.debug.kill_at_step == step and cfg.debug.kill_rank == rank:
-            ckpt.kill_once(run_dir / "debug" / f"killed-rank{rank}-step{step}")
-        batch = pack.batch.to(device)
-        out = compute_losses(module, batch, cfg.loss, noise, count_reducer, run_all_heads=True)
+        if cfg.debug.kill_at_step == step and cfg.debug.kill_rank == self.rank:
+            ckpt.kill_once(self.run_dir / "debug" / f"killed-rank{self.rank}-step{step}")
+        batch = pack.batch.to(self.device)
+        out = compute_losses(self.module, batch, cfg.loss, self.noise, _sum_over_ranks, run_all_heads=True)
         loss = out.total
-        if cfg.debug.nan_at_step == step and cfg.debug.nan_rank == rank:
+        if cfg.debug.nan_at_step == step and cfg.debug.nan_rank == self.rank:
             loss = loss * float("nan")
+        applied = self._update(step, loss)
+        und_grad, gen_grad = self.probe.take() if self.probe is not None else (float("nan"), float("nan"))
+        step_seconds, step_cpu = time.perf_counter() - began, time.process_time() - cpu_began
+        return StepOutcome(pack, out, loss, weights, applied, waited, step_seconds, step_cpu, und_grad, gen_grad)
+
+    def _update(self, step: int, loss: torch.Tensor) -> bool:
         finite = torch.tensor([1.0 if bool(torch.isfinite(loss.detach()).all()) else 0.0])
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() > 0:
-            engine.backward(loss * world)
-            engine.step()
-            if ema is not None:
-                with torch.no_grad():
-                    for name, param in named_trainable:
-                        ema[name].lerp_(param.detach(), 1.0 - cfg.deepspeed.ema_decay)
-        else:
-            skipped_steps += 1
-            if rank == 0:
+        if finite.item() <= 0:
+            self.skipped_steps += 1
+            if self.rank == 0:
                 log.warning(f"step {step}: non-finite loss on a rank; step skipped on all ranks")
-        und_grad, gen_grad = probe.take() if probe is not None else (float("nan"), float("nan"))
-        step_seconds, step_cpu = time.perf_counter() - began, time.process_time() - cpu_began
+            return False
+        self.engine.backward(loss * self.world)
+        self.engine.step()
+        if self.ema is not None:
+            with torch.no_grad():
+                for name, param in self.named_trainable:
+                    self.ema[name].lerp_(param.detach(), 1.0 - self.cfg.deepspeed.ema_decay)
+        return True
 
-        tasks = task_loss_sums(pack.batch, out.per_task).flatten().tolist()
+    # ------------------------------------------------------------------------------------------------ metrics
+    def _reduce_step(self, outcome: StepOutcome) -> dict:
+        """The step's figures over all ranks: sums of losses and counts, the slowest rank's times, the
+        smallest expert gradient norm."""
+        pack, out = outcome.pack, outcome.losses
         counters = pack.state["counters"]
-        sums = _all_reduce([float(loss.detach()), float(out.ce.detach()), float(out.mse.detach()),
-                            pack.batch.num_real_tokens, pack.batch.num_samples, pack.state["skipped"],
-                            counters.get("bad_rows", 0), counters.get("filtered_rows", 0),
-                            pack_flops(pack.batch, model_cfg, counts), zlib.crc32("|".join(pack.keys).encode()),
-                            *tasks], dist.ReduceOp.SUM)
-        maxes = _all_reduce([waited, pack.build_seconds, step_seconds, -und_grad, -gen_grad, step_cpu],
-                            dist.ReduceOp.MAX)
-        total, ce, mse, tokens, samples, skipped, bad_rows, filtered, flops, data_hash = sums[:10]
-        per_task = torch.tensor(sums[10:]).view(4, len(TASKS))
-        waited_max, build_max, step_max = maxes[:3]
-        grad_norm = engine.get_global_grad_norm() if finite.item() > 0 else None
+        return all_reduce_named(
+            sums={"loss": float(outcome.loss.detach()), "ce": float(out.ce.detach()),
+                  "mse": float(out.mse.detach()),
+                  "tokens": pack.batch.num_real_tokens, "samples": pack.batch.num_samples,
+                  "skipped_samples": pack.state["skipped"], "bad_rows": counters.get("bad_rows", 0),
+                  "filtered_rows": counters.get("filtered_rows", 0),
+                  "flops": pack_flops(pack.batch, self.model_cfg, self.counts),
+                  "data_hash": zlib.crc32("|".join(pack.keys).encode()),
+                  "task_sums": task_loss_sums(pack.batch, out.per_task)},
+            maxes={"data_wait_s": outcome.waited, "pack_build_s": pack.build_seconds,
+                   "step_time_s": outcome.step_seconds, "step_cpu_s": outcome.step_cpu},
+            mins={"und_grad": outcome.und_grad, "gen_grad": outcome.gen_grad})
+
+    def metrics_row(self, step: int, outcome: StepOutcome) -> dict:
+        """The step's row of ``metrics.jsonl`` (every rank computes it; rank 0 writes it)."""
+        r = self._reduce_step(outcome)
+        # task_loss_sums' rows (CE sums, CE counts, MSE sums, MSE counts) in float32, as they always were
+        # divided: the per-task means keep their values.
+        per_task = r["task_sums"].float()
+        tokens, samples, flops, step_max = r["tokens"], r["samples"], r["flops"], r["step_time_s"]
+        grad_norm = self.engine.get_global_grad_norm() if outcome.applied else None
+        on_cpu = self.device.type == "cpu"
         row = {
-            "step": step, "loss": _finite_or_none(total),
-            "ce": _finite_or_none(ce) if per_task[1].sum() > 0 else None,
-            "mse": _finite_or_none(mse) if per_task[3].sum() > 0 else None,
-            "lr": engine.get_lr()[0], "grad_norm": _finite_or_none(float(grad_norm)) if grad_norm is not None else None,
+            "step": step, "loss": _finite_or_none(r["loss"]),
+            "ce": _finite_or_none(r["ce"]) if per_task[1].sum() > 0 else None,
+            "mse": _finite_or_none(r["mse"]) if per_task[3].sum() > 0 else None,
+            "lr": self.engine.get_lr()[0],
+            "grad_norm": _finite_or_none(float(grad_norm)) if grad_norm is not None else None,
             "tokens": int(tokens), "samples": int(samples), "tokens_per_s": tokens / step_max,
-            "samples_per_s": samples / step_max, "step_time_s": step_max, "step_cpu_s": maxes[5],
-            "data_wait_s": waited_max,
-            "data_wait_share": waited_max / step_max, "pack_build_s": build_max,
-            "pack_fill": tokens / (world * cfg.data.token_budget), "skipped_samples": int(skipped),
-            "bad_rows": int(bad_rows), "filtered_rows": int(filtered), "skipped_steps": skipped_steps,
-            "und_grad_min": -maxes[3], "gen_grad_min": -maxes[4], "data_hash": int(data_hash),
+            "samples_per_s": samples / step_max, "step_time_s": step_max, "step_cpu_s": r["step_cpu_s"],
+            "data_wait_s": r["data_wait_s"], "data_wait_share": r["data_wait_s"] / step_max,
+            "pack_build_s": r["pack_build_s"], "pack_fill": tokens / (self.world * self.cfg.data.token_budget),
+            "skipped_samples": int(r["skipped_samples"]), "bad_rows": int(r["bad_rows"]),
+            "filtered_rows": int(r["filtered_rows"]), "skipped_steps": self.skipped_steps,
+            "und_grad_min": r["und_grad"], "gen_grad_min": r["gen_grad"], "data_hash": int(r["data_hash"]),
             "tflops": flops / step_max / 1e12,
-            "mfu": flops / (maxes[5] if device.type == "cpu" else step_max) / (world * peak * 1e12) if peak else None,
-            "mixture": {t: round(w, 6) for t, w in weights.items()},
+            "mfu": flops / (r["step_cpu_s"] if on_cpu else step_max) / (self.world * self.peak * 1e12)
+            if self.peak else None,
+            "mixture": {t: round(w, 6) for t, w in outcome.weights.items()},
         }
         for index, task in enumerate(TASKS):
             for kind, sum_row in (("ce", 0), ("mse", 2)):
                 if per_task[sum_row + 1, index] > 0:
                     row[f"{kind}/{task}"] = float(per_task[sum_row, index] / per_task[sum_row + 1, index])
+        return row
 
-        capability = cfg.mixture.capability
-        adapt = capability.enabled and step % capability.every_steps == 0
-        if adapt or (cfg.eval.heldout_every and step % cfg.eval.heldout_every == 0):
-            heldout = held.losses(module, model_cfg, cfg.loss, device, cfg.seed)
-            row.update({f"heldout/{t}": v for t, v in heldout.items()})
-            heldout_total = heldout_score(heldout)
-            row["heldout_total"] = heldout_total
-            if adapt:
-                schedule.update_capability(heldout)
-                row["capability"] = dict(schedule.capability)
-        if next_ticket <= cfg.steps:
-            pending.append((next_ticket, schedule.weights(next_ticket)))
-            loader.submit(pending[-1][1])
-            next_ticket += 1
-        last = step == cfg.steps
-        sample_now = cfg.eval.samples and (last or (cfg.eval.every_steps and step % cfg.eval.every_steps == 0))
-        if sample_now and (rank == 0 or cfg.deepspeed.zero_stage == 3):
-            result = sampler.write(module, step, run_dir / "samples" if rank == 0 else None, cfg.seed)
-            if rank == 0:
-                row["eval"] = result
-        if writer is not None:
-            writer.write(row | {"peak_tflops": peak, "peak_source": peak_source} if step == start + 1 else row)
-            progress.add(row)
+    def _write_row(self, step: int, row: dict) -> None:
+        if self.writer is not None:
+            first = step == self.start + 1
+            self.writer.write(row | {"peak_tflops": self.peak, "peak_source": self.peak_source} if first else row)
+            self.progress.add(row)
         if row["loss"] is not None:
-            report_losses.append(row["loss"])
+            self.report_losses.append(row["loss"])
 
-        metrics = {"step": step, "loss": row["loss"], "loss_avg": sum(report_losses) / max(len(report_losses), 1),
-                   "tokens_per_s": row["tokens_per_s"], "skipped_steps": skipped_steps}
-        if heldout_total is not None:
-            metrics["heldout_total"] = heldout_total
-        if last or step % cfg.checkpoint.every_steps == 0:
-            folder = ckpt.new_local_folder(f"lance-ckpt-{rank}-")
-            train_state = {"step": step, "world_size": world, "skipped_steps": skipped_steps,
-                           "mixture": schedule.state_dict(), "name": cfg.name}
-            data_state = {"loader": pack.state, "pending": pending, "noise_rng": noise.get_state()}
-            ckpt.save_checkpoint(engine, folder, rank, train_state, data_state, ema)
-            if last and cfg.checkpoint.export_safetensors:
-                exported = ckpt.export_safetensors(engine, cfg.deepspeed.zero_stage, folder, rank, ema,
-                                                   {"step": step, "stage": cfg.stage, "run": cfg.name})
-                if exported is not None:
-                    copy_file_atomic(exported, run_dir / ckpt.EXPORT_FILE)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
-                             checkpoint_dir_name=f"checkpoint_{step:07d}")
-            ckpt.remove_local_folder(folder)
-            report_losses = []
-        elif step % cfg.metrics.report_every == 0:
+    # ------------------------------------------------------------------------------------------------ evaluation
+    def _heldout_losses(self) -> dict[str, float]:
+        return self.held.losses(self.module, self.model_cfg, self.cfg.loss, self.device, self.cfg.seed)
+
+    def evaluate(self, step: int, row: dict) -> None:
+        """Held-out losses into ``row`` every ``eval.heldout_every`` steps, and the capability rule's
+        mixture update every ``mixture.capability.every_steps``."""
+        capability = self.cfg.mixture.capability
+        adapt = capability.enabled and step % capability.every_steps == 0
+        heldout_every = self.cfg.eval.heldout_every
+        if not (adapt or (heldout_every and step % heldout_every == 0)):
+            return
+        heldout = self._heldout_losses()
+        row.update({f"heldout/{t}": v for t, v in heldout.items()})
+        self.heldout_total = heldout_score(heldout)
+        row["heldout_total"] = self.heldout_total
+        if adapt:
+            self.schedule.update_capability(heldout)
+            row["capability"] = dict(self.schedule.capability)
+
+    def write_samples(self, step: int, row: dict, last: bool) -> None:
+        """Generated samples under ``samples/`` at the last step and every ``eval.every_steps`` (all ranks
+        take part under ZeRO-3, where generating gathers the partitioned weights)."""
+        cfg = self.cfg
+        sample_now = cfg.eval.samples and (last or (cfg.eval.every_steps and step % cfg.eval.every_steps == 0))
+        if sample_now and (self.rank == 0 or cfg.deepspeed.zero_stage == 3):
+            result = self.sampler.write(self.module, step, self.run_dir / "samples" if self.rank == 0 else None,
+                                        cfg.seed)
+            if self.rank == 0:
+                row["eval"] = result
+
+    # ------------------------------------------------------------------------------------------------ reports
+    def report(self, step: int, row: dict, pack, last: bool) -> None:
+        """Ray Train's report: with a checkpoint every ``checkpoint.every_steps`` and at the last step,
+        without one every ``metrics.report_every``."""
+        import ray.train
+
+        metrics = {"step": step, "loss": row["loss"],
+                   "loss_avg": sum(self.report_losses) / max(len(self.report_losses), 1),
+                   "tokens_per_s": row["tokens_per_s"], "skipped_steps": self.skipped_steps}
+        if self.heldout_total is not None:
+            metrics["heldout_total"] = self.heldout_total
+        if last or step % self.cfg.checkpoint.every_steps == 0:
+            self.save_checkpoint(step, pack, metrics, last)
+            self.report_losses = []
+        elif step % self.cfg.metrics.report_every == 0:
             ray.train.report(metrics)
-            report_losses = []
-    loader.close()
-    if writer is not None:
-        writer.close()
-        (run_dir / "plan_issues.json").write_text(json.dumps(
-            {"issues": dict(plan.issues), "messages": plan.messages, "task_rows": plan.task_rows}, indent=2))
+            self.report_losses = []
+
+    def save_checkpoint(self, step: int, pack, metrics: dict, last: bool) -> None:
+        """This rank's share of the checkpoint (engine, train and data state, EMA), reported to Ray Train
+        with ``metrics``; at the last step also the exported safetensors when configured."""
+        import ray.train
+
+        cfg = self.cfg
+        folder = ckpt.new_local_folder(f"lance-ckpt-{self.rank}-")
+        train_state = {"step": step, "world_size": self.world, "skipped_steps": self.skipped_steps,
+                       "mixture": self.schedule.state_dict(), "name": cfg.name}
+        data_state = {"loader": pack.state, "pending": self.pending, "noise_rng": self.noise.get_state()}
+        ckpt.save_checkpoint(self.engine, folder, self.rank, train_state, data_state, self.ema)
+        if last and cfg.checkpoint.export_safetensors:
+            exported = ckpt.export_safetensors(self.engine, cfg.deepspeed.zero_stage, folder, self.rank, self.ema,
+                                               {"step": step, "stage": cfg.stage, "run": cfg.name})
+            if exported is not None:
+                copy_file_atomic(exported, self.run_dir / ckpt.EXPORT_FILE)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+                         checkpoint_dir_name=f"checkpoint_{step:07d}")
+        ckpt.remove_local_folder(folder)
+
+    def close(self) -> None:
+        self.loader.close()
+        if self.writer is not None:
+            self.writer.close()
+            (self.run_dir / "plan_issues.json").write_text(json.dumps(
+                {"issues": dict(self.plan.issues), "messages": self.plan.messages,
+                 "task_rows": self.plan.task_rows}, indent=2))
