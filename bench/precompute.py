@@ -239,12 +239,15 @@ def main() -> None:
     videos = write_release_parquet(workdir / "vid" / "data.parquet", "t2v", max(4, n // 20), seed=3)
 
     def on_fresh_ray(fn, *fn_args, **kwargs):
-        """Each measurement on its own local Ray: no idle workers or objects left by the one before."""
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        """Each measurement on its own local Ray: no idle workers or objects left by the one before (quick:
+        one Ray for all, whose figures only show that the code runs)."""
+        if not ray.is_initialized():
+            ray.init(address="local", include_dashboard=False, log_to_driver=False)
         try:
             return fn(*fn_args, **kwargs)
         finally:
-            ray.shutdown()
+            if not args.quick:
+                ray.shutdown()
 
     overlap = overlap_rounds(large, workdir, images_per_partition, 1 if args.quick else 3, on_fresh_ray)
     run_4n = sorted(overlap["runs"], key=lambda run: run["steady"])[len(overlap["runs"]) // 2]

@@ -25,7 +25,7 @@ MODEL_STEP_KEYS = {"model", "backend", "budget", "fill", "real_tokens", "step_ms
     ("shards.py", {"reps", "batch_rows", "rows"},
      {"shape", "layout", "bytes", "bytes_ratio", "read_rows_per_s", "read_mb_per_s", "read_speedup"}),
     ("video_memory.py", {"rows", "source_first", "flat"},
-     {"seconds", "clips", "peak_mib", "handed_on_mib", "working_mib", "working_ratio", "peak_ratio"}),
+     {"seconds", "clips", "blocks", "peak_mib", "video_mib", "beside_video_mib", "beside_ratio", "peak_ratio"}),
 ])
 def test_bench_quick(tmp_path, script, top_keys, row_keys):
     out = tmp_path / "result.json"

@@ -58,34 +58,52 @@ def synth(tmp_path_factory):
     return synth_all(tmp_path_factory.mktemp("synth"), count=6, seed=1)
 
 
-@pytest.mark.parametrize("name,task", [
-    ("parquet_t2i", "t2i"), ("parquet_t2v", "t2v"), ("parquet_i2i", "i2i"), ("parquet_v2v", "v2v"),
-    ("parquet_i2t", "i2t"), ("parquet_v2t", "v2t"), ("webdataset_images", "t2i"), ("webdataset_videos", "t2v"),
-    ("jsonl", "t2i"), ("csv", "t2i"),
-])
-def test_every_input_format(ray_local, synth, tmp_path, name, task):
-    source = synth[name] if not name.startswith(("jsonl", "csv")) else synth[name]
-    result = _run(source, tmp_path / "out")
+FORMATS = {"parquet_t2i": "t2i", "parquet_t2v": "t2v", "parquet_i2i": "i2i", "parquet_v2v": "v2v",
+           "parquet_i2t": "i2t", "parquet_v2t": "v2t", "webdataset_images": "t2i", "webdataset_videos": "t2v",
+           "jsonl": "t2i", "csv": "t2i"}
+
+
+def _dataset_of(source_uri: str, synth: dict) -> str:
+    """The synth dataset a row came from: the one whose file (or, for a manifest, whose folder) holds it."""
+    for name, path in synth.items():
+        root = str(path.parent if name in ("jsonl", "csv") else path)
+        if source_uri.startswith(root):
+            return name
+    raise AssertionError(f"{source_uri} is in no synth dataset")
+
+
+def _check_latents(row: dict, task: str) -> None:
+    latents = row["target_vae"]
+    assert latents.dtype == np.float16 and list(latents.shape) == row["target_vae_shape"]
+    frames, height, width, channels = latents.shape
+    area = TINY["buckets"]["video_area" if row["target_fps"] else "image_area"]
+    _, bucket_w, bucket_h = bucket_for(row["target_width"], row["target_height"], area)
+    assert channels == 48 and (height, width) == (bucket_h // 16, bucket_w // 16)
+    assert frames == (1 if task in ("t2i", "i2i", "i2t") else (row["target_frames"] - 1) // 4 + 1)
+    if task in ("i2i", "v2v"):
+        assert row["source_vae"] is not None and row["source_vit"] is not None
+        assert row["source_vit_shape"][1] == 64
+    if task in ("i2t", "v2t"):
+        assert row["answer"] and row["question"] is not None and row["target_vit"] is not None
+        feats = row["target_vit"]
+        t, h, w = row["target_vit_grid"]
+        assert feats.shape == (t * h * w, 64)
+
+
+def test_every_input_format(ray_local, synth, tmp_path):
+    """One run over a folder holding a dataset of every format (WebDataset images and videos, JSONL and CSV
+    manifests, the release's Parquet of each task): every record written, each with its task's latents."""
+    root = Path(os.path.commonpath([str(p) for p in synth.values()]))
+    result = _run(root, tmp_path / "out")
     stats = _check_invariant(tmp_path / "out")
     assert stats["inputs_written"] == stats["inputs"] > 0 and result.partitions >= 1
-    rows = _shard_rows(tmp_path / "out")
-    assert {r["task"] for r in rows} == {task}
-    for row in rows:
-        latents = row["target_vae"]
-        assert latents.dtype == np.float16 and list(latents.shape) == row["target_vae_shape"]
-        frames, height, width, channels = latents.shape
-        area = TINY["buckets"]["video_area" if row["target_fps"] else "image_area"]
-        _, bucket_w, bucket_h = bucket_for(row["target_width"], row["target_height"], area)
-        assert channels == 48 and (height, width) == (bucket_h // 16, bucket_w // 16)
-        assert frames == (1 if task in ("t2i", "i2i", "i2t") else (row["target_frames"] - 1) // 4 + 1)
-        if task in ("i2i", "v2v"):
-            assert row["source_vae"] is not None and row["source_vit"] is not None
-            assert row["source_vit_shape"][1] == 64
-        if task in ("i2t", "v2t"):
-            assert row["answer"] and row["question"] is not None and row["target_vit"] is not None
-            feats = row["target_vit"]
-            t, h, w = row["target_vit_grid"]
-            assert feats.shape == (t * h * w, 64)
+    by_dataset: dict[str, int] = {}
+    for row in _shard_rows(tmp_path / "out"):
+        name = _dataset_of(row["source_uri"], synth)
+        by_dataset[name] = by_dataset.get(name, 0) + 1
+        assert row["task"] == FORMATS[name], (name, row["task"])
+        _check_latents(row, FORMATS[name])
+    assert set(by_dataset) == set(FORMATS), by_dataset
 
 
 def test_shards_read_back_with_ray_data(ray_local, synth, tmp_path):
