@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -80,9 +79,7 @@ def test_precompute_rerun_keeps_the_first_runs_figures(ray_local, tmp_path, caps
     assert first.committed_now == 1 and not first.complete_before and first.stats["wall_seconds"] > 0
     stats = (tmp_path / "out" / "stats.json").read_bytes()
 
-    started = time.perf_counter()
     again = run_precompute(cfg, progress=False)
-    assert time.perf_counter() - started < 10
     assert again.complete_before and (again.committed_now, again.skipped) == (0, 1)
     assert again.stats == first.stats and (tmp_path / "out" / "stats.json").read_bytes() == stats
     capsys.readouterr()
@@ -138,9 +135,7 @@ def test_train_with_relative_paths_then_rerun_finishes_at_once(latents, tmp_path
         raise AssertionError("a complete run must not start Ray Train")
 
     monkeypatch.setattr(trainer, "build_trainer", no_trainer)
-    started = time.perf_counter()
     again = trainer.run_training(load_train_config(data))
-    assert time.perf_counter() - started < 10
     assert again.complete_before and again.metrics == first.metrics
     assert again.checkpoint.endswith("checkpoint_0000002") and again.export == run_dir / "model.safetensors"
     assert (run_dir / "metrics.jsonl").read_bytes() == metrics

@@ -139,26 +139,22 @@ def moto_endpoint():
 @pytest.mark.parametrize("uri", ["s3://lance-test/raw/", "s3://lance-test"])
 def test_hung_endpoint_times_out_in_seconds_and_says_so(hung, uri):
     cfg = PrecomputeConfig(input=uri, storage=dict(endpoint_url=hung.url, retries=1, **FAST))
-    started = time.perf_counter()
     with pytest.raises(StorageError) as err:
         list_inputs(cfg)
-    elapsed = time.perf_counter() - started
     message = str(err.value)
     assert err.value.kind == "timeout"
     assert message.startswith(f"listing {uri}: timed out at {hung.url} after 2 attempts")
     assert "read_timeout_seconds=1" in message and "unreachable" not in message
     # Two attempts of one second each plus botocore's backoff: no second retry layer multiplies them.
-    assert elapsed < 15, f"took {elapsed:.1f} s"
     assert len(hung.held) == 2, f"{len(hung.held)} connections: retries multiplied"
 
 
 @pytest.mark.timeout(60)
 def test_hung_endpoint_while_fetching_media_is_a_timeout(hung):
     storage = StorageConfig(endpoint_url=hung.url, retries=0, **FAST)
-    started = time.perf_counter()
     with pytest.raises(StorageError, match=r"reading s3://b/media/x\.jpg: timed out .* after 1 attempt "):
         fetch_bytes("s3://b/media/x.jpg", storage)
-    assert time.perf_counter() - started < 10
+    assert len(hung.held) == 1, f"{len(hung.held)} connections for one attempt"
 
 
 @pytest.mark.timeout(60)
@@ -177,15 +173,26 @@ def test_5xx_and_throttling_are_retried_by_botocore_alone(status, code, kind):
     assert len(requests) == 3, f"{len(requests)} requests for 3 attempts: a second retry layer"
 
 
-def test_missing_object_is_a_404_named_with_its_uri(moto_endpoint):
+@pytest.fixture
+def backoffs(monkeypatch) -> list[float]:
+    """The waits ``with_retries`` makes before each retry (recorded, not slept)."""
+    import types
+
+    from pipelines.data import storage
+
+    waits: list[float] = []
+    monkeypatch.setattr(storage, "time", types.SimpleNamespace(sleep=waits.append))
+    return waits
+
+
+def test_missing_object_is_a_404_named_with_its_uri(moto_endpoint, backoffs):
     import s3fs
 
     s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_endpoint}, skip_instance_cache=True).mkdir("faults")
     storage = StorageConfig(endpoint_url=moto_endpoint, retries=3, **{**FAST, "backoff_seconds": 5})
-    started = time.perf_counter()
     with pytest.raises(FileNotFoundError, match=r"reading s3://faults/gone\.jpg: not found: "):
         fetch_bytes("s3://faults/gone.jpg", storage)
-    assert time.perf_counter() - started < 5, "a 404 is not retried"
+    assert not backoffs, "a 404 is not retried"
     with pytest.raises(FileNotFoundError, match="does not exist"):
         list_inputs(PrecomputeConfig(input="s3://faults/raw/", storage=storage))
 
@@ -220,15 +227,14 @@ def test_missing_credentials_say_so(monkeypatch, tmp_path):
     assert str(err.value).startswith("reading s3://faults/x.jpg: no S3 credentials found")
 
 
-def test_corrupt_input_is_named_and_not_retried(tmp_path):
+def test_corrupt_input_is_named_and_not_retried(tmp_path, backoffs):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "broken.parquet").write_bytes(b"PAR1 this is not parquet at all")
     cfg = PrecomputeConfig(input=str(tmp_path / "in"), storage={"retries": 3, "backoff_seconds": 5})
-    started = time.perf_counter()
     with pytest.raises(StorageError) as err:
         list_inputs(cfg)
     assert err.value.kind == "corrupt" and "broken.parquet: corrupt object" in str(err.value)
-    assert time.perf_counter() - started < 5, "a corrupt object is not retried"
+    assert not backoffs, "a corrupt object is not retried"
 
 
 def test_only_transient_failures_are_retried():
@@ -376,11 +382,9 @@ def test_gzip_bomb_named_tar_is_refused_without_decompressing(tmp_path):
     bomb = write_gzip_bomb(tmp_path / "bomb.tar")
     assert bomb.stat().st_size < 200_000
     cfg = PrecomputeConfig(input=str(bomb), **TINY)
-    started = time.perf_counter()
     files = list_inputs(cfg)
     assert [f.records for f in files] == [1], "the refused tar counts as one record"
     records = list(read_segment(files[0], 0, 1, cfg))
-    assert time.perf_counter() - started < 5
     assert len(records) == 1 and records[0]["error_reason"] == "tar_compression"
     assert "a gz stream named .tar" in records[0]["error"] and ".tar.gz" in records[0]["error"]
     row = process_record(records[0], 0, 0, cfg)[0]

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -163,7 +162,6 @@ def test_tune_best_config_keeps_absolute_paths(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------- errors before work
 def test_missing_paths_are_named_before_any_work(tmp_path):
     """No Ray, no output folder: each job names the field (and flag) and the absolute path it looked for."""
-    started = time.perf_counter()
     out = _lance(["precompute", "--no-progress"], tmp_path)
     assert out.returncode == 2, out.stderr
     assert "precompute.input (--input): no input given" in out.stderr
@@ -190,7 +188,6 @@ def test_missing_paths_are_named_before_any_work(tmp_path):
     assert f"grpo.prompts.path (--prompts): {tmp_path / 'prompts.txt'} does not exist" in out.stderr
     assert f"grpo.checkpoint (--checkpoint): {tmp_path / 'w' / 'model.safetensors'} does not exist" in out.stderr
     assert not (tmp_path / "runs").exists()
-    assert time.perf_counter() - started < 240  # five interpreter starts; no Ray start among them
 
 
 def test_reward_and_model_weights_are_checked(tmp_path, monkeypatch):
