@@ -2,7 +2,7 @@
 tiny encoders) -> ``lance train`` (2 DeepSpeed ZeRO-2 workers, tiny model) -> ``lance grpo`` (a short phase from
 the exported weights) -> a report in the run folder.
 
-    lance demo [--config jobs/configs/demo.yaml] [--output runs/demo] [--steps N] [--resume | --overwrite]
+    lance demo [--config demo] [--output runs/demo] [--steps N] [--set field=value ...] [--resume | --overwrite]
 
 Running again into the same ``--output`` with the same demo settings resumes it (each stage reports what an
 earlier run finished); other settings are refused; ``--overwrite`` removes the earlier demo folder first.
@@ -16,11 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from jobs.config_io import read_yaml
-from lance_core.config import ConfigError
-from pipelines.demo import demo_configs, load_demo_config, run_demo
-from pipelines.runtime.run_folder import CONFIG_FILE, RunFolder, RunFolderError, add_rerun_options
-from pipelines.runtime.run_log import setup_logging
+from jobs.cli import add_log_level_option, add_rerun_options, positive_int, setup_logging
+from jobs.config_io import FieldOverrides, add_config_options, read_yaml
 
 
 def _num(value: float | None) -> str:
@@ -30,18 +27,23 @@ def _num(value: float | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lance demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file of demo settings (defaults built in)")
+    add_config_options(parser, "demo settings (defaults built in)", "demo")
     parser.add_argument("--output", help="run folder (default: runs/demo-<time>)")
-    parser.add_argument("--steps", type=int, help="training steps (overrides the config)")
+    parser.add_argument("--steps", type=positive_int, help="training steps (overrides the config)")
     add_rerun_options(parser)
+    add_log_level_option(parser)
     args = parser.parse_args(argv)
-    setup_logging()
+    setup_logging(args.log_level)
+    from lance_core.config import ConfigError
+    from pipelines.demo import demo_configs, load_demo_config, run_demo
+    from pipelines.runtime.run_folder import CONFIG_FILE, RunFolder, RunFolderError
+
     run_dir = Path(args.output or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    fields = FieldOverrides()
+    fields.flag("--steps", "steps", args.steps)
     try:
-        data = read_yaml(args.config)
-        if args.steps is not None:
-            data["steps"] = args.steps
-        cfg = load_demo_config(data)
+        fields.sets(args.set)
+        cfg = load_demo_config(fields.apply(read_yaml(args.config)), flags=fields.flags)
         demo_configs(cfg, run_dir)
         # the demo's own settings decide; each stage then checks its own config (in config.json beside them)
         folder = RunFolder("demo", str(run_dir.resolve()))

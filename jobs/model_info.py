@@ -5,20 +5,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
-from lance_core.config import PRESETS, ConfigError, model_preset
-from lance_core.encoders.vit import meta_vision_tower
-from lance_core.flops import model_info
-from lance_core.model import build_model
+from jobs.cli import add_log_level_option, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lance_core.config import PRESETS  # plain data (pydantic, no torch): the presets for --help
+
     parser = argparse.ArgumentParser(prog="lance model-info", description=__doc__)
     parser.add_argument("--preset", default="lance-3b", help=f"one of: {', '.join(PRESETS)}")
     parser.add_argument("--context", type=int, default=2304,
                         help="tokens of a sample's context for the attention FLOPs (2304 = one 768x768 image)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_log_level_option(parser)
     args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    from lance_core.config import ConfigError, model_preset
+    from lance_core.encoders.vit import meta_vision_tower
+    from lance_core.flops import model_info
+    from lance_core.model import build_model
+
     try:
         cfg = model_preset(args.preset)
     except ConfigError as err:
@@ -44,3 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,20 +12,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
-from lance_core.config import ConfigError, load_config
-from pipelines.submit import JOBS, SubmitError, SubmitOptions, default_address
+from jobs.cli import add_log_level_option, setup_logging
+
+JOBS = ("precompute", "train", "grpo", "tune")
+"""The jobs that can be submitted (``pipelines.submit.JOBS``, named here so that ``--help`` imports nothing)."""
+ADDRESS_HELP = "Ray job API, http://HOST:8265 (default: $RAY_API_SERVER_ADDRESS, an http $RAY_ADDRESS, or local)"
+log = logging.getLogger("lance.submit")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lance submit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_log_level_option(parser)
     sub = parser.add_subparsers(dest="action", required=True, metavar="<job or action>")
     for job in JOBS:
         p = sub.add_parser(job, help=f"submit python -m jobs.{job}")
-        p.add_argument("--config", help="job config (YAML); a local path travels with the job")
-        p.add_argument("--address", default=default_address(), help="Ray job API, http://HOST:8265")
+        p.add_argument("--config", help="job config (YAML) or the name of a shipped config; a local path "
+                                        "travels with the job")
+        p.add_argument("--address", help=ADDRESS_HELP)
         p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                        help="environment variable for the job (repeatable; no credentials)")
         p.add_argument("--submission-id", help="id to give the job (default: lance-<job>-<time>-<random>)")
@@ -40,32 +47,37 @@ def _parser() -> argparse.ArgumentParser:
                           ("logs", "logs of a submitted job")):
         p = sub.add_parser(action, help=help_)
         p.add_argument("submission_id")
-        p.add_argument("--address", default=default_address())
+        p.add_argument("--address", help=ADDRESS_HELP)
         if action == "logs":
             p.add_argument("--follow", action="store_true", help="keep printing until the job ends")
     p = sub.add_parser("list", help="jobs submitted to the cluster")
-    p.add_argument("--address", default=default_address())
+    p.add_argument("--address", help=ADDRESS_HELP)
     return parser
 
 
 def _submit(args: argparse.Namespace, job_args: list[str]) -> int:
-    from pipelines.submit import follow, local_data_paths, submit
+    from jobs.config_io import resolve_config
+    from lance_core.config import ConfigError, load_config
+    from pipelines.submit import SubmitOptions, follow, local_data_paths, submit
 
     env = dict(item.split("=", 1) for item in args.env if "=" in item)
     if len(env) != len(args.env):
-        raise ConfigError("submit.env: give NAME=VALUE")
+        raise ConfigError("submit.env (--env): give NAME=VALUE")
     try:
         resources = json.loads(args.entrypoint_resources)
     except json.JSONDecodeError as err:
-        raise ConfigError(f"submit.entrypoint_resources: not JSON: {err}") from None
+        raise ConfigError(f"submit.entrypoint_resources (--entrypoint-resources): not JSON: {err}") from None
+    config = None if args.config is None else str(resolve_config(args.config))
     opts = load_config(SubmitOptions, {
-        "job": args.action, "config": args.config, "job_args": job_args, "address": args.address, "env": env,
+        "job": args.action, "config": config, "job_args": job_args, "address": args.address, "env": env,
         "submission_id": args.submission_id, "entrypoint_num_cpus": args.entrypoint_num_cpus,
         "entrypoint_num_gpus": args.entrypoint_num_gpus, "entrypoint_resources": resources,
-        "allow_secret_files": args.allow_secret_files}, prefix="submit")
+        "allow_secret_files": args.allow_secret_files}, prefix="submit",
+        flags={"config": "--config", "address": "--address", "env": "--env", "submission_id": "--submission-id",
+               "entrypoint_num_cpus": "--entrypoint-num-cpus", "entrypoint_num_gpus": "--entrypoint-num-gpus",
+               "entrypoint_resources": "--entrypoint-resources"})
     for path in local_data_paths(opts.job_args):
-        print(f"lance submit: {path} is a local path; every node must see it (use s3:// on a cluster)",
-              file=sys.stderr)
+        log.warning(f"{path} is a local path; every node must see it (use s3:// on a cluster)")
     submission_id = submit(opts)
     print(f"submitted {submission_id} to {opts.address}", flush=True)
     if args.no_wait:
@@ -73,7 +85,7 @@ def _submit(args: argparse.Namespace, job_args: list[str]) -> int:
     try:
         status = follow(opts.address, submission_id)
     except KeyboardInterrupt:
-        print(f"\nthe job keeps running; stop it with: lance submit stop {submission_id}", file=sys.stderr)
+        log.warning(f"the job keeps running; stop it with: lance submit stop {submission_id}")
         return 130
     print(f"{submission_id}: {status}")
     return 0 if status == "SUCCEEDED" else 1
@@ -104,8 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         cut = argv.index("--")
         argv, job_args = argv[:cut], argv[cut + 1:]
     args = _parser().parse_args(argv)
-    from pipelines.submit import api_errors
+    setup_logging(args.log_level)
+    from lance_core.config import ConfigError
+    from pipelines.submit import SubmitError, api_errors, default_address
 
+    args.address = args.address or default_address()
     try:
         with api_errors(args.address):
             if args.action in JOBS:

@@ -1,12 +1,13 @@
 """``lance train``: Ray Train + DeepSpeed training of the dual-stream model over latent shards.
 
-    lance train --config jobs/configs/train_tiny.yaml [--data URI ...] [--output DIR] [--steps N] [--workers N]
-                [--resume | --overwrite]
+    lance train --config train_tiny [--data URI ...] [--output DIR] [--steps N] [--workers N]
+                [--set section.field=value ...] [--resume | --overwrite]
     python -m jobs.train ...      (for ray job submit)
 
-Relative paths are taken from the current folder. Rerunning with the same output and run name resumes from
-the last checkpoint when the config is the same (``steps`` may grow; a complete run is reported and nothing
-starts), and is refused when it differs.
+``--config`` takes a YAML file or the name of a shipped config (``jobs/configs/train_<stage>.yaml``). Relative
+paths are taken from the current folder. Rerunning with the same output and run name resumes from the last
+checkpoint when the config is the same (``steps`` may grow; a complete run is reported and nothing starts),
+and is refused when it differs.
 """
 
 from __future__ import annotations
@@ -14,36 +15,43 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.config_io import read_yaml
-from lance_core.config import ConfigError
-from pipelines.data.storage import StorageError
-from pipelines.runtime.run_folder import RunFolderError, add_rerun_options
-from pipelines.runtime.run_log import setup_logging
-from pipelines.train.config import apply_overrides, load_train_config
-from pipelines.train.plan import DataError
+from jobs.cli import add_log_level_option, add_rerun_options, positive_int, setup_logging
+from jobs.config_io import FieldOverrides, add_config_options, read_yaml
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lance train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (jobs/configs/train_<stage>.yaml)")
+    add_config_options(parser, "training config", "train_")
     parser.add_argument("--data", action="append", help="latent shard root, local or s3:// (repeatable)")
     parser.add_argument("--output", help="folder holding the run folder <output>/<name>")
     parser.add_argument("--name", help="run name (same name = resume)")
-    parser.add_argument("--steps", type=int, help="total training steps")
-    parser.add_argument("--workers", type=int, help="Ray Train workers")
+    parser.add_argument("--steps", type=positive_int, help="total training steps")
+    parser.add_argument("--workers", type=positive_int, help="Ray Train workers")
     add_rerun_options(parser, "<output>/<name>")
+    add_log_level_option(parser)
     args = parser.parse_args(argv)
-    setup_logging()
+    setup_logging(args.log_level)
+    from lance_core.config import ConfigError
+    from pipelines.train.config import load_train_config
+
+    fields = FieldOverrides()
+    fields.flag("--data", "data.uris", list(args.data) if args.data else None)
+    fields.flag("--output", "output", args.output)
+    fields.flag("--name", "name", args.name)
+    fields.flag("--steps", "steps", args.steps)
+    fields.flag("--workers", "scaling.workers", args.workers)
     try:
-        data = apply_overrides(read_yaml(args.config), uris=args.data, output=args.output, steps=args.steps,
-                               workers=args.workers, name=args.name)
-        cfg = load_train_config(data)
+        fields.sets(args.set)
+        cfg = load_train_config(fields.apply(read_yaml(args.config)), flags=fields.flags)
     except ConfigError as err:
         print(f"lance train: {err}", file=sys.stderr)
         return 2
     from ray.train import TrainingFailedError
 
+    from pipelines.runtime.run_folder import RunFolderError
+    from pipelines.runtime.storage import StorageError
+    from pipelines.train.plan import DataError
     from pipelines.train.report import print_summary
     from pipelines.train.trainer import run_training
 

@@ -2,11 +2,13 @@
 and concurrency), each trial a real training run of the given config (use the tiny preset on one machine).
 The winner is written as ``<sweep>/best_config.yaml``, which ``lance train --config`` takes back.
 
-    lance tune --config jobs/configs/train_tiny.yaml [--data URI ...] [--samples N] [--steps N] [--workers N]
-               [--resume | --overwrite]
+    lance tune --config train_tiny [--data URI ...] [--output DIR] [--samples N] [--steps N] [--workers N]
+               [--set section.field=value ...] [--resume | --overwrite]
 
-Relative paths are taken from the current folder. Rerunning into the same sweep folder reports a finished
-sweep, continues an unfinished one of the same config, and refuses one of another config.
+``--config`` takes a YAML file or the name of a shipped config. The sweep folder is
+``<output>/<name>-tune``. Relative paths are taken from the current folder. Rerunning into the same sweep
+folder reports a finished sweep, continues an unfinished one of the same config, and refuses one of another
+config.
 """
 
 from __future__ import annotations
@@ -15,43 +17,49 @@ import argparse
 import json
 import sys
 
-from jobs.config_io import read_yaml
-from lance_core.config import ConfigError
-from pipelines.runtime.run_folder import RunFolderError, add_rerun_options
-from pipelines.runtime.run_log import setup_logging
-from pipelines.train.config import apply_overrides, load_train_config
-from pipelines.train.plan import DataError
+from jobs.cli import add_log_level_option, add_rerun_options, positive_int, setup_logging
+from jobs.config_io import FieldOverrides, add_config_options, read_yaml
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lance tune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="training YAML config the trials start from")
+    add_config_options(parser, "training config the trials start from", "train_")
     parser.add_argument("--data", action="append", help="latent shard root, local or s3:// (repeatable)")
-    parser.add_argument("--output", help="folder of the sweep (default: the config's output)")
-    parser.add_argument("--steps", type=int, default=8, help="steps per trial (ASHA's max_t); the best config "
-                        "keeps the config's own step count")
-    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers per trial")
-    parser.add_argument("--samples", type=int, help="trials (tune.num_samples)")
-    parser.add_argument("--grace", type=int, help="steps before ASHA may stop a trial (tune.scheduler.grace_period)")
+    parser.add_argument("--output", help="folder holding the sweep folder <output>/<name>-tune (default: the "
+                        "config's output)")
+    parser.add_argument("--steps", type=positive_int, default=8, help="steps per trial (ASHA's max_t); the best "
+                        "config keeps the config's own step count")
+    parser.add_argument("--workers", type=positive_int, default=1, help="Ray Train workers per trial")
+    parser.add_argument("--samples", type=positive_int, help="trials (tune.num_samples)")
+    parser.add_argument("--grace", type=positive_int,
+                        help="steps before ASHA may stop a trial (tune.scheduler.grace_period)")
     add_rerun_options(parser, "the sweep folder")
+    add_log_level_option(parser)
     args = parser.parse_args(argv)
-    setup_logging()
+    setup_logging(args.log_level)
+    from lance_core.config import ConfigError
+    from pipelines.train.config import load_train_config
+
+    fields = FieldOverrides()
+    fields.flag("--data", "data.uris", list(args.data) if args.data else None)
+    fields.flag("--output", "output", args.output)
+    fields.flag("--steps", "steps", args.steps)
+    fields.flag("--workers", "scaling.workers", args.workers)
+    fields.flag("--samples", "tune.num_samples", args.samples)
+    fields.flag("--grace", "tune.scheduler.grace_period", args.grace)
     try:
+        fields.sets(args.set)
         given = read_yaml(args.config)
-        data = apply_overrides(given, uris=args.data, output=args.output, steps=args.steps, workers=args.workers)
+        data = fields.apply(given)
         name = data.get("name", "lance-train")
         data["name"] = f"{name}-tune"
-        tune = dict(data.get("tune") or {})
-        if args.samples is not None:
-            tune["num_samples"] = args.samples
-        if args.grace is not None:
-            tune["scheduler"] = {**(tune.get("scheduler") or {}), "grace_period": args.grace}
-        data["tune"] = tune
-        base = load_train_config(data)
+        base = load_train_config(data, flags=fields.flags)
     except ConfigError as err:
         print(f"lance tune: {err}", file=sys.stderr)
         return 2
+    from pipelines.runtime.run_folder import RunFolderError
+    from pipelines.train.plan import DataError
     from pipelines.train.tune import SweepFailed, sweep
 
     try:

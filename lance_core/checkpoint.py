@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .model import LanceModel
+from .safetensors_files import SINGLE_FILE, read_safetensors_dir, safetensors_key_files
 
 LANCE_PREFIXES = ("language_model.", "time_embedder.", "vae2llm.", "llm2vae.", "latent_pos_embed.")
 VIT_PREFIX = "vit_model."
@@ -32,8 +31,6 @@ LM_HEAD_KEY = "language_model.lm_head.weight"
 EMBED_KEY = "language_model.model.embed_tokens.weight"
 QWEN_TEXT_PREFIXES = ("model.language_model.", "model.")
 QWEN_VISION_PREFIXES = ("model.visual.", "visual.")
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 
 
 @dataclass
@@ -52,49 +49,6 @@ class LoadReport:
 
 
 # ------------------------------------------------------------------------------------------ reading
-def _key_files(path: str | Path) -> dict[str, Path]:
-    """key -> file holding it, for a .safetensors file or a folder (single file or sharded with an index)."""
-    path = Path(path)
-    if path.is_file():
-        files = [path]
-    elif not path.is_dir():
-        raise FileNotFoundError(f"checkpoint not found: {str(path)!r}")
-    elif (path / INDEX_FILE).is_file():
-        weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
-        owners = {key: path / name for key, name in weight_map.items()}
-        for file in sorted(set(owners.values())):
-            if not file.is_file():
-                raise FileNotFoundError(f"checkpoint shard missing: {str(file)!r} (listed in {INDEX_FILE})")
-        return owners
-    elif (path / SINGLE_FILE).is_file():
-        files = [path / SINGLE_FILE]
-    else:
-        files = sorted(path.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"no {SINGLE_FILE}, {INDEX_FILE} or *.safetensors in {str(path)!r}")
-    owners = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as fh:
-            owners.update(dict.fromkeys(fh.keys(), file))
-    return owners
-
-
-def read_safetensors_dir(
-    path: str | Path, select: Callable[[str], bool] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint file or folder, read shard by shard; only keys passing ``select`` are read."""
-    by_file: dict[Path, list[str]] = {}
-    for key, file in _key_files(path).items():
-        if select is None or select(key):
-            by_file.setdefault(file, []).append(key)
-    tensors: dict[str, torch.Tensor] = {}
-    for file, keys in by_file.items():
-        with safe_open(str(file), framework="pt") as fh:
-            for key in keys:
-                tensors[key] = fh.get_tensor(key)
-    return tensors
-
-
 def _listing(keys: list[str], limit: int = 8) -> str:
     return f"{keys[:limit]}{f' (+{len(keys) - limit} more)' if len(keys) > limit else ''}"
 
@@ -176,7 +130,7 @@ def load_qwen25vl_weights(model: LanceModel, path: str | Path) -> LoadReport:
     copies before loading on one path). QK-norms start at 1 (Qwen2.5-VL has none). Vision weights are
     counted, not read. A tied (or absent) lm_head takes the embedding."""
     report = LoadReport(source=str(path))
-    owners = _key_files(path)
+    owners = safetensors_key_files(path)
     report.skipped_vision = sum(_is_qwen_vision(key) for key in owners)
     report.ignored = sorted(k for k in owners if not _is_qwen_vision(k) and _qwen_to_und_key(k) is None)
     source = read_safetensors_dir(path, lambda k: not _is_qwen_vision(k) and _qwen_to_und_key(k) is not None)

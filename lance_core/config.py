@@ -263,22 +263,36 @@ PRESETS["lance-3b-video"] = dict(PRESETS["lance-3b"], preset="lance-3b-video", m
 T = TypeVar("T", bound=BaseModel)
 
 
-def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+def _flags_of(path: str, flags: dict[str, str]) -> list[str]:
+    """The command-line flags that set ``path`` (dotted, without prefix), a field inside it or a section
+    holding it."""
+    return list(dict.fromkeys(flag for key, flag in flags.items()
+                              if path == key or path.startswith(key + ".") or key.startswith(path + ".")))
+
+
+def format_validation_error(err: ValidationError, prefix: str = "", flags: dict[str, str] | None = None) -> str:
+    """One line per error: ``  prefix.field: message (got value)``; ``flags`` (dotted field -> the flag
+    that set it, e.g. ``{"steps": "--steps"}``) adds the flag: ``  train.steps (--steps): ...``."""
     lines = []
     for item in err.errors():
-        field = ".".join(str(p) for p in (prefix, *item["loc"]) if p != "") or "<root>"
+        path = ".".join(str(p) for p in item["loc"])
+        field = ".".join(p for p in (prefix, path) if p != "") or "<root>"
+        given = _flags_of(path, flags or {}) if path else []
+        named = f"{field} ({', '.join(given)})" if given else field
         value = item.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"  {field}: {item['msg']}{shown}")
+        lines.append(f"  {named}: {item['msg']}{shown}")
     return "invalid config:\n" + "\n".join(lines)
 
 
-def load_config(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
-    """Validate ``data`` into ``cls``; raise :class:`ConfigError` naming every bad field."""
+def load_config(cls: type[T], data: dict[str, Any] | None, prefix: str = "",
+                flags: dict[str, str] | None = None) -> T:
+    """Validate ``data`` into ``cls``; raise :class:`ConfigError` naming every bad field (and the
+    command-line flag that set it, from ``flags``: dotted field -> flag)."""
     try:
         return cls.model_validate(data or {})
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, prefix)) from None
+        raise ConfigError(format_validation_error(err, prefix, flags)) from None
 
 
 def model_preset(name: str, **overrides: Any) -> ModelConfig:

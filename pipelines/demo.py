@@ -85,7 +85,7 @@ def run_demo(cfg: DemoConfig, run_dir: Path) -> dict:
     from pipelines.rl import run_grpo
     from pipelines.rl.metrics import GALLERY_GRID
     from pipelines.train.report import plot_losses, throughput_summary
-    from pipelines.train.trainer import ensure_ray, run_training
+    from pipelines.train.trainer import ensure_train_ray, run_training
 
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -97,7 +97,7 @@ def run_demo(cfg: DemoConfig, run_dir: Path) -> dict:
     started = time.perf_counter()
     synth_all(run_dir / "synth", cfg.synth_count, cfg.seed)
     timings["synth_seconds"] = time.perf_counter() - started
-    ensure_ray()
+    ensure_train_ray()
     started = time.perf_counter()
     data = run_precompute(precompute_cfg, progress=False)
     timings["precompute_seconds"] = time.perf_counter() - started
@@ -160,5 +160,6 @@ def _captioned_copy(source: Path, caption: str, target: Path) -> None:
     write_captioned([np.asarray(Image.open(source).convert("RGB"))], [caption], target)
 
 
-def load_demo_config(data: dict | None) -> DemoConfig:
-    return load_config(DemoConfig, data, prefix="demo")
+def load_demo_config(data: dict | None, flags: dict[str, str] | None = None) -> DemoConfig:
+    """``flags``: dotted field -> the command-line flag that set it, named in the errors."""
+    return load_config(DemoConfig, data, prefix="demo", flags=flags)

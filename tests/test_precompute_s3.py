@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.data.config import PrecomputeConfig
-from pipelines.data.sources import StorageError
 from pipelines.data.synth import write_manifest, write_release_parquet
+from pipelines.runtime.storage import StorageError
 
 pytestmark = pytest.mark.slow
 TINY = dict(partition_size=4, buckets=dict(image_area=64 * 64, video_area=64 * 96, vit_area=56 * 56),

@@ -178,7 +178,7 @@ def test_grpo_rerun_reports_a_finished_run_and_refuses_another_config(tmp_path, 
     from pipelines.rl import loop
     from pipelines.rl.config import load_grpo_config
 
-    def no_ray(cfg):
+    def no_ray(*args, **kwargs):
         raise AssertionError("a settled rerun must not start Ray")
 
     monkeypatch.setattr(loop, "ensure_ray", no_ray)

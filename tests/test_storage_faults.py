@@ -25,10 +25,17 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines.data.config import PrecomputeConfig, StorageConfig
+from pipelines.data.config import PrecomputeConfig
 from pipelines.data.records import process_record
-from pipelines.data.sources import fetch_bytes, list_inputs, read_segment
-from pipelines.data.storage import ResumingReader, StorageError, classify, with_retries
+from pipelines.data.sources import list_inputs, read_segment
+from pipelines.runtime.storage import (
+    ResumingReader,
+    StorageConfig,
+    StorageError,
+    classify,
+    fetch_bytes,
+    with_retries,
+)
 
 TINY = {"partition_size": 4, "buckets": {"image_area": 64 * 64, "video_area": 64 * 96, "vit_area": 56 * 56},
         "video": {"max_seconds": 1.0}}
@@ -178,7 +185,7 @@ def backoffs(monkeypatch) -> list[float]:
     """The waits ``with_retries`` makes before each retry (recorded, not slept)."""
     import types
 
-    from pipelines.data import storage
+    from pipelines.runtime import storage
 
     waits: list[float] = []
     monkeypatch.setattr(storage, "time", types.SimpleNamespace(sleep=waits.append))

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from lance_core.packing import Sample, Span
+from pipelines.runtime.local_files import copy_file_atomic
 from pipelines.train import checkpoints as ckpt
-from pipelines.train.metrics import METRICS_FILE, MetricsWriter, copy_file_atomic, read_metrics
+from pipelines.train.metrics import METRICS_FILE, MetricsWriter, read_metrics
 
 
 def _rows(steps) -> str:

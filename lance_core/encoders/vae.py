@@ -257,6 +257,16 @@ class WanVAE(nn.Module):
         z = latents.to(self.device).float() * std + mean
         return self.autoencoder.decode(z.to(self.dtype)).sample.clamp(-1, 1)
 
+    @torch.no_grad()
+    def decode_frames(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents (B, C, T', H', W') -> RGB frames (B, T, H, W, 3) uint8 on the CPU."""
+        return pixels_to_uint8(self.decode(latents)).permute(0, 2, 3, 4, 1).cpu()
+
+
+def pixels_to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels in [-1, 1] (any shape) -> uint8 0..255: (x + 1) x 127.5, rounded half to even."""
+    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
 
 def sample_posterior(mean: torch.Tensor, std: torch.Tensor,
                      generator: torch.Generator | None = None) -> torch.Tensor:

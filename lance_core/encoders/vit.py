@@ -5,13 +5,13 @@ Tokens per span = (T/2)·(H/28)·(W/28), laid out in the merger's 2x2 block orde
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 from torch import nn
 
 from ..config import ViTConfig
+from ..safetensors_files import read_safetensors_dir
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -55,35 +55,14 @@ def _vision_key(key: str) -> str | None:
     return None
 
 
-def _checkpoint_files(path: str) -> list[str]:
-    """The safetensors files of a checkpoint folder that hold vision weights (all of them when unsharded)."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    single = os.path.join(path, "model.safetensors")
-    if os.path.isfile(index):
-        with open(index) as fh:
-            weight_map = json.load(fh)["weight_map"]
-        names = sorted({file for key, file in weight_map.items() if _vision_key(key) is not None})
-    elif os.path.isfile(single):
-        names = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path!r} (model.vit.path)")
-    files = [os.path.join(path, name) for name in names]
-    for file in files:
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"checkpoint shard missing: {file!r}")
-    return files
-
-
 def read_vision_weights(path: str) -> dict[str, torch.Tensor]:
-    """The vision-tower tensors of a Qwen2.5-VL checkpoint folder, keyed like the tower's state dict."""
-    from safetensors import safe_open
-
-    weights = {}
-    for file in _checkpoint_files(path):
-        with safe_open(file, framework="pt") as fh:
-            for key in fh.keys():
-                if (name := _vision_key(key)) is not None:
-                    weights[name] = fh.get_tensor(key)
+    """The vision-tower tensors of a Qwen2.5-VL checkpoint folder, keyed like the tower's state dict (of a
+    sharded folder only the shards its index names for vision keys are opened)."""
+    try:
+        tensors = read_safetensors_dir(path, select=lambda key: _vision_key(key) is not None)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err} (model.vit.path)") from None
+    weights = {_vision_key(key): value for key, value in tensors.items()}
     if not weights:
         raise KeyError(f"{path!r} holds no vision tower weights (keys under {', '.join(VISION_PREFIXES)})")
     return weights

@@ -8,7 +8,8 @@ so ``state_dict()`` already carries the Lance key names.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager as ContextManager, nullcontext
+from contextlib import AbstractContextManager as ContextManager
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from lance_core.config import InputPath, OutputPath, StrictModel
+from pipelines.runtime.storage import StorageConfig
 
 InputFormat = Literal["auto", "webdataset", "parquet", "jsonl", "csv"]
 
@@ -118,25 +119,6 @@ class EncoderConfig(StrictModel):
     draw a fresh latent each step (``data.sample_posterior``); False stores the posterior mean alone."""
     vit_tasks: tuple[str, ...] = ("i2t", "v2t", "i2i", "v2v")
     """Tasks whose media also get ViT features (they are large; understanding and edit sources need them)."""
-
-
-class StorageConfig(StrictModel):
-    endpoint_url: str | None = None
-    """S3-compatible endpoint; credentials come from the environment (never from this file)."""
-    region: str | None = None
-    connect_timeout_seconds: float = Field(5.0, gt=0)
-    """Longest wait for a connection to the S3 endpoint, per attempt."""
-    read_timeout_seconds: float = Field(20.0, gt=0)
-    """Longest wait for the next bytes of an answer, per attempt: an endpoint that accepts and never answers
-    fails after (retries + 1) x this, instead of hanging."""
-    retries: int = Field(3, ge=0)
-    """Retries of a transient failure (timeout, refused or reset connection, 5xx, throttling) after the first
-    attempt; on S3 botocore makes them in ``retry_mode``. Not found, access denied, missing credentials and
-    corrupt objects fail at once."""
-    retry_mode: Literal["standard", "adaptive"] = "standard"
-    """botocore's retry mode (adaptive also slows the client down while S3 throttles it)."""
-    backoff_seconds: float = Field(0.5, ge=0)
-    """First wait before a retry botocore does not make (other filesystems, a broken download); doubles."""
 
 
 class ManifestConfig(StrictModel):

@@ -24,13 +24,10 @@ import torch
 from lance_core.config import model_preset
 from lance_core.encoders import QwenViT, WanVAE
 from lance_core.shards import storage_values
+from pipelines.runtime.devices import pick_device
 
 from .config import PrecomputeConfig
 from .records import frame_to_arrow
-
-
-def _device(num_gpus: float) -> torch.device:
-    return torch.device("cuda") if num_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
 
 
 def _groups(batch: pd.DataFrame, key: str, chunk: int) -> list[tuple[tuple, list[int]]]:
@@ -68,7 +65,7 @@ class _EncoderActor:
 
     def __init__(self, cfg_json: str) -> None:
         self.cfg = PrecomputeConfig.model_validate_json(cfg_json)
-        self.device = _device(self.cfg.encoders.num_gpus_per_actor)
+        self.device = pick_device(self.cfg.encoders.num_gpus_per_actor)
         self.latent_dtype = self.cfg.latent_dtype
         self.chunk = self.cfg.encoders.batch_size
         if self.device.type == "cpu":

@@ -21,16 +21,25 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from pipelines.runtime.preflight import check_paths
+from pipelines.runtime.ray_session import ensure_ray
 from pipelines.runtime.run_folder import CONFIG_FILE, RunFolder, RunMode
+from pipelines.runtime.storage import (
+    TRANSIENT_KINDS,
+    StorageError,
+    classify,
+    filesystem,
+    join_uri,
+    with_retries,
+)
 
 from .config import PrecomputeConfig
 from .encode import VAEEncoder, ViTEncoder
 from .records import ROW_DEFAULTS, dropped, record_rows, to_arrow
 from .scores import ScoreFilter
 from .sources import InputFile, list_inputs, plan_partitions, read_segment
-from .storage import TRANSIENT_KINDS, StorageError, classify
 from .writer import (
     COMMITS,
+    OUTPUT_FOLDERS,
     PIECES,
     TMP_PREFIX,
     DamagedFileError,
@@ -300,12 +309,10 @@ class PrecomputeResult:
 
 
 def _prepare_output(cfg: PrecomputeConfig) -> None:
-    from .sources import filesystem, with_retries
-
     fs = filesystem(cfg.output, cfg.storage)
-    for sub in ("", "/shards", "/quarantine", "/_commits"):
+    for sub in OUTPUT_FOLDERS:
         with_retries(f"writing {cfg.output}", cfg.storage,
-                     lambda sub=sub: fs.makedirs(cfg.output.rstrip("/") + sub, exist_ok=True))
+                     lambda sub=sub: fs.makedirs(join_uri(cfg.output, sub), exist_ok=True))
 
 
 def reserved_cpus(cfg: PrecomputeConfig) -> float:
@@ -366,9 +373,7 @@ def run_precompute(cfg: PrecomputeConfig, progress: bool = True, mode: RunMode =
     folder.record_config(config)
     _prepare_output(cfg)
     joined = bool(os.environ.get("RAY_ADDRESS"))
-    if not ray.is_initialized():
-        # RAY_ADDRESS (a submitted job) joins its cluster; otherwise a new local Ray, never another one's.
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
+    ensure_ray()  # RAY_ADDRESS (a submitted job) joins its cluster; otherwise a new local Ray
     check_cpu_budget(cfg, ray.cluster_resources().get("CPU", 0.0), autoscaling=joined)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress

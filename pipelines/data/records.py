@@ -11,12 +11,12 @@ import hashlib
 from collections.abc import Iterator
 
 from lance_core.shards import sample_id
+from pipelines.runtime.storage import fetch_bytes
 
 from .config import PrecomputeConfig
 from .decode import DecodeError
 from .filters import caption_reason
 from .media import media_reason, open_media, slot_clips
-from .sources import fetch_bytes
 
 ROW_DEFAULTS: dict = {
     "partition": -1, "record_index": -1, "source_uri": "", "status": "ok", "stage": "", "reason": "", "error": "",

@@ -28,10 +28,16 @@ from typing import Iterator
 
 import pyarrow.parquet as pq
 
-from .config import ManifestConfig, PrecomputeConfig, StorageConfig
+from pipelines.runtime.storage import (
+    StorageConfig,
+    filesystem,
+    open_input,
+    path_exists,
+    with_protocol,
+    with_retries,
+)
 
-# StorageError, filesystem and with_retries are also imported from here by the writer and the pipeline.
-from .storage import StorageError, filesystem, open_input, path_exists, with_retries  # noqa: F401
+from .config import ManifestConfig, PrecomputeConfig
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 VIDEO_SUFFIXES = ("mp4", "mov", "webm", "mkv", "avi", "m4v")
@@ -70,10 +76,6 @@ def _format_of(uri: str, configured: str) -> str | None:
     return None
 
 
-def _join(protocol_uri: str, path: str) -> str:
-    return f"{protocol_uri.split('://', 1)[0]}://{path}" if "://" in protocol_uri else path
-
-
 def list_inputs(cfg: PrecomputeConfig) -> list[InputFile]:
     """Input files in sorted order with their record counts (the basis of a deterministic plan)."""
     if not cfg.input:
@@ -83,7 +85,7 @@ def list_inputs(cfg: PrecomputeConfig) -> list[InputFile]:
         raise FileNotFoundError(f"input {cfg.input!r} does not exist")
     if with_retries(f"listing {cfg.input}", cfg.storage, lambda: fs.isdir(cfg.input)):
         paths = sorted(with_retries(f"listing {cfg.input}", cfg.storage, lambda: fs.find(cfg.input)))
-        uris = [_join(cfg.input, p) for p in skip_tar_sidecars(paths)]
+        uris = [with_protocol(cfg.input, p) for p in skip_tar_sidecars(paths)]
     else:
         uris = [cfg.input]
     files = []
@@ -466,7 +468,3 @@ def _wds_record(key: str, parts: dict[str, bytes], uri: str, index: int, cfg: Pr
         record["error"] = f"{where}: no media file in the sample (fields: {', '.join(parts) or 'none'})"
     return record
 
-
-def fetch_bytes(uri: str, storage: StorageConfig) -> bytes:
-    fs = filesystem(uri, storage)
-    return with_retries(f"reading {uri}", storage, lambda: fs.cat_file(uri))

@@ -28,9 +28,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lance_core.shards import QUARANTINE_SCHEMA, STORAGE_DTYPES, parquet_options, shard_table
+from pipelines.runtime.storage import filesystem, join_uri, with_retries
 
 from .config import PrecomputeConfig
-from .sources import filesystem, with_retries
 
 COMMITS = "_commits"
 PIECES = "_pieces"
@@ -46,10 +46,6 @@ class DamagedFileError(ValueError):
 
 def part_name(partition: int) -> str:
     return f"part-{partition:05d}"
-
-
-def _join(root: str, *parts: str) -> str:
-    return "/".join([root.rstrip("/"), *parts])
 
 
 def _number(value) -> float | None:
@@ -137,12 +133,12 @@ def remove_temporary_files(output: str, cfg: PrecomputeConfig) -> list[str]:
     partitions they did not commit (``_pieces/``); return their paths."""
     fs = filesystem(output, cfg.storage)
     removed = []
-    pieces = _join(output, PIECES)
+    pieces = join_uri(output, PIECES)
     if with_retries(f"reading {output}", cfg.storage, lambda: fs.exists(pieces)):
         removed += with_retries(f"listing {pieces}", cfg.storage, lambda: fs.find(pieces))
         with_retries(f"writing {output}", cfg.storage, lambda: fs.rm(pieces, recursive=True))
     for sub in OUTPUT_FOLDERS:
-        folder = _join(output, sub) if sub else output.rstrip("/")
+        folder = join_uri(output, sub)
         if not with_retries(f"reading {output}", cfg.storage, lambda folder=folder: fs.exists(folder)):
             continue
         names = with_retries(f"listing {folder}", cfg.storage,
@@ -189,7 +185,7 @@ def write_blocks(block: pd.DataFrame, cfg_json: str, output: str, dedup_index=No
 
 
 def _piece_folder(output: str, partition: int) -> str:
-    return _join(output, PIECES, part_name(partition))
+    return join_uri(output, PIECES, part_name(partition))
 
 
 def write_piece(rows: pd.DataFrame, cfg: PrecomputeConfig, output: str, partition: int, total: int) -> dict:
@@ -199,7 +195,7 @@ def write_piece(rows: pd.DataFrame, cfg: PrecomputeConfig, output: str, partitio
     from .records import frame_to_arrow
 
     seqs = [int(x) for x in rows["row_seq"]]
-    path = _join(_piece_folder(output, partition), f"rows-{min(seqs):07d}-{max(seqs):07d}-{len(seqs)}.arrow")
+    path = join_uri(_piece_folder(output, partition), f"rows-{min(seqs):07d}-{max(seqs):07d}-{len(seqs)}.arrow")
     sink = pa.BufferOutputStream()
     table = frame_to_arrow(rows)
     with pa.ipc.new_file(sink, table.schema) as ipc:
@@ -273,9 +269,9 @@ def write_partition(group: pd.DataFrame, cfg: PrecomputeConfig, output: str, ded
                         "reason": list(quarantined["reason"]), "error": list(quarantined["error"])},
                        schema=QUARANTINE_SCHEMA)
     with_retries(f"writing {output}", cfg.storage, lambda: _write_parquet(
-        fs, q_table, _join(output, "quarantine", f"{name}.parquet")))
+        fs, q_table, join_uri(output, "quarantine", f"{name}.parquet")))
     table = _shard_table(ok, cfg)
-    shard_path = _join(output, "shards", f"{name}.parquet")
+    shard_path = join_uri(output, "shards", f"{name}.parquet")
     size = with_retries(f"writing {output}", cfg.storage, lambda: _write_parquet(fs, table, shard_path))
     checksum = hashlib.sha256(fs.cat_file(shard_path)).hexdigest()
     record = {
@@ -291,7 +287,7 @@ def write_partition(group: pd.DataFrame, cfg: PrecomputeConfig, output: str, ded
         "committed_at": time.time(),
     }
     with_retries(f"writing {output}", cfg.storage, lambda: put_whole(
-        fs, _join(output, COMMITS, f"{name}.json"), json.dumps(record).encode()))
+        fs, join_uri(output, COMMITS, f"{name}.json"), json.dumps(record).encode()))
     return record
 
 
@@ -315,7 +311,7 @@ def read_commits(output: str, cfg: PrecomputeConfig) -> dict[int, dict]:
     """The readable commit records by partition. A damaged one (a writer killed mid-write, a full disk)
     means that partition is not committed: it is reported and the partition is redone."""
     fs = filesystem(output, cfg.storage)
-    folder = _join(output, COMMITS)
+    folder = join_uri(output, COMMITS)
     if not with_retries(f"reading {output}", cfg.storage, lambda: fs.exists(folder)):
         return {}
     commits = {}
@@ -336,13 +332,13 @@ def read_commits(output: str, cfg: PrecomputeConfig) -> dict[int, dict]:
 def write_json(output: str, name: str, payload: dict, cfg: PrecomputeConfig) -> None:
     fs = filesystem(output, cfg.storage)
     with_retries(f"writing {output}", cfg.storage, lambda: put_whole(
-        fs, _join(output, name), json.dumps(payload, indent=2).encode()))
+        fs, join_uri(output, name), json.dumps(payload, indent=2).encode()))
 
 
 def read_json(output: str, name: str, cfg: PrecomputeConfig) -> dict | None:
     """``output/name`` parsed, None if there is none; DamagedFileError (naming the file) if it cannot be parsed."""
     fs = filesystem(output, cfg.storage)
-    path = _join(output, name)
+    path = join_uri(output, name)
     if not with_retries(f"reading {output}", cfg.storage, lambda: fs.exists(path)):
         return None
     data = with_retries(f"reading {path}", cfg.storage, lambda: fs.cat_file(path))
@@ -356,6 +352,6 @@ def committed_hashes(output: str, commits: dict[int, dict], cfg: PrecomputeConfi
     fs = filesystem(output, cfg.storage)
     hashes: list[str] = []
     for record in commits.values():
-        with fs.open(_join(output, record["shard"]), "rb") as fh:
+        with fs.open(join_uri(output, record["shard"]), "rb") as fh:
             hashes += pq.read_table(fh, columns=["content_sha256"]).column(0).to_pylist()
     return hashes

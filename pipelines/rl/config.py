@@ -142,5 +142,6 @@ class GRPOConfig(StrictModel):
         return self
 
 
-def load_grpo_config(data: dict | None) -> GRPOConfig:
-    return load_config(GRPOConfig, data, prefix="grpo")
+def load_grpo_config(data: dict | None, flags: dict[str, str] | None = None) -> GRPOConfig:
+    """``flags``: dotted field -> the command-line flag that set it, named in the errors."""
+    return load_config(GRPOConfig, data, prefix="grpo", flags=flags)

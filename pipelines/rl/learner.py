@@ -17,9 +17,10 @@ from safetensors.torch import load_file, save_file
 
 from lance_core.checkpoint import save_lance_checkpoint
 from lance_core.rl import GroupTrajectory, clipped_policy_loss, kl_to_reference, replay_step
+from pipelines.runtime.devices import pick_device
 
 from .config import GRPOConfig
-from .policy import Policy, pick_device
+from .policy import Policy
 
 
 def _free_port() -> int:

@@ -19,6 +19,7 @@ import torch
 
 from lance_core.config import resolve_user_path
 from lance_core.rl import group_advantages
+from pipelines.runtime.ray_session import ensure_ray, repo_pythonpath
 from pipelines.runtime.run_folder import RunMode
 
 from .config import GRPOConfig
@@ -31,21 +32,7 @@ from .prompts import Prompt, epoch_prompts, load_prompts
 from .rewards import RewardPool, RewardWorker
 from .rollout import GroupTask, RolloutWorker, group_seed
 
-ROOT = Path(__file__).resolve().parents[2]
 log = logging.getLogger("lance.grpo")
-
-
-def ensure_ray(cfg: GRPOConfig) -> bool:
-    """Connect to ``ray_address`` / RAY_ADDRESS, or start a local Ray; True when this call started it."""
-    if ray.is_initialized():
-        return False
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:  # a cluster: the job's working_dir carries the code
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(address="local", num_cpus=cfg.ray_num_cpus, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    return True
 
 
 class GRPORun:
@@ -284,7 +271,9 @@ def run_grpo(cfg: GRPOConfig, run_dir: str | Path, checkpoint: str | None = None
     if cfg.checkpoint:  # a wrong checkpoint fails here, before Ray and the actors start
         check_checkpoint(cfg, cfg.checkpoint)
     load_prompts(cfg.prompts, cfg.seed)
-    started_ray = ensure_ray(cfg)
+    # ray_address / RAY_ADDRESS: a cluster, whose job working_dir carries the code; else a local Ray
+    started_ray = ensure_ray(cfg.ray_address, num_cpus=cfg.ray_num_cpus,
+                             local_env=repo_pythonpath(keep_existing=False))
     run = None
     try:
         run = GRPORun(cfg, run_dir, cfg.checkpoint, log)

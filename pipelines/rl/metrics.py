@@ -11,8 +11,8 @@ import numpy as np
 from PIL import Image
 
 from pipelines.runtime.gallery import captioned_grid
+from pipelines.runtime.local_files import read_jsonl, write_text_atomic
 from pipelines.runtime.run_log import TensorBoardLog
-from pipelines.train.metrics import read_jsonl, write_text_atomic
 
 
 def reward_metrics(scores: dict[int, dict], prefix: str = "reward") -> dict[str, float]:

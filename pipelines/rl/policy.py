@@ -15,6 +15,7 @@ from lance_core.config import model_preset
 from lance_core.model import build_model
 from lance_core.packing import build_generation_sample
 from lance_core.rl import LoRAAdapters, repeat_noisy
+from lance_core.safetensors_files import safetensors_shapes
 from lance_core.sampling import PrefixState, prepare_prefix
 from lance_core.tokenizer import load_tokenizer_for
 
@@ -25,25 +26,12 @@ class CheckpointMismatchError(ValueError):
     """The checkpoint's tensors do not fit the configured model."""
 
 
-def pick_device(num_gpus: float) -> torch.device:
-    return torch.device("cuda") if num_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
-
-
 def check_checkpoint(cfg: GRPOConfig, path: str) -> None:
     """Compare the checkpoint's tensor names and shapes with the configured model, reading headers only."""
-    from safetensors import safe_open
-
     model_cfg = model_preset(cfg.model_preset, **cfg.model)
-    folder = Path(path)
-    if not folder.exists():
+    if not Path(path).exists():
         raise FileNotFoundError(f"checkpoint not found: {path!r}")
-    files = [folder] if folder.is_file() else sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors in {path!r}")
-    shapes = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as fh:
-            shapes.update({key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()})  # noqa: SIM118 (safe_open is not a dict)
+    shapes = safetensors_shapes(path)
     expected = {k: tuple(v.shape) for k, v in build_model(model_cfg, device="meta").state_dict().items()}
     wrong = [f"{k}: {shapes[k]} in the file, {v} in the model" for k, v in expected.items()
              if k in shapes and shapes[k] != v]

@@ -13,9 +13,10 @@ import torch
 
 from lance_core.encoders import WanVAE
 from lance_core.rl import SDESamplerConfig, sample_group, sde_window
+from pipelines.runtime.devices import pick_device
 
 from .config import GRPOConfig
-from .policy import Policy, pick_device
+from .policy import Policy
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,7 @@ class RolloutWorker:
         """(B, N, C) latent tokens -> (B, H, W, 3) uint8 RGB."""
         frames, height, width = self.policy.latent_grid()
         grid = latents.reshape(latents.shape[0], frames, height, width, -1).permute(0, 4, 1, 2, 3)
-        pixels = self.vae.decode(grid.to(self.vae.dtype))[:, :, 0]  # (B, 3, H, W) in [-1, 1]
-        images = ((pixels.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-        return images.permute(0, 2, 3, 1).cpu().numpy()
+        return self.vae.decode_frames(grid.to(self.vae.dtype))[:, 0].numpy()  # the first (only) frame
 
     def _sample(self, task: GroupTask, sampler: SDESamplerConfig, groups: int, window: list[int]):
         cond, uncond = self.policy.group_prefixes(task.text, groups)

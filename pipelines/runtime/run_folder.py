@@ -18,13 +18,14 @@ The folder may be local or a URI (``s3://``); it is read and written through fss
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import uuid
 from collections.abc import Collection, Iterable
 from typing import Any, Literal
+
+from .storage import StorageConfig, filesystem, join_uri, with_retries
 
 RunMode = Literal["auto", "resume", "overwrite"]
 CONFIG_FILE = "config.json"
@@ -33,16 +34,6 @@ SHOWN_DIFFERENCES = 12
 
 class RunFolderError(ValueError):
     """A rerun cannot go ahead with the output as it is; the message says why and what to do."""
-
-
-def add_rerun_options(parser: argparse.ArgumentParser, output: str = "--output") -> None:
-    """``--resume`` and ``--overwrite`` (exclusive) into ``args.mode``: ``auto`` when neither is given."""
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--resume", dest="mode", action="store_const", const="resume", default="auto",
-                       help=f"continue the run in {output}; an error when it holds none or one of another "
-                            "config (default: resume a run of the same config, else start one)")
-    group.add_argument("--overwrite", dest="mode", action="store_const", const="overwrite",
-                       help=f"remove the previous run's outputs in {output} first and start afresh")
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -109,20 +100,15 @@ class RunFolder:
     decides is said through the ``lance.<job>`` logger."""
 
     def __init__(self, job: str, uri: str, storage=None, other: str = "--output") -> None:
-        from pipelines.data.config import StorageConfig
-        from pipelines.data.storage import filesystem
-
         self.job, self.uri, self.other = job, str(uri).rstrip("/"), other
         self.log = logging.getLogger(f"lance.{job}")
         self.storage = storage or StorageConfig()
         self.fs = filesystem(self.uri, self.storage)
 
     def path(self, name: str) -> str:
-        return f"{self.uri}/{name}"
+        return join_uri(self.uri, name)
 
     def _retry(self, what: str, fn):
-        from pipelines.data.storage import with_retries
-
         return with_retries(f"{what} {self.uri}", self.storage, fn)
 
     def holds(self, *patterns: str) -> bool:

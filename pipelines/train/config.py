@@ -24,7 +24,7 @@ from lance_core.config import (
 from lance_core.flow import LossConfig
 from lance_core.packing import TASKS
 from lance_core.tokenizer import TokenizerRef, check_tokenizer_fits
-from pipelines.data.config import StorageConfig
+from pipelines.runtime.storage import StorageConfig
 
 Stage = Literal["pretrain", "continual", "sft", "custom"]
 FREEZABLE = ("embed_tokens", "lm_head", "und", "gen", "vae_io")
@@ -357,9 +357,10 @@ class TrainConfig(StrictModel):
                                      f"{err}") from None
 
 
-def load_train_config(data: dict[str, Any] | None) -> TrainConfig:
+def load_train_config(data: dict[str, Any] | None, flags: dict[str, str] | None = None) -> TrainConfig:
+    """``flags``: dotted field -> the command-line flag that set it, named in the errors."""
     try:
-        return load_config(TrainConfig, data, prefix="train")
+        return load_config(TrainConfig, data, prefix="train", flags=flags)
     except ConfigError:
         raise
     except ValueError as err:

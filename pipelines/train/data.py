@@ -37,7 +37,7 @@ from lance_core.packing import (
 )
 from lance_core.shards import shard_rows, tensor
 from lance_core.tokenizer import TextTokenizer
-from pipelines.data.storage import open_input
+from pipelines.runtime.storage import open_input
 
 from .config import DataSection
 from .plan import DataError, DataPlan, passes_resolution

@@ -55,11 +55,6 @@ class HeldOut:
         return out
 
 
-def _to_uint8(frames: torch.Tensor) -> np.ndarray:
-    strip = torch.cat(list(frames.float().cpu()), dim=2)
-    return (strip.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
-
-
 class SampleWriter:
     """Generates with the current weights and decodes latents through the (frozen) VAE."""
 
@@ -74,10 +69,10 @@ class SampleWriter:
             self._vae = WanVAE.from_config(self.cfg.vae).eval()
         return self._vae
 
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            pixels = self.vae().decode(latents.float().permute(3, 0, 1, 2)[None])[0]
-        return ((pixels.clamp(-1, 1) + 1) / 2).permute(1, 0, 2, 3)
+    def _frame_strip(self, latents: torch.Tensor) -> np.ndarray:
+        """One clip's latents (T', H', W', C) -> its decoded frames side by side: (H, T·W, 3) uint8."""
+        frames = self.vae().decode_frames(latents.float().permute(3, 0, 1, 2)[None])[0]
+        return torch.cat(list(frames), dim=1).numpy()
 
     def _prompt(self, task: str, default_grid: tuple[int, int, int]) -> tuple[str, tuple[int, int, int]]:
         rows = self.held.rows.get(task) or []
@@ -115,8 +110,8 @@ class SampleWriter:
         model.train(was_training)
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(_to_uint8(self._decode(image))).save(out_dir / f"step{step:07d}_image.png")
+            Image.fromarray(self._frame_strip(image)).save(out_dir / f"step{step:07d}_image.png")
             if video is not None:
-                Image.fromarray(_to_uint8(self._decode(video))).save(out_dir / f"step{step:07d}_video_frames.png")
+                Image.fromarray(self._frame_strip(video)).save(out_dir / f"step{step:07d}_video_frames.png")
             (out_dir / f"step{step:07d}.json").write_text(json.dumps(result, indent=2))
         return result

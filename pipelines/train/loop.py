@@ -27,6 +27,8 @@ from lance_core.flow import compute_losses
 from lance_core.model import build_model
 from lance_core.packing import GENERATION_TASKS, TASKS
 from lance_core.tokenizer import load_tokenizer_for
+from pipelines.runtime.devices import pick_device
+from pipelines.runtime.local_files import copy_file_atomic
 from pipelines.runtime.run_log import worker_logging
 
 from . import checkpoints as ckpt
@@ -35,7 +37,7 @@ from .config import TrainConfig
 from .data import PackLoader
 from .deepspeed_config import build_deepspeed_config
 from .evaluate import HeldOut, SampleWriter
-from .metrics import ExpertGradProbe, MetricsWriter, copy_file_atomic, pack_flops, peak_tflops, task_loss_sums
+from .metrics import ExpertGradProbe, MetricsWriter, pack_flops, peak_tflops, task_loss_sums
 from .mixture import MixtureSchedule
 from .plan import DataPlan
 from .progress import StepProgress
@@ -193,8 +195,8 @@ class Trainer:
         self.run_dir = Path(config["run_dir"])
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        on_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
-        self.device = torch.device(f"cuda:{ctx.get_local_rank()}" if on_gpu else "cpu")
+        self.device = pick_device(cfg.scaling.use_gpu, ctx.get_local_rank())
+        on_gpu = self.device.type == "cuda"
         if on_gpu:
             torch.cuda.set_device(self.device)
         torch.set_num_threads(cfg.scaling.threads_per_worker or max(1, int(cfg.scaling.cpus_per_worker)))

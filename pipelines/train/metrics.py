@@ -9,10 +9,7 @@ probe's FLOP per CPU-second).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
-import uuid
 from pathlib import Path
 
 import torch
@@ -20,6 +17,7 @@ import torch
 from lance_core.config import ModelConfig
 from lance_core.flops import ParameterCounts, attention_flops_per_token
 from lance_core.packing import IGNORE_INDEX, TASKS, PackedBatch
+from pipelines.runtime.local_files import read_jsonl, write_text_atomic
 from pipelines.runtime.run_log import TensorBoardLog
 
 GPU_BF16_DENSE_TFLOPS: tuple[tuple[str, str, float], ...] = (
@@ -151,49 +149,6 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The JSON objects of a JSON-lines log, skipping lines that do not parse: a process killed while
-    appending leaves the last line cut short (and the next append may land after it)."""
-    rows = []
-    for line in Path(path).read_bytes().splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
-def _replace_whole(path: Path, fill) -> None:
-    """Write ``path`` through ``fill(file)`` beside it under a temporary name, then rename it into place:
-    readers (and a resume after a kill) see the old file or the new one, never a part."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as out:
-            fill(out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    _replace_whole(path, lambda out: out.write(text.encode()))
-
-
-def copy_file_atomic(source: Path, path: Path) -> None:
-    def fill(out) -> None:
-        with open(source, "rb") as src:
-            shutil.copyfileobj(src, out, 1 << 24)
-
-    _replace_whole(path, fill)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

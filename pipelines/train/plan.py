@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from lance_core.packing import TASKS
 from lance_core.shards import check_schema
-from pipelines.data.storage import StorageError, filesystem, open_input, with_retries
+from pipelines.runtime.storage import StorageError, filesystem, join_uri, open_input, with_retries
 
 from .config import DataSection, ResolutionFilter
 
@@ -85,19 +85,15 @@ def passes_resolution(task: str, shape, fps, limits: ResolutionFilter) -> bool:
     return limits.max_image_tokens is None or tokens <= limits.max_image_tokens
 
 
-def _join(root: str, name: str) -> str:
-    return root.rstrip("/") + "/" + name
-
-
 def _manifest_shards(root: str, cfg: DataSection, plan: DataPlan) -> list[str]:
     fs = filesystem(root, cfg.storage)
-    manifest = _join(root, "manifest.json")
+    manifest = join_uri(root, "manifest.json")
     if not with_retries(f"reading {root}", cfg.storage, lambda: fs.exists(manifest)):
         raise DataError(f"{root}: no manifest.json (a latent shard root written by `lance precompute`)")
     data = json.loads(with_retries(f"reading {manifest}", cfg.storage, lambda: fs.cat_file(manifest)))
     uris = []
     for entry in data.get("shards", []):
-        uri = _join(root, entry["shard"])
+        uri = join_uri(root, entry["shard"])
         if not with_retries(f"reading {root}", cfg.storage, lambda uri=uri: fs.exists(uri)):
             plan.issues["missing_shards"] += 1
             plan.messages.append(f"{uri}: listed in the manifest but missing; skipped")

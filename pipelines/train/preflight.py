@@ -10,9 +10,9 @@ import logging
 from dataclasses import dataclass
 
 from lance_core.config import path_fields
-from pipelines.data.storage import filesystem, with_retries
 from pipelines.runtime.preflight import check_paths
 from pipelines.runtime.run_folder import RunFolder, RunMode
+from pipelines.runtime.storage import filesystem, with_retries
 
 from .config import TrainConfig
 

@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipelines.runtime.ray_session import ensure_ray, repo_pythonpath
 from pipelines.runtime.run_folder import RunMode
 from pipelines.runtime.run_log import follow_worker_logs, new_log_sink
 
@@ -30,7 +31,6 @@ from .preflight import settle_rerun
 
 log = logging.getLogger("lance.train")
 
-ROOT = Path(__file__).resolve().parents[2]
 WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 """Read by Ray Train's controller, which takes it from the process that calls ``fit``."""
 
@@ -46,18 +46,11 @@ class TrainResult:
     """The run was already complete: nothing trained now; metrics and export are the earlier run's."""
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster named by RAY_ADDRESS, else start a Ray of our own on this machine."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env={"env_vars": env}, log_to_driver=False)
-    else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": env})
+def ensure_train_ray() -> bool:
+    """Join the cluster named by RAY_ADDRESS, else start a Ray of our own on this machine (:func:`ensure_ray`);
+    either way the workers find this repository on their PYTHONPATH."""
+    env = repo_pythonpath()
+    return ensure_ray(local_env=env, cluster_env=env)
 
 
 RETAINED_MEMORY_BYTES = 1 << 30
@@ -71,7 +64,7 @@ RETAIN_FREED_MEMORY_ENV = {
 
 
 def worker_env(cfg: TrainConfig) -> dict[str, str]:
-    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    env = repo_pythonpath()
     if not cfg.scaling.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     if cfg.scaling.retain_freed_memory:
@@ -135,7 +128,7 @@ def run_training(cfg: TrainConfig, callbacks: list | None = None, mode: RunMode 
         return TrainResult(run_dir, plan, read_metrics(run_dir), finished.uri, export if export.is_file() else None,
                            complete_before=True)
     plan, run_dir = prepare_run(cfg)
-    ensure_ray()
+    ensure_train_ray()
     scaling = cfg.scaling
     log.info(f"starting {scaling.workers} Ray Train worker(s) with {scaling.cpus_per_worker:g} CPU"
              f"{' and 1 GPU' if scaling.use_gpu else ''} each for {cfg.steps} steps; "

@@ -28,7 +28,7 @@ from pipelines.runtime.run_folder import RunFolder, RunMode
 from .config import UNDERSTANDING_SHARE, SearchDimension, TrainConfig, TuneSection, load_train_config
 from .plan import DataPlan
 from .preflight import check_train_paths
-from .trainer import ensure_ray, prepare_run, storage_and_log_dir
+from .trainer import ensure_train_ray, prepare_run, storage_and_log_dir
 
 log = logging.getLogger("lance.tune")
 
@@ -165,7 +165,7 @@ def run_sweep(base: TrainConfig, resume: bool = False):
 
     sweep = base.tune
     plan, sweep_dir = prepare_run(base)
-    ensure_ray()
+    ensure_train_ray()
     space = {key: _distribution(dimension) for key, dimension in sweep.search_space.items()}
     trial = tune.with_parameters(_trial, base=base.model_dump_json(), plan=plan.to_json(), sweep_dir=str(sweep_dir),
                                  one_at_a_time=sweep.max_concurrent == 1)

@@ -1,5 +1,5 @@
-"""Storage access through fsspec (local paths and s3://): timeouts, retries of transient failures only, and
-errors that say what happened.
+"""Storage access through fsspec (local paths and s3://) for every job: timeouts, retries of transient
+failures only, errors that say what happened, and URI joining.
 
 On S3 every request has a connect and a read timeout, and botocore's own retry mode (``standard`` or
 ``adaptive``) retries the transient failures of a request: timeouts, refused or reset connections, 5xx and
@@ -20,10 +20,32 @@ import tarfile
 import time
 import zlib
 from dataclasses import dataclass
+from typing import Literal
 
 import fsspec
+from pydantic import Field
 
-from .config import StorageConfig
+from lance_core.config import StrictModel
+
+
+class StorageConfig(StrictModel):
+    endpoint_url: str | None = None
+    """S3-compatible endpoint; credentials come from the environment (never from this file)."""
+    region: str | None = None
+    connect_timeout_seconds: float = Field(5.0, gt=0)
+    """Longest wait for a connection to the S3 endpoint, per attempt."""
+    read_timeout_seconds: float = Field(20.0, gt=0)
+    """Longest wait for the next bytes of an answer, per attempt: an endpoint that accepts and never answers
+    fails after (retries + 1) x this, instead of hanging."""
+    retries: int = Field(3, ge=0)
+    """Retries of a transient failure (timeout, refused or reset connection, 5xx, throttling) after the first
+    attempt; on S3 botocore makes them in ``retry_mode``. Not found, access denied, missing credentials and
+    corrupt objects fail at once."""
+    retry_mode: Literal["standard", "adaptive"] = "standard"
+    """botocore's retry mode (adaptive also slows the client down while S3 throttles it)."""
+    backoff_seconds: float = Field(0.5, ge=0)
+    """First wait before a retry botocore does not make (other filesystems, a broken download); doubles."""
+
 
 TRANSIENT_KINDS = frozenset({"timeout", "connection", "server_error", "throttled", "broken_stream"})
 THROTTLE_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "ThrottledException",
@@ -73,6 +95,19 @@ def path_exists(fs, path: str) -> bool:
         return True
     except FileNotFoundError:
         return False
+
+
+def join_uri(root: str, *parts: str) -> str:
+    """``root`` (a local path or a URI; a trailing slash dropped) and the non-empty ``parts`` joined with
+    ``/``: ``join_uri("s3://b/run/", "shards", "x.parquet")`` -> ``s3://b/run/shards/x.parquet``,
+    ``join_uri("s3://b/run/", "")`` -> ``s3://b/run``."""
+    return "/".join([root.rstrip("/"), *(part for part in parts if part)])
+
+
+def with_protocol(like: str, path: str) -> str:
+    """``path`` as fsspec lists it (``bucket/key``: no protocol) made a URI of ``like``'s protocol
+    (``s3://bucket/key``); unchanged when ``like`` has none (a local path)."""
+    return f"{like.split('://', 1)[0]}://{path}" if "://" in like else path
 
 
 @dataclass(frozen=True)
@@ -291,3 +326,9 @@ def open_input(uri: str, storage: StorageConfig):
     if not uri.startswith("s3://"):
         return fs.open(uri, "rb")
     return io.BufferedReader(ResumingReader(fs, uri, storage), buffer_size=2**20)
+
+
+def fetch_bytes(uri: str, storage: StorageConfig) -> bytes:
+    """The whole object at ``uri`` (retried as :func:`with_retries` does)."""
+    fs = filesystem(uri, storage)
+    return with_retries(f"reading {uri}", storage, lambda: fs.cat_file(uri))
