@@ -165,6 +165,25 @@ def test_hung_endpoint_while_fetching_media_is_a_timeout(hung):
 
 
 @pytest.mark.timeout(60)
+def test_media_the_storage_cannot_deliver_now_fails_the_task_instead_of_quarantining(hung, tmp_path):
+    """A timeout while fetching a record's media is the storage's failure: the read task fails (Ray retries
+    it, a rerun redoes the partition) and the record is not quarantined for good; a missing object is the
+    record's and is quarantined."""
+    from pipelines.data.pipeline import _rows_of_partition
+    from pipelines.data.sources import InputFile
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"uri": "s3://b/media/x.jpg", "caption": "a photo of a red bicycle"}) + "\n")
+    cfg = PrecomputeConfig(storage=dict(endpoint_url=hung.url, retries=0, **FAST))
+    with pytest.raises(StorageError, match="timed out"):
+        list(_rows_of_partition(0, [(0, 0, 1)], [InputFile(str(manifest), "jsonl", 1)], cfg))
+    manifest.write_text(json.dumps({"uri": str(tmp_path / "gone.jpg"), "caption": "a photo of a red bicycle"})
+                        + "\n")
+    [row] = _rows_of_partition(0, [(0, 0, 1)], [InputFile(str(manifest), "jsonl", 1)], cfg)
+    assert (row["status"], row["reason"]) == ("quarantined", "missing_file")
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("status,code,kind", [(503, "SlowDown", "throttled"), (500, "InternalError", "server_error")])
 def test_5xx_and_throttling_are_retried_by_botocore_alone(status, code, kind):
     server, requests = _error_server(status, code)

@@ -23,14 +23,7 @@ from ray.data import ActorPoolStrategy
 from pipelines.runtime.preflight import check_paths
 from pipelines.runtime.ray_session import ensure_ray
 from pipelines.runtime.run_folder import CONFIG_FILE, RunFolder, RunMode
-from pipelines.runtime.storage import (
-    TRANSIENT_KINDS,
-    StorageError,
-    classify,
-    filesystem,
-    join_uri,
-    with_retries,
-)
+from pipelines.runtime.storage import filesystem, is_environment_failure, join_uri, with_retries
 
 from .config import PrecomputeConfig
 from .encode import VAEEncoder, ViTEncoder
@@ -213,17 +206,6 @@ def _rows_table(rows: list[dict]):
 
 
 TEXT_FIELDS = ("source_uri", "task", "caption", "system", "question", "answer")
-ENVIRONMENT_FAILURES = TRANSIENT_KINDS | {"credentials", "access_denied"}
-
-
-def _is_transient(err: Exception) -> bool:
-    """A failure of the storage or its access rather than of the data (timeouts, lost connections, server
-    errors, throttling, credentials): it fails the task (retried by Ray, then by a rerun) instead of
-    quarantining records for good. Corrupt or missing input is the data's: its records are quarantined."""
-    kind = err.kind if isinstance(err, StorageError) else getattr(classify(err), "kind", None)
-    return kind in ENVIRONMENT_FAILURES
-
-
 def _error_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
@@ -242,6 +224,8 @@ def _record_rows(record: dict, partition: int, index: int, cfg: PrecomputeConfig
             row["decode_seconds"], started = now - started, now
             yield row
     except Exception as err:  # noqa: BLE001 - one record's failure of any kind must not stop the partition
+        if is_environment_failure(err):
+            raise
         row = dropped(source, partition, index, "quarantined", "read", "record_error", _error_text(err))
         row["decode_seconds"] = time.perf_counter() - started
         yield row
@@ -259,7 +243,7 @@ def _rows_of_partition(partition: int, segments, files: list[InputFile], cfg: Pr
             try:
                 record = next(records, None)
             except Exception as err:  # parsers of every format raise their own types
-                if _is_transient(err):
+                if is_environment_failure(err):
                     raise
                 reason, detail = "unreadable_input", _error_text(err)
             else:

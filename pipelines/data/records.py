@@ -11,7 +11,7 @@ import hashlib
 from collections.abc import Iterator
 
 from lance_core.shards import sample_id
-from pipelines.runtime.storage import fetch_bytes
+from pipelines.runtime.storage import fetch_bytes, is_environment_failure
 
 from .config import PrecomputeConfig
 from .decode import DecodeError
@@ -89,6 +89,8 @@ def record_rows(record: dict, partition: int, index: int, cfg: PrecomputeConfig)
         yield dropped(record, partition, index, "quarantined", "read", "missing_file", str(err))
         return
     except Exception as err:  # noqa: BLE001 - storage errors of any client
+        if is_environment_failure(err):
+            raise  # the storage's failure, not the record's: the task fails and a rerun reads it again
         yield dropped(record, partition, index, "quarantined", "read", "storage_error", str(err))
         return
     content = hashlib.sha256(target_data + (source_data or b"")).hexdigest()

@@ -185,6 +185,17 @@ def _broken_stream_types() -> tuple[type, ...]:
     return types
 
 
+ENVIRONMENT_KINDS = TRANSIENT_KINDS | {"credentials", "access_denied"}
+
+
+def is_environment_failure(err: BaseException) -> bool:
+    """A failure of the storage or its access rather than of the data (timeouts, lost connections, server
+    errors, throttling, credentials): the work that met it fails (retried by Ray, then by a rerun) instead
+    of quarantining its records for good. Corrupt or missing input is the data's."""
+    kind = err.kind if isinstance(err, StorageError) else getattr(classify(err), "kind", None)
+    return kind in ENVIRONMENT_KINDS
+
+
 def classify(err: BaseException) -> StorageFailure | None:
     """What a storage failure means; None for an exception that is no storage failure (a bug) or one this
     module already described (both are re-raised as they are)."""
