@@ -96,3 +96,21 @@ def test_safetensors_lookup_honours_the_index(tmp_path):
 def test_pixels_to_uint8():
     pixels = torch.tensor([-1.5, -1.0, 0.0, 0.5, 1.0, 2.0])
     assert pixels_to_uint8(pixels).tolist() == [0, 0, 128, 191, 255, 255]
+
+
+def test_both_trainers_build_their_deepspeed_config_from_the_shared_engine_config():
+    from pipelines.rl.config import GRPOConfig
+    from pipelines.rl.learner import deepspeed_config
+    from pipelines.train.config import load_train_config
+    from pipelines.train.deepspeed_config import build_deepspeed_config
+
+    train = build_deepspeed_config(load_train_config({"deepspeed": {"zero_stage": 3}}), on_gpu=False)
+    assert train["zero_optimization"]["stage"] == 3 and "stage3_prefetch_bucket_size" in train["zero_optimization"]
+    assert train["train_micro_batch_size_per_gpu"] == 1 and train["zero_allow_untested_optimizer"]
+    grpo_cfg = GRPOConfig()
+    grpo = deepspeed_config(grpo_cfg, accumulation=4)
+    assert grpo["train_micro_batch_size_per_gpu"] == grpo_cfg.rollout.group_size
+    assert grpo["gradient_accumulation_steps"] == 4 and grpo["optimizer"]["type"] == "AdamW"
+    assert grpo["zero_optimization"] == {"stage": grpo_cfg.learner.zero_stage}
+    shared = {"gradient_clipping", "bf16", "fp16", "steps_per_print", "wall_clock_breakdown"}
+    assert shared <= set(train) and shared <= set(grpo)

@@ -13,8 +13,9 @@ import torch
 
 from lance_core.packing import Sample, Span
 from pipelines.runtime.local_files import copy_file_atomic
+from pipelines.runtime.run_log import MetricsLog
 from pipelines.train import checkpoints as ckpt
-from pipelines.train.metrics import METRICS_FILE, MetricsWriter, read_metrics
+from pipelines.train.metrics import METRICS_FILE, read_metrics
 
 
 def _rows(steps) -> str:
@@ -25,9 +26,10 @@ def test_a_metrics_line_cut_by_a_kill_is_dropped_on_resume(tmp_path):
     path = tmp_path / METRICS_FILE
     path.write_text(_rows(range(1, 6)) + '{"step": 6, "lo')  # killed while appending step 6
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5]
-    writer = MetricsWriter(tmp_path, start_step=4, tensorboard=False)  # resumed from the step-4 checkpoint
+    writer = MetricsLog(tmp_path, "step", tensorboard=False)
+    writer.resume_at(5)  # resumed from the step-4 checkpoint
     assert path.read_text() == _rows(range(1, 5))
-    writer.write({"step": 5, "loss": 0.5})
+    writer.append({"step": 5, "loss": 0.5})
     writer.close()
     assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)][-2:] == [(4, 0.25), (5, 0.5)]
     assert sorted(p.name for p in tmp_path.iterdir()) == [METRICS_FILE]  # no temporary file left

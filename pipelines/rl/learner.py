@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from lance_core.checkpoint import save_lance_checkpoint
 from lance_core.rl import GroupTrajectory, clipped_policy_loss, kl_to_reference, replay_step
+from pipelines.runtime.deepspeed_config import engine_config
 from pipelines.runtime.devices import pick_device
 
 from .config import GRPOConfig
@@ -29,21 +30,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def deepspeed_config(cfg: GRPOConfig, accumulation: int) -> dict:
-    """The engine's config, built from the typed learner config."""
+def deepspeed_config(cfg: GRPOConfig, accumulation: int, on_gpu: bool = False) -> dict:
+    """The shared engine config with the learner's AdamW; one micro-batch is one prompt's group."""
     learner = cfg.learner
-    return {
-        "train_micro_batch_size_per_gpu": cfg.rollout.group_size,
-        "gradient_accumulation_steps": accumulation,
-        "gradient_clipping": learner.grad_clip,
-        "optimizer": {"type": "AdamW", "params": {
-            "lr": learner.learning_rate, "betas": list(learner.betas), "eps": 1e-8,
-            "weight_decay": learner.weight_decay, "torch_adam": True, "adam_w_mode": True}},
-        "zero_optimization": {"stage": learner.zero_stage},
-        "bf16": {"enabled": learner.precision == "bf16"},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
+    config = engine_config(micro_batch=cfg.rollout.group_size, accumulation=accumulation,
+                           grad_clip=learner.grad_clip, zero_stage=learner.zero_stage,
+                           bf16=learner.precision == "bf16", on_gpu=on_gpu)
+    config["optimizer"] = {"type": "AdamW", "params": {
+        "lr": learner.learning_rate, "betas": list(learner.betas), "eps": 1e-8,
+        "weight_decay": learner.weight_decay, "torch_adam": True, "adam_w_mode": True}}
+    return config
 
 
 class Learner:
@@ -68,7 +64,7 @@ class Learner:
         trained = list(self.policy.trained().values())
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.policy, model_parameters=trained,
-            config=deepspeed_config(self.cfg, groups_per_update * self.window))
+            config=deepspeed_config(self.cfg, groups_per_update * self.window, self.device.type == "cuda"))
         self.ema = {n: p.detach().clone() for n, p in self.policy.trained().items()} if learner.ema_decay else None
         self.updates = 0
 

@@ -21,10 +21,11 @@ from lance_core.config import resolve_user_path
 from lance_core.rl import group_advantages
 from pipelines.runtime.ray_session import ensure_ray, repo_pythonpath
 from pipelines.runtime.run_folder import RunMode
+from pipelines.runtime.run_log import MetricsLog
 
 from .config import GRPOConfig
 from .learner import Learner
-from .metrics import MetricsLog, console_line, reward_metrics, write_gallery
+from .metrics import console_line, reward_metrics, write_gallery
 from .placement import create_placement
 from .policy import check_checkpoint
 from .preflight import settle_rerun, with_initial_checkpoint
@@ -41,7 +42,7 @@ class GRPORun:
         self.prompts = load_prompts(cfg.prompts, cfg.seed)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
-        self.metrics = MetricsLog(run_dir, cfg.tensorboard)
+        self.metrics = MetricsLog(run_dir, "epoch", cfg.tensorboard)
         started = time.perf_counter()
         self.placement = create_placement(cfg)
         data = cfg.model_dump(mode="json")
@@ -207,12 +208,10 @@ class GRPORun:
         """The epoch to start from: after the latest checkpoint in the run folder, else 0."""
         latest = self._checkpoints() / "latest"
         if not latest.is_file():
-            self.metrics.truncate(0)
             return 0
         tag = latest.read_text().strip()
         state = ray.get(self.learner.load.remote(str(self._checkpoints() / tag), tag))
         start = int(state["epoch"]) + 1
-        self.metrics.truncate(start)
         self.log(f"resumed from {self._checkpoints() / tag} (epoch {start - 1} done)")
         return start
 
@@ -220,7 +219,7 @@ class GRPORun:
     def run(self) -> dict:
         cfg = self.cfg
         start = self.resume()
-        self.metrics.open_tensorboard(start)
+        self.metrics.resume_at(start)
         self.broadcast(start)
         last = cfg.epochs - 1
         for epoch in range(start, cfg.epochs):

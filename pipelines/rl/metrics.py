@@ -11,8 +11,6 @@ import numpy as np
 from PIL import Image
 
 from pipelines.runtime.gallery import captioned_grid
-from pipelines.runtime.local_files import read_jsonl, write_text_atomic
-from pipelines.runtime.run_log import TensorBoardLog
 
 
 def reward_metrics(scores: dict[int, dict], prefix: str = "reward") -> dict[str, float]:
@@ -28,47 +26,6 @@ def reward_metrics(scores: dict[int, dict], prefix: str = "reward") -> dict[str,
         reasons = Counter(r for s in scores.values() for r in s["reasons"][name] if r)
         out.update({f"{prefix}/{name}/reason/{code}": count for code, count in sorted(reasons.items())})
     return out
-
-
-class MetricsLog:
-    """``metrics.jsonl`` (one row per epoch) and, with ``tensorboard``, events under ``tb/``: every number
-    of a row (rewards per component, KL, clip fraction, ratio, timings) and the gallery images."""
-
-    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
-        self.path = run_dir / "metrics.jsonl"
-        self.tb_dir = run_dir / "tb" if tensorboard else None
-        self.tb: TensorBoardLog | None = None
-
-    def history(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        return read_jsonl(self.path)
-
-    def truncate(self, epochs: int) -> None:
-        """Keep the rows of the first ``epochs`` epochs (a resumed run rewrites later ones)."""
-        rows = [r for r in self.history() if r["epoch"] < epochs]
-        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))
-
-    def open_tensorboard(self, first_epoch: int) -> None:
-        """Events from ``first_epoch`` on (those a run before wrote from there are dropped)."""
-        if self.tb_dir is not None:
-            self.close()
-            self.tb = TensorBoardLog(self.tb_dir, purge_step=first_epoch, index="epoch")
-
-    def append(self, row: dict) -> None:
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            self.tb.scalars(row, row["epoch"])
-
-    def image(self, tag: str, image: np.ndarray, epoch: int) -> None:
-        if self.tb is not None:
-            self.tb.image(tag, image, epoch)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
 
 
 def console_line(row: dict) -> str:

@@ -1,5 +1,6 @@
-"""How a run logs besides its ``metrics.jsonl``: what the program says, in one ``logging`` format; each
-Ray worker's output in its own file; worker lines meant for the user carried to the driver; TensorBoard.
+"""How a run logs: its ``metrics.jsonl`` and TensorBoard events (:class:`MetricsLog`, one row per step or
+epoch); what the program says, in one ``logging`` format; each Ray worker's output in its own file; worker
+lines meant for the user carried to the driver.
 
     setup_logging()                                    # a job's entrypoint: the ``lance`` loggers to stderr
     with worker_logging(run_dir / "logs" / "rank-0.log", sink):   # in a worker: fd 1 and 2 to the file,
@@ -9,6 +10,7 @@ Ray worker's output in its own file; worker lines meant for the user carried to 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -18,6 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+from .local_files import read_jsonl, write_text_atomic
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
@@ -221,3 +225,43 @@ class TensorBoardLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (one JSON row per step or epoch, ``index`` naming which) and, with ``tensorboard``,
+    events under ``tb/``: every number of a row (nested dicts too) and images."""
+
+    def __init__(self, run_dir: Path, index: str = "step", tensorboard: bool = True) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.index = index
+        self.tb_dir = run_dir / "tb" if tensorboard else None
+        self.tb: TensorBoardLog | None = None
+
+    def history(self) -> list[dict]:
+        """The rows written so far (a line cut short by a kill is left out)."""
+        return read_jsonl(self.path) if self.path.is_file() else []
+
+    def resume_at(self, first: int) -> None:
+        """Keep the rows before ``first`` (a resumed run writes the later ones again) and open TensorBoard from
+        ``first`` on (events a run before wrote from there are dropped)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [row for row in self.history() if row.get(self.index, 0) < first]
+        write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept))
+        if self.tb_dir is not None:
+            self.close()
+            self.tb = TensorBoardLog(self.tb_dir, purge_step=first, index=self.index)
+
+    def append(self, row: dict) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            self.tb.scalars(row, row[self.index])
+
+    def image(self, tag: str, image: np.ndarray, at: int) -> None:
+        if self.tb is not None:
+            self.tb.image(tag, image, at)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None

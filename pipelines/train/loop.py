@@ -29,7 +29,7 @@ from lance_core.packing import GENERATION_TASKS, TASKS
 from lance_core.tokenizer import load_tokenizer_for
 from pipelines.runtime.devices import pick_device
 from pipelines.runtime.local_files import copy_file_atomic
-from pipelines.runtime.run_log import worker_logging
+from pipelines.runtime.run_log import MetricsLog, worker_logging
 
 from . import checkpoints as ckpt
 from .collectives import all_reduce_named
@@ -37,7 +37,7 @@ from .config import TrainConfig
 from .data import PackLoader
 from .deepspeed_config import build_deepspeed_config
 from .evaluate import HeldOut, SampleWriter
-from .metrics import ExpertGradProbe, MetricsWriter, pack_flops, peak_tflops, task_loss_sums
+from .metrics import ExpertGradProbe, pack_flops, peak_tflops, task_loss_sums
 from .mixture import MixtureSchedule
 from .plan import DataPlan
 from .progress import StepProgress
@@ -273,7 +273,9 @@ class Trainer:
 
     def _build_reporting(self) -> None:
         cfg, lead = self.cfg, self.rank == 0
-        self.writer = MetricsWriter(self.run_dir, self.start, cfg.metrics.tensorboard) if lead else None
+        self.writer = MetricsLog(self.run_dir, "step", cfg.metrics.tensorboard) if lead else None
+        if self.writer is not None:
+            self.writer.resume_at(self.start + 1)
         self.progress = StepProgress(self.start, cfg.steps, cfg.metrics.report_every) if lead else None
         self.counts = count_parameters(build_model(self.model_cfg, device="meta"))
         no_peak = (0.0, "")
@@ -386,7 +388,7 @@ class Trainer:
     def _write_row(self, step: int, row: dict) -> None:
         if self.writer is not None:
             first = step == self.start + 1
-            self.writer.write(row | {"peak_tflops": self.peak, "peak_source": self.peak_source} if first else row)
+            self.writer.append(row | {"peak_tflops": self.peak, "peak_source": self.peak_source} if first else row)
             self.progress.add(row)
         if row["loss"] is not None:
             self.report_losses.append(row["loss"])

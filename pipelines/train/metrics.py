@@ -8,7 +8,6 @@ probe's FLOP per CPU-second).
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -17,8 +16,7 @@ import torch
 from lance_core.config import ModelConfig
 from lance_core.flops import ParameterCounts, attention_flops_per_token
 from lance_core.packing import IGNORE_INDEX, TASKS, PackedBatch
-from pipelines.runtime.local_files import read_jsonl, write_text_atomic
-from pipelines.runtime.run_log import TensorBoardLog
+from pipelines.runtime.local_files import read_jsonl
 
 GPU_BF16_DENSE_TFLOPS: tuple[tuple[str, str, float], ...] = (
     # (entry, substring of the CUDA device name, datasheet dense bf16 TFLOP/s); the first entry whose
@@ -126,29 +124,6 @@ class ExpertGradProbe:
         und, gen = float(self.sq["und"]) ** 0.5, float(self.sq["gen"]) ** 0.5
         self.sq = {"und": 0.0, "gen": 0.0}
         return und, gen
-
-
-class MetricsWriter:
-    """Rank 0's writer: ``metrics.jsonl`` (one row per step) and TensorBoard events under ``tb/``."""
-
-    def __init__(self, run_dir: Path, start_step: int, tensorboard: bool) -> None:
-        self.path = run_dir / METRICS_FILE
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            # A resumed run writes the steps after its checkpoint again; a line cut by a kill is dropped.
-            kept = [row for row in read_jsonl(self.path) if row.get("step", 0) <= start_step]
-            write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept))
-        self.tb = TensorBoardLog(run_dir / "tb", purge_step=start_step + 1) if tensorboard else None
-
-    def write(self, row: dict) -> None:
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            self.tb.scalars(row, row["step"])  # nested dicts too: mixture/<task>, capability/<task>, eval/...
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
