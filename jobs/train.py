@@ -19,15 +19,33 @@ from jobs.cli import add_log_level_option, add_rerun_options, positive_int, setu
 from jobs.config_io import FieldOverrides, add_config_options, read_yaml
 
 
+def add_training_flags(parser: argparse.ArgumentParser, *, output: str, steps: str, default_steps: int | None,
+                       default_workers: int | None) -> None:
+    """The flags ``lance train`` and ``lance tune`` share (their help and defaults differ)."""
+    parser.add_argument("--data", action="append", help="latent shard root, local or s3:// (repeatable)")
+    parser.add_argument("--output", help=output)
+    parser.add_argument("--steps", type=positive_int, default=default_steps, help=steps)
+    parser.add_argument("--workers", type=positive_int, default=default_workers,
+                        help="Ray Train workers" + (" per trial" if default_workers else ""))
+
+
+def training_fields(args: argparse.Namespace) -> FieldOverrides:
+    """The config fields the shared flags set, each named by its flag in errors."""
+    fields = FieldOverrides()
+    fields.flag("--data", "data.uris", list(args.data) if args.data else None)
+    fields.flag("--output", "output", args.output)
+    fields.flag("--steps", "steps", args.steps)
+    fields.flag("--workers", "scaling.workers", args.workers)
+    return fields
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lance train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_options(parser, "training config", "train_")
-    parser.add_argument("--data", action="append", help="latent shard root, local or s3:// (repeatable)")
-    parser.add_argument("--output", help="folder holding the run folder <output>/<name>")
+    add_training_flags(parser, output="folder holding the run folder <output>/<name>",
+                       steps="total training steps", default_steps=None, default_workers=None)
     parser.add_argument("--name", help="run name (same name = resume)")
-    parser.add_argument("--steps", type=positive_int, help="total training steps")
-    parser.add_argument("--workers", type=positive_int, help="Ray Train workers")
     add_rerun_options(parser, "<output>/<name>")
     add_log_level_option(parser)
     args = parser.parse_args(argv)
@@ -35,12 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     from lance_core.config import ConfigError
     from pipelines.train.config import load_train_config
 
-    fields = FieldOverrides()
-    fields.flag("--data", "data.uris", list(args.data) if args.data else None)
-    fields.flag("--output", "output", args.output)
+    fields = training_fields(args)
     fields.flag("--name", "name", args.name)
-    fields.flag("--steps", "steps", args.steps)
-    fields.flag("--workers", "scaling.workers", args.workers)
     try:
         fields.sets(args.set)
         cfg = load_train_config(fields.apply(read_yaml(args.config)), flags=fields.flags)

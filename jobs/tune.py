@@ -18,19 +18,17 @@ import json
 import sys
 
 from jobs.cli import add_log_level_option, add_rerun_options, positive_int, setup_logging
-from jobs.config_io import FieldOverrides, add_config_options, read_yaml
+from jobs.config_io import add_config_options, read_yaml
+from jobs.train import add_training_flags, training_fields
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lance tune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_options(parser, "training config the trials start from", "train_")
-    parser.add_argument("--data", action="append", help="latent shard root, local or s3:// (repeatable)")
-    parser.add_argument("--output", help="folder holding the sweep folder <output>/<name>-tune (default: the "
-                        "config's output)")
-    parser.add_argument("--steps", type=positive_int, default=8, help="steps per trial (ASHA's max_t); the best "
-                        "config keeps the config's own step count")
-    parser.add_argument("--workers", type=positive_int, default=1, help="Ray Train workers per trial")
+    add_training_flags(parser, output="folder holding the sweep folder <output>/<name>-tune (default: the "
+                       "config's output)", steps="steps per trial (ASHA's max_t); the best config keeps the "
+                       "config's own step count", default_steps=8, default_workers=1)
     parser.add_argument("--samples", type=positive_int, help="trials (tune.num_samples)")
     parser.add_argument("--grace", type=positive_int,
                         help="steps before ASHA may stop a trial (tune.scheduler.grace_period)")
@@ -41,11 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from lance_core.config import ConfigError
     from pipelines.train.config import load_train_config
 
-    fields = FieldOverrides()
-    fields.flag("--data", "data.uris", list(args.data) if args.data else None)
-    fields.flag("--output", "output", args.output)
-    fields.flag("--steps", "steps", args.steps)
-    fields.flag("--workers", "scaling.workers", args.workers)
+    fields = training_fields(args)
     fields.flag("--samples", "tune.num_samples", args.samples)
     fields.flag("--grace", "tune.scheduler.grace_period", args.grace)
     try:

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from .model import LanceModel
 from .safetensors_files import SINGLE_FILE, read_safetensors_dir, safetensors_key_files
+from .state_dicts import check_state_dict, key_listing, load_state_dict_checked
 
 LANCE_PREFIXES = ("language_model.", "time_embedder.", "vae2llm.", "llm2vae.", "latent_pos_embed.")
 VIT_PREFIX = "vit_model."
@@ -49,42 +50,6 @@ class LoadReport:
 
 
 # ------------------------------------------------------------------------------------------ reading
-def _listing(keys: list[str], limit: int = 8) -> str:
-    return f"{keys[:limit]}{f' (+{len(keys) - limit} more)' if len(keys) > limit else ''}"
-
-
-def check_state_dict(
-    model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "state dict", strict: bool = True,
-) -> None:
-    """Shape mismatches raise ``ValueError`` naming key and shapes; with ``strict``, missing/unexpected keys
-    raise ``KeyError``. Nothing is copied."""
-    expected = model.state_dict()
-    for key, value in state.items():
-        if key in expected and tuple(value.shape) != tuple(expected[key].shape):
-            raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, the model expects "
-                             f"{tuple(expected[key].shape)}")
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if strict and (missing or unexpected):
-        raise KeyError(f"{source}: missing keys {_listing(missing)}; unexpected keys {_listing(unexpected)}")
-
-
-def load_state_dict_checked(
-    model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "state dict", strict: bool = True,
-) -> int:
-    """Copy ``state`` into ``model`` (dtype cast, no re-allocation) after :func:`check_state_dict`.
-    Returns how many tensors were copied."""
-    check_state_dict(model, state, source, strict)
-    expected = model.state_dict()
-    copied = 0
-    with torch.no_grad():
-        for key, value in state.items():
-            if key in expected:
-                expected[key].copy_(value.to(expected[key].dtype))
-                copied += 1
-    return copied
-
-
 # ------------------------------------------------------------------------------------------ Qwen2.5-VL
 def _qwen_to_und_key(key: str) -> str | None:
     if key == "lm_head.weight":
@@ -144,10 +109,10 @@ def load_qwen25vl_weights(model: LanceModel, path: str | Path) -> LoadReport:
     missing = [k for k in needed if k not in und]
     unexpected = sorted(k for k in und if k not in expected)
     if missing:
-        raise KeyError(f"{path}: the Qwen2.5-VL checkpoint lacks {_listing(missing)}")
+        raise KeyError(f"{path}: the Qwen2.5-VL checkpoint lacks {key_listing(missing)}")
     if unexpected:
         raise KeyError(f"{path}: the Qwen2.5-VL checkpoint has LLM weights the model lacks (more layers?): "
-                       f"{_listing(unexpected)}")
+                       f"{key_listing(unexpected)}")
     report.loaded = load_state_dict_checked(model, und, str(path), strict=False)
     with torch.no_grad():
         for key, value in expected.items():
@@ -214,7 +179,7 @@ def load_lance_checkpoint(
     if strict:
         unknown = sorted(k for k in lance if not k.startswith(LANCE_PREFIXES))
         if unknown:
-            raise KeyError(f"{path}: keys outside the Lance naming: {_listing(unknown)}")
+            raise KeyError(f"{path}: keys outside the Lance naming: {key_listing(unknown)}")
     if POS_TABLE_KEY in lance:
         _check_position_table(model, lance[POS_TABLE_KEY], path)
     lance.setdefault(POS_TABLE_KEY, model.latent_pos_embed.pos_embed.detach())

@@ -47,8 +47,9 @@ def _audio_only_mp4() -> bytes:
 
 def _vfr_mp4() -> bytes:
     """Frames at irregular presentation times (variable frame rate)."""
-    import av
     from fractions import Fraction
+
+    import av
 
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format="mp4") as container:

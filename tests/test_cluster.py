@@ -36,7 +36,7 @@ PRECOMPUTE = {
     # One partition per sample, decoded one at a time: the run is paced so the node loss lands mid-run.
     "partition_size": 1, "manifest_every": 1, "filters": {"dedup": False}, "video": {"max_seconds": 1.0},
     "buckets": {"image_area": 64 * 64, "video_area": 64 * 96, "vit_area": 56 * 56},
-    "encoders": {"model_preset": "tiny", "vae_actors": 1, "vit_actors": 1, "batch_size": 8,
+    "model": {"preset": "tiny"}, "encoders": {"vae_actors": 1, "vit_actors": 1, "batch_size": 8,
                  "cpus_per_actor": 0.5, "max_decode_tasks": 1},
 }
 INPUTS = 12

@@ -261,5 +261,5 @@ def test_vit_missing_and_mismatched_weights(qwen_checkpoint, tmp_path):
         QwenViT.from_config(ViTConfig(**{**TINY_VIT, "path": str(tmp_path / "missing")}))
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         QwenViT.from_config(ViTConfig(**{**TINY_VIT, "path": str(tmp_path)}))
-    with pytest.raises(ValueError, match=r"visual\.patch_embed\.proj\.weight has shape"):
+    with pytest.raises(ValueError, match=r"\(vision tower\): patch_embed\.proj\.weight has shape"):
         QwenViT.from_config(ViTConfig(**{**TINY_VIT, "patch_size": 7, "path": str(path)}))

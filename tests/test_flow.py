@@ -2,7 +2,14 @@ import math
 
 import torch
 
-from lance_core.flow import LossConfig, compute_losses, interpolate, noise_latents, sample_timesteps, shift_timesteps
+from lance_core.flow import (
+    LossConfig,
+    compute_losses,
+    interpolate,
+    noise_latents,
+    sample_timesteps,
+    shift_timesteps,
+)
 from lance_core.model import build_model
 from lance_core.packing import pack_samples
 from lance_core.synthetic import synthetic_mix

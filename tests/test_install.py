@@ -6,9 +6,9 @@ from __future__ import annotations
 import ast
 import importlib.metadata as metadata
 import sys
-import tomllib
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,13 @@ import torch
 
 from lance_core.config import model_preset
 from lance_core.model import AttentionLayout
-from lance_core.packing import IGNORE_INDEX, VisualInput, build_generation_sample, build_understanding_sample, pack_samples
+from lance_core.packing import (
+    IGNORE_INDEX,
+    VisualInput,
+    build_generation_sample,
+    build_understanding_sample,
+    pack_samples,
+)
 from lance_core.positions import SpanPosition, position_ids
 from lance_core.prompts import generation_system_prompt
 from lance_core.tokenizer import load_tokenizer

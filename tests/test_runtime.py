@@ -111,6 +111,6 @@ def test_both_trainers_build_their_deepspeed_config_from_the_shared_engine_confi
     grpo = deepspeed_config(grpo_cfg, accumulation=4)
     assert grpo["train_micro_batch_size_per_gpu"] == grpo_cfg.rollout.group_size
     assert grpo["gradient_accumulation_steps"] == 4 and grpo["optimizer"]["type"] == "AdamW"
-    assert grpo["zero_optimization"] == {"stage": grpo_cfg.learner.zero_stage}
+    assert grpo["zero_optimization"] == {"stage": grpo_cfg.deepspeed.zero_stage}
     shared = {"gradient_clipping", "bf16", "fp16", "steps_per_print", "wall_clock_breakdown"}
     assert shared <= set(train) and shared <= set(grpo)

@@ -50,18 +50,19 @@ def test_every_path_like_field_of_every_config_is_a_user_path():
     import re
 
     from lance_core import config as core
+    from lance_core import model_section
     from lance_core.rewards import config as rewards
     from pipelines.data import config as data
     from pipelines.rl import config as rl
     from pipelines.train import config as train
 
-    names_not_paths = {("FilterConfig", "clip_model"), ("CLIPConfig", "model_name"), ("GRPOConfig", "model_preset"),
-                       ("RewardSpec", "callable"), ("EncoderConfig", "model_preset"),
+    names_not_paths = {("FilterConfig", "clip_model"), ("CLIPConfig", "model_name"),
+                       ("RewardSpec", "callable"),
                        ("MixtureSection", "weights"),  # task -> mixture weight
                        ("ManifestConfig", "uri_column")}  # a manifest's column name
     pattern = re.compile(r"(path|dir|uri|weights|checkpoint|^input$|^output$|^init_|tokenizer|_model$|pretrained)")
     unmarked = []
-    for module in (core, rewards, data, rl, train):
+    for module in (core, model_section, rewards, data, rl, train):
         for cls in vars(module).values():
             if not (isinstance(cls, type) and issubclass(cls, core.StrictModel)) or cls.__module__ != module.__name__:
                 continue
@@ -80,11 +81,12 @@ def test_precompute_config_resolves_input_output_and_weights(tmp_path, monkeypat
     from pipelines.data.config import PrecomputeConfig
 
     monkeypatch.chdir(tmp_path)
-    cfg = PrecomputeConfig.model_validate({"input": "raw/t2i.parquet", "encoders": {"vae_path": "w/vae",
-                                           "vit_path": "w/vit"}, "filters": {"clip_weights": "w/clip.bin"}})
+    cfg = PrecomputeConfig.model_validate({"input": "raw/t2i.parquet", "model": {"weights": {
+        "vae": "w/vae", "vit": "w/vit"}}, "filters": {"clip_weights": "w/clip.bin"}})
     assert cfg.input == str(tmp_path / "raw" / "t2i.parquet")
     assert cfg.output == str(tmp_path / "runs" / "latents")  # the default is resolved too
-    assert cfg.encoders.vae_path == str(tmp_path / "w" / "vae") and cfg.encoders.vit_path == str(tmp_path / "w" / "vit")
+    assert cfg.model.weights.vae == str(tmp_path / "w" / "vae") and cfg.model.weights.vit == str(tmp_path / "w" / "vit")
+    assert cfg.model.build().vit.path == str(tmp_path / "w" / "vit")
     assert cfg.filters.clip_weights == str(tmp_path / "w" / "clip.bin")
     assert not _all_absolute(cfg)
     s3 = PrecomputeConfig(input="s3://bucket/raw/", output="s3://bucket/latents/")
@@ -98,20 +100,19 @@ def test_train_config_of_the_readme_command_is_resolved_before_ray(tmp_path, mon
 
     from jobs.config_io import read_yaml
     from lance_core.tokenizer import TokenizerRef
-    from pipelines.train.config import TrainConfig, apply_overrides, load_train_config
+    from pipelines.train.config import TrainConfig, load_train_config
 
     monkeypatch.chdir(tmp_path)
-    data = apply_overrides(read_yaml(ROOT / "jobs" / "configs" / "train_tiny.yaml"), uris=["runs/latents",
-                           "s3://bucket/latents"])
+    data = read_yaml(ROOT / "jobs" / "configs" / "train_tiny.yaml")
+    data["data"]["uris"] = ["runs/latents", "s3://bucket/latents"]
     data["log_dir"] = "logs/tiny"
-    data["model"] = {**data.get("model", {}), "init_lance": "w/lance.safetensors", "tokenizer": "tok",
-                     "overrides": {"vae": {"path": "w/vae"}}}
+    data["model"] = {**data.get("model", {}), "tokenizer": "tok",
+                     "weights": {"lance": "w/lance.safetensors", "vae": "w/vae"}}
     cfg = load_train_config(data)
     assert cfg.data.uris == (str(tmp_path / "runs" / "latents"), "s3://bucket/latents")
     assert cfg.output == str(tmp_path / "runs" / "train") and cfg.log_dir == str(tmp_path / "logs" / "tiny")
-    assert cfg.model.init_lance == str(tmp_path / "w" / "lance.safetensors")
+    assert cfg.model.weights.lance == str(tmp_path / "w" / "lance.safetensors")
     assert cfg.model.tokenizer == str(tmp_path / "tok")
-    assert cfg.model.overrides["vae"]["path"] == str(tmp_path / "w" / "vae")
     assert cfg.model.build().vae.path == str(tmp_path / "w" / "vae")
     assert load_train_config({**data, "model": {"tokenizer": "byte"}}).model.tokenizer == "byte"  # a name
     assert TypeAdapter(TokenizerRef).validate_python("qwen2.5") == "qwen2.5"
@@ -126,20 +127,20 @@ def test_grpo_config_resolves_prompts_checkpoint_and_reward_models(tmp_path, mon
 
     monkeypatch.chdir(tmp_path)
     cfg = load_grpo_config({
-        "prompts": {"path": "prompts.txt"}, "tokenizer": "byte", "model": {"vit": {"path": "w/vit"}},
-        "rewards": {"rewards": [
+        "prompts": {"path": "prompts.txt"}, "model": {"tokenizer": "byte", "weights": {"vit": "w/vit"}},
+        "rewards": {"terms": [
             {"name": "ocr", "kind": "ocr", "ocr": {"det_model": "ocr/det.onnx", "rec_model": "ocr/rec.onnx",
                                                    "cls_model": "ocr/cls.onnx"}},
             {"name": "clip", "kind": "clip", "clip": {"pretrained": "w/clip.bin"}}]}})
-    assert cfg.prompts.path == str(tmp_path / "prompts.txt") and cfg.tokenizer == "byte"
-    assert cfg.model["vit"]["path"] == str(tmp_path / "w" / "vit")
-    ocr, clip = (spec.ocr or spec.clip for spec in cfg.rewards.rewards)
+    assert cfg.prompts.path == str(tmp_path / "prompts.txt") and cfg.model.tokenizer == "byte"
+    assert cfg.model.weights.vit == str(tmp_path / "w" / "vit")
+    ocr, clip = (spec.ocr or spec.clip for spec in cfg.rewards.terms)
     assert (ocr.det_model, ocr.rec_model, ocr.cls_model) == tuple(str(tmp_path / "ocr" / f"{k}.onnx")
                                                                   for k in ("det", "rec", "cls"))
     assert clip.pretrained == str(tmp_path / "w" / "clip.bin")
     assert not _all_absolute(cfg)
-    assert with_initial_checkpoint(cfg, "init/model.safetensors").checkpoint == str(tmp_path / "init" /
-                                                                                   "model.safetensors")
+    assert with_initial_checkpoint(cfg, "init/model.safetensors").model.weights.lance == str(
+        tmp_path / "init" / "model.safetensors")
 
 
 def test_tune_best_config_keeps_absolute_paths(tmp_path, monkeypatch):
@@ -165,11 +166,11 @@ def test_missing_paths_are_named_before_any_work(tmp_path):
     out = _lance(["precompute", "--no-progress"], tmp_path)
     assert out.returncode == 2, out.stderr
     assert "precompute.input (--input): no input given" in out.stderr
-    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({"encoders": {"vae_path": "weights/vae"}}))
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({"model": {"weights": {"vae": "weights/vae"}}}))
     out = _lance(["precompute", "--config", "cfg.yaml", "--input", "raw", "--output", "latents"], tmp_path)
     assert out.returncode == 2
     assert f"precompute.input (--input): {tmp_path / 'raw'} does not exist" in out.stderr
-    assert f"precompute.encoders.vae_path: {tmp_path / 'weights' / 'vae'} does not exist" in out.stderr
+    assert f"precompute.model.weights.vae: {tmp_path / 'weights' / 'vae'} does not exist" in out.stderr
     assert not (tmp_path / "latents").exists() and not (tmp_path / "runs").exists()
 
     out = _lance(["train", "--config", str(ROOT / "jobs" / "configs" / "train_tiny.yaml"), "--data",
@@ -186,7 +187,7 @@ def test_missing_paths_are_named_before_any_work(tmp_path):
     out = _lance(["grpo", "--prompts", "prompts.txt", "--checkpoint", "w/model.safetensors"], tmp_path)
     assert out.returncode == 2
     assert f"grpo.prompts.path (--prompts): {tmp_path / 'prompts.txt'} does not exist" in out.stderr
-    assert f"grpo.checkpoint (--checkpoint): {tmp_path / 'w' / 'model.safetensors'} does not exist" in out.stderr
+    assert f"grpo.model.weights.lance (--checkpoint): {tmp_path / 'w' / 'model.safetensors'} does not exist" in out.stderr
     assert not (tmp_path / "runs").exists()
 
 
@@ -195,12 +196,12 @@ def test_reward_and_model_weights_are_checked(tmp_path, monkeypatch):
     from pipelines.rl.preflight import check_grpo_paths
 
     monkeypatch.chdir(tmp_path)
-    cfg = load_grpo_config({"model": {"vae": {"path": "w/vae"}}, "rewards": {"rewards": [
+    cfg = load_grpo_config({"model": {"weights": {"vae": "w/vae"}}, "rewards": {"terms": [
         {"name": "ocr", "kind": "ocr", "ocr": {"det_model": "det.onnx"}}]}})
     with pytest.raises(ConfigError) as err:
         check_grpo_paths(cfg, tmp_path / "run")
-    assert f"grpo.model.vae.path: {tmp_path / 'w' / 'vae'} does not exist" in str(err.value)
-    assert f"grpo.rewards.rewards[0].ocr.det_model: {tmp_path / 'det.onnx'} does not exist" in str(err.value)
+    assert f"grpo.model.weights.vae: {tmp_path / 'w' / 'vae'} does not exist" in str(err.value)
+    assert f"grpo.rewards.terms[0].ocr.det_model: {tmp_path / 'det.onnx'} does not exist" in str(err.value)
 
 
 # ---------------------------------------------------------------------------------------------- a real run

@@ -24,7 +24,7 @@ from pipelines.train.deepspeed_config import build_deepspeed_config
 from pipelines.train.loop import build_initial_model
 
 init_lance, out = sys.argv[1] or None, sys.argv[2]
-cfg = load_train_config({"model": {"preset": "tiny", "init_lance": init_lance}, "seed": 3,
+cfg = load_train_config({"model": {"preset": "tiny", "weights": {"lance": init_lance}}, "seed": 3,
                          "deepspeed": {"zero_stage": 3}})
 ds_config = build_deepspeed_config(cfg, on_gpu=False)
 _, model = build_initial_model(cfg, ds_config)
@@ -72,7 +72,7 @@ def _plain_state(init_lance: str | None = None) -> dict[str, torch.Tensor]:
     from pipelines.train.config import load_train_config
     from pipelines.train.loop import build_initial_model
 
-    cfg = load_train_config({"model": {"preset": "tiny", "init_lance": init_lance}, "seed": 3})
+    cfg = load_train_config({"model": {"preset": "tiny", "weights": {"lance": init_lance}}, "seed": 3})
     _, model = build_initial_model(cfg)
     state = {n: p.detach().clone() for n, p in model.named_parameters()}
     state.update({n: b.detach().clone() for n, b in model.named_buffers()})

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..config import VAEConfig
+from ..state_dicts import load_state_dict_checked
 
 # Per-channel statistics of Wan2.2 VAE latents (Wan2.2 release).
 WAN22_LATENTS_MEAN = (
@@ -182,12 +183,12 @@ class WanVAE(nn.Module):
                 torch.manual_seed(cfg.seed)
                 return cls(cfg, AutoencoderKLWan(**diffusers_config(cfg)))
         if not os.path.exists(cfg.path):
-            raise FileNotFoundError(f"VAE weights not found: {cfg.path!r} (model.vae.path)")
+            raise FileNotFoundError(f"VAE weights not found: {cfg.path!r} (model.weights.vae)")
         if os.path.isdir(cfg.path):
             return cls(cfg, _load_diffusers_folder(cfg))
         autoencoder = AutoencoderKLWan(**diffusers_config(cfg))
         converted = convert_wan_vae_state_dict(_load_single_file(cfg.path))
-        _load_checked(autoencoder, converted, cfg.path)
+        load_state_dict_checked(autoencoder, converted, f"{cfg.path} (Wan2.2 VAE)")
         return cls(cfg, autoencoder)
 
     @property
@@ -299,7 +300,7 @@ def _load_diffusers_folder(cfg: VAEConfig) -> nn.Module:
 
     config_file = os.path.join(cfg.path, "config.json")
     if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"{config_file!r} not found: model.vae.path must be a diffusers AutoencoderKLWan "
+        raise FileNotFoundError(f"{config_file!r} not found: model.weights.vae must be a diffusers AutoencoderKLWan "
                                 f"folder or a single .pth/.safetensors file")
     autoencoder = AutoencoderKLWan.from_pretrained(cfg.path, local_files_only=True)
     if autoencoder.config.z_dim != cfg.latent_channels:
@@ -308,15 +309,3 @@ def _load_diffusers_folder(cfg: VAEConfig) -> nn.Module:
     return autoencoder
 
 
-def _load_checked(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise KeyError(f"{source}: checkpoint keys do not match the Wan2.2 VAE; missing {missing[:5]}, "
-                       f"unexpected {unexpected[:5]}")
-    for key, value in state.items():
-        if value.shape != expected[key].shape:
-            raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, the model expects "
-                             f"{tuple(expected[key].shape)}")
-    module.load_state_dict(state)

@@ -12,12 +12,13 @@ from torch import nn
 
 from ..config import ViTConfig
 from ..safetensors_files import read_safetensors_dir
+from ..state_dicts import load_state_dict_checked
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 VISION_PREFIXES = ("model.visual.", "visual.", "vit_model.")
 """Vision-tower key prefixes: transformers >= 4.52 saves ``model.visual.*``, the original Qwen release
-``visual.*``, the ``Lance_3B_Video`` checkpoint ``vit_model.*`` (so ``model.vit.path`` may name it too)."""
+``visual.*``, the ``Lance_3B_Video`` checkpoint ``vit_model.*`` (so ``model.weights.vit`` may name it too)."""
 
 QWEN25_VL_3B_VISION = dict(
     depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048, window_size=112,
@@ -61,7 +62,7 @@ def read_vision_weights(path: str) -> dict[str, torch.Tensor]:
     try:
         tensors = read_safetensors_dir(path, select=lambda key: _vision_key(key) is not None)
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"{err} (model.vit.path)") from None
+        raise FileNotFoundError(f"{err} (model.weights.vit)") from None
     weights = {_vision_key(key): value for key, value in tensors.items()}
     if not weights:
         raise KeyError(f"{path!r} holds no vision tower weights (keys under {', '.join(VISION_PREFIXES)})")
@@ -70,18 +71,7 @@ def read_vision_weights(path: str) -> dict[str, torch.Tensor]:
 
 def load_vision_weights(tower: nn.Module, path: str) -> None:
     """Load a checkpoint's vision weights into ``tower``; errors name the missing, extra or mis-shaped key."""
-    weights = read_vision_weights(path)
-    expected = tower.state_dict()
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    if missing or unexpected:
-        raise KeyError(f"{path!r}: vision weights do not match the tower config; missing {missing[:5]}, "
-                       f"unexpected {unexpected[:5]}")
-    for key, value in weights.items():
-        if value.shape != expected[key].shape:
-            raise ValueError(f"{path!r}: visual.{key} has shape {tuple(value.shape)}, the vision tower expects "
-                             f"{tuple(expected[key].shape)}")
-    tower.load_state_dict(weights)
+    load_state_dict_checked(tower, read_vision_weights(path), f"{path!r} (vision tower)")
 
 
 class QwenViT(nn.Module):
@@ -107,7 +97,7 @@ class QwenViT(nn.Module):
         tower.eval()
         if cfg.path is not None:
             if not os.path.isdir(cfg.path):
-                raise FileNotFoundError(f"ViT checkpoint folder not found: {cfg.path!r} (model.vit.path)")
+                raise FileNotFoundError(f"ViT checkpoint folder not found: {cfg.path!r} (model.weights.vit)")
             load_vision_weights(tower, cfg.path)
         return cls(cfg, tower)
 

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from lance_core.config import InputPath, OutputPath, StrictModel
+from lance_core.model_section import ModelSection
 from pipelines.runtime.storage import StorageConfig
 
 InputFormat = Literal["auto", "webdataset", "parquet", "jsonl", "csv"]
@@ -91,10 +92,8 @@ class BucketConfig(StrictModel):
 
 
 class EncoderConfig(StrictModel):
-    model_preset: Literal["tiny", "lance-3b"] = "tiny"
-    """Sizes of the VAE and ViT (tiny: random weights for tests and the demo)."""
-    vae_path: InputPath | None = None
-    vit_path: InputPath | None = None
+    """How the encoders run; which VAE and ViT (sizes and weights) is the ``model`` section's."""
+
     vae_actors: int = Field(1, ge=1)
     vit_actors: int = Field(1, ge=1)
     batch_size: int = Field(8, ge=1)
@@ -171,6 +170,9 @@ class PrecomputeConfig(StrictModel):
     filters: FilterConfig = FilterConfig()
     video: VideoConfig = VideoConfig()
     buckets: BucketConfig = BucketConfig()
+    model: ModelSection = ModelSection()
+    """The model the latents are for: its preset's VAE and ViT, with ``model.weights.vae`` / ``model.weights.vit``
+    (random weights when not given: tests and the demo)."""
     encoders: EncoderConfig = EncoderConfig()
     storage: StorageConfig = StorageConfig()
     manifest: ManifestConfig = ManifestConfig()

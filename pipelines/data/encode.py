@@ -21,7 +21,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lance_core.config import model_preset
 from lance_core.encoders import QwenViT, WanVAE
 from lance_core.shards import storage_values
 from pipelines.runtime.devices import pick_device
@@ -73,10 +72,8 @@ class _EncoderActor:
             torch.set_num_threads(enc.threads_per_actor or max(1, math.ceil(enc.cpus_per_actor)))
 
     def encoder_config(self, name: str):
-        """The preset's ``vae`` or ``vit`` config, with the weights path of the job config when given."""
-        sub = getattr(model_preset(self.cfg.encoders.model_preset), name)
-        path = getattr(self.cfg.encoders, f"{name}_path")
-        return sub.model_copy(update={"path": path}) if path else sub
+        """The model's ``vae`` or ``vit`` config, with its weights path (``model.weights``) when given."""
+        return getattr(self.cfg.model.build(), name)
 
 
 class VAEEncoder(_EncoderActor):

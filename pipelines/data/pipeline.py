@@ -20,6 +20,7 @@ import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy
 
+from lance_core.encoder_identity import encoder_identity, identity_mismatch
 from pipelines.runtime.preflight import check_paths
 from pipelines.runtime.ray_session import ensure_ray
 from pipelines.runtime.run_folder import CONFIG_FILE, RunFolder, RunMode
@@ -345,6 +346,9 @@ def run_precompute(cfg: PrecomputeConfig, progress: bool = True, mode: RunMode =
     for path in remove_temporary_files(cfg.output, cfg):
         print(f"precompute: removed {path}, left by an attempt that did not finish", flush=True)
     commits = read_commits(cfg.output, cfg)
+    encoder = encoder_identity(cfg.model.build())
+    if commits:
+        check_same_encoder(cfg, encoder)
     files, partitions = load_plan(cfg, committed=bool(commits))
     todo = [p for p in range(len(partitions)) if p not in commits]
     skipped = len(partitions) - len(todo)
@@ -352,7 +356,7 @@ def run_precompute(cfg: PrecomputeConfig, progress: bool = True, mode: RunMode =
     earlier_seconds = (recorded or {}).get("wall_seconds", 0.0) if commits else 0.0
     if not todo:
         if recorded is None or recorded.get("partitions_committed") != len(partitions):
-            recorded = write_manifest(cfg, commits, len(partitions), earlier_seconds)
+            recorded = write_manifest(cfg, encoder, commits, len(partitions), earlier_seconds)
         return PrecomputeResult(cfg.output, len(partitions), 0, skipped, recorded, complete_before=True)
     folder.record_config(config)
     _prepare_output(cfg)
@@ -371,7 +375,7 @@ def run_precompute(cfg: PrecomputeConfig, progress: bool = True, mode: RunMode =
         commits[record["partition"]] = record
         since_manifest += 1
         if since_manifest >= cfg.manifest_every:
-            write_manifest(cfg, commits, len(partitions), earlier_seconds + time.perf_counter() - started)
+            write_manifest(cfg, encoder, commits, len(partitions), earlier_seconds + time.perf_counter() - started)
             since_manifest = 0
 
     pieces = PiecesByPartition()
@@ -391,7 +395,7 @@ def run_precompute(cfg: PrecomputeConfig, progress: bool = True, mode: RunMode =
         committed(json.loads(record))
     if pieces.incomplete():
         raise RuntimeError(f"partitions {pieces.incomplete()} did not reach the writer whole; rerun to redo them")
-    stats = write_manifest(cfg, commits, len(partitions), earlier_seconds + time.perf_counter() - started)
+    stats = write_manifest(cfg, encoder, commits, len(partitions), earlier_seconds + time.perf_counter() - started)
     return PrecomputeResult(cfg.output, len(partitions), len(todo), skipped, stats)
 
 
@@ -418,10 +422,24 @@ def _build_dataset(cfg: PrecomputeConfig, files: list[InputFile], partitions: li
                           batch_format="pandas", num_cpus=enc.cpus_per_task)
 
 
-def write_manifest(cfg: PrecomputeConfig, commits: dict[int, dict], total: int, seconds: float) -> dict:
+def check_same_encoder(cfg: PrecomputeConfig, encoder: dict) -> None:
+    """A resumed run must encode with the encoders that made its committed shards (the same paths may hold
+    other weights by now)."""
+    try:
+        recorded = (read_json(cfg.output, "manifest.json", cfg) or {}).get("encoder")
+    except DamagedFileError:
+        return
+    if recorded is not None and (differences := identity_mismatch(recorded, encoder)):
+        raise ValueError(f"{cfg.output}: its committed shards were encoded by other encoders than model.weights "
+                         f"names now ({'; '.join(differences[:3])}); give the same weights, or --overwrite")
+
+
+def write_manifest(cfg: PrecomputeConfig, encoder: dict, commits: dict[int, dict], total: int,
+                   seconds: float) -> dict:
     ordered = [commits[p] for p in sorted(commits)]
     write_json(cfg.output, "manifest.json", {
         "schema": "lance-latent-shards/1", "partitions_planned": total, "partitions_committed": len(ordered),
+        "encoder": encoder,
         "shards": [{k: c[k] for k in ("partition", "shard", "rows", "bytes", "sha256", "inputs")} for c in ordered],
     }, cfg)
     stats = summarize(ordered, total, seconds)  # seconds: the wall time of every run that committed partitions

@@ -10,20 +10,10 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from lance_core.config import (
-    PRESETS,
-    ConfigError,
-    InputPath,
-    ModelConfig,
-    ModelOverrides,
-    OutputPath,
-    StrictModel,
-    load_config,
-    model_preset,
-)
+from lance_core.config import ConfigError, InputPath, OutputPath, StrictModel, load_config
 from lance_core.flow import LossConfig
+from lance_core.model_section import ModelSection
 from lance_core.packing import TASKS
-from lance_core.tokenizer import TokenizerRef, check_tokenizer_fits
 from pipelines.runtime.storage import StorageConfig
 
 Stage = Literal["pretrain", "continual", "sft", "custom"]
@@ -37,30 +27,6 @@ def _check_tasks(names, where: str) -> None:
     unknown = [t for t in names if t not in TASKS]
     if unknown:
         raise ValueError(f"{where}: unknown task(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(TASKS)}")
-
-
-class ModelSection(StrictModel):
-    preset: str = "tiny"
-    """``tiny`` or ``lance-3b``."""
-    overrides: ModelOverrides = Field(default_factory=dict)
-    """Fields of :class:`lance_core.config.ModelConfig` to change (e.g. ``attention_backend``)."""
-    init_qwen: InputPath | None = None
-    """Qwen2.5-VL checkpoint folder loaded into UND, then copied into GEN (pre-training start)."""
-    init_lance: InputPath | None = None
-    """Lance checkpoint (released names) to start from (continual training, SFT)."""
-    tokenizer: TokenizerRef | None = None
-    """``qwen2.5`` (the built-in Qwen2.5 tokenizer), ``byte`` (byte-level) or a Qwen2 tokenizer folder. None =
-    ``qwen2.5`` where the model's logit rows hold its 151,665 ids (``lance-3b``), else ``byte`` (``tiny``)."""
-
-    @field_validator("preset")
-    @classmethod
-    def _known_preset(cls, value: str) -> str:
-        if value not in PRESETS:
-            raise ValueError(f"unknown model preset {value!r}; allowed: {', '.join(sorted(PRESETS))}")
-        return value
-
-    def build(self) -> ModelConfig:
-        return model_preset(self.preset, **self.overrides)
 
 
 class ResolutionFilter(StrictModel):
@@ -161,7 +127,7 @@ class DeepSpeedSection(StrictModel):
     reduce_bucket_size: int = Field(50_000_000, gt=0)
     zero_init: bool = True
     """ZeRO-3: create the parameters already partitioned (``deepspeed.zero.Init``), so no rank holds the
-    whole model; initial weights (init_qwen / init_lance) are read on rank 0 and scattered module by module."""
+    whole model; initial weights (model.weights.qwen / lance) are read on rank 0 and scattered module by module."""
 
     @model_validator(mode="after")
     def _check(self) -> DeepSpeedSection:
@@ -324,7 +290,6 @@ class TrainConfig(StrictModel):
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         model = self.model.build()
-        check_tokenizer_fits(model, self.model.tokenizer)
         video = [t for t in ("t2v", "i2v", "v2v") if self.mixture.weights.get(t, 0) > 0]
         if video and model.max_latent_frames == 1:
             raise ValueError(f"mixture.weights: {', '.join(video)} need video latents but the {self.model.preset} "
@@ -365,20 +330,3 @@ def load_train_config(data: dict[str, Any] | None, flags: dict[str, str] | None 
         raise
     except ValueError as err:
         raise ConfigError(f"invalid config:\n  train: {err}") from None
-
-
-def apply_overrides(data: dict[str, Any], *, uris: list[str] | None = None, output: str | None = None,
-                    steps: int | None = None, workers: int | None = None, name: str | None = None) -> dict[str, Any]:
-    """Command-line overrides on top of a YAML mapping (before validation)."""
-    data = dict(data)
-    if uris:
-        data["data"] = {**data.get("data", {}), "uris": list(uris)}
-    if output is not None:
-        data["output"] = output
-    if steps is not None:
-        data["steps"] = steps
-    if workers is not None:
-        data["scaling"] = {**data.get("scaling", {}), "workers": workers}
-    if name is not None:
-        data["name"] = name
-    return data

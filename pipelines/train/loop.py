@@ -77,10 +77,10 @@ def build_initial_model(cfg: TrainConfig, zero3_config: dict | None = None):
 
 
 def _load_initial_weights(cfg: TrainConfig, model) -> None:
-    if cfg.model.init_qwen:
-        load_qwen25vl_weights(model, cfg.model.init_qwen)
-    if cfg.model.init_lance:
-        load_lance_checkpoint(model, cfg.model.init_lance)
+    if cfg.model.weights.qwen:
+        load_qwen25vl_weights(model, cfg.model.weights.qwen)
+    if cfg.model.weights.lance:
+        load_lance_checkpoint(model, cfg.model.weights.lance)
 
 
 def _gather_module(module: torch.nn.Module):
@@ -97,7 +97,7 @@ def _build_partitioned(cfg: TrainConfig, model_cfg, zero3_config: dict):
     with deepspeed.zero.Init(config_dict_or_path=zero3_config):
         model = build_model(model_cfg)
     model.reset_parameters(gather=_gather_module)
-    if cfg.model.init_qwen or cfg.model.init_lance:
+    if cfg.model.weights.qwen or cfg.model.weights.lance:
         # Rank 0 alone reads the files into a whole copy (host memory of one model per job, not per rank).
         source = None
         if dist.get_rank() == 0:

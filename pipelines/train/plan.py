@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import pyarrow.parquet as pq
 
+from lance_core.encoder_identity import identity_mismatch
 from lance_core.packing import TASKS
 from lance_core.shards import check_schema
 from pipelines.runtime.storage import StorageError, filesystem, join_uri, open_input, with_retries
@@ -85,12 +86,28 @@ def passes_resolution(task: str, shape, fps, limits: ResolutionFilter) -> bool:
     return limits.max_image_tokens is None or tokens <= limits.max_image_tokens
 
 
-def _manifest_shards(root: str, cfg: DataSection, plan: DataPlan) -> list[str]:
+def _check_encoder(root: str, manifest: dict, encoder: dict | None, plan: DataPlan) -> None:
+    """DataError when the shards under ``root`` were encoded by another VAE or ViT than the model's."""
+    if encoder is None:
+        return
+    made_by = manifest.get("encoder")
+    if made_by is None:
+        plan.messages.append(f"{root}: the manifest does not record which encoders made the latents; not checked")
+        return
+    differences = identity_mismatch(made_by, encoder)
+    if differences:
+        raise DataError(f"{root}: the latents were made by other encoders than the model's "
+                        f"({'; '.join(differences[:4])}); train with the VAE and ViT weights that made them "
+                        "(model.weights.vae / vit) or precompute again with the model's")
+
+
+def _manifest_shards(root: str, cfg: DataSection, plan: DataPlan, encoder: dict | None) -> list[str]:
     fs = filesystem(root, cfg.storage)
     manifest = join_uri(root, "manifest.json")
     if not with_retries(f"reading {root}", cfg.storage, lambda: fs.exists(manifest)):
         raise DataError(f"{root}: no manifest.json (a latent shard root written by `lance precompute`)")
     data = json.loads(with_retries(f"reading {manifest}", cfg.storage, lambda: fs.cat_file(manifest)))
+    _check_encoder(root, data, encoder, plan)
     uris = []
     for entry in data.get("shards", []):
         uri = join_uri(root, entry["shard"])
@@ -126,13 +143,14 @@ def _scan_shard(uri: str, cfg: DataSection) -> tuple[list[dict] | None, str | No
         return None, "bad_schema_shards", f"{err}; skipped"
 
 
-def make_plan(cfg: DataSection, tasks_wanted: dict[str, float]) -> DataPlan:
-    """Scan every shard's plan columns (task, target shape) and decide trainable and held-out rows."""
+def make_plan(cfg: DataSection, tasks_wanted: dict[str, float], encoder: dict | None = None) -> DataPlan:
+    """Scan every shard's plan columns (task, target shape) and decide trainable and held-out rows. With
+    ``encoder`` (the model's :func:`encoder_identity`), shard roots made by other encoders are refused."""
     if not cfg.uris:
         raise DataError("data.uris is empty: give latent shard roots (`--data URI`)")
     plan = DataPlan()
     scanned: list[tuple[str, list[dict]]] = []
-    uris = [uri for root in cfg.uris for uri in _manifest_shards(root, cfg, plan)]
+    uris = [uri for root in cfg.uris for uri in _manifest_shards(root, cfg, plan, encoder)]
     with ThreadPoolExecutor(max_workers=SCAN_THREADS) as pool:
         for uri, (rows, issue, message) in zip(uris, pool.map(lambda u: _scan_shard(u, cfg), uris)):
             if rows is not None:

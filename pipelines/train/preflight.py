@@ -39,7 +39,7 @@ class Checkpoint:
 def check_train_paths(cfg: TrainConfig) -> None:
     """ConfigError naming each path field (and flag) that cannot serve: no data, a missing local shard
     root, initial weights or tokenizer folder, an output or log folder that is a file."""
-    fields = [*path_fields(cfg), *path_fields(cfg.model.build(), "model.overrides.")]
+    fields = list(path_fields(cfg))
     missing = {} if cfg.data.uris else {"data.uris": "no training data given: pass --data URI or set data.uris"}
     check_paths(fields, "train", flags={"data.uris": "--data", "output": "--output"}, missing=missing)
 

@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from lance_core.encoder_identity import encoder_identity
 from pipelines.runtime.ray_session import ensure_ray, repo_pythonpath
 from pipelines.runtime.run_folder import RunMode
 from pipelines.runtime.run_log import follow_worker_logs, new_log_sink
@@ -105,7 +106,7 @@ def build_trainer(cfg: TrainConfig, plan: DataPlan, run_dir: Path, callbacks: li
 
 def prepare_run(cfg: TrainConfig) -> tuple[DataPlan, Path]:
     """Plan the data (raises DataError with the reason) and write the run's config and plan."""
-    plan = make_plan(cfg.data, cfg.mixture.weights)
+    plan = make_plan(cfg.data, cfg.mixture.weights, encoder_identity(cfg.model.build()))
     for message in plan.messages:
         log.info(f"data: {message}")
     run_dir = storage_and_log_dir(cfg)[1]
