@@ -46,8 +46,8 @@ def text_image(text: str, size: int = 256) -> np.ndarray:
 def pool_throughput(actors: int, batches: int, batch_size: int) -> dict:
     cfg = RewardPoolConfig.model_validate({
         "actors": {"count": actors, "num_cpus": 1},
-        "rewards": [{"name": "ocr", "kind": "ocr", "ocr": {"threads": 1, "det_limit_side_len": 480}}]})
-    specs = [spec.model_dump(mode="json") for spec in cfg.rewards]
+        "terms": [{"name": "ocr", "kind": "ocr", "ocr": {"threads": 1, "det_limit_side_len": 480}}]})
+    specs = [spec.model_dump(mode="json") for spec in cfg.terms]
     remote = ray.remote(RewardWorker)
     pool = RewardPool(cfg, lambda slot: remote.options(num_cpus=1).remote(specs, 1))
     pool.wait_ready()
@@ -75,14 +75,14 @@ def pool_throughput(actors: int, batches: int, batch_size: int) -> dict:
 
 def grpo_config(streaming: bool, epochs: int, steps: int, image_size: int) -> dict:
     return {
-        "model_preset": "tiny", "epochs": epochs, "gallery_size": 0, "seed": 0,
+        "model": {"preset": "tiny"}, "epochs": epochs, "gallery_size": 0, "seed": 0,
         "rollout": {"group_size": 8, "prompts_per_epoch": 4, "image_size": image_size, "groups_per_micro_batch": 1,
                     "sampler": {"steps": steps, "window_size": 2, "window_range": [0, steps // 2]},
                     "actors": {"count": 1, "num_cpus": 1, "torch_threads": 1}},
         "rewards": {"streaming": streaming, "actors": {"count": 1, "num_cpus": 1},
-                    "rewards": [{"name": "ocr", "kind": "ocr", "ocr": {"threads": 1, "det_limit_side_len": 480}},
+                    "terms": [{"name": "ocr", "kind": "ocr", "ocr": {"threads": 1, "det_limit_side_len": 480}},
                                 {"name": "brightness", "kind": "brightness", "weight": 0.1}]},
-        "learner": {"learning_rate": 1e-4, "clip_range": 1e-3, "actor": {"num_cpus": 1, "torch_threads": 1}},
+        "learner": {"clip_range": 1e-3, "actor": {"num_cpus": 1, "torch_threads": 1}}, "optim": {"lr": 1e-4},
     }
 
 

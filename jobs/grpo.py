@@ -40,8 +40,9 @@ def _epochs_of_steps(steps: int, data: dict) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lance grpo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_options(parser, "GRPO config (default: tiny model, built-in prompts, OCR reward)", "grpo_")
-    parser.add_argument("--prompts", help="prompts file: text (target in double quotes) or JSONL")
+    add_config_options(parser, "GRPO config (default: tiny model, generated OCR prompts, OCR reward)", "grpo_")
+    parser.add_argument("--prompts", help="training prompts file instead of the generated ones: text (target "
+                        "in double quotes) or JSONL")
     parser.add_argument("--checkpoint", help="initial Lance weights (safetensors file or folder)")
     parser.add_argument("--output", default="runs/grpo", help="run folder (metrics, gallery, checkpoints)")
     length = parser.add_mutually_exclusive_group()
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     fields = FieldOverrides()
     fields.flag("--prompts", "prompts.path", args.prompts or None)
-    fields.flag("--checkpoint", "checkpoint", args.checkpoint or None)
+    fields.flag("--checkpoint", "model.weights.lance", args.checkpoint or None)
     fields.flag("--epochs", "epochs", args.epochs)
     try:
         fields.sets(args.set)

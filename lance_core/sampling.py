@@ -33,7 +33,15 @@ class SamplingConfig(StrictModel):
 
 
 def inference_timesteps(steps: int, shift: float) -> torch.Tensor:
-    return shift_timesteps(torch.linspace(1.0, 0.0, steps + 1), shift)
+    """``steps + 1`` shifted points from exactly 1 to exactly 0.
+
+    The shift s·t / (1 + (s - 1)·t) maps 0 and 1 to themselves, but in float32 t = 1 can land one rounding
+    step off (1 ± 2⁻²⁴ for s = 0.58, 1.18, 2.07, ...). Below 1, g_t = a·sqrt(t / (1 - t)) of the first
+    SDE step blows up (std ≈ 800 instead of a); above 1, t leaves the CFG interval (lo, 1]. The end
+    points are therefore pinned."""
+    t = shift_timesteps(torch.linspace(1.0, 0.0, steps + 1), shift)
+    t[0], t[-1] = 1.0, 0.0
+    return t
 
 
 def cfg_combine(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float, rescale: bool) -> torch.Tensor:

@@ -24,14 +24,15 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 def tiny_grpo(**overrides) -> GRPOConfig:
     """Two prompts x 8 samples per epoch, 6 steps with a 2-step SDE window, brightness reward."""
     data = {
-        "model_preset": "tiny", "epochs": 2, "gallery_size": 4,
+        "model": {"preset": "tiny"}, "epochs": 2, "gallery_size": 4,
         "prompts": {"eval_count": 1},
         "rollout": {"group_size": 8, "prompts_per_epoch": 2, "image_size": 64,
                     "sampler": {"steps": 6, "window_size": 2, "window_range": [0, 4]},
                     "actors": {"count": 1, "num_cpus": 0.5}},
         "rewards": {"actors": {"count": 1, "num_cpus": 0.5},
-                    "rewards": [{"name": "brightness", "kind": "brightness"}]},
-        "learner": {"learning_rate": 3e-3, "clip_range": 0.2, "kl_weight": 0.0, "minibatches": 2,
+                    "terms": [{"name": "brightness", "kind": "brightness"}]},
+        "optim": {"lr": 3e-3},
+        "learner": {"clip_range": 0.2, "kl_weight": 0.0, "minibatches": 2,
                     "actor": {"num_cpus": 0.5}},
     }
     for key, value in overrides.items():
@@ -85,6 +86,32 @@ def test_prompts_text_and_jsonl(tmp_path, shared_dir):
         load_prompts(PromptsConfig(path=str(jsonl)))
     shared = load_prompts(PromptsConfig(path=str(shared_dir / "data" / "ocr_prompts.txt"), eval_count=4))
     assert len(shared.train) + len(shared.eval) > 1000 and shared.missing_target == 0
+
+
+def test_prompts_generated_for_training_evaluation_file_never_trained_on(tmp_path, shared_dir):
+    generated = load_prompts(PromptsConfig(generated_count=300, eval_count=3), seed=5)
+    assert len(generated.train) == 297 and len(generated.eval) == 3
+    assert all(p.key.startswith("generated:") and p.target for p in generated.train + generated.eval)
+    assert load_prompts(PromptsConfig(generated_count=300, eval_count=3), seed=5) == generated
+    assert not {p.target.lower() for p in generated.eval} & {p.target.lower() for p in generated.train}
+    eval_file = shared_dir / "data" / "ocr_prompts.txt"
+    with_eval = load_prompts(PromptsConfig(eval_path=str(eval_file), eval_count=8))
+    assert len(with_eval.train) == 10_000 and with_eval.excluded == 0
+    assert [p.key for p in with_eval.eval] == [f"ocr_prompts.txt:{n}" for n in range(1, 9)]
+    # a training file that repeats evaluation prompts (or only their targets) loses them
+    lines = eval_file.read_text(encoding="utf-8").splitlines()
+    mixed = tmp_path / "train.txt"
+    mixed.write_text("\n".join([lines[0], 'A mug that says "' + lines[1].split('"')[1].upper() + '"',
+                                 'A quilt stitched with "Velvet Otter"']) + "\n")
+    trained = load_prompts(PromptsConfig(path=str(mixed), eval_path=str(eval_file)))
+    assert trained.excluded == 2 and [p.target for p in trained.train] == ["Velvet Otter"]
+    assert PromptsConfig(path=str(mixed)).source == "file" and PromptsConfig().source == "generated"
+    with pytest.raises(ValueError, match="needs path"):
+        PromptsConfig(source="file")
+    with pytest.raises(ValueError, match="only read with source 'file'"):
+        PromptsConfig(source="generated", path=str(mixed))
+    with pytest.raises(ConfigError, match=r"grpo\.prompts"):
+        load_grpo_config({"prompts": {"source": "file"}})
 
 
 def test_checkpoint_must_match_the_model(tmp_path):
@@ -147,7 +174,7 @@ def _tensorboard(folder: Path):
 def test_grpo_raises_brightness(ray_local, tmp_path):
     from pipelines.rl.loop import run_grpo
 
-    summary = run_grpo(tiny_grpo(epochs=16, learner={"ema_decay": 0.9}, eval={"every": 8, "steps": 8}), tmp_path)
+    summary = run_grpo(tiny_grpo(epochs=16, deepspeed={"ema_decay": 0.9}, eval={"every": 8, "steps": 8}), tmp_path)
     history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(history) == 16
     start = np.mean([r["reward/mean"] for r in history[:3]])
@@ -187,13 +214,13 @@ def test_reward_actor_death_is_retried_then_resume(ray_local, tmp_path):
     from pipelines.rl.loop import run_grpo
 
     marker = tmp_path / "died.marker"
-    rewards = {"rewards": [{"name": "bright", "kind": "callable", "callable": "tests.test_grpo:DieOnce",
+    rewards = {"terms": [{"name": "bright", "kind": "callable", "callable": "tests.test_grpo:DieOnce",
                             "options": {"marker": str(marker)}}], "max_restarts": 2}
     # also the LoRA learner with KL to the reference, EMA, and CFG in the rollout
-    cfg = tiny_grpo(epochs=2, checkpoint_every=1, rewards=rewards,
+    cfg = tiny_grpo(epochs=2, checkpoint={"every_epochs": 1}, rewards=rewards,
                     rollout={"groups_per_micro_batch": 1,
                              "sampler": {"steps": 6, "window_size": 2, "window_range": [0, 4], "cfg_scale": 2.0}},
-                    learner={"mode": "lora", "kl_weight": 0.04, "ema_decay": 0.9, "learning_rate": 1e-3})
+                    learner={"mode": "lora", "kl_weight": 0.04}, optim={"lr": 1e-3}, deepspeed={"ema_decay": 0.9})
     summary = run_grpo(cfg, tmp_path / "run")
     assert marker.is_file()
     assert summary["reward_restarts"] == 1

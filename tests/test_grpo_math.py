@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from lance_core.flow import shift_timesteps
 from lance_core.model import build_model
 from lance_core.packing import build_generation_sample
 from lance_core.rl import (
@@ -22,8 +23,9 @@ from lance_core.rl import (
     sde_sigma,
     sde_step,
     sde_window,
+    step_std,
 )
-from lance_core.sampling import SamplingConfig, euler_sample, prepare_prefix
+from lance_core.sampling import SamplingConfig, euler_sample, inference_timesteps, prepare_prefix
 
 
 def _prefix(model, tokenizer, caption, groups, grid=(1, 3, 3)):
@@ -48,6 +50,49 @@ def test_step_log_prob_matches_independent_gaussian():
     assert sde_sigma(1.0, 0.9, a) == pytest.approx(a * math.sqrt(1.0 / 0.1))
     # a = 0: the mean is the Euler step
     assert torch.allclose(sde_mean(x, v, t, t_next, 0.0), x + delta * v)
+
+
+def _first_step_std(steps: int, shift: float, a: float) -> float:
+    t = inference_timesteps(steps, shift).tolist()
+    return step_std(t[0], t[1], sde_sigma(t[0], t[1], a))
+
+
+def test_first_sde_step_is_bounded_for_every_shift():
+    """At t = 1, g = a·sqrt(1 / (1 - t₁)) and the std g·sqrt(1 - t₁) is exactly a, whatever the shift."""
+    a = 0.7
+    shifts = [round(0.5 + 0.01 * k, 2) for k in range(951)]
+    for steps in (6, 10, 40):
+        for shift in shifts:
+            grid = inference_timesteps(steps, shift)
+            assert grid[0].item() == 1.0 and grid[-1].item() == 0.0, (steps, shift)
+            std = _first_step_std(steps, shift, a)
+            assert math.isfinite(std) and std == pytest.approx(a, rel=1e-6), (steps, shift, std)
+    # one float step below 1 was the failure: std a·sqrt(t / 2⁻²⁴)·sqrt(t - t₁) ≈ 800
+    raw = shift_timesteps(torch.linspace(1.0, 0.0, 11), 0.58).tolist()
+    assert raw[0] < 1.0 and step_std(raw[0], raw[1], sde_sigma(raw[0], raw[1], a)) > 100
+
+
+def test_exact_grid_is_unchanged():
+    """For a shift whose float32 grid already ends exactly at 1 and 0 nothing moves (golden values)."""
+    grid = inference_timesteps(10, 3.5)
+    assert torch.equal(grid, shift_timesteps(torch.linspace(1.0, 0.0, 11), 3.5))
+    assert grid[1].item() == pytest.approx(3.15 / 3.25, abs=1e-7)
+    x, v = torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(0)).unbind(0)
+    t, t_next = grid[0].item(), grid[1].item()
+    out = sde_step(x.unsqueeze(0), v.unsqueeze(0), t, t_next, 0.7, torch.Generator().manual_seed(1))
+    g = 0.7 * math.sqrt(1.0 / (1.0 - t_next))
+    assert out.g == g and out.std == g * math.sqrt(1.0 - t_next)
+    assert torch.equal(out.mean, sde_mean(x.unsqueeze(0), v.unsqueeze(0), 1.0, t_next, g))
+
+
+def test_rollout_at_an_inexact_shift_stays_bounded(tiny_cfg, tokenizer):
+    model = build_model(tiny_cfg).eval()
+    cfg = SDESamplerConfig(steps=4, shift=0.58, window_size=1, window_range=(0, 1))
+    cond = _prefix(model, tokenizer, 'a sign that reads "hi"', 2)
+    trajectory = sample_group(model, cond, None, cfg, 2, [0], torch.Generator().manual_seed(0))
+    assert trajectory.timesteps[0] == 1.0
+    assert torch.isfinite(trajectory.log_probs).all()
+    assert trajectory.states[1].abs().max() < 20
 
 
 def test_ratio_is_exactly_one_with_unchanged_weights(tiny_cfg, tokenizer):

@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent('''
             epochs=1,
             rollout={"actors": {"count": 2, "num_cpus": 0.5, "resources": {"rollout_node": 1}}},
             rewards={"actors": {"count": 2, "num_cpus": 0.5, "resources": {"reward_node": 1}},
-                     "rewards": [{"name": "brightness", "kind": "brightness"}]},
+                     "terms": [{"name": "brightness", "kind": "brightness"}]},
             placement={"strategy": "SPREAD"})
         summary = run_grpo(cfg, tempfile.mkdtemp())
         print("RESULT " + json.dumps({"placement": summary["placement"],

@@ -188,8 +188,8 @@ def test_grpo_rerun_reports_a_finished_run_and_refuses_another_config(tmp_path, 
     assert loop.run_grpo(cfg, "runs/grpo") == summary | {"complete_before": True}
     assert loop.run_grpo(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"every": 1})}),
                          "runs/grpo")["complete_before"]
-    with pytest.raises(RunFolderError, match=r"learner.learning_rate: 1e-05 -> 0.001"):
-        loop.run_grpo(load_grpo_config({"epochs": 2, "learner": {"learning_rate": 1e-3}}), "runs/grpo")
+    with pytest.raises(RunFolderError, match=r"optim.lr: 1e-05 -> 0.001"):
+        loop.run_grpo(load_grpo_config({"epochs": 2, "optim": {"lr": 1e-3}}), "runs/grpo")
     assert main(["grpo", "--steps", "2", "--config", str(ROOT / "jobs" / "configs" / "grpo_tiny.yaml")]) == 2
     with pytest.raises(RunFolderError, match="holds no grpo run to resume"):
         loop.run_grpo(cfg, "runs/other", mode="resume")

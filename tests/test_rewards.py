@@ -20,6 +20,7 @@ from lance_core.rewards import (
     ocr_score,
 )
 from lance_core.rewards.clip import CLIPConfig, CLIPReward
+from lance_core.rewards.ocr import normalise_text
 
 TINY_CLIP = {
     "embed_dim": 16,
@@ -74,6 +75,52 @@ def test_ocr_reward_unreadable_and_missing_target(ocr_reward):
     out = ocr_reward([noise, render_text("Hello")], ['a "Hello" sign', "a sign without a quoted target"])
     assert out.scores[1] == 0.0 and out.reasons[1] == NO_TARGET
     assert 0.0 <= out.scores[0] < 0.5
+
+
+SIGN_TEXTS = ("Open Late Tonight", "Harbor View Cafe", "Quiet Please", "Blue Lantern Books")
+
+
+def render_sign(text: str, side: int = 512, font_size: int = 40) -> np.ndarray:
+    image = Image.new("RGB", (side, side), (245, 240, 230))
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=font_size)
+    draw.text(((side - draw.textlength(text, font=font)) / 2, side / 2 - font_size), text, fill=(20, 20, 20),
+              font=font)
+    return np.asarray(image)
+
+
+def detector_inputs(reward: OCRReward, monkeypatch) -> list[tuple[int, ...]]:
+    """Shapes of the arrays the detection network receives (after its resize)."""
+    detector = reward.backend.engine.text_det
+    shapes, run = [], detector.infer
+    monkeypatch.setattr(detector, "infer", lambda batch: (shapes.append(batch.shape), run(batch))[1])
+    return shapes
+
+
+def test_ocr_defaults_detect_at_the_image_size_with_the_same_accuracy(ocr_reward, monkeypatch):
+    """PaddleOCR's detection settings (960, max) against rapidocr's (736, min) on 512² signs."""
+    assert (ocr_reward.cfg.det_limit_side_len, ocr_reward.cfg.det_limit_type) == (960, "max")
+    assert ocr_reward.models == {"backend": "rapidocr", "det": "ch_PP-OCRv4_det_infer.onnx",
+                                 "rec": "ch_PP-OCRv4_rec_infer.onnx", "cls": None,
+                                 "det_limit_side_len": 960, "det_limit_type": "max"}
+    upscaling = OCRReward(OCRConfig(threads=1, det_limit_side_len=736, det_limit_type="min"))
+    images = [render_sign(text) for text in SIGN_TEXTS]
+    prompts = [f'A storefront sign that says "{text}"' for text in SIGN_TEXTS]
+    new_shapes, old_shapes = detector_inputs(ocr_reward, monkeypatch), detector_inputs(upscaling, monkeypatch)
+    new, old = ocr_reward(images, prompts), upscaling(images, prompts)
+    assert new_shapes == [(1, 3, 512, 512)] * len(images)
+    assert old_shapes == [(1, 3, 736, 736)] * len(images)
+    assert new.scores == old.scores == [1.0] * len(images)
+    assert [normalise_text(t) for t in new.details["ocr_text"]] == [normalise_text(t) for t in SIGN_TEXTS]
+
+
+def test_ocr_max_limit_shrinks_only_larger_images(monkeypatch):
+    """With ``max`` the configured side is kept (rapidocr alone would pick 1500 for a 1200-pixel side)."""
+    reward = OCRReward(OCRConfig(threads=1))
+    shapes = detector_inputs(reward, monkeypatch)
+    wide = np.asarray(Image.fromarray(render_sign("Harbor View Cafe", side=600, font_size=48)).resize((1200, 600)))
+    out = reward([wide], ['a sign that says "Harbor View Cafe"'])
+    assert shapes == [(1, 3, 480, 960)] and out.scores == [1.0]
 
 
 def test_clip_reward_tiny_model():

@@ -7,8 +7,16 @@ import pytest
 from lance_core import tokenizer as tokenizer_module
 from lance_core.config import ConfigError, model_preset
 from lance_core.tokenizer import (
-    QWEN25_ADDED_TOKENS, QWEN25_VOCAB, SPECIAL_TOKENS, ByteTokenizer, Qwen25Tokenizer, QwenTokenizer,
-    check_tokenizer_fits, load_tokenizer, load_tokenizer_for, qwen25_ranks_file,
+    QWEN25_ADDED_TOKENS,
+    QWEN25_VOCAB,
+    SPECIAL_TOKENS,
+    ByteTokenizer,
+    Qwen25Tokenizer,
+    QwenTokenizer,
+    check_tokenizer_fits,
+    load_tokenizer,
+    load_tokenizer_for,
+    qwen25_ranks_file,
 )
 
 
@@ -23,7 +31,7 @@ def test_byte_tokenizer_round_trip_and_specials():
 
 
 def _save_tiny_qwen_style_tokenizer(path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {chr(c): i for i, c in enumerate(range(32, 127))}

@@ -2,11 +2,12 @@
 composed as a weighted sum. Images are RGB uint8 arrays (H, W, 3)."""
 
 from .base import CallableReward, RewardFn, RewardOutput, import_callable
-from .compose import ComposedScores, WeightedReward, build_reward
+from .compose import ERROR_PREFIX, ComposedScores, WeightedReward, build_reward, error_reason
 from .config import CLIPConfig, OCRConfig, RewardSpec
 from .ocr import NO_TARGET, NOTHING_READ, OCRReward, extract_target, levenshtein, ocr_score
 
 __all__ = [
+    "ERROR_PREFIX",
     "NOTHING_READ",
     "NO_TARGET",
     "CLIPConfig",
@@ -19,6 +20,7 @@ __all__ = [
     "RewardSpec",
     "WeightedReward",
     "build_reward",
+    "error_reason",
     "extract_target",
     "import_callable",
     "levenshtein",

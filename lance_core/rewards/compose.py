@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from .base import CallableReward, RewardFn, import_callable
+from .base import CallableReward, RewardFn, RewardOutput, import_callable
 from .config import CLIPConfig, OCRConfig, RewardSpec
+
+log = logging.getLogger(__name__)
+
+ERROR_PREFIX = "error:"
+"""Reason of an image a reward raised on: ``error:<ExceptionType>``."""
 
 
 def build_reward(spec: RewardSpec) -> RewardFn:
@@ -37,6 +43,12 @@ class ComposedScores:
     components: dict[str, list[float]]
     reasons: dict[str, list[str | None]]
     details: dict[str, list]
+    errors: dict[str, int] = field(default_factory=dict)
+    """Per component, the images it raised on (scored 0), with ``isolate_errors``."""
+
+
+def error_reason(error: BaseException) -> str:
+    return f"{ERROR_PREFIX}{type(error).__name__}"
 
 
 class WeightedReward:
@@ -51,16 +63,52 @@ class WeightedReward:
         self.specs = specs
         self.fns = [build_reward(spec) for spec in specs]
 
-    def __call__(self, images: list[np.ndarray], prompts: list[str],
-                 targets: list[str | None] | None = None) -> ComposedScores:
+    def __call__(self, images: list[np.ndarray], prompts: list[str], targets: list[str | None] | None = None,
+                 *, isolate_errors: bool = False) -> ComposedScores:
+        """With ``isolate_errors`` a component that raises on the batch is run image by image instead, and an
+        image it raises on scores 0 for that component, with the reason ``error:<ExceptionType>``."""
         total = np.zeros(len(images), dtype=np.float64)
-        components, reasons, details = {}, {}, {}
+        components, reasons, details, errors = {}, {}, {}, {}
         for spec, fn in zip(self.specs, self.fns):
-            out = fn(images, prompts, targets) if getattr(fn, "uses_targets", False) else fn(images, prompts)
-            if len(out.scores) != len(images):
-                raise ValueError(f"reward {spec.name!r} returned {len(out.scores)} scores for {len(images)} images")
+            try:
+                out = _score(spec, fn, images, prompts, targets)
+            except Exception:
+                if not isolate_errors:
+                    raise
+                log.warning("reward %r raised on a batch of %d images; scoring it image by image",
+                            spec.name, len(images), exc_info=True)
+                out, errors[spec.name] = _score_each(spec, fn, images, prompts, targets)
             total += spec.weight * np.asarray(out.scores, dtype=np.float64)
             components[spec.name] = [float(s) for s in out.scores]
             reasons[spec.name] = list(out.reasons)
             details.update({f"{spec.name}/{k}": v for k, v in out.details.items()})
-        return ComposedScores(total.tolist(), components, reasons, details)
+        return ComposedScores(total.tolist(), components, reasons, details, errors)
+
+
+def _score(spec: RewardSpec, fn: RewardFn, images: list[np.ndarray], prompts: list[str],
+           targets: list[str | None] | None) -> RewardOutput:
+    out = fn(images, prompts, targets) if getattr(fn, "uses_targets", False) else fn(images, prompts)
+    if len(out.scores) != len(images):
+        raise ValueError(f"reward {spec.name!r} returned {len(out.scores)} scores for {len(images)} images")
+    return out
+
+
+def _score_each(spec: RewardSpec, fn: RewardFn, images: list[np.ndarray], prompts: list[str],
+                targets: list[str | None] | None) -> tuple[RewardOutput, int]:
+    """One image at a time; an image the reward raises on scores 0 (its details None)."""
+    scores, reasons, outputs = [], [], []
+    for k, image in enumerate(images):
+        try:
+            out = _score(spec, fn, [image], [prompts[k]], None if targets is None else [targets[k]])
+        except Exception as error:  # noqa: BLE001 - whatever one image raises stays with that image
+            scores.append(0.0)
+            reasons.append(error_reason(error))
+            outputs.append(None)
+            continue
+        scores.append(float(out.scores[0]))
+        reasons.append(out.reasons[0])
+        outputs.append(out)
+    keys = list(dict.fromkeys(key for out in outputs if out is not None for key in out.details))
+    details = {key: [out.details[key][0] if out is not None and key in out.details else None for out in outputs]
+               for key in keys}
+    return RewardOutput(scores, reasons, details), outputs.count(None)

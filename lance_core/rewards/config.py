@@ -21,8 +21,12 @@ class OCRConfig(StrictModel):
     """Run the ONNX sessions on CUDA (needs onnxruntime-gpu, and num_gpus on the reward actors)."""
     threads: int = Field(1, ge=0)
     """Intra-op threads of each ONNX session (0 = runtime default). One per actor scales by actors."""
-    det_limit_side_len: int = Field(736, gt=0)
-    """Images whose short side is below this are upscaled for detection (PP-OCR's default 736)."""
+    det_limit_side_len: int = Field(960, gt=0)
+    """Detection resize limit, PaddleOCR's default 960 (rapidocr's own default is 736 with ``min``)."""
+    det_limit_type: Literal["max", "min"] = "max"
+    """``max``: images whose long side exceeds the limit are shrunk to it, smaller ones are detected at their
+    own size (PaddleOCR's default); ``min``: images whose short side is below the limit are upscaled to
+    it (rapidocr's default, 512² -> 736²). Either way the sides are then rounded to multiples of 32."""
     min_score: float = Field(0.5, ge=0, le=1)
     """Recognised lines with a lower confidence are dropped."""
 

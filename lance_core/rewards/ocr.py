@@ -4,20 +4,31 @@ the recognised text, else the Levenshtein distance capped at len(target); reward
 nothing recognised gives 0.
 
 Backends recognise text lines in an RGB uint8 image:
-- ``rapidocr``: the PP-OCRv4 detection + recognition ONNX models shipped inside the
-  ``rapidocr-onnxruntime`` wheel (offline), or model files given by path;
+- ``rapidocr``: by default the ONNX models shipped inside the ``rapidocr-onnxruntime`` wheel (offline):
+  detection ``ch_PP-OCRv4_det_infer.onnx`` (DB), recognition ``ch_PP-OCRv4_rec_infer.onnx`` (SVTR-LCNet,
+  Chinese + English characters) and, only with ``use_angle_cls``, ``ch_ppocr_mobile_v2.0_cls_infer.onnx``;
+  or model files given by path. Flow-GRPO's ``PaddleOCR(lang="en")`` recognises with
+  ``en_PP-OCRv4_rec`` instead; pass it as ``rec_model`` for that model.
 - ``paddleocr``: PaddleOCR with local model folders (nothing downloaded).
+
+Detection resizes as PaddleOCR does by default (``det_limit_side_len`` 960, ``det_limit_type`` max): an
+image up to 960 pixels a side is detected at its own size, rounded to multiples of 32.
+:attr:`OCRReward.models` names the models and settings in use; they are logged once per reward.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from .base import RewardOutput
 from .config import OCRConfig
+
+log = logging.getLogger(__name__)
 
 QUOTED = re.compile(r'"([^"]+)"')
 NO_TARGET = "no_target"
@@ -61,6 +72,9 @@ def ocr_score(lines: list[str], target: str) -> float:
 
 
 class OCRBackend(Protocol):
+    models: dict[str, str | int | None]
+    """The backend, the model files (names) and the detection settings in use."""
+
     def recognise(self, image: np.ndarray) -> list[str]:
         """Text lines read in an (H, W, 3) RGB uint8 image, in reading order."""
 
@@ -69,8 +83,8 @@ class RapidOCRBackend:
     def __init__(self, cfg: OCRConfig) -> None:
         from rapidocr_onnxruntime import RapidOCR
 
-        kwargs = {"det_limit_side_len": cfg.det_limit_side_len, "text_score": cfg.min_score,
-                  "use_cls": cfg.use_angle_cls}
+        kwargs = {"det_limit_side_len": cfg.det_limit_side_len, "det_limit_type": cfg.det_limit_type,
+                  "text_score": cfg.min_score, "use_cls": cfg.use_angle_cls}
         if cfg.use_cuda:
             kwargs.update(det_use_cuda=True, rec_use_cuda=True, cls_use_cuda=True)
         if cfg.threads:
@@ -83,6 +97,22 @@ class RapidOCRBackend:
             if path is not None:
                 kwargs[key] = path
         self.engine = RapidOCR(**kwargs)
+        self._keep_detection_limit(cfg)
+        shipped = _shipped_rapidocr_models()
+        self.models = {
+            "backend": "rapidocr", "det": Path(cfg.det_model or shipped["Det"]).name,
+            "rec": Path(cfg.rec_model or shipped["Rec"]).name,
+            "cls": Path(cfg.cls_model or shipped["Cls"]).name if cfg.use_angle_cls else None,
+            "det_limit_side_len": cfg.det_limit_side_len, "det_limit_type": cfg.det_limit_type}
+
+    def _keep_detection_limit(self, cfg: OCRConfig) -> None:
+        """rapidocr's ``max`` mode swaps the limit for 960, 1500 or 2000 picked from the image's long side;
+        PaddleOCR (and this config) keep the given one."""
+        from rapidocr_onnxruntime.ch_ppocr_det.utils import DetPreProcess
+
+        detector = self.engine.text_det
+        resize = DetPreProcess(cfg.det_limit_side_len, cfg.det_limit_type, detector.mean, detector.std)
+        detector.get_preprocess = lambda long_side: resize
 
     def recognise(self, image: np.ndarray) -> list[str]:
         result, _ = self.engine(np.ascontiguousarray(image[:, :, ::-1]))  # the engine reads BGR
@@ -100,7 +130,8 @@ class PaddleOCRBackend:
         if cfg.det_model is None or cfg.rec_model is None:
             raise ValueError("reward ocr.backend 'paddleocr' needs det_model and rec_model folders (offline)")
         kwargs = {"det_model_dir": cfg.det_model, "rec_model_dir": cfg.rec_model, "use_angle_cls": cfg.use_angle_cls,
-                  "det_limit_side_len": cfg.det_limit_side_len, "show_log": False}
+                  "det_limit_side_len": cfg.det_limit_side_len, "det_limit_type": cfg.det_limit_type,
+                  "show_log": False}
         if cfg.cls_model is not None:
             kwargs["cls_model_dir"] = cfg.cls_model
         if cfg.threads:
@@ -108,6 +139,10 @@ class PaddleOCRBackend:
         kwargs["use_gpu"] = cfg.use_cuda
         self.engine = PaddleOCR(**kwargs)
         self.min_score = cfg.min_score
+        self.models = {
+            "backend": "paddleocr", "det": Path(cfg.det_model).name, "rec": Path(cfg.rec_model).name,
+            "cls": Path(cfg.cls_model).name if cfg.use_angle_cls and cfg.cls_model else None,
+            "det_limit_side_len": cfg.det_limit_side_len, "det_limit_type": cfg.det_limit_type}
 
     def recognise(self, image: np.ndarray) -> list[str]:
         pages = self.engine.ocr(np.ascontiguousarray(image[:, :, ::-1]), cls=False)
@@ -117,6 +152,14 @@ class PaddleOCRBackend:
                 if score >= self.min_score:
                     lines.append(text)
         return lines
+
+
+def _shipped_rapidocr_models() -> dict[str, str]:
+    """Det/Rec/Cls model paths of the rapidocr-onnxruntime wheel's own config.yaml."""
+    from rapidocr_onnxruntime.main import DEFAULT_CFG_PATH, read_yaml
+
+    config = read_yaml(str(DEFAULT_CFG_PATH))
+    return {part: str(Path(DEFAULT_CFG_PATH).parent / config[part]["model_path"]) for part in ("Det", "Rec", "Cls")}
 
 
 def make_ocr_backend(cfg: OCRConfig) -> OCRBackend:
@@ -130,8 +173,14 @@ class OCRReward:
         cfg = cfg or OCRConfig()
         self.cfg = cfg
         self.backend = backend or make_ocr_backend(cfg)
+        log.info("OCR reward models: %s", self.models)
 
     uses_targets = True
+
+    @property
+    def models(self) -> dict[str, str | int | None]:
+        """The backend, model file names and detection settings (a custom backend may not say)."""
+        return getattr(self.backend, "models", {"backend": type(self.backend).__name__})
 
     def __call__(self, images: list[np.ndarray], prompts: list[str],
                  targets: list[str | None] | None = None) -> RewardOutput:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-from lance_core.config import InputPath, ModelOverrides, StrictModel, load_config
+from lance_core.config import InputPath, StrictModel, load_config
+from lance_core.model_section import ModelSection
 from lance_core.rewards import RewardSpec
 from lance_core.rl import SDESamplerConfig
-from lance_core.tokenizer import TokenizerRef
 
 
 class ActorResources(StrictModel):
@@ -26,8 +26,20 @@ class ActorResources(StrictModel):
 
 
 class PromptsConfig(StrictModel):
+    """Training prompts come from the OCR prompt generator or a file; evaluation prompts are held out from
+    them or read from ``eval_path``. A prompt whose text or target is an evaluation prompt's is never trained
+    on."""
+
+    source: Literal["generated", "file"] = "generated"
+    """generated: ``lance_core.prompt_generator`` (templates x phrases, seeded by the run's seed); file:
+    ``path``. Giving ``path`` without ``source`` means file."""
     path: InputPath | None = None
-    """A text file (one prompt per line, target text in double quotes) or JSONL. None = built-in prompts."""
+    """A text file (one prompt per line, target text in double quotes) or JSONL (``source: file``)."""
+    generated_count: int = Field(10_000, gt=0)
+    """Distinct generated prompts (``source: generated``); epochs cycle through them."""
+    eval_path: InputPath | None = None
+    """Evaluation prompts from a file of the same formats (e.g. Flow-GRPO's OCR test split); None = held out
+    from the training prompts."""
     text_field: str = "prompt"
     """JSONL: the field holding the prompt."""
     target_field: str = "target"
@@ -35,8 +47,24 @@ class PromptsConfig(StrictModel):
     require_target: bool = False
     """Reject prompts without a target when loading; False keeps them (OCR reward 0, reason counted)."""
     limit: int | None = Field(None, gt=0)
+    """At most this many training prompts are read (before the evaluation ones are held out)."""
     eval_count: int = Field(2, ge=0)
-    """Prompts held out for evaluation (taken from the end of the file)."""
+    """Evaluation prompts: the first ones of ``eval_path``, else held out from the end of the training ones."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _file_when_only_path_given(cls, data):
+        if isinstance(data, dict) and data.get("path") and "source" not in data:
+            return {**data, "source": "file"}
+        return data
+
+    @model_validator(mode="after")
+    def _check_source(self) -> PromptsConfig:
+        if self.source == "file" and not self.path:
+            raise ValueError("source 'file' needs path (a prompts file)")
+        if self.source == "generated" and self.path:
+            raise ValueError(f"path {self.path!r} is only read with source 'file' (source is 'generated')")
+        return self
 
 
 class RolloutConfig(StrictModel):
@@ -49,16 +77,51 @@ class RolloutConfig(StrictModel):
     groups_per_micro_batch: int = Field(1, gt=0)
     """Groups decoded together and streamed to the reward pool as one batch."""
     actors: ActorResources = ActorResources()
+    async_mode: bool = Field(False, alias="async")
+    """YAML ``async``: the rollouts of epoch k+1 run with the weights of epoch k while the learner trains on
+    epoch k (one step off-policy: the clipped ratio corrects for it); False waits for the update first."""
+    weight_sync: Literal["collective", "object_store"] = "collective"
+    """How new weights reach the rollout actors: a broadcast in a process group of the learner and the rollout
+    actors (gloo, NCCL on GPUs), falling back to the object store for a sync that fails; or the object store."""
+
+    model_config = ConfigDict(**StrictModel.model_config, validate_by_name=True, validate_by_alias=True,
+                              serialize_by_alias=True)
 
 
 class RewardPoolConfig(StrictModel):
-    rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(name="ocr", kind="ocr")])
+    terms: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(name="ocr", kind="ocr")])
+    """The reward is the weighted sum of these terms."""
     actors: ActorResources = ActorResources()
     streaming: bool = True
     """Score each micro-batch as soon as it is decoded (overlapping the next rollout); False waits for the
     whole rollout first."""
     max_restarts: int = Field(3, ge=0)
-    """Replacements per actor slot after it dies; its batch is retried on the replacement."""
+    """Replacements per actor slot after it dies or hangs; its batches are sent again to a live actor."""
+    call_timeout_s: float = Field(120.0, gt=0)
+    """An actor still scoring one batch after this long is taken as hung: it is killed and replaced."""
+    start_timeout_s: float = Field(600.0, gt=0)
+    """An actor still loading its reward models after this long fails the run's start, or, replacing another,
+    is replaced in turn."""
+
+
+class OptimConfig(StrictModel):
+    """AdamW of the learner (the names of the training job's ``optim`` section)."""
+
+    lr: float = Field(1e-5, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+
+
+class DeepSpeedConfig(StrictModel):
+    """The learner's engine (the names of the training job's ``deepspeed`` section)."""
+
+    zero_stage: int = Field(0, ge=0, le=2)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Model weights and activations; the SDE maths and log-probs stay in float32."""
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    """EMA of the trained weights (None = off); evaluation and the exported EMA file use it."""
 
 
 class LearnerConfig(StrictModel):
@@ -66,10 +129,6 @@ class LearnerConfig(StrictModel):
     """full: every generation-expert weight trains; lora: low-rank adapters on its linear layers."""
     lora_rank: int = Field(8, gt=0)
     lora_alpha: float = Field(16.0, gt=0)
-    learning_rate: float = Field(1e-5, gt=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
     clip_range: float = Field(1e-4, gt=0)
     """ε of the clipped ratio."""
     kl_weight: float = Field(0.04, ge=0)
@@ -78,12 +137,13 @@ class LearnerConfig(StrictModel):
     std_scope: Literal["group", "batch"] = "group"
     minibatches: int = Field(1, gt=0)
     """Optimizer updates per epoch; the epoch's groups are split evenly between them."""
-    ema_decay: float = Field(0.0, ge=0, lt=1)
-    """EMA of the trained weights (0 = off); evaluation and the exported EMA file use it."""
-    zero_stage: int = Field(0, ge=0, le=2)
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """Model weights and activations; the SDE maths and log-probs stay in float32."""
     actor: ActorResources = ActorResources()
+
+
+class CheckpointConfig(StrictModel):
+    every_epochs: int = Field(0, ge=0)
+    """Save a resumable checkpoint every N epochs (0 = only at the end)."""
+    keep_last: int = Field(2, ge=1)
 
 
 class EvalConfig(StrictModel):
@@ -102,25 +162,20 @@ class PlacementConfig(StrictModel):
 
 
 class GRPOConfig(StrictModel):
-    model_preset: str = "tiny"
-    model: ModelOverrides = Field(default_factory=dict)
-    """Overrides of the preset's fields (e.g. vae.path for real weights)."""
-    tokenizer: TokenizerRef | None = None
-    """``qwen2.5`` (built in), ``byte`` or a Qwen2 tokenizer folder; None = ``qwen2.5`` where the model's
-    logit rows hold its 151,665 ids, else ``byte`` (tiny presets)."""
-    checkpoint: InputPath | None = None
-    """Initial Lance weights (safetensors file or folder); None = random init (tests, demo)."""
+    model: ModelSection = ModelSection()
+    """The policy: preset, overrides and weights (``model.weights.lance``: the initial Lance weights, a
+    safetensors file or folder; None = random init, for tests and the demo)."""
     prompts: PromptsConfig = PromptsConfig()
     rollout: RolloutConfig = RolloutConfig()
     rewards: RewardPoolConfig = RewardPoolConfig()
     learner: LearnerConfig = LearnerConfig()
+    optim: OptimConfig = OptimConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()
     placement: PlacementConfig = PlacementConfig()
     epochs: int = Field(10, gt=0)
     seed: int = 0
-    checkpoint_every: int = Field(0, ge=0)
-    """Save a resumable checkpoint every N epochs (0 = only at the end)."""
-    keep_checkpoints: int = Field(2, gt=0)
     gallery_size: int = Field(8, ge=0)
     """Rollouts kept (PNGs, gallery.json, a captioned grid.png) at the first and the last epoch."""
     tensorboard: bool = True

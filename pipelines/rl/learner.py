@@ -2,7 +2,9 @@
 reference, an EMA of the trained weights, weights out for the rollout workers, resumable checkpoints.
 
 Each window step of each group is replayed with the same group batching as the rollout, so the first
-ratio of an epoch is 1 when the rollout workers run with the learner's weights and thread count."""
+ratio of an epoch is 1 when the rollout workers run with the learner's weights and thread count. In
+asynchronous mode they ran with the weights of one update before: the old log-probs are those of the
+policy that sampled, the new ones the learner's, and the clipped ratio corrects for the difference."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from pipelines.runtime.devices import pick_device
 
 from .config import GRPOConfig
 from .policy import Policy
+from .weight_sync import WeightGroupMember
 
 
 def _free_port() -> int:
@@ -32,18 +35,18 @@ def _free_port() -> int:
 
 def deepspeed_config(cfg: GRPOConfig, accumulation: int, on_gpu: bool = False) -> dict:
     """The shared engine config with the learner's AdamW; one micro-batch is one prompt's group."""
-    learner = cfg.learner
+    optim = cfg.optim
     config = engine_config(micro_batch=cfg.rollout.group_size, accumulation=accumulation,
-                           grad_clip=learner.grad_clip, zero_stage=learner.zero_stage,
-                           bf16=learner.precision == "bf16", on_gpu=on_gpu)
+                           grad_clip=optim.grad_clip, zero_stage=cfg.deepspeed.zero_stage,
+                           bf16=cfg.deepspeed.precision == "bf16", on_gpu=on_gpu)
     config["optimizer"] = {"type": "AdamW", "params": {
-        "lr": learner.learning_rate, "betas": list(learner.betas), "eps": 1e-8,
-        "weight_decay": learner.weight_decay, "torch_adam": True, "adam_w_mode": True}}
+        "lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
+        "weight_decay": optim.weight_decay, "torch_adam": True, "adam_w_mode": True}}
     return config
 
 
-class Learner:
-    """Actor body (wrapped with ``ray.remote`` at placement time)."""
+class Learner(WeightGroupMember):
+    """Actor body (wrapped with ``ray.remote`` at placement time); rank 0 of the weight group."""
 
     def __init__(self, cfg_data: dict, checkpoint: str | None = None) -> None:
         self.cfg = GRPOConfig.model_validate(cfg_data)
@@ -65,7 +68,7 @@ class Learner:
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.policy, model_parameters=trained,
             config=deepspeed_config(self.cfg, groups_per_update * self.window, self.device.type == "cuda"))
-        self.ema = {n: p.detach().clone() for n, p in self.policy.trained().items()} if learner.ema_decay else None
+        self.ema = {n: p.detach().clone() for n, p in self.policy.trained().items()} if self.cfg.deepspeed.ema_decay else None
         self.updates = 0
 
     def _window_length(self) -> int:
@@ -81,15 +84,18 @@ class Learner:
             return {n: v.cpu().clone() for n, v in self.ema.items()}
         return self.policy.get_weights()
 
+    def synced_weights(self) -> dict[str, torch.Tensor]:
+        return self.policy.trained()
+
     @torch.no_grad()
     def _update_ema(self) -> None:
-        decay = self.cfg.learner.ema_decay
+        decay = self.cfg.deepspeed.ema_decay
         for name, param in self.policy.trained().items():
             self.ema[name].mul_(decay).add_(param.detach(), alpha=1 - decay)
 
     def _grad_norm(self) -> float:
         """Norm of the accumulated gradient before clipping (ZeRO partitions it: ask the engine)."""
-        if self.cfg.learner.zero_stage:
+        if self.cfg.deepspeed.zero_stage:
             norm = self.engine.get_global_grad_norm()
             return float(norm) if norm is not None else float("nan")
         grads = [p.grad for p in self.policy.trained().values() if p.grad is not None]
@@ -104,6 +110,7 @@ class Learner:
         groups = [g for chunk in ray.get(trajectory_refs) for g in chunk]
         if len(groups) != len(advantages):
             raise ValueError(f"{len(groups)} trajectories for {len(advantages)} advantage rows")
+        sampled_with = min(payload["version"] for payload in groups)
         learner, sampler = self.cfg.learner, self.cfg.rollout.sampler
         per_update = len(groups) // learner.minibatches
         ratios, clipped, kls, losses, grad_norms = [], [], [], [], []
@@ -146,7 +153,7 @@ class Learner:
             "ratio_first_update_max_dev": first_deviation,
             "clip_fraction": float(torch.cat(clipped).float().mean()),
             "grad_norm": sum(grad_norms) / len(grad_norms), "updates": self.updates,
-            "learn_s": time.perf_counter() - started,
+            "learn_s": time.perf_counter() - started, "sampled_with_version": sampled_with,
         }
 
     # ------------------------------------------------------------------------------------ checkpoints

@@ -51,7 +51,7 @@ class GRPORun:
             **place.options(place.learner, cfg.learner.actor)).remote(data, checkpoint)
         self.rollouts = [ray.remote(RolloutWorker).options(**place.options(index, cfg.rollout.actors)).remote(
             data, checkpoint) for index in place.rollout]
-        specs = [spec.model_dump(mode="json") for spec in cfg.rewards.rewards]
+        specs = [spec.model_dump(mode="json") for spec in cfg.rewards.terms]
         reward_actor = ray.remote(RewardWorker)
 
         def make_reward_actor(slot: int):
@@ -102,11 +102,10 @@ class GRPORun:
         pending_images, image_batches, trajectories = [], [], []
         rollout_s = None
         while streams or self.pool.pending():
-            ready, _ = ray.wait(list(streams) + self.pool.in_flight(), num_returns=1)
-            item = ready[0]
-            if not isinstance(item, ray.ObjectRefGenerator):
-                self.pool.handle(item)
+            ready = self.pool.wait(list(streams))  # takes reward results and replaces hung reward actors itself
+            if not ready:
                 continue
+            item = ready[0]
             try:
                 ref = next(item)
             except StopIteration:
@@ -200,7 +199,7 @@ class GRPORun:
         tmp.write_text(tag)
         os.replace(tmp, latest)
         kept = sorted(p for p in self._checkpoints().iterdir() if p.is_dir() and p.name.startswith("epoch_"))
-        for old in kept[:-self.cfg.keep_checkpoints]:
+        for old in kept[:-self.cfg.checkpoint.keep_last]:
             shutil.rmtree(old)
         return folder
 
@@ -228,7 +227,7 @@ class GRPORun:
                 row.update(self.evaluate())
             self.metrics.append(row)
             self.log(console_line(row))
-            if epoch == last or (cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0):
+            if epoch == last or (cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0):
                 self.save(epoch)
         history = self.metrics.history()
         summary = summarise(history, self)
@@ -267,15 +266,15 @@ def run_grpo(cfg: GRPOConfig, run_dir: str | Path, checkpoint: str | None = None
     finished = settle_rerun(cfg, run_dir, mode)  # paths and the rerun, before Ray and the actors start
     if finished is not None:
         return finished
-    if cfg.checkpoint:  # a wrong checkpoint fails here, before Ray and the actors start
-        check_checkpoint(cfg, cfg.checkpoint)
+    if cfg.model.weights.lance:  # a wrong checkpoint fails here, before Ray and the actors start
+        check_checkpoint(cfg, cfg.model.weights.lance)
     load_prompts(cfg.prompts, cfg.seed)
     # ray_address / RAY_ADDRESS: a cluster, whose job working_dir carries the code; else a local Ray
     started_ray = ensure_ray(cfg.ray_address, num_cpus=cfg.ray_num_cpus,
                              local_env=repo_pythonpath(keep_existing=False))
     run = None
     try:
-        run = GRPORun(cfg, run_dir, cfg.checkpoint, log)
+        run = GRPORun(cfg, run_dir, cfg.model.weights.lance, log)
         return run.run()
     finally:
         if run is not None:

@@ -14,15 +14,20 @@ from pipelines.runtime.gallery import captioned_grid
 
 
 def reward_metrics(scores: dict[int, dict], prefix: str = "reward") -> dict[str, float]:
-    """Mean/std of the total and of every component, and counts of the reasons each component gave."""
+    """Mean/std of the total and of every component, counts of the reasons each component gave, and of the
+    images each component raised on (scored 0): per component and in all."""
     totals = np.concatenate([np.asarray(s["total"], dtype=np.float64) for s in scores.values()])
+    errors = Counter()
+    for s in scores.values():
+        errors.update(s.get("errors", {}))
     out = {f"{prefix}/mean": float(totals.mean()), f"{prefix}/std": float(totals.std()),
-           f"{prefix}/count": int(totals.size)}
+           f"{prefix}/count": int(totals.size), f"{prefix}/errors": sum(errors.values())}
     names = next(iter(scores.values()))["components"].keys()
     for name in names:
         values = np.concatenate([np.asarray(s["components"][name], dtype=np.float64) for s in scores.values()])
         out[f"{prefix}/{name}/mean"] = float(values.mean())
         out[f"{prefix}/{name}/std"] = float(values.std())
+        out[f"{prefix}/{name}/errors"] = errors[name]
         reasons = Counter(r for s in scores.values() for r in s["reasons"][name] if r)
         out.update({f"{prefix}/{name}/reason/{code}": count for code, count in sorted(reasons.items())})
     return out
@@ -34,6 +39,8 @@ def console_line(row: dict) -> str:
              f"clip {row['clip_fraction']:.2f}", f"kl {row['kl']:.2e}", f"{row['images_per_s']:.1f} img/s",
              f"rollout {row['rollout_s']:.1f}s reward {row['reward_s']:.1f}s learn {row['learn_s']:.1f}s",
              f"util {row['reward_utilisation']:.2f}"]
+    if row.get("reward/errors"):
+        parts.append(f"reward errors {row['reward/errors']}")
     if "eval/reward/mean" in row:
         parts.append(f"eval {row['eval/reward/mean']:.4f}")
     return " | ".join(parts)

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from lance_core.checkpoint import POS_TABLE_KEY, load_lance_checkpoint
-from lance_core.config import model_preset
 from lance_core.model import build_model
 from lance_core.packing import build_generation_sample
 from lance_core.rl import LoRAAdapters, repeat_noisy
@@ -28,7 +27,7 @@ class CheckpointMismatchError(ValueError):
 
 def check_checkpoint(cfg: GRPOConfig, path: str) -> None:
     """Compare the checkpoint's tensor names and shapes with the configured model, reading headers only."""
-    model_cfg = model_preset(cfg.model_preset, **cfg.model)
+    model_cfg = cfg.model.build()
     if not Path(path).exists():
         raise FileNotFoundError(f"checkpoint not found: {path!r}")
     shapes = safetensors_shapes(path)
@@ -59,9 +58,9 @@ class Policy(nn.Module):
                  keep_reference: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
-        self.model_cfg = model_preset(cfg.model_preset, **cfg.model)
-        dtype = torch.bfloat16 if cfg.learner.precision == "bf16" else torch.float32
-        checkpoint = checkpoint or cfg.checkpoint
+        self.model_cfg = cfg.model.build()
+        dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
+        checkpoint = checkpoint or cfg.model.weights.lance
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             # seeded init on the CPU: identical in every actor whatever its device
@@ -78,7 +77,7 @@ class Policy(nn.Module):
         self.reference: dict[str, torch.Tensor] | None = None
         if keep_reference and self.adapters is None:
             self.reference = {name: p.detach().clone() for name, p in self.trained().items()}
-        self.tokenizer = load_tokenizer_for(self.model_cfg, cfg.tokenizer)
+        self.tokenizer = load_tokenizer_for(self.model_cfg, cfg.model.tokenizer)
         self.device = device
 
     # ------------------------------------------------------------------------------------ weights

@@ -9,7 +9,7 @@ import json
 import logging
 from pathlib import Path
 
-from lance_core.config import PathRole, model_preset, path_fields
+from lance_core.config import PathRole, path_fields
 from pipelines.runtime.preflight import check_paths
 from pipelines.runtime.run_folder import RunFolder, RunMode
 
@@ -17,27 +17,30 @@ from .config import GRPOConfig
 
 log = logging.getLogger("lance.grpo")
 
-GRPO_RESUMABLE = ("epochs", "checkpoint_every", "keep_checkpoints", "gallery_size", "tensorboard", "eval",
-                  "ray_address", "ray_num_cpus", "placement", "rewards.max_restarts")
+GRPO_RESUMABLE = ("epochs", "checkpoint", "gallery_size", "tensorboard", "eval",
+                  "ray_address", "ray_num_cpus", "placement", "rewards.max_restarts",
+                  "rewards.call_timeout_s", "rewards.start_timeout_s", "rollout.weight_sync")
 """Fields a resumed run may change: the epochs to run to (more continue a finished run), checkpointing, what
-is logged and evaluated, where Ray runs and how actors are placed, reward actor restarts. The model, the
-prompts, the rollout, the rewards and the learner must stay the same."""
+is logged and evaluated, where Ray runs and how actors are placed, reward actor restarts and timeouts, how
+weights reach the rollout actors. The model, the prompts, the rollout, the rewards and the learner must stay
+the same."""
 
 
 def with_initial_checkpoint(cfg: GRPOConfig, checkpoint: str | None) -> GRPOConfig:
-    """``cfg`` whose ``checkpoint`` is the one given (``--checkpoint``), validated (made absolute) like the
-    config's own, so that it is checked and recorded with the run."""
+    """``cfg`` whose ``model.weights.lance`` is the checkpoint given (``--checkpoint``), validated (made
+    absolute) like the config's own, so that it is checked and recorded with the run."""
     if not checkpoint:
         return cfg
-    return GRPOConfig.model_validate({**cfg.model_dump(), "checkpoint": str(checkpoint)})
+    data = cfg.model_dump()
+    data["model"]["weights"]["lance"] = str(checkpoint)
+    return GRPOConfig.model_validate(data)
 
 
 def check_grpo_paths(cfg: GRPOConfig, run_dir: Path) -> None:
     """ConfigError naming each path (and flag) that cannot serve: a missing prompts file, checkpoint,
     tokenizer folder, model weights or OCR / CLIP model file, a run folder that is a file."""
-    fields = [*path_fields(cfg), *path_fields(model_preset(cfg.model_preset, **cfg.model), "model."),
-              ("output", str(run_dir), PathRole("output"))]
-    check_paths(fields, "grpo", flags={"prompts.path": "--prompts", "checkpoint": "--checkpoint",
+    fields = [*path_fields(cfg), ("output", str(run_dir), PathRole("output"))]
+    check_paths(fields, "grpo", flags={"prompts.path": "--prompts", "model.weights.lance": "--checkpoint",
                                        "output": "--output"})
 
 

@@ -1,4 +1,6 @@
-"""Prompts for GRPO: a text file (one per line, the target text in double quotes) or JSONL records."""
+"""Prompts for GRPO: generated OCR prompts (the default) or a text file (one per line, the target text in
+double quotes) or JSONL records; evaluation prompts held out from them or read from a file of their own
+(e.g. Flow-GRPO's OCR test split), never trained on."""
 
 from __future__ import annotations
 
@@ -7,18 +9,11 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from lance_core.prompt_generator import generate_prompts
 from lance_core.rewards import extract_target
+from lance_core.rewards.ocr import normalise_text
 
 from .config import PromptsConfig
-
-BUILT_IN = (
-    'A shop sign that reads "Lance"',
-    'A poster with the words "Hello World"',
-    'A road sign saying "Stop"',
-    'A chalkboard with "Open Today" written on it',
-    'A neon sign glowing "Cafe"',
-    'A book cover titled "Ray"',
-)
 
 
 @dataclass(frozen=True)
@@ -37,11 +32,13 @@ class PromptSet:
     """Prompts dropped at load because they named no target (``require_target``)."""
     missing_target: int
     """Kept prompts without a target (their OCR reward is 0, counted)."""
+    excluded: int = 0
+    """Training prompts dropped because an evaluation prompt has the same text or target."""
 
 
-def _read_records(path: Path, cfg: PromptsConfig) -> list[Prompt]:
+def _read_records(path: Path, cfg: PromptsConfig, field: str = "path") -> list[Prompt]:
     if not path.is_file():
-        raise FileNotFoundError(f"prompts file not found: {str(path)!r} (prompts.path)")
+        raise FileNotFoundError(f"prompts file not found: {str(path)!r} (prompts.{field})")
     records = []
     lines = path.read_text(encoding="utf-8").splitlines()
     is_jsonl = path.suffix in (".jsonl", ".json")
@@ -68,19 +65,43 @@ def _read_records(path: Path, cfg: PromptsConfig) -> list[Prompt]:
     return records
 
 
+def _training_records(cfg: PromptsConfig, seed: int) -> list[Prompt]:
+    if cfg.source == "file":
+        return _read_records(Path(cfg.path), cfg)
+    return [Prompt(p.text, p.target, f"generated:{seed}:{i}")
+            for i, p in enumerate(generate_prompts(cfg.generated_count, seed))]
+
+
+def _not_evaluated(train: list[Prompt], evaluation: list[Prompt]) -> list[Prompt]:
+    """``train`` without the prompts whose text, or normalised target, is an evaluation prompt's."""
+    texts = {p.text for p in evaluation}
+    targets = {normalise_text(p.target) for p in evaluation if p.target}
+    return [p for p in train if p.text not in texts and (not p.target or normalise_text(p.target) not in targets)]
+
+
 def load_prompts(cfg: PromptsConfig, seed: int = 0) -> PromptSet:
-    records = _read_records(Path(cfg.path), cfg) if cfg.path else [
-        Prompt(text, extract_target(text), f"builtin:{i}") for i, text in enumerate(BUILT_IN)]
+    records = _training_records(cfg, seed)
     if cfg.limit:
         records = records[: cfg.limit]
     kept = [p for p in records if p.target is not None or not cfg.require_target]
     rejected = len(records) - len(kept)
     if not kept:
         raise ValueError("no usable prompts" + (f" ({rejected} rejected without a quoted target)" if rejected else ""))
-    eval_count = min(cfg.eval_count, max(len(kept) - 1, 0))
-    train, held_out = kept[: len(kept) - eval_count], kept[len(kept) - eval_count:]
-    random.Random(seed).shuffle(train)
-    return PromptSet(train, held_out, rejected, sum(p.target is None for p in kept))
+    if cfg.eval_path:
+        evaluation = _read_records(Path(cfg.eval_path), cfg, "eval_path")
+        usable = [p for p in evaluation if p.target is not None or not cfg.require_target]
+        rejected += len(evaluation) - len(usable)
+        train, held_out = kept, usable[: cfg.eval_count]
+    else:
+        eval_count = min(cfg.eval_count, max(len(kept) - 1, 0))
+        train, held_out = kept[: len(kept) - eval_count], kept[len(kept) - eval_count:]
+        evaluation = held_out
+    trainable = _not_evaluated(train, evaluation)
+    if not trainable:
+        raise ValueError(f"each of the {len(train)} training prompts is also an evaluation prompt")
+    random.Random(seed).shuffle(trainable)
+    return PromptSet(trainable, held_out, rejected, sum(p.target is None for p in trainable + held_out),
+                     len(train) - len(trainable))
 
 
 def epoch_prompts(prompts: list[Prompt], epoch: int, count: int) -> list[Prompt]:

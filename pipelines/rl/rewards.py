@@ -1,11 +1,18 @@
 """The reward actor pool: N actors, each holding every reward model of the run, fed with decoded
-micro-batches as they arrive. A batch is owned by exactly one slot at a time; when an actor dies its
-slot gets a new actor in the same placement bundle and its batches are queued again, so nothing is
-lost and every batch is scored once."""
+micro-batches as they arrive. A batch is owned by exactly one slot at a time; when an actor dies, or is
+still busy with one batch after ``call_timeout_s`` (hung), it is killed, its slot gets a new actor in
+the same placement bundle, and its batches are queued again for any live actor. Its late results are
+never read, so nothing is lost and every batch is scored once.
+
+Errors inside a reward cost the run only the scores concerned: an image a reward raises on scores 0 for
+that reward (reason ``error:<ExceptionType>``, counted in the result's ``errors``). An error that escapes
+the worker anyway (the batch's images cannot be fetched, ...) sends the batch once more, to another
+actor when there is one; failing again, all its images score 0, counted as errors of every reward."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import time
@@ -15,12 +22,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayError
 
-from lance_core.rewards import RewardSpec, WeightedReward
+from lance_core.rewards import RewardSpec, WeightedReward, error_reason
 
 if TYPE_CHECKING:  # the actor process imports this module; keep it free of torch
     from .config import RewardPoolConfig
+
+log = logging.getLogger("lance.grpo")
 
 IN_FLIGHT_PER_ACTOR = 2
 """Batches queued on an actor at once: the next one is already there when the current one ends."""
@@ -40,9 +49,9 @@ class RewardWorker:
 
     def score(self, images: np.ndarray, prompts: list[str], targets: list[str | None]) -> dict:
         started, cpu = time.perf_counter(), time.process_time()
-        out = self.reward(list(images), prompts, targets)
+        out = self.reward(list(images), prompts, targets, isolate_errors=True)
         return {"total": out.total, "components": out.components, "reasons": out.reasons, "details": out.details,
-                "busy_s": time.perf_counter() - started, "cpu_s": time.process_time() - cpu}
+                "errors": out.errors, "busy_s": time.perf_counter() - started, "cpu_s": time.process_time() - cpu}
 
 
 @dataclass
@@ -51,15 +60,30 @@ class _Batch:
     images: ray.ObjectRef
     prompts: list[str]
     targets: list[str | None]
+    failed_on: int | None = None
+    """The slot whose actor raised on this batch; it is sent once more, elsewhere when possible."""
 
 
 @dataclass
 class _Slot:
     index: int
     actor: object
+    starting: ray.ObjectRef | None = None
+    """The actor's ``info`` call while its constructor (loading the reward models) runs."""
+    info: dict | None = None
+    since: float = 0.0
+    """When the slot's current work began, as seen from the driver: the start of the actor, else the call
+    at the head of its queue (the actor scores one batch at a time, in order)."""
     restarts: int = 0
     in_flight: dict = field(default_factory=dict)
     """ObjectRef -> _Batch."""
+
+    def deadline(self, cfg: RewardPoolConfig) -> float | None:
+        if self.starting is not None:
+            return self.since + cfg.start_timeout_s
+        if self.in_flight:
+            return self.since + cfg.call_timeout_s
+        return None
 
 
 class RewardPool:
@@ -67,7 +91,8 @@ class RewardPool:
         """``make_actor(slot_index)`` starts a RewardWorker actor for a slot (in its placement bundle)."""
         self.cfg = cfg
         self.make_actor = make_actor
-        self.slots = [_Slot(i, make_actor(i)) for i in range(cfg.actors.count)]
+        self.names = [spec.name for spec in cfg.terms]
+        self.slots = [self._start(_Slot(i, None)) for i in range(cfg.actors.count)]
         self.queue: deque[_Batch] = deque()
         self.results: dict[int, dict] = {}
         self.restarts = 0
@@ -75,8 +100,20 @@ class RewardPool:
         self.first_submit: float | None = None
         self.last_result: float | None = None
 
+    def _start(self, slot: _Slot) -> _Slot:
+        slot.actor = self.make_actor(slot.index)
+        slot.starting, slot.info, slot.since = slot.actor.info.remote(), None, time.perf_counter()
+        return slot
+
+    def _started(self, slot: _Slot, info: dict) -> None:
+        slot.starting, slot.info, slot.since = None, info, time.perf_counter()
+
     def wait_ready(self) -> list[dict]:
-        return ray.get([slot.actor.info.remote() for slot in self.slots])
+        starting = [slot for slot in self.slots if slot.starting is not None]
+        infos = ray.get([slot.starting for slot in starting], timeout=self.cfg.start_timeout_s)
+        for slot, info in zip(starting, infos):
+            self._started(slot, info)
+        return [slot.info for slot in self.slots]
 
     def reset_clock(self) -> None:
         self.busy_s = 0.0
@@ -91,43 +128,114 @@ class RewardPool:
 
     def _dispatch(self) -> None:
         while self.queue:
-            slot = min(self.slots, key=lambda s: len(s.in_flight))
+            batch = self.queue[0]
+            slots = [s for s in self.slots if s.index != batch.failed_on] or self.slots
+            slot = min(slots, key=lambda s: (len(s.in_flight), s.starting is not None))
             if len(slot.in_flight) >= IN_FLIGHT_PER_ACTOR:
                 return
-            batch = self.queue.popleft()
+            self.queue.popleft()
+            if slot.starting is None and not slot.in_flight:
+                slot.since = time.perf_counter()
             ref = slot.actor.score.remote(batch.images, batch.prompts, batch.targets)
             slot.in_flight[ref] = batch
 
     def in_flight(self) -> list[ray.ObjectRef]:
-        return [ref for slot in self.slots for ref in slot.in_flight]
+        """The pool's references to wait on: the scoring calls, and the start of new actors."""
+        return [ref for slot in self.slots
+                for ref in ([slot.starting] if slot.starting is not None else []) + list(slot.in_flight)]
 
     def pending(self) -> bool:
         return bool(self.queue) or any(slot.in_flight for slot in self.slots)
 
+    def wait(self, others: list = ()) -> list:
+        """Wait for one of ``others`` or of the pool's references, at most until the next deadline of an
+        actor; take the pool's results, replace hung actors, and return the ready ones of ``others``."""
+        own = self.in_flight()
+        deadlines = [d for slot in self.slots if (d := slot.deadline(self.cfg)) is not None]
+        timeout = max(min(deadlines) - time.perf_counter(), 0.0) if deadlines else None
+        ready, _ = ray.wait([*others, *own], num_returns=1, timeout=timeout)
+        mine = set(own)
+        for ref in ready:
+            if ref in mine:
+                self.handle(ref)
+        self._replace_hung()
+        return [ref for ref in ready if ref not in mine]
+
     def handle(self, ref: ray.ObjectRef) -> None:
-        """Take a finished reference: store its result, or replace a dead actor and queue its batches again."""
-        slot = next(s for s in self.slots if ref in s.in_flight)
+        """Take a finished reference: store its result, or replace a dead actor and queue its batches again.
+        A reference of an actor replaced since is ignored."""
+        slot = next((s for s in self.slots if ref == s.starting or ref in s.in_flight), None)
+        if slot is None:
+            return
+        if ref == slot.starting:
+            try:
+                self._started(slot, ray.get(ref))
+            except RayError:  # its constructor raised, or it died starting
+                self._replace(slot)
+            return
         try:
             result = ray.get(ref)
         except (ActorDiedError, ActorUnavailableError, RayActorError):
             self._replace(slot)
             return
+        except RayError as error:  # escaped the worker's per-image handling; the actor lives on
+            batch = slot.in_flight.pop(ref)
+            slot.since = time.perf_counter()
+            if batch.failed_on is None:
+                log.warning("reward actor slot %d failed on batch %d (%r); sending it once more",
+                            slot.index, batch.batch_id, error)
+                batch.failed_on = slot.index
+                self.queue.appendleft(batch)
+            else:
+                log.warning("batch %d failed again (%r); its %d images score 0", batch.batch_id, error,
+                            len(batch.prompts))
+                self._store(batch, self._failed(batch, error))
+            self._dispatch()
+            return
         batch = slot.in_flight.pop(ref)
+        slot.since = time.perf_counter()
+        self._store(batch, result)
+        self._dispatch()
+
+    def _store(self, batch: _Batch, result: dict) -> None:
         if batch.batch_id not in self.results:
             self.results[batch.batch_id] = result
             self.busy_s += result["busy_s"]
         self.last_result = time.perf_counter()
-        self._dispatch()
+
+    def _failed(self, batch: _Batch, error: RayError) -> dict:
+        """A batch no actor could score: 0 for every image, an error of every reward."""
+        count = len(batch.prompts)
+        reason = error_reason(getattr(error, "cause", None) or error)
+        return {"total": [0.0] * count, "components": {name: [0.0] * count for name in self.names},
+                "reasons": {name: [reason] * count for name in self.names}, "details": {},
+                "errors": dict.fromkeys(self.names, count), "busy_s": 0.0, "cpu_s": 0.0}
+
+    def _replace_hung(self) -> None:
+        now = time.perf_counter()
+        for slot in self.slots:
+            deadline = slot.deadline(self.cfg)
+            if deadline is None or now <= deadline:
+                continue
+            watched = [slot.starting] if slot.starting is not None else list(slot.in_flight)
+            done, _ = ray.wait(watched, num_returns=len(watched), timeout=0)
+            if done:  # finished meanwhile, not hung
+                for ref in done:
+                    self.handle(ref)
+                continue
+            log.warning("reward actor slot %d is hung (%s for over %.0fs); replacing it", slot.index,
+                        "starting" if slot.starting is not None else "scoring one batch", now - slot.since)
+            self._replace(slot)
 
     def _replace(self, slot: _Slot) -> None:
         if slot.restarts >= self.cfg.max_restarts:
-            raise RuntimeError(f"reward actor slot {slot.index} died {slot.restarts + 1} times "
+            raise RuntimeError(f"reward actor slot {slot.index} died or hung {slot.restarts + 1} times "
                                f"(rewards.max_restarts = {self.cfg.max_restarts})")
         lost = list(slot.in_flight.values())
         slot.in_flight.clear()
         with contextlib.suppress(ValueError, RayActorError):  # the actor may be gone already
             ray.kill(slot.actor, no_restart=True)
-        slot.actor = self.make_actor(slot.index)
+        self._start(slot)
         slot.restarts += 1
         self.restarts += 1
         self.queue.extendleft(reversed(lost))
@@ -135,9 +243,7 @@ class RewardPool:
 
     def drain(self) -> None:
         while self.pending():
-            ready, _ = ray.wait(self.in_flight(), num_returns=1)
-            for ref in ready:
-                self.handle(ref)
+            self.wait()
 
     def take(self, batch_id: int) -> dict:
         return self.results.pop(batch_id)

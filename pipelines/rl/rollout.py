@@ -17,6 +17,7 @@ from pipelines.runtime.devices import pick_device
 
 from .config import GRPOConfig
 from .policy import Policy
+from .weight_sync import WeightGroupMember
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,9 @@ def group_seed(run_seed: int, epoch: int, group_id: int) -> int:
     return (run_seed * 1_000_003 + epoch * 10_007 + group_id) % (2**63 - 1)
 
 
-class RolloutWorker:
-    """Actor body (wrapped with ``ray.remote`` at placement time)."""
+class RolloutWorker(WeightGroupMember):
+    """Actor body (wrapped with ``ray.remote`` at placement time). ``version``: that of the weights it holds,
+    recorded with each trajectory."""
 
     def __init__(self, cfg_data: dict, checkpoint: str | None = None) -> None:
         self.cfg = GRPOConfig.model_validate(cfg_data)
@@ -50,6 +52,12 @@ class RolloutWorker:
         self.policy.set_weights(weights)
         self.version = version
         return version
+
+    def synced_weights(self) -> dict[str, torch.Tensor]:
+        return self.policy.trained()
+
+    def weights_received(self, version: int) -> None:
+        self.version = version
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
