@@ -20,6 +20,8 @@ MODEL_STEP_KEYS = {"model", "backend", "budget", "fill", "real_tokens", "step_ms
 @pytest.mark.parametrize("script,top_keys,row_keys", [
     ("attention.py", {"heads", "kv_heads", "head_dim", "block_size", "rows", "scaling"}, ATTENTION_KEYS),
     ("model_step.py", {"threads", "rows"}, MODEL_STEP_KEYS),
+    ("ocr_reward.py", {"side", "reps", "rows", "speedup"},
+     {"setting", "detector_input", "s_per_image", "ratio", "cpu_ratio", "mean_reward", "exact_share", "models"}),
     ("precompute.py", {"images", "written", "clips", "stage_rates", "vae_alone_runs", "overlap_ratios"},
      {"figure", "value", "baseline", "ratio"}),
     ("shards.py", {"reps", "batch_rows", "rows"},
@@ -35,3 +37,46 @@ def test_bench_quick(tmp_path, script, top_keys, row_keys):
     result = json.loads(out.read_text())
     assert top_keys <= set(result)
     assert result["rows"] and all(row_keys <= set(row) for row in result["rows"])
+
+
+GPU_CHECK = ROOT / "bench" / "gpu"
+GPU_CHECK_RATES = {"model_step": "tokens_per_s", "vae_encode": "images_per_s", "vit_encode": "tokens_per_s",
+                   "nccl_broadcast": "gb_per_s"}
+
+
+def test_gpu_check_script_parses():
+    run = subprocess.run(["bash", "-n", str(GPU_CHECK / "run.sh")], capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path):
+    """The GPU check's code paths on the CPU: every section has its numbers, or the reason it fell back or
+    was skipped; nothing fails. (A generous budget, so that a loaded host does not skip parts.)"""
+    out = tmp_path / "gpu_bench.json"
+    run = subprocess.run([sys.executable, str(GPU_CHECK / "check.py"), "--dry-run", "--budget-s", "150",
+                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "nccl_broadcast" in run.stdout  # the table
+    result = json.loads(out.read_text())
+    assert result["dry_run"] is True
+    env = result["environment"]
+    assert env["status"] == "ok" and env["peak_tflops"] > 0 and env["flash_attn"]["available"] is False
+    for name, rate in GPU_CHECK_RATES.items():
+        section = result[name]
+        assert section["status"] in ("ok", "fallback", "skipped"), (name, section)
+        if section["status"] == "skipped":
+            assert section["reason"], name
+            continue
+        assert section["rows"], name
+        for row in section["rows"]:
+            assert row["status"] in ("ok", "fallback"), (name, row)
+            assert row[rate] > 0, (name, row)
+            assert row["status"] == "ok" or row["reason"], (name, row)
+    if result["model_step"]["status"] != "skipped":
+        flash, flex = result["model_step"]["rows"]
+        assert flash["backend"] == "per_sample" and "flash-attn" in flash["reason"] and flash["passes"] == "fwd+bwd"
+        assert flex["backend"] == "flex" and flex["passes"] == "fwd" and "backward" in flex["reason"]
+        assert flash["mfu"] > 0 and result["model_step"]["pack"]["samples"] >= 2
+    fell_back = {(item["part"], item["status"]) for item in result["not_as_on_gpu"]}
+    assert all(status in ("fallback", "skipped") for _, status in fell_back)
