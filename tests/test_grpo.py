@@ -241,6 +241,26 @@ def test_reward_actor_death_is_retried_then_resume(ray_local, tmp_path):
     load_lance_checkpoint(merged, resumed["model"])  # LoRA merged into plain Lance weights
 
 
+@pytest.mark.slow
+def test_async_rollouts_one_update_behind_then_resume(ray_local, tmp_path):
+    from pipelines.rl.loop import run_grpo
+
+    cfg = tiny_grpo(epochs=2, gallery_size=0, checkpoint={"every_epochs": 1}, rollout={"async": True})
+    run_grpo(cfg, tmp_path)
+    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["rollout/staleness"] for r in history] == [0, 1]
+    assert [r["rollout/weights_version"] for r in history] == [0, 0]
+    assert history[0]["ratio_first_update_max_dev"] < 1e-6  # sampled with the learner's weights
+    assert history[1]["ratio_first_update_max_dev"] > 1e-6  # sampled one update behind: the ratio is not 1
+    assert all(r["weight_sync_fallbacks"] == 0 and np.isfinite(r["loss"]) for r in history)
+    assert json.loads((tmp_path / "config.json").read_text())["rollout"]["async"] is True
+    # resumed after epoch 1: the rollouts of epoch 2 that were in flight are redone with the latest weights
+    resumed = run_grpo(cfg.model_copy(update={"epochs": 3}), tmp_path)
+    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in history] == [0, 1, 2] and resumed["last"]["updates"] == 6
+    assert history[2]["rollout/staleness"] == 0 and history[2]["rollout/weights_version"] == 2
+
+
 def test_cli_errors(tmp_path, capsys):
     from jobs.cli import main
 

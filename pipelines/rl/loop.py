@@ -1,6 +1,8 @@
 """The GRPO loop: rollout workers stream decoded micro-batches to the reward pool and trajectories to the
 driver; once every group's rewards are in, advantages are computed per group, the learner updates, and
-the new weights go to the rollout workers through the object store.
+the new weights go to the rollout workers (pipelines/rl/weight_sync.py: a collective broadcast, or the
+object store). With ``rollout.async`` the rollouts of epoch k+1 run with the weights of epoch k while the
+learner trains on epoch k (``rollout/staleness`` 1 instead of 0).
 
     metrics = run_grpo(cfg, run_dir)            # -> summary dict, also written to run_dir/summary.json
 """
@@ -9,16 +11,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 import torch
 
 from lance_core.config import resolve_user_path
-from lance_core.rl import group_advantages
+from lance_core.rl import Advantages, group_advantages
+from pipelines.runtime.local_files import write_text_atomic
 from pipelines.runtime.ray_session import ensure_ray, repo_pythonpath
 from pipelines.runtime.run_folder import RunMode
 from pipelines.runtime.run_log import MetricsLog
@@ -32,8 +35,26 @@ from .preflight import settle_rerun, with_initial_checkpoint
 from .prompts import Prompt, epoch_prompts, load_prompts
 from .rewards import RewardPool, RewardWorker
 from .rollout import GroupTask, RolloutWorker, group_seed
+from .weight_sync import WeightSync
 
 log = logging.getLogger("lance.grpo")
+
+
+@dataclass
+class Generation:
+    """An epoch's rollouts with their rewards and advantages, ready for the learner."""
+
+    epoch: int
+    tasks: list[GroupTask]
+    trajectories: list
+    """(reference to a list of group payloads, their group ids), in the order they arrived."""
+    image_batches: list
+    scores: dict[int, dict]
+    advantages: Advantages
+    started: float
+    timings: dict[str, float]
+    gallery: bool
+    """The images are kept for the gallery."""
 
 
 class GRPORun:
@@ -59,6 +80,7 @@ class GRPORun:
             return reward_actor.options(**options).remote(specs, cfg.rewards.actors.torch_threads)
 
         self.pool = RewardPool(cfg.rewards, make_reward_actor)
+        self.weight_sync = WeightSync(self.learner, self.rollouts, cfg.rollout.weight_sync)
         self.nodes = {"learner": ray.get(self.learner.node_id.remote()),
                       "rollout": ray.get([w.node_id.remote() for w in self.rollouts]),
                       "reward": [info["node_id"] for info in self.pool.wait_ready()]}
@@ -70,8 +92,7 @@ class GRPORun:
     # ------------------------------------------------------------------------------------ weights
     def broadcast(self, version: int) -> float:
         started = time.perf_counter()
-        weights = self.learner.get_weights.remote()
-        ray.get([worker.set_weights.remote(weights, version) for worker in self.rollouts])
+        self.weight_sync.push(version, self.rollouts)
         return time.perf_counter() - started
 
     # ------------------------------------------------------------------------------------ one epoch
@@ -87,7 +108,8 @@ class GRPORun:
         self.pool.submit(batch_id, images_ref, prompts, targets)
         return batch_id
 
-    def run_epoch(self, epoch: int, gallery: bool) -> dict:
+    def generate(self, epoch: int, gallery: bool) -> Generation:
+        """The epoch's rollouts with the weights the rollout workers hold, scored by the reward pool."""
         cfg = self.cfg
         size = cfg.rollout.group_size
         tasks = self._tasks(epoch)
@@ -135,22 +157,34 @@ class GRPORun:
             for k, group in enumerate(groups):
                 rewards[group.group_id] = torch.tensor(result["total"][k * size:(k + 1) * size])
         advantages = group_advantages(rewards, cfg.learner.std_scope, cfg.learner.adv_clip)
-        order = [group_id for _, ids in trajectories for group_id in ids]
-        learn = ray.get(self.learner.update.remote([ref for ref, _ in trajectories],
-                                                   advantages.values[order].tolist()))
-        sync_s = self.broadcast(epoch + 1)
+        reward_s = (self.pool.last_result or started) - (self.pool.first_submit or started)
+        timings = {"rollout_s": rollout_s, "reward_s": reward_s,
+                   "reward_busy_s": self.pool.busy_s, "reward_tail_s": generation_s - rollout_s,
+                   "generation_s": generation_s, "reward_utilisation": self.pool.utilisation() or 0.0}
+        return Generation(epoch, tasks, trajectories, image_batches, scores, advantages, started, timings, gallery)
+
+    def learn(self, generation: Generation) -> ray.ObjectRef:
+        order = [group_id for _, ids in generation.trajectories for group_id in ids]
+        return self.learner.update.remote([ref for ref, _ in generation.trajectories],
+                                          generation.advantages.values[order].tolist())
+
+    def epoch_row(self, generation: Generation, learn: dict, sync_s: float, started: float) -> dict:
+        """``started``: when the epoch's own work began (its rollouts, or in asynchronous mode the end of the
+        previous epoch, whose time its rollouts shared)."""
+        epoch, advantages = generation.epoch, generation.advantages
         epoch_s = time.perf_counter() - started
-        images = len(tasks) * size
-        row = {"epoch": epoch, **reward_metrics(scores),
+        images = len(generation.tasks) * self.cfg.rollout.group_size
+        learn = dict(learn)
+        version = learn.pop("sampled_with_version")
+        row = {"epoch": epoch, **reward_metrics(generation.scores),
                "zero_spread_ratio": float(advantages.zero_spread.double().mean()),
                "zero_spread_groups": int(advantages.zero_spread.sum()), **learn,
-               "images": images, "images_per_s": images / epoch_s, "epoch_s": epoch_s, "rollout_s": rollout_s,
-               "reward_s": (self.pool.last_result or started) - (self.pool.first_submit or started),
-               "reward_busy_s": self.pool.busy_s, "reward_tail_s": generation_s - rollout_s,
-               "generation_s": generation_s, "sync_s": sync_s,
-               "reward_utilisation": self.pool.utilisation() or 0.0, "reward_restarts": self.pool.restarts}
-        if gallery and cfg.gallery_size:
-            self._gallery(epoch, image_batches, scores)
+               "rollout/weights_version": version, "rollout/staleness": epoch - version,
+               "images": images, "images_per_s": images / epoch_s, "epoch_s": epoch_s, **generation.timings,
+               "sync_s": sync_s, "weight_sync_fallbacks": self.weight_sync.fallbacks,
+               "reward_restarts": self.pool.restarts}
+        if generation.gallery and self.cfg.gallery_size:
+            self._gallery(epoch, generation.image_batches, generation.scores)
         return row
 
     def _gallery(self, epoch: int, image_batches, scores) -> None:
@@ -194,10 +228,7 @@ class GRPORun:
         tag = f"epoch_{epoch:04d}"
         folder = self._checkpoints() / tag
         ray.get(self.learner.save.remote(str(folder), tag, {"epoch": epoch}))
-        latest = self._checkpoints() / "latest"
-        tmp = latest.with_suffix(".tmp")
-        tmp.write_text(tag)
-        os.replace(tmp, latest)
+        write_text_atomic(self._checkpoints() / "latest", tag)
         kept = sorted(p for p in self._checkpoints().iterdir() if p.is_dir() and p.name.startswith("epoch_"))
         for old in kept[:-self.cfg.checkpoint.keep_last]:
             shutil.rmtree(old)
@@ -221,14 +252,22 @@ class GRPORun:
         self.metrics.resume_at(start)
         self.broadcast(start)
         last = cfg.epochs - 1
+        generation, mark = None, 0.0
         for epoch in range(start, cfg.epochs):
-            row = self.run_epoch(epoch, gallery=epoch in (0, last))
+            generation = generation or self.generate(epoch, gallery=epoch in (0, last))
+            learning = self.learn(generation)
+            following = None
+            if cfg.rollout.async_mode and epoch < last:  # the next rollouts, with the weights before this update
+                following = self.generate(epoch + 1, gallery=epoch + 1 == last)
+            learn = ray.get(learning)
+            row = self.epoch_row(generation, learn, self.broadcast(epoch + 1), max(mark, generation.started))
             if cfg.eval.every and ((epoch + 1) % cfg.eval.every == 0 or epoch == last):
                 row.update(self.evaluate())
             self.metrics.append(row)
             self.log(console_line(row))
             if epoch == last or (cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0):
                 self.save(epoch)
+            generation, mark = following, time.perf_counter()
         history = self.metrics.history()
         summary = summarise(history, self)
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

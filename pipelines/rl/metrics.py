@@ -39,6 +39,8 @@ def console_line(row: dict) -> str:
              f"clip {row['clip_fraction']:.2f}", f"kl {row['kl']:.2e}", f"{row['images_per_s']:.1f} img/s",
              f"rollout {row['rollout_s']:.1f}s reward {row['reward_s']:.1f}s learn {row['learn_s']:.1f}s",
              f"util {row['reward_utilisation']:.2f}"]
+    if row.get("rollout/staleness"):
+        parts.append(f"staleness {row['rollout/staleness']}")
     if row.get("reward/errors"):
         parts.append(f"reward errors {row['reward/errors']}")
     if "eval/reward/mean" in row:

@@ -59,7 +59,8 @@ def settle_rerun(cfg: GRPOConfig, run_dir: Path, mode: RunMode = "auto") -> dict
     check_grpo_paths(cfg, run_dir)
     folder = RunFolder("grpo", str(run_dir))
     done = latest_epoch(run_dir)
-    action = folder.settle(cfg.model_dump(mode="json"), GRPO_RESUMABLE, mode, holds_run=done is not None)
+    action = folder.settle(cfg.model_dump(mode="json"), GRPO_RESUMABLE, mode, holds_run=done is not None,
+                           schema=GRPOConfig)
     summary = run_dir / "summary.json"
     if action == "resume" and done is not None and done >= cfg.epochs - 1 and summary.is_file():
         log.info(f"the run in {run_dir} is complete: its latest checkpoint is of epoch {done + 1} of {cfg.epochs}; "

@@ -233,10 +233,7 @@ class WeightSync:
 
     def _drop(self) -> None:
         for member in [self.sender, *(self.members or [])]:
-            try:
-                member.leave_weight_group.remote()
-            except Exception:  # a dead actor: nothing to leave
-                pass
+            member.leave_weight_group.remote()  # queued behind a broadcast still waiting; a dead actor ignores it
         self.members = None
 
     def push(self, version: int, receivers: list | None = None) -> str:

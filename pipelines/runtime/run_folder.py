@@ -25,6 +25,8 @@ import uuid
 from collections.abc import Collection, Iterable
 from typing import Any, Literal
 
+from pydantic import BaseModel
+
 from .storage import StorageConfig, filesystem, join_uri, with_retries
 
 RunMode = Literal["auto", "resume", "overwrite"]
@@ -56,6 +58,17 @@ def _show(value: Any) -> str:
 
 
 _ABSENT = object()
+
+
+def with_defaults(recorded: dict | None, schema: type[BaseModel] | None) -> dict | None:
+    """``recorded`` with the fields it lacks at their defaults in ``schema``; as it is when it does not
+    validate (a field since renamed or removed: the difference is then shown)."""
+    if recorded is None or schema is None:
+        return recorded
+    try:
+        return schema.model_validate(recorded).model_dump(mode="json")
+    except ValueError:
+        return recorded
 
 
 def config_differences(recorded: dict, current: dict, resumable: Collection[str] = ()) -> list[str]:
@@ -155,11 +168,13 @@ class RunFolder:
         return removed
 
     def settle(self, current: dict, resumable: Collection[str], mode: RunMode, holds_run: bool,
-               remove: Iterable[str] | None = None, others: Iterable[RunFolder] = ()) -> str:
+               remove: Iterable[str] | None = None, others: Iterable[RunFolder] = (),
+               schema: type[BaseModel] | None = None) -> str:
         """Decide (:func:`rerun_action`); on ``--overwrite`` remove the previous run's outputs (``remove``:
         globs in this folder, None = the whole folder; ``others``: further folders of the run, whole); say
-        what happens. Returns ``new`` or ``resume``."""
-        recorded = self.recorded_config()
+        what happens. Returns ``new`` or ``resume``. With ``schema`` (the config's class) the recorded config
+        is read through it, so that a field added since it was recorded counts as its default."""
+        recorded = with_defaults(self.recorded_config(), schema)
         action = rerun_action(self.job, self.uri, recorded, holds_run, current, resumable, mode, self.other)
         if action == "overwrite":
             removed = self.remove(remove) + [p for other in others for p in other.remove()]

@@ -78,6 +78,7 @@ def settle_rerun(cfg: TrainConfig, mode: RunMode = "auto") -> Checkpoint | None:
     latest = latest_checkpoint(cfg)
     others = [storage] if storage.uri != folder.uri else []
     action = folder.settle(cfg.model_dump(mode="json"), TRAIN_RESUMABLE, mode, holds_run=latest is not None,
+                           schema=type(cfg),
                            others=others)
     if action == "resume" and latest is not None and latest.step >= cfg.steps:
         log.info(f"run {cfg.name!r} is complete: its checkpoint at step {latest.step} (steps: {cfg.steps}) is "

@@ -194,7 +194,7 @@ def sweep(base: TrainConfig, best_name: str, best_steps: int, mode: RunMode = "a
     directory = storage_and_log_dir(swept)[1]
     best_file, trial_file = directory / BEST_CONFIG, directory / BEST_TRIAL
     folder = RunFolder("tune", str(directory))
-    action = folder.settle(swept.model_dump(mode="json"), TUNE_RESUMABLE, mode,
+    action = folder.settle(swept.model_dump(mode="json"), TUNE_RESUMABLE, mode, schema=type(swept),
                            holds_run=folder.holds(EXPERIMENT, BEST_CONFIG))
     if action == "resume" and best_file.is_file() and trial_file.is_file():
         log.info(f"the sweep in {directory} is complete; nothing ran now (--overwrite starts it afresh)")
