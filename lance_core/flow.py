@@ -7,7 +7,7 @@ t <- s·t / (1 + (s - 1)·t) with s = 4.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from .config import StrictModel
-from .model import LanceModel, TokenInputs
+from .model import AttentionLayout, LanceModel, TokenInputs
+from .model.sequence_parallel import SequenceParallel
 from .packing import IGNORE_INDEX, TASKS, PackedBatch
 
 
@@ -69,6 +70,17 @@ def noise_latents(batch: PackedBatch, cfg: LossConfig, generator: torch.Generato
     return NoisedLatents(values, t, noise - x0, clip_t)
 
 
+def _local_chunk(batch: PackedBatch, noised: NoisedLatents,
+                 sp: SequenceParallel) -> tuple[PackedBatch, NoisedLatents, AttentionLayout]:
+    """This rank's chunk of the padded pack and of its noised latents, and the whole pack's layout."""
+    padded = sp.pad(batch)
+    start, stop = sp.bounds(len(padded))
+    keep = (padded.vae_positions >= start) & (padded.vae_positions < stop)
+    local = NoisedLatents(noised.values[keep], noised.timesteps[keep], noised.target_velocity[keep],
+                          noised.clip_timesteps)
+    return padded.token_slice(start, stop), local, AttentionLayout.from_batch(padded)
+
+
 CountReducer = Callable[[torch.Tensor], torch.Tensor]
 """Maps local token counts [ce_tokens, mse_tokens] to global ones (an all-reduce across ranks)."""
 
@@ -100,6 +112,7 @@ def compute_losses(
     count_reducer: CountReducer | None = None,
     noised: NoisedLatents | None = None,
     run_all_heads: bool = False,
+    sequence_parallel: SequenceParallel | None = None,
 ) -> LossOutput:
     """Total = ce_weight·CE + mse_weight·MSE.
 
@@ -109,9 +122,18 @@ def compute_losses(
     when its gradient reduction averages over ranks. ``run_all_heads`` runs lm_head and the velocity head
     on every call (on one token, weighted 0, when a head has no target here), so that every rank calls the
     same modules in the same order whatever its pack holds (ZeRO-3 gathers weights module by module).
+
+    With ``sequence_parallel`` every rank of the group passes the same ``batch`` and the same noise (the same
+    ``generator`` state, or ``noised``); each computes the loss terms of its own chunk of tokens, divided
+    by the global counts (``count_reducer`` must sum over the group's ranks too), so that the terms of the
+    group's ranks add up to the pack's loss.
     """
     noised = noised or noise_latents(batch, cfg, generator)
+    if sequence_parallel is not None:
+        batch, noised, layout = _local_chunk(batch, noised, sequence_parallel)
     inputs = TokenInputs.from_batch(batch, noised.values, noised.timesteps)
+    if sequence_parallel is not None:
+        inputs = replace(inputs, layout=layout, sequence_parallel=sequence_parallel)
     hidden, _ = model.backbone(inputs)
 
     # CE over the tokenizer's length (cfg.text_vocab): targets outside it are ignored, as in the release.

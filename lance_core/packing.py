@@ -346,6 +346,22 @@ def pack_samples(samples: list[Sample], cfg: ModelConfig, *, pad_to: int | None 
                        num_real_tokens=offset, sample_tasks=[s.task for s in samples])
 
 
+def pad_batch(batch: PackedBatch, length: int, pad_id: int = 0) -> PackedBatch:
+    """``batch`` with isolated padding tokens appended up to ``length`` (as ``pack_samples(pad_to=...)``)."""
+    missing = length - len(batch)
+    if missing < 0:
+        raise ValueError(f"{len(batch)} tokens do not fit the pack size {length}")
+    if missing == 0:
+        return batch
+    cols: dict[str, list[torch.Tensor]] = {name: [] for name in PER_TOKEN_FIELDS}
+    _append_padding(cols, missing, int(batch.sample_index[-1]) + 1, int(batch.span_index[-1]) + 1, pad_id)
+    padded = {}
+    for name in PER_TOKEN_FIELDS:
+        value = getattr(batch, name)
+        padded[name] = torch.cat([value, cols[name][0].to(value.device, value.dtype)], dim=-1)
+    return replace(batch, **padded)
+
+
 def _append_sample(cols: dict[str, list[torch.Tensor]], sample: Sample, sample_no: int, cfg: ModelConfig) -> None:
     """The per-sample columns: mRoPE ids, token ids, next-token CE labels, task and sample index."""
     cols["position_ids"].append(position_ids(sample.span_positions(cfg.tokens_per_second), mape=cfg.mape))

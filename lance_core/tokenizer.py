@@ -29,7 +29,7 @@ from typing import Protocol
 
 from .config import ConfigError, ModelConfig, input_path_or_name
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("lance.tokenizer")
 
 SPECIAL_TOKENS = (
     "<|endoftext|>",

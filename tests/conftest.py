@@ -69,3 +69,20 @@ def latents(ray_local, tmp_path_factory) -> Path:
                            video=dict(max_seconds=1.0), filters=dict(dedup=False))
     run_precompute(cfg, progress=False)
     return root / "latents"
+
+
+@pytest.fixture
+def lance_log():
+    """What the ``lance`` loggers say during the test (whether or not a job set up logging before)."""
+    import io
+    import logging
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("lance")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(min(level or logging.INFO, logging.INFO))
+    yield stream
+    logger.removeHandler(handler)
+    logger.setLevel(level)

@@ -189,7 +189,7 @@ def test_sft_resolution_limit_keeps_6s_clips():
     from pipelines.train.config import ResolutionFilter
     from pipelines.train.plan import passes_resolution
 
-    for name in ("train_sft.yaml", "train_continual.yaml"):
+    for name in ("train_sft.yaml", "train_continual.yaml", "train_video_long.yaml"):
         data = yaml.safe_load((ROOT / "jobs" / "configs" / name).read_text())["data"]
         limits = ResolutionFilter.model_validate(data["resolution"])
         area = PrecomputeConfig().buckets.video_area

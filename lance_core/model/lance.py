@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from .attention import prepare_attention, resolve_backend
@@ -22,7 +21,9 @@ from .embeddings import LatentPositionTable, TimestepEmbedder
 from .layer import DualStreamLayer, LayerCache, Routing, routed
 from .layout import AttentionLayout
 from .norms import RMSNorm
+from .recompute import RecomputePolicy, run_layer
 from .rotary import mrope_cos_sin
+from .sequence_parallel import SequenceParallel
 
 
 class _TextModel(nn.Module):
@@ -55,6 +56,9 @@ class TokenInputs:
     vae_grid: torch.Tensor
     vit_positions: torch.Tensor
     vit_features: torch.Tensor
+    sequence_parallel: SequenceParallel | None = None
+    """With sequence parallelism the per-token fields are this rank's chunk and ``layout`` is the whole
+    (padded) pack's."""
 
     @classmethod
     def from_batch(cls, batch, vae_values=None, vae_timesteps=None) -> "TokenInputs":
@@ -74,7 +78,7 @@ class LanceModel(nn.Module):
         self.vae2llm = nn.Linear(cfg.latent_channels, cfg.hidden_size)
         self.llm2vae = nn.Linear(cfg.hidden_size, cfg.latent_channels)
         self.latent_pos_embed = LatentPositionTable(cfg.hidden_size, cfg.latent_grid, cfg.max_latent_frames)
-        self.gradient_checkpointing = False
+        self.activation_checkpointing: RecomputePolicy = "none"
         self.reset_parameters()
 
     # ------------------------------------------------------------------------------------------ setup
@@ -115,7 +119,7 @@ class LanceModel(nn.Module):
         h = self.language_model.model.embed_tokens(inputs.input_ids)
         if inputs.vit_positions.numel():
             h = h.index_copy(0, inputs.vit_positions, inputs.vit_features.to(h.dtype))
-        if inputs.vae_positions.numel():
+        if inputs.vae_positions.numel() or inputs.sequence_parallel is not None:  # every rank calls every module
             vae = (self.vae2llm(inputs.vae_values.to(h.dtype))
                    + self.time_embedder(inputs.vae_timesteps)
                    + self.latent_pos_embed(inputs.vae_grid).to(h.dtype))
@@ -127,8 +131,11 @@ class LanceModel(nn.Module):
     ) -> tuple[torch.Tensor, list[LayerCache] | None]:
         """Embeddings -> layers -> per-expert final norm. With ``cache`` the tokens continue a prefix."""
         cfg = self.cfg
+        sp = inputs.sequence_parallel
+        if sp is not None and (cache is not None or keep_cache):
+            raise ValueError("sequence parallelism runs training forwards only, not the KV cache")
         h = self.embed(inputs)
-        routing = Routing.from_mask(inputs.is_gen)
+        routing = Routing.from_mask(inputs.is_gen, every_expert=sp is not None)
         cos, sin = mrope_cos_sin(inputs.position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, h.dtype)
         backend = resolve_backend(cfg.attention_backend, h.device)
         prepared = None
@@ -137,11 +144,8 @@ class LanceModel(nn.Module):
         new_caches = [] if keep_cache else None
         for index, layer in enumerate(self.layers):
             layer_cache = cache[index] if cache is not None else None
-            args = (routing, cos, sin, inputs.layout, backend, prepared, layer_cache, keep_cache)
-            if self.gradient_checkpointing and self.training:
-                h, new = checkpoint(layer, h, *args, use_reentrant=False)
-            else:
-                h, new = layer(h, *args)
+            args = (routing, cos, sin, inputs.layout, backend, prepared, layer_cache, keep_cache, sp)
+            h, new = run_layer(layer, self.activation_checkpointing, self.training, h, *args)
             if keep_cache:
                 new_caches.append(new)
         model = self.language_model.model

@@ -20,6 +20,7 @@ from .attention import cached_attention, packed_attention
 from .layout import AttentionLayout
 from .norms import RMSNorm
 from .rotary import apply_rotary
+from .sequence_parallel import SequenceParallel
 
 
 @dataclass
@@ -27,17 +28,21 @@ class Routing:
     is_gen: torch.Tensor
     und: torch.Tensor
     gen: torch.Tensor
+    every_expert: bool = False
+    """Run both experts even when one has no token here (on zero rows): every rank then calls the same
+    modules, as ZeRO and the gradient all-reduce need when a rank holds a chunk of a pack (sequence
+    parallelism)."""
 
     @classmethod
-    def from_mask(cls, is_gen: torch.Tensor) -> "Routing":
-        return cls(is_gen, torch.nonzero(~is_gen).squeeze(1), torch.nonzero(is_gen).squeeze(1))
+    def from_mask(cls, is_gen: torch.Tensor, every_expert: bool = False) -> "Routing":
+        return cls(is_gen, torch.nonzero(~is_gen).squeeze(1), torch.nonzero(is_gen).squeeze(1), every_expert)
 
 
 def routed(x: torch.Tensor, und: Callable, gen: Callable, routing: Routing) -> torch.Tensor:
     """Apply ``und`` to UND tokens and ``gen`` to GEN tokens of ``x`` (tokens on dim 0)."""
-    if routing.gen.numel() == 0:
+    if routing.gen.numel() == 0 and not routing.every_expert:
         return und(x)
-    if routing.und.numel() == 0:
+    if routing.und.numel() == 0 and not routing.every_expert:
         return gen(x)
     out_und = und(x.index_select(0, routing.und))
     out_gen = gen(x.index_select(0, routing.gen))
@@ -95,9 +100,12 @@ class DualStreamAttention(nn.Module):
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def forward(self, x, routing, cos, sin, layout: AttentionLayout, backend: str, prepared=None,
-                cache: LayerCache | None = None, keep_cache: bool = False):
+                cache: LayerCache | None = None, keep_cache: bool = False,
+                sequence_parallel: SequenceParallel | None = None):
         q, k, v = self.qkv(x, routing, cos, sin)
-        if cache is None:
+        if sequence_parallel is not None:
+            out = sequence_parallel.attention(q, k, v, layout, backend, prepared)
+        elif cache is None:
             out = packed_attention(q, k, v, layout, backend, prepared)
         else:
             out = cached_attention(q, k, v, cache.keys, cache.values, layout, backend)
@@ -120,9 +128,11 @@ class DualStreamLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, routing, cos, sin, layout, backend, prepared=None, cache=None, keep_cache=False):
+    def forward(self, x, routing, cos, sin, layout, backend, prepared=None, cache=None, keep_cache=False,
+                sequence_parallel=None):
         h = routed(x, self.input_layernorm, self.input_layernorm_moe_gen, routing)
-        attn, new_cache = self.self_attn(h, routing, cos, sin, layout, backend, prepared, cache, keep_cache)
+        attn, new_cache = self.self_attn(h, routing, cos, sin, layout, backend, prepared, cache, keep_cache,
+                                         sequence_parallel)
         x = x + attn
         h = routed(x, self.post_attention_layernorm, self.post_attention_layernorm_moe_gen, routing)
         return x + routed(h, self.mlp, self.mlp_moe_gen, routing), new_cache

@@ -10,7 +10,7 @@ import numpy as np
 from .base import CallableReward, RewardFn, RewardOutput, import_callable
 from .config import CLIPConfig, OCRConfig, RewardSpec
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("lance.rewards")
 
 ERROR_PREFIX = "error:"
 """Reason of an image a reward raised on: ``error:<ExceptionType>``."""

@@ -28,7 +28,7 @@ import numpy as np
 from .base import RewardOutput
 from .config import OCRConfig
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("lance.rewards")
 
 QUOTED = re.compile(r'"([^"]+)"')
 NO_TARGET = "no_target"

@@ -12,6 +12,8 @@ from pydantic import Field, field_validator, model_validator
 
 from lance_core.config import ConfigError, InputPath, OutputPath, StrictModel, load_config
 from lance_core.flow import LossConfig
+from lance_core.model.recompute import RecomputePolicy
+from lance_core.model.sequence_parallel import check_sequence_parallel
 from lance_core.model_section import ModelSection
 from lance_core.packing import TASKS
 from pipelines.runtime.storage import StorageConfig
@@ -42,7 +44,8 @@ class DataSection(StrictModel):
     uris: tuple[InputPath, ...] = ()
     """Latent shard roots (each holding ``manifest.json``), local or s3://."""
     token_budget: int = Field(4096, gt=0)
-    """Real tokens per rank per step (released SFT: 65,536 per GPU)."""
+    """Real tokens of one pack, the pack of one data-parallel rank per step (released SFT: 65,536 per GPU);
+    with ``scaling.sequence_parallel`` S, the S ranks of a group share one pack (budget / S tokens each)."""
     buffer_size: int = Field(16, gt=0)
     """Samples that did not fit a pack wait here and are tried first for the next one."""
     pad_to_budget: bool = False
@@ -120,8 +123,15 @@ class DeepSpeedSection(StrictModel):
     zero_stage: Literal[0, 1, 2, 3] = 2
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 on GPU, fp32 on CPU."""
-    activation_checkpointing: bool = False
-    """Recompute every decoder layer in the backward pass."""
+    activation_checkpointing: RecomputePolicy = "none"
+    """What the backward pass recomputes (``lance_core/model/recompute.py``): ``none``; ``layer`` (every decoder
+    layer, least memory); ``selective`` (the element-wise work between the matmuls, which keeps their
+    outputs). ``true`` / ``false`` read as ``layer`` / ``none``."""
+
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _policy_of_bool(cls, value):
+        return {True: "layer", False: "none"}.get(value, value) if isinstance(value, bool) else value
     ema_decay: float | None = Field(None, gt=0, lt=1)
     """Keep an exponential moving average of the weights (released: 0.9999); ZeRO stages 0-2."""
     reduce_bucket_size: int = Field(50_000_000, gt=0)
@@ -138,6 +148,11 @@ class DeepSpeedSection(StrictModel):
 
 class ScalingSection(StrictModel):
     workers: int = Field(2, ge=1)
+    sequence_parallel: int = Field(1, ge=1)
+    """Ulysses sequence parallelism: groups of this many consecutive workers share one pack, each holding a
+    contiguous chunk of its tokens; attention heads are exchanged for sequence chunks around the joint
+    attention. Data-parallel ranks = workers / sequence_parallel. Needs num_heads divisible by it (key/value
+    heads are repeated when there are fewer than ranks)."""
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     threads_per_worker: int | None = Field(None, gt=0)
@@ -295,6 +310,13 @@ class TrainConfig(StrictModel):
             raise ValueError(f"mixture.weights: {', '.join(video)} need video latents but the {self.model.preset} "
                              "model's position table holds 1 latent frame; use model.preset lance-3b-video")
         self.check_search_space()
+        sp = self.scaling.sequence_parallel
+        if self.scaling.workers % sp:
+            raise ValueError(f"scaling.sequence_parallel ({sp}) must divide scaling.workers ({self.scaling.workers})")
+        try:
+            check_sequence_parallel(model, sp)
+        except ValueError as err:
+            raise ValueError(f"scaling.sequence_parallel: {err}") from None
         if "://" in self.output and self.log_dir is None:
             raise ValueError(f"log_dir is required when output is a URI ({self.output}): metrics and samples "
                              "are files on a local or shared filesystem")

@@ -25,6 +25,7 @@ from lance_core.checkpoint import load_lance_checkpoint, load_qwen25vl_weights
 from lance_core.flops import count_parameters
 from lance_core.flow import compute_losses
 from lance_core.model import build_model
+from lance_core.model.sequence_parallel import new_sequence_parallel
 from lance_core.packing import GENERATION_TASKS, TASKS
 from lance_core.tokenizer import load_tokenizer_for
 from pipelines.runtime.devices import pick_device
@@ -71,7 +72,7 @@ def build_initial_model(cfg: TrainConfig, zero3_config: dict | None = None):
         _load_initial_weights(cfg, model)
     else:
         model = _build_partitioned(cfg, model_cfg, zero3_config)
-    model.gradient_checkpointing = cfg.deepspeed.activation_checkpointing
+    model.activation_checkpointing = cfg.deepspeed.activation_checkpointing
     freeze(model, cfg.freeze)
     return model_cfg, model
 
@@ -200,6 +201,10 @@ class Trainer:
         if on_gpu:
             torch.cuda.set_device(self.device)
         torch.set_num_threads(cfg.scaling.threads_per_worker or max(1, int(cfg.scaling.cpus_per_worker)))
+        # ranks of one sequence-parallel group share a pack: data parallelism runs over the groups
+        sp_size = cfg.scaling.sequence_parallel
+        self.sp = new_sequence_parallel(sp_size)
+        self.dp_rank, self.dp_world = self.rank // sp_size, self.world // sp_size
 
         self._build_engine(on_gpu)
         self._build_data()
@@ -207,7 +212,8 @@ class Trainer:
         if self.start == 0 and cfg.mixture.capability.enabled:
             self.schedule.update_capability(self._heldout_losses())
         if self.rank == 0:
-            log.info(f"training from step {self.start} to {cfg.steps} on {self.world} worker(s); "
+            groups = f" ({self.dp_world} data-parallel x {sp_size} sequence-parallel)" if self.sp else ""
+            log.info(f"training from step {self.start} to {cfg.steps} on {self.world} worker(s){groups}; "
                      f"tasks {self.schedule.tasks}")
         self._queue_first_tickets()
         self._build_reporting()
@@ -232,9 +238,9 @@ class Trainer:
         tokenizer = load_tokenizer_for(model_cfg, cfg.model.tokenizer)
         self.schedule = MixtureSchedule(cfg.mixture, list(self.plan.task_rows))
         need_generation = any(t in self.schedule.tasks for t in GENERATION_TASKS)
-        self.loader = PackLoader(self.plan, cfg.data, model_cfg, tokenizer, self.rank, self.world, cfg.seed,
+        self.loader = PackLoader(self.plan, cfg.data, model_cfg, tokenizer, self.dp_rank, self.dp_world, cfg.seed,
                                  need_generation)
-        self.noise = torch.Generator().manual_seed(cfg.seed * 1000 + self.rank)
+        self.noise = torch.Generator().manual_seed(cfg.seed * 1000 + self.dp_rank)
         self.held = HeldOut(self.plan, cfg.data, model_cfg, tokenizer)
         self.sampler = SampleWriter(model_cfg, tokenizer, self.held, cfg.eval)
 
@@ -308,7 +314,8 @@ class Trainer:
         if cfg.debug.kill_at_step == step and cfg.debug.kill_rank == self.rank:
             ckpt.kill_once(self.run_dir / "debug" / f"killed-rank{self.rank}-step{step}")
         batch = pack.batch.to(self.device)
-        out = compute_losses(self.module, batch, cfg.loss, self.noise, _sum_over_ranks, run_all_heads=True)
+        out = compute_losses(self.module, batch, cfg.loss, self.noise, _sum_over_ranks, run_all_heads=True,
+                             sequence_parallel=self.sp)
         loss = out.total
         if cfg.debug.nan_at_step == step and cfg.debug.nan_rank == self.rank:
             loss = loss * float("nan")
@@ -339,15 +346,18 @@ class Trainer:
         smallest expert gradient norm."""
         pack, out = outcome.pack, outcome.losses
         counters = pack.state["counters"]
+        # the pack's figures once per sequence-parallel group; the losses are each rank's own chunk's
+        once = 1 if self.sp is None or self.sp.rank == 0 else 0
+        losses_of = pack.batch if self.sp is None else self.sp.local_batch(pack.batch)
         return all_reduce_named(
             sums={"loss": float(outcome.loss.detach()), "ce": float(out.ce.detach()),
                   "mse": float(out.mse.detach()),
-                  "tokens": pack.batch.num_real_tokens, "samples": pack.batch.num_samples,
-                  "skipped_samples": pack.state["skipped"], "bad_rows": counters.get("bad_rows", 0),
-                  "filtered_rows": counters.get("filtered_rows", 0),
-                  "flops": pack_flops(pack.batch, self.model_cfg, self.counts),
-                  "data_hash": zlib.crc32("|".join(pack.keys).encode()),
-                  "task_sums": task_loss_sums(pack.batch, out.per_task)},
+                  "tokens": once * pack.batch.num_real_tokens, "samples": once * pack.batch.num_samples,
+                  "skipped_samples": once * pack.state["skipped"], "bad_rows": once * counters.get("bad_rows", 0),
+                  "filtered_rows": once * counters.get("filtered_rows", 0),
+                  "flops": once * pack_flops(pack.batch, self.model_cfg, self.counts),
+                  "data_hash": once * zlib.crc32("|".join(pack.keys).encode()),
+                  "task_sums": task_loss_sums(losses_of, out.per_task)},
             maxes={"data_wait_s": outcome.waited, "pack_build_s": pack.build_seconds,
                    "step_time_s": outcome.step_seconds, "step_cpu_s": outcome.step_cpu},
             mins={"und_grad": outcome.und_grad, "gen_grad": outcome.gen_grad})
@@ -370,7 +380,7 @@ class Trainer:
             "tokens": int(tokens), "samples": int(samples), "tokens_per_s": tokens / step_max,
             "samples_per_s": samples / step_max, "step_time_s": step_max, "step_cpu_s": r["step_cpu_s"],
             "data_wait_s": r["data_wait_s"], "data_wait_share": r["data_wait_s"] / step_max,
-            "pack_build_s": r["pack_build_s"], "pack_fill": tokens / (self.world * self.cfg.data.token_budget),
+            "pack_build_s": r["pack_build_s"], "pack_fill": tokens / (self.dp_world * self.cfg.data.token_budget),
             "skipped_samples": int(r["skipped_samples"]), "bad_rows": int(r["bad_rows"]),
             "filtered_rows": int(r["filtered_rows"]), "skipped_steps": self.skipped_steps,
             "und_grad_min": r["und_grad"], "gen_grad_min": r["gen_grad"], "data_hash": int(r["data_hash"]),
