@@ -84,13 +84,14 @@ def _source_first(data: bytes, cfg) -> list[bytes]:
 def _read_task(path: str, cfg) -> list[tuple[int, int]]:
     """The read task over a one-record partition naming ``path``: (rows, bytes) of each block it hands on."""
     from pipelines.data.pipeline import _partition_rows
+    from pipelines.data.plan import FilesPlan
     from pipelines.data.sources import InputFile
 
     manifest = Path(path).with_suffix(".jsonl")
     manifest.write_text(json.dumps({"uri": Path(path).name, "caption": "a test pattern", "task": "t2v"}) + "\n")
-    items = {"partition": [0], "segments": [json.dumps([[0, 0, 1]])]}
+    plan = FilesPlan([InputFile(str(manifest), "jsonl", 1)], 1)
     blocks = []
-    for table in _partition_rows(items, [InputFile(str(manifest), "jsonl", 1)], cfg.model_dump_json()):
+    for table in _partition_rows({"partition": [0]}, plan, cfg.model_dump_json()):
         if set(table.column("status").to_pylist()) != {"ok"}:
             raise RuntimeError(f"{path}: {table.select(['status', 'reason', 'error']).to_pylist()[:3]}")
         blocks.append((table.num_rows, table.nbytes))

@@ -1,12 +1,14 @@
 """``lance precompute``: raw pairs -> latent shards on Ray Data (local Ray unless RAY_ADDRESS is set).
 
     lance precompute [--config precompute_tiny] [--input URI] [--output URI] [--set section.field=value ...]
-                     [--resume | --overwrite]
+                     [--semantic-dedup] [--resume | --overwrite]
     python -m jobs.precompute ...      (for ray job submit)
 
 ``--config`` takes a YAML file or the name of a shipped config. Relative paths are taken from the current
 folder. Running again into the same output resumes it when its config is the same (a finished one is
-reported, nothing runs), and is refused when it differs.
+reported, nothing runs), and is refused when it differs. With ``--semantic-dedup`` (``filters.semantic_dedup``)
+the shards also store CLIP image embeddings, and once every partition is committed the semantic dedup pass
+(pipelines/data/semdedup.py) writes ``semantic_drop.parquet``, the rows training leaves out.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", help="input URI (file or folder, local or s3://)")
     parser.add_argument("--output", help="output URI for shards, manifest, quarantine and stats")
     parser.add_argument("--no-progress", action="store_true", help="hide the live progress bars")
+    parser.add_argument("--semantic-dedup", action="store_true",
+                        help="store CLIP image embeddings and run the semantic dedup pass after the precompute "
+                             "(filters.semantic_dedup)")
     add_rerun_options(parser)
     add_log_level_option(parser)
     args = parser.parse_args(argv)
@@ -38,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     fields = FieldOverrides()
     fields.flag("--input", "input", args.input or None)
     fields.flag("--output", "output", args.output or None)
+    fields.flag("--semantic-dedup", "filters.semantic_dedup", True if args.semantic_dedup else None)
     try:
         fields.sets(args.set)
         data = fields.apply(read_yaml(args.config))
@@ -45,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines.data.pipeline import run_precompute
 
         result = run_precompute(cfg, progress=not args.no_progress, mode=args.mode)
+        semantic = None
+        if cfg.filters.semantic_dedup:  # run_precompute returns once every partition is committed
+            from pipelines.data.semdedup import run_semantic_dedup
+
+            semantic = run_semantic_dedup(cfg)
     except (ConfigError, RunFolderError) as err:
         print(f"lance precompute: {err}", file=sys.stderr)
         return 2
@@ -52,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lance precompute: {err}", file=sys.stderr)
         return 1
     print_summary(result)
+    if semantic is not None:
+        from pipelines.data.semdedup import print_semantic_summary
+
+        print_semantic_summary(semantic)
     return 0
 
 

@@ -8,7 +8,8 @@ Columns
   ``content_sha256`` (of the media bytes), ``clip_index`` (clip of a cut video; 0 for images)
 - task: ``task`` (t2i, t2v, i2v, i2i, v2v, i2t, v2t, subject), ``caption``; QA rows: ``system``,
   ``question``, ``answer``
-- scores: ``clip_score`` (CLIP image-text score), ``scores`` (JSON of the other filter scores)
+- scores: ``clip_score`` (CLIP image-text score), ``scores`` (JSON of the other filter scores);
+  ``clip_embedding`` (float16 list: the normalised CLIP image embedding, with ``filters.semantic_dedup``)
 - per media slot (``target`` always; ``source`` for edits and i2v; ``ref_0``... for subject-driven rows):
   ``<slot>_vae``, ``<slot>_vae_std``, ``<slot>_vae_shape``, ``<slot>_vit``, ``<slot>_vit_shape``,
   ``<slot>_vit_grid``, and the media's ``<slot>_width``, ``<slot>_height`` (source pixels), ``<slot>_frames``
@@ -51,7 +52,9 @@ File metadata (Parquet key/value)
 ``lance_shard_schema`` "2"; ``lance.layout`` the layout above in words; ``lance.columns`` JSON: per column
 present its description and Arrow type, and for a tensor its shape column, dims and numpy dtype;
 ``lance.latents`` JSON: the VAE (encoder, weights, channels, compression, normalisation and its per-channel
-statistics) and the precision; ``lance.vit`` JSON: the ViT (encoder, weights, feature size).
+statistics) and the precision; ``lance.vit`` JSON: the ViT (encoder, weights, feature size). With
+``filters.near_dedup``, ``lance.near_hashes`` JSON: the perceptual hashes of the partition's records (those
+written, and by record number those that were not), which a resumed precompute's near-duplicate index reads.
 
 Version 1 shards (raw little-endian bytes with a ``<slot>_vae_dtype`` string, bfloat16 by default, every
 column written) still read: :func:`shard_rows` decodes them into the same arrays (bfloat16 as float32).
@@ -86,6 +89,8 @@ _COLUMN_TEXT = {
     "answer": "QA rows: the answer",
     "clip_index": "clip of a cut video (0 for images)",
     "clip_score": "CLIP image-text score of the target (null where not computed)",
+    "clip_embedding": "normalised CLIP image embedding of the target's middle frame (filters.semantic_dedup; "
+                      "null where not computed)",
     "scores": "JSON of the other filter scores (motion, text_area; null where not computed)",
 }
 _SLOT_TEXT = {
@@ -145,6 +150,7 @@ def shard_schema(latent_dtype: str = "bf16") -> pa.Schema:
             pa.field("answer", pa.string()),
             pa.field("clip_index", pa.int32()),
             pa.field("clip_score", pa.float32()),
+            pa.field("clip_embedding", pa.list_(pa.float16())),
             pa.field("scores", pa.string()),
         ]
         + [f for slot in SLOTS for f in slot_fields(slot, latent_dtype)])
@@ -154,7 +160,7 @@ SHARD_SCHEMA = shard_schema("bf16")
 TENSOR_COLUMNS = frozenset(f"{slot}_{kind}" for slot in SLOTS for kind in TENSOR_DIMS)
 
 LEGACY_SCHEMA = pa.schema(
-    [f for f in SHARD_SCHEMA if f.name in _COLUMN_TEXT]
+    [f for f in SHARD_SCHEMA if f.name in _COLUMN_TEXT and f.name != "clip_embedding"]
     + [pa.field(f"{slot}_{name}", kind) for slot in SLOTS for name, kind in (
         ("vae", pa.binary()), ("vae_shape", pa.list_(pa.int32())), ("vae_dtype", pa.string()),
         ("vae_std", pa.binary()), ("vit", pa.binary()), ("vit_shape", pa.list_(pa.int32())),
@@ -165,6 +171,10 @@ LEGACY_SCHEMA = pa.schema(
 """Version 1: tensors as raw little-endian bytes with a dtype string; every column written."""
 LEGACY_OPTIONAL_COLUMNS = frozenset(f"{slot}_vae_std" for slot in SLOTS)
 """Columns that the oldest version-1 shards lack."""
+
+SEMANTIC_DROP_FILE = "semantic_drop.parquet"
+"""Beside ``manifest.json``: the ``sample_id`` of each row the semantic dedup pass drops (``duplicate_of``: the
+earlier row it repeats, ``cosine``: their similarity, ``cluster``); training leaves them out."""
 
 QUARANTINE_SCHEMA = pa.schema([
     pa.field("source_uri", pa.string()),
@@ -306,8 +316,10 @@ def shard_table(rows: list[dict], latent_dtype: str = "bf16", latents: dict | No
         if field.name in TENSOR_COLUMNS:
             array = tensor_column(values, latent_dtype)
         else:
-            if pa.types.is_list(field.type):
+            if pa.types.is_list(field.type) and pa.types.is_integer(field.type.value_type):
                 values = [None if v is None else [int(x) for x in v] for v in values]
+            elif pa.types.is_list(field.type):
+                values = [None if v is None else np.asarray(v, dtype=np.float16) for v in values]
             array = pa.array(values, type=field.type)
         fields.append(field)
         arrays.append(array)

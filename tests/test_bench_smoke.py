@@ -18,16 +18,27 @@ MODEL_STEP_KEYS = {"model", "backend", "budget", "fill", "real_tokens", "step_ms
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script,top_keys,row_keys", [
+    ("activation_memory.py", {"model", "host_bytes", "rows", "fits"},
+     {"policy", "tokens", "step_peak_bytes", "over_none", "step_s"}),
     ("attention.py", {"heads", "kv_heads", "head_dim", "block_size", "rows", "scaling"}, ATTENTION_KEYS),
+    ("dedup.py", {"hashes", "distance", "rows", "extrapolation"},
+     {"index", "actors", "stored_per_actor", "bytes_per_item", "bytes_per_record", "claims_per_s", "claims_ratio"}),
     ("model_step.py", {"threads", "rows"}, MODEL_STEP_KEYS),
     ("ocr_reward.py", {"side", "reps", "rows", "speedup"},
      {"setting", "detector_input", "s_per_image", "ratio", "cpu_ratio", "mean_reward", "exact_share", "models"}),
     ("precompute.py", {"images", "written", "clips", "stage_rates", "vae_alone_runs", "overlap_ratios"},
      {"figure", "value", "baseline", "ratio"}),
+    ("planning.py", {"quick", "cpus", "load", "rows"},
+     {"source", "files", "records", "plan_s", "time_ratio", "plan_peak_mib", "peak_ratio", "plan_bytes_per_file",
+      "reread_ms", "reread_peak_kib", "series"}),
+    ("sequence_parallel.py", {"processes", "threads", "reps", "rows"},
+     {"model", "tokens_per_rank", "dp_ms", "sp_ms", "sp_over_dp", "a2a_mib"}),
     ("shards.py", {"reps", "batch_rows", "rows"},
      {"shape", "layout", "bytes", "bytes_ratio", "read_rows_per_s", "read_mb_per_s", "read_speedup"}),
     ("video_memory.py", {"rows", "source_first", "flat"},
      {"seconds", "clips", "blocks", "peak_mib", "video_mib", "beside_video_mib", "beside_ratio", "peak_ratio"}),
+    ("weight_sync.py", {"receivers", "reps", "rows", "ratios"},
+     {"tensors", "params", "mib", "mode", "seconds", "gb_per_s", "ratio"}),
 ])
 def test_bench_quick(tmp_path, script, top_keys, row_keys):
     out = tmp_path / "result.json"

@@ -108,7 +108,7 @@ def test_shipped_configs_resolve_by_name_and_paths_still_work(tmp_path, monkeypa
     assert read_yaml("train_tiny.yaml") == {"steps": 3} and read_yaml("train_tiny")["steps"] != 3
     assert resolve_config(str(CONFIG_DIR / "grpo_tiny.yaml")) == CONFIG_DIR / "grpo_tiny.yaml"
     with pytest.raises(ConfigError, match="'train_tine' does not exist and is not the name of a shipped config "
-                                          r"\(demo, .*train_tiny\)"):
+                                          r"\(demo, .*train_tiny, train_video_long\)"):
         resolve_config("train_tine")
     with pytest.raises(ConfigError, match=r"'cfg/x.yaml' does not exist \(shipped configs, by name: demo, "):
         resolve_config("cfg/x.yaml")

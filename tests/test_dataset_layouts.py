@@ -277,7 +277,9 @@ def test_precompute_over_a_mixed_corpus_of_real_layouts(ray_local, tmp_path):
     assert (stats["inputs_written"], stats["inputs_filtered"], stats["inputs_quarantined"]) == (10, 1, 0)
     assert stats["filtered_by_reason"] == {"read:status_failed_to_download": 1}
     rows = []
-    for shard in json.loads((out / "manifest.json").read_text())["shards"]:
+    from pipelines.data.manifest import read_manifest
+
+    for shard in read_manifest(str(out))[1]:
         rows += pq.read_table(out / shard["shard"], columns=["source_uri", "caption", "task"]).to_pylist()
     written = {r["source_uri"].split(f"{corpus}/", 1)[1]: r["caption"] for r in rows}
     expected = {f"wds/dotted-000.tar#{key}": caption for key, caption in wds.items()}

@@ -34,14 +34,38 @@ def _run(input_uri, output, **overrides):
 
 
 def _shard_rows(output: Path) -> list[dict]:
-    manifest = json.loads((output / "manifest.json").read_text())
+    from pipelines.data.manifest import read_manifest
+
     rows = []
-    for shard in manifest["shards"]:
+    for shard in read_manifest(str(output))[1]:
         table = pq.read_table(output / shard["shard"])
         assert check_schema(table.schema, shard["shard"]) == 2
         assert table.num_rows == shard["rows"]
         rows += shard_rows(table)
     return rows
+
+
+def _check_manifest(output: Path, stats: dict) -> None:
+    """The manifest lists every committed shard once; its totals and stats.json's equal those recomputed from
+    the commit records; training's planner reads it."""
+    from lance_core.packing import TASKS
+    from pipelines.data.manifest import read_manifest, totals_of
+    from pipelines.data.writer import read_commits
+    from pipelines.train.config import DataSection
+    from pipelines.train.plan import make_plan
+
+    commits = read_commits(str(output), PrecomputeConfig(output=str(output)))
+    index, entries = read_manifest(str(output))
+    assert [e["partition"] for e in entries] == sorted(commits)
+    assert index["schema"] == "lance-latent-shards/2" and index["partitions_committed"] == len(commits)
+    for key, value in totals_of(commits.values()).items():
+        if key == "stage_seconds":
+            assert index["totals"][key] == pytest.approx(value) and stats[key] == pytest.approx(value)
+        else:
+            assert index["totals"][key] == stats[key] == value, key
+    if stats["samples_written"]:
+        plan = make_plan(DataSection(uris=(str(output),), holdout_per_task=0), dict.fromkeys(TASKS, 1.0))
+        assert [s.uri for s in plan.shards] == [f"{output}/{e['shard']}" for e in entries]
 
 
 def _check_invariant(output: Path) -> dict:
@@ -50,6 +74,7 @@ def _check_invariant(output: Path) -> dict:
     rows = _shard_rows(output)
     ids = [r["sample_id"] for r in rows]
     assert len(ids) == len(set(ids)), "a sample was written twice"
+    _check_manifest(output, stats)
     return stats
 
 
@@ -189,14 +214,38 @@ def test_exact_duplicates_are_dropped_once(ray_local, tmp_path):
     assert stats["inputs_written"] == 3 and stats["filtered_by_reason"]["dedup:exact_duplicate"] == 3
 
 
-def test_kill_and_resume_loses_and_duplicates_nothing(ray_local, tmp_path, synth):
+def _settled_commits(out: Path, quiet_seconds: float = 3.0) -> int:
+    """Commit records once none has appeared for ``quiet_seconds``: a Ray worker of the killed run may finish
+    the write it was in before it notices that its driver is gone."""
+    count, since = -1, time.time()
+    while time.time() - since < quiet_seconds:
+        now = len(list((out / "_commits").glob("part-*.json")))
+        if now != count:
+            count, since = now, time.time()
+        time.sleep(0.2)
+    return count
+
+
+KILL_ORDER = ["photo", "photo_q30", "chart", "photo_crop_top", "photo_resized", "chart", "photo_watermark",
+              "chart_watermark"]
+"""Real media and their variants (tests/near_media.py), one per partition: near duplicates before and after
+the kill, an exact copy, another crop of the photo (kept)."""
+
+
+def test_kill_and_resume_loses_and_duplicates_nothing(ray_local, tmp_path, shared_dir):
+    """With exact and near dedup on, the index spread over two actors: the run killed after its first commit
+    and resumed ends as one uninterrupted run would, each input once."""
+    from tests.near_media import write_variant_parquet
+
+    source = write_variant_parquet(tmp_path / "in" / "part-0.parquet", shared_dir / "media", KILL_ORDER)
     out = tmp_path / "out"
     config = tmp_path / "cfg.yaml"
-    one_at_a_time = dict(partition_size=1, manifest_every=1, encoders=dict(max_decode_tasks=1))
+    one_at_a_time = dict(partition_size=1, manifest_every=1, encoders=dict(max_decode_tasks=1),
+                         filters=dict(dedup=True, dedup_actors=2, near_dedup=True))
     config.write_text(json.dumps({**TINY, **one_at_a_time}))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "jobs.precompute", "--config", str(config), "--input",
-                             str(synth["parquet_t2i"]), "--output", str(out), "--no-progress"],
+                             str(source), "--output", str(out), "--no-progress"],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 240
@@ -205,12 +254,15 @@ def test_kill_and_resume_loses_and_duplicates_nothing(ray_local, tmp_path, synth
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    committed_before = len(list((out / "_commits").glob("*.json")))
-    assert 1 <= committed_before < 6, "the kill should land mid-run"
-    result = _run(synth["parquet_t2i"], out, **one_at_a_time)
+    committed_before = _settled_commits(out)
+    assert 1 <= committed_before < len(KILL_ORDER), "the kill should land mid-run"
+    result = _run(source, out, **one_at_a_time)
     assert result.skipped == committed_before
     stats = _check_invariant(out)
-    assert stats["partitions_committed"] == 6 and stats["inputs_written"] == 6
+    assert stats["partitions_committed"] == stats["inputs"] == len(KILL_ORDER)
+    assert stats["filtered_by_reason"] == {"dedup:near_duplicate": 4, "dedup:exact_duplicate": 1}
+    written = sorted(int(r["source_uri"].rsplit("#", 1)[1]) for r in _shard_rows(out))
+    assert written == [0, 2, 3]  # photo, chart, the crop; every variant after its original is dropped
 
 
 def _descendant_with(proc: subprocess.Popen, marker: str, deadline: float):
@@ -263,12 +315,12 @@ def test_bad_config_field_is_named(tmp_path):
 
 def test_decode_runs_in_its_own_tasks_not_fused_into_the_encoder_actors(ray_local, tmp_path, synth, capsys):
     from pipelines.data.pipeline import _build_dataset
-    from pipelines.data.sources import list_inputs, plan_partitions
+    from pipelines.data.plan import FilesPlan
+    from pipelines.data.sources import list_inputs
 
     cfg = PrecomputeConfig(input=str(synth["parquet_t2i"]), output=str(tmp_path / "out"), **TINY)
-    files = list_inputs(cfg)
-    partitions = plan_partitions(files, cfg.partition_size)
-    _build_dataset(cfg, files, partitions, list(range(len(partitions))), dedup=None).explain()
+    plan = FilesPlan(list_inputs(cfg), cfg.partition_size)
+    _build_dataset(cfg, plan, list(range(plan.partitions)), dedup=None).explain()
     optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     assert "TaskPoolMapOperator[MapBatches(_partition_rows)]" in optimized
     assert "ActorPoolMapOperator[MapBatches(VAEEncoder)]" in optimized

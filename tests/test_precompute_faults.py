@@ -1,8 +1,8 @@
 """The precompute under faults a real crawl and a real cluster bring (issue 13): duplicates inside a
-partition, across partitions and across a rerun; a Parquet whose bytes column holds text; a manifest whose
-URI is a number; a writer killed mid-commit (empty or cut commit records, temporary files left behind); a
-damaged plan. The corpus is made here; after each run: inputs = written + filtered + quarantined, and no
-sample (nor any content) is written twice."""
+partition, across partitions and across a rerun (the index spread over two actors); a Parquet whose bytes
+column holds text; a manifest whose URI is a number; a writer killed mid-commit (empty or cut commit records,
+temporary files left behind); a damaged plan. The corpus is made here; after each run: inputs = written +
+filtered + quarantined, and no sample (nor any content) is written twice."""
 
 from __future__ import annotations
 
@@ -69,12 +69,13 @@ def build_fault_corpus(folder: Path) -> dict:
 
 def _config(input_uri: Path, output: Path, **overrides) -> PrecomputeConfig:
     return PrecomputeConfig(input=str(input_uri), output=str(output), partition_size=6,
-                            filters={"dedup": True}, **{**TINY, **overrides})
+                            filters={"dedup": True, "dedup_actors": 2}, **{**TINY, **overrides})
 
 
 def _committed_rows(output: Path) -> dict[int, list[dict]]:
-    manifest = json.loads((output / "manifest.json").read_text())
-    return {s["partition"]: pq.read_table(output / s["shard"]).to_pylist() for s in manifest["shards"]}
+    from pipelines.data.manifest import read_manifest
+
+    return {s["partition"]: pq.read_table(output / s["shard"]).to_pylist() for s in read_manifest(str(output))[1]}
 
 
 def _check_run(output: Path, expected: dict) -> dict[int, list[dict]]:
@@ -112,28 +113,40 @@ def _temporary_files(output: Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------------- fast, no Ray
-def test_first_claim_of_a_content_wins_and_a_retry_gets_the_same_answer():
-    from pipelines.data.pipeline import ContentOwners
+def _digest(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()
 
-    owners = ContentOwners(["committed"])
+
+def _records(names: list[str], numbers: list[int]) -> dict[int, tuple[str, str]]:
+    return {number: (_digest(name), "") for name, number in zip(names, numbers)}
+
+
+@pytest.mark.parametrize("actors", [1, 2, 4])
+def test_first_claim_of_a_content_wins_and_a_retry_gets_the_same_answer(actors):
+    from pipelines.data.dedup import DedupIndex, DedupShard
+
+    index = DedupIndex([DedupShard() for _ in range(actors)], 0)
+    index.add_committed([_digest("committed")])
     hashes, records = ["a", "a", "b", "b", "b", "c"], [0, 1, 2, 3, 4, 5]
-    assert owners.claim(0, hashes, records) == [1, 3, 4]
-    assert owners.claim(0, list(reversed(hashes)), list(reversed(records))) == [1, 3, 4]  # a retried writer
-    assert owners.claim(1, ["c", "d", "committed", "d"], [0, 1, 2, 3]) == [0, 2, 3]
+    assert sorted(index.claim(0, _records(hashes, records))) == [1, 3, 4]
+    assert sorted(index.claim(0, _records(hashes[::-1], records[::-1]))) == [1, 3, 4]  # a retried writer
+    assert sorted(index.claim(1, _records(["c", "d", "committed", "d"], [0, 1, 2, 3]))) == [0, 2, 3]
 
 
-def test_first_occurrence_in_plan_order_wins_whatever_order_partitions_are_written_in():
-    from pipelines.data.pipeline import ContentOwners
+@pytest.mark.parametrize("actors", [1, 2, 4])
+def test_first_occurrence_in_plan_order_wins_whatever_order_partitions_are_written_in(actors):
+    from pipelines.data.dedup import EXACT, DedupIndex, DedupShard
 
-    owners = ContentOwners(["old"], pending=[3, 4, 5])
-    owners.register(5, ["x", "y"], [0, 1])           # partition 5 read first
-    assert owners.unregistered_before(5) == [3, 4]   # its writer waits for 3 and 4
-    owners.register(4, ["y", "old"], [2, 0])
-    owners.register(3, ["x"], [7])
-    assert owners.unregistered_before(5) == []
-    assert owners.claim(5, ["x", "y"], [0, 1]) == [0, 1]  # x: owned by partition 3, y: by partition 4
-    assert owners.claim(4, ["y", "old"], [2, 0]) == [0]  # y owned by 4#2, "old" by a committed shard
-    assert owners.claim(3, ["x"], [7]) == []
+    index = DedupIndex([DedupShard(0, [3, 4, 5]) for _ in range(actors)], 0)
+    index.add_committed([_digest("old")])
+    index.register(5, _records(["x", "y"], [0, 1]))           # partition 5 read first
+    assert index.unregistered_before(5) == [3, 4]             # its writer waits for 3 and 4
+    index.register(4, _records(["y", "old"], [2, 0]))
+    index.register(3, _records(["x"], [7]))
+    assert index.unregistered_before(5) == []
+    assert index.claim(5, _records(["x", "y"], [0, 1])) == {0: EXACT, 1: EXACT}  # x: owned by 3#7, y: by 4#2
+    assert index.claim(4, _records(["y", "old"], [2, 0])) == {0: EXACT}  # "old": a committed shard's
+    assert index.claim(3, _records(["x"], [7])) == {}
 
 
 def test_malformed_records_are_quarantined_one_by_one(tmp_path):
@@ -183,7 +196,7 @@ def test_an_exception_inside_one_record_quarantines_that_record_only(tmp_path, m
     assert rows[1]["source_uri"].endswith("d.jsonl#1")
 
 
-def test_commit_records_and_json_are_written_whole_and_damaged_ones_are_not_commits(tmp_path, capsys):
+def test_commit_records_and_json_are_written_whole_and_damaged_ones_are_not_commits(tmp_path, lance_log):
     from pipelines.data.writer import parse_commit, read_commits, remove_temporary_files, write_json
 
     cfg = _config(tmp_path / "in", tmp_path / "out")
@@ -203,7 +216,7 @@ def test_commit_records_and_json_are_written_whole_and_damaged_ones_are_not_comm
     (out / "_pieces" / "part-00003").mkdir(parents=True)  # a partition whose last block never arrived
     (out / "_pieces" / "part-00003" / "rows-0000000-0000001-2.arrow").write_bytes(b"ARROW1")
     assert list(read_commits(str(out), cfg)) == [0]
-    printed = capsys.readouterr().out
+    printed = lance_log.getvalue()
     for name in ("part-00001.json", "part-00002.json", "part-00003.json", "part-00004.json"):
         assert f"{name} is damaged" in printed, printed
     with pytest.raises(ValueError, match="part-00009.json is damaged"):
@@ -213,8 +226,8 @@ def test_commit_records_and_json_are_written_whole_and_damaged_ones_are_not_comm
     assert json.loads((out / "_commits" / "part-00000.json").read_text()) == good
 
 
-def test_damaged_plan_is_named_and_made_again_only_while_nothing_is_committed(tmp_path, capsys):
-    from pipelines.data.pipeline import load_plan
+def test_damaged_plan_is_named_and_made_again_only_while_nothing_is_committed(ray_local, tmp_path, lance_log):
+    from pipelines.data.plan import load_plan
     from pipelines.data.writer import DamagedFileError
 
     build_fault_corpus(tmp_path / "in")
@@ -227,10 +240,11 @@ def test_damaged_plan_is_named_and_made_again_only_while_nothing_is_committed(tm
     (out / "plan.json").write_text(json.dumps({"input": cfg.input, "partition_size": 6}))  # no partitions
     with pytest.raises(DamagedFileError, match="plan.json is damaged"):
         load_plan(cfg, committed=True)
-    files, partitions = load_plan(cfg, committed=False)
-    assert "planning again" in capsys.readouterr().out
-    assert [f.records for f in files] == [6, 2, 4, 4] and len(partitions) == 3
-    assert load_plan(cfg, committed=True) == (files, partitions)  # the new plan was stored whole
+    plan = load_plan(cfg, committed=False)
+    assert "planning again" in lance_log.getvalue()
+    records = pq.read_table(out / "plan" / "inputs.parquet").column("records").to_pylist()
+    assert records == [6, 2, 4, 4] and plan.partitions == 3
+    assert load_plan(cfg, committed=True) == plan  # the new plan was stored whole
     assert not _temporary_files(out)
 
 

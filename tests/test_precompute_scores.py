@@ -78,13 +78,16 @@ def _manifest(folder: Path) -> Path:
     return path
 
 
+def _config(manifest, output, **filters) -> PrecomputeConfig:
+    return PrecomputeConfig(input=str(manifest), output=str(output), partition_size=3,
+                            buckets=dict(image_area=256 * 192, vit_area=56 * 56),
+                            filters=dict(dedup=False, **filters))
+
+
 def _run(manifest, output, **filters):
     from pipelines.data.pipeline import run_precompute
 
-    cfg = PrecomputeConfig(input=str(manifest), output=str(output), partition_size=3,
-                           buckets=dict(image_area=256 * 192, vit_area=56 * 56),
-                           filters=dict(dedup=False, **filters))
-    return run_precompute(cfg, progress=False)
+    return run_precompute(_config(manifest, output, **filters), progress=False)
 
 
 def _rows(output: Path) -> list[dict]:
@@ -94,9 +97,11 @@ def _rows(output: Path) -> list[dict]:
 @pytest.mark.slow
 def test_scores_are_stored_and_filter_in_the_pipeline(ray_local, tmp_path):
     manifest = _manifest(tmp_path / "data")
-    _run(manifest, tmp_path / "scored", clip_score=True, text_area_max=1.0)
+    semantic = dict(semantic_dedup=True, semantic_dedup_threshold=0.99995)
+    _run(manifest, tmp_path / "scored", clip_score=True, text_area_max=1.0, **semantic)
     rows = _rows(tmp_path / "scored")
     assert len(rows) == 6
+    _check_semantic_dedup(_config(manifest, tmp_path / "scored", **semantic), manifest, rows)
     scores = {r["source_uri"]: r["clip_score"] for r in rows}
     areas = {r["source_uri"]: json.loads(r["scores"])["text_area"] for r in rows}
     assert all(s is not None and -1 <= s <= 1 for s in scores.values())
@@ -114,7 +119,35 @@ def test_scores_are_stored_and_filter_in_the_pipeline(ray_local, tmp_path):
     assert stats["filtered_by_reason"].get("text:text_overlay", 0) == len(texty - low)
 
 
-def test_actor_pools_that_leave_no_cpu_for_tasks_are_refused_up_front(capsys):
+def _check_semantic_dedup(cfg: PrecomputeConfig, manifest: Path, rows: list[dict]) -> None:
+    """Items 1, 3 and 5 are the same picture (the tiny random CLIP puts the text signs within 0.9995 of each
+    other, hence the tight threshold): the pass drops 3 and 5 as repeats of 1, and training leaves them out."""
+    from pipelines.data.semdedup import run_semantic_dedup
+    from pipelines.train.config import DataSection
+    from pipelines.train.data import TaskStream
+    from pipelines.train.plan import DataPlan, make_plan
+
+    for row in rows:
+        assert abs(float(np.linalg.norm(np.asarray(row["clip_embedding"], np.float32))) - 1) < 1e-2
+    result = run_semantic_dedup(cfg)
+    assert (result.rows, result.embedded, result.dropped) == (6, 6, 2)
+    ids = {r["source_uri"]: r["sample_id"] for r in rows}
+    drops = pq.read_table(Path(cfg.output) / "semantic_drop.parquet").to_pylist()
+    assert {(d["sample_id"], d["duplicate_of"]) for d in drops} == {
+        (ids[f"{manifest}#3"], ids[f"{manifest}#1"]), (ids[f"{manifest}#5"], ids[f"{manifest}#1"])}
+    dropped = {d["sample_id"] for d in drops}
+
+    data = DataSection(uris=(cfg.output,), holdout_per_task=1)
+    plan = DataPlan.from_json(make_plan(data, {"t2i": 1.0}).to_json())
+    assert plan.issues["semantic_duplicate_rows"] == 2 and plan.task_rows == {"t2i": 6 - 2 - 1}
+    shard_ids = [pq.read_table(s.uri, columns=["sample_id"]).column(0).to_pylist() for s in plan.shards]
+    assert {shard_ids[s][r] for s, r in plan.excluded_rows()} == dropped
+    stream = TaskStream("t2i", plan, 0, 1, 0, data)
+    seen = [stream.next_row()["sample_id"] for _ in range(2 * plan.task_rows["t2i"])]
+    assert len(set(seen)) == 3 and not set(seen) & dropped
+
+
+def test_actor_pools_that_leave_no_cpu_for_tasks_are_refused_up_front(lance_log):
     from pipelines.data.pipeline import check_cpu_budget, reserved_cpus
 
     cfg = PrecomputeConfig(filters=dict(clip_score=True), encoders=dict(cpus_per_actor=1.0, cpus_per_task=1.0))
@@ -123,4 +156,4 @@ def test_actor_pools_that_leave_no_cpu_for_tasks_are_refused_up_front(capsys):
     with pytest.raises(ValueError, match="reserve 4 CPUs .* cluster has 2"):
         check_cpu_budget(cfg, 2.0, autoscaling=False)
     check_cpu_budget(cfg, 2.0, autoscaling=True)
-    assert "waiting for the autoscaler" in capsys.readouterr().out
+    assert "waiting for the autoscaler" in lance_log.getvalue()

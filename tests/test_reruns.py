@@ -51,6 +51,25 @@ def test_rerun_action(mode, recorded, holds, current, expected):
         assert rerun_action("job", "/out", recorded, holds, current, (), mode) == expected
 
 
+def test_a_field_added_since_the_run_was_recorded_counts_as_its_default(tmp_path):
+    from pipelines.rl.config import GRPOConfig
+
+    folder = RunFolder("grpo", str(tmp_path))
+    current = GRPOConfig().model_dump(mode="json")
+    older = json.loads(json.dumps(current))
+    del older["rollout"]["async"], older["rewards"]["call_timeout_s"]  # fields a later version added
+    folder.record_config(older)
+    assert folder.settle(current, (), "auto", holds_run=True, schema=GRPOConfig) == "resume"
+    changed = GRPOConfig.model_validate({"rollout": {"async": True}}).model_dump(mode="json")
+    with pytest.raises(RunFolderError, match=r"rollout.async: \(absent\) -> true|rollout.async: false -> true"):
+        folder.settle(changed, (), "auto", holds_run=True, schema=GRPOConfig)
+    renamed = json.loads(json.dumps(current))
+    renamed["learner"]["learning_rate"] = renamed.pop("optim")["lr"]  # the names of an older version
+    folder.record_config(renamed)
+    with pytest.raises(RunFolderError, match=r"learner.learning_rate"):
+        folder.settle(current, (), "auto", holds_run=True, schema=GRPOConfig)
+
+
 def test_overwrite_removes_only_the_runs_outputs(tmp_path):
     from pipelines.data.pipeline import PRECOMPUTE_OUTPUTS
 
@@ -77,6 +96,8 @@ def test_precompute_rerun_keeps_the_first_runs_figures(ray_local, tmp_path, caps
     cfg = PrecomputeConfig(input=str(source), output=str(tmp_path / "out"), **TINY_PRECOMPUTE)
     first = run_precompute(cfg, progress=False)
     assert first.committed_now == 1 and not first.complete_before and first.stats["wall_seconds"] > 0
+    assert json.loads((tmp_path / "out" / "plan.json").read_text())["schema"] == "lance-plan/2"
+    assert (tmp_path / "out" / "plan" / "inputs.parquet").is_file()
     stats = (tmp_path / "out" / "stats.json").read_bytes()
 
     again = run_precompute(cfg, progress=False)

@@ -114,10 +114,14 @@ def test_capability_rule_raises_the_task_that_improves_least():
 def test_plan_counts_missing_and_foreign_shards(latents, tmp_path):
     root = tmp_path / "copy"
     shutil.copytree(latents, root)
-    manifest = json.loads((root / "manifest.json").read_text())
+    from pipelines.data.manifest import read_manifest
+
+    index, shards = read_manifest(str(root))
     pq.write_table(pa.table({"id": [1, 2], "pixels": [b"a", b"b"]}), root / "shards" / "foreign.parquet")
-    manifest["shards"] += [{"partition": 98, "shard": "shards/part-00098.parquet", "rows": 3},
-                           {"partition": 99, "shard": "shards/foreign.parquet", "rows": 2}]
+    shards += [{"partition": 98, "shard": "shards/part-00098.parquet", "rows": 3},
+               {"partition": 99, "shard": "shards/foreign.parquet", "rows": 2}]
+    # the manifest of earlier versions (schema /1: every shard listed in manifest.json) is read too
+    manifest = {"schema": "lance-latent-shards/1", "encoder": index["encoder"], "shards": shards}
     (root / "manifest.json").write_text(json.dumps(manifest))
     plan = make_plan(_data(root), TASKS_IN_DATA)
     assert plan.issues["missing_shards"] == 1 and plan.issues["bad_schema_shards"] == 1
@@ -211,6 +215,7 @@ def test_shards_stream_from_s3_like_from_local_disk(latents, tmp_path):
         fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
         fs.mkdir("lance-train")
         fs.put(str(latents / "manifest.json"), "lance-train/latents/manifest.json")
+        fs.put(str(latents / "manifest"), "lance-train/latents/manifest", recursive=True)
         fs.put(str(latents / "shards"), "lance-train/latents/shards", recursive=True)
         remote_data = _data(latents, storage={"endpoint_url": endpoint}).model_copy(
             update={"uris": ("s3://lance-train/latents",)})

@@ -219,8 +219,10 @@ def test_precompute_with_relative_paths_from_another_folder(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     recorded = json.loads((tmp_path / "latents" / "config.json").read_text())
     assert recorded["input"] == str(tmp_path / "data" / "t2i") and recorded["output"] == str(tmp_path / "latents")
-    manifest = json.loads((tmp_path / "latents" / "manifest.json").read_text())
-    assert manifest["partitions_committed"] == 1 and (tmp_path / "latents" / manifest["shards"][0]["shard"]).is_file()
+    from pipelines.data.manifest import read_manifest
+
+    manifest, shards = read_manifest(str(tmp_path / "latents"))
+    assert manifest["partitions_committed"] == 1 and (tmp_path / "latents" / shards[0]["shard"]).is_file()
     stats = (tmp_path / "latents" / "stats.json").read_bytes()
     assert json.loads(stats)["inputs_written"] == 4 and json.loads(stats)["wall_seconds"] > 0
 

@@ -118,10 +118,11 @@ def test_extreme_aspect_video_is_dropped_from_its_metadata(tmp_path, monkeypatch
 def _read_task_blocks(cfg: PrecomputeConfig, manifest, records: int):
     """The read task's own generator over one partition of ``manifest``: its Arrow blocks, one at a time."""
     from pipelines.data.pipeline import _partition_rows
+    from pipelines.data.plan import FilesPlan
     from pipelines.data.sources import InputFile
 
-    items = {"partition": [0], "segments": [json.dumps([[0, 0, records]])]}
-    return _partition_rows(items, [InputFile(str(manifest), "jsonl", records)], cfg.model_dump_json())
+    plan = FilesPlan([InputFile(str(manifest), "jsonl", records)], records)
+    return _partition_rows({"partition": [0]}, plan, cfg.model_dump_json())
 
 
 def _video_manifest(folder, videos: dict[str, bytes]):

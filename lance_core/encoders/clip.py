@@ -85,6 +85,11 @@ class ClipScorer:
         return (cropped - self.mean) / self.std
 
     @torch.no_grad()
+    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised image embeddings (B, D) of images (B, 3, H, W) in [0, 1]."""
+        return self.model.encode_image(self.preprocess(images).to(self.device), normalize=True).float().cpu()
+
+    @torch.no_grad()
     def score(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """Cosine similarity of each image with its text: (B,) for images (B, 3, H, W) in [0, 1]."""
         if len(texts) != images.shape[0]:

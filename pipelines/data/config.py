@@ -28,6 +28,24 @@ class FilterConfig(StrictModel):
     """How long a writer waits for earlier partitions of the run to register their hashes (they are read
     before it, so this only runs out when a read is retried while every task slot holds a waiting writer);
     past it the writer claims with what is registered and logs that plan order is not guaranteed."""
+    dedup_actors: int = Field(1, ge=1)
+    """Actors of the duplicate index (exact and near): content hashes and near-duplicate band values are
+    spread over them by prefix, so each holds about 1/dedup_actors of the index (pipelines/data/dedup.py)."""
+    near_dedup: bool = False
+    """Drop near duplicates: media whose 64-bit perceptual hash (an image; 3 frames of a video's first
+    clip, all of which must match) is within ``near_dedup_distance`` bits of an earlier record's in plan
+    order (re-encodes, small resizes, small overlays). Reason ``dedup:near_duplicate``."""
+    near_dedup_distance: int = Field(6, ge=0, le=16)
+    """Hamming distance up to which two perceptual hashes are near duplicates (JPEG re-encodes, 10 %
+    resizes and small watermarks land at 0-4 bits; other crops of the same scene at 20 or more)."""
+    semantic_dedup: bool = False
+    """Store the normalised CLIP image embedding of each sample (``clip_embedding``) for the semantic
+    dedup pass (``lance precompute --semantic-dedup``, pipelines/data/semdedup.py), which writes
+    ``semantic_drop.parquet`` beside the shards; training leaves those rows out."""
+    semantic_dedup_threshold: float = Field(0.95, gt=0.0, le=1.0)
+    """Cosine similarity of CLIP image embeddings from which a later sample of the same cluster is dropped."""
+    semantic_dedup_clusters: int | None = Field(None, ge=1)
+    """k of the k-means over the embeddings (None: one cluster per 1,000 samples)."""
     clip_score: bool = False
     """Compute the open_clip image-text score and store it in the shard (implied by ``clip_score_min``)."""
     clip_score_min: float | None = Field(None, ge=-1.0, le=1.0)
@@ -45,8 +63,14 @@ class FilterConfig(StrictModel):
 
     @property
     def scoring(self) -> bool:
-        """Whether the scoring stage runs (CLIP score or text area)."""
-        return self.clip_score or self.clip_score_min is not None or self.text_area_max is not None
+        """Whether the scoring stage runs (CLIP score or embedding, text area)."""
+        return (self.clip_score or self.clip_score_min is not None or self.text_area_max is not None
+                or self.semantic_dedup)
+
+    @property
+    def any_dedup(self) -> bool:
+        """Whether the duplicate index runs (exact or near duplicates)."""
+        return self.dedup or self.near_dedup
 
 
 class VideoConfig(StrictModel):
@@ -162,8 +186,11 @@ class PrecomputeConfig(StrictModel):
     output: OutputPath = Field("runs/latents", validate_default=True)
     partition_size: int = Field(64, ge=1)
     """Input records per partition; one partition becomes one shard."""
+    plan_files_per_task: int = Field(64, ge=1)
+    """Input files whose records one planning task counts (the plan is made once per output, in Ray tasks)."""
     manifest_every: int = Field(64, ge=1)
-    """Commits between rewrites of manifest.json and stats.json (each commit record is durable by itself)."""
+    """Commits per manifest segment: the manifest and stats.json are brought up to date with every this many
+    new commit records (each commit record is durable by itself)."""
     latent_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     """Precision of the stored latents and ViT features: bf16 (rounded to bfloat16, stored as float16 in the same
     2 bytes, which numpy reads), fp16, or fp32 (twice the size); see ``lance_core/shards.py``."""

@@ -2,17 +2,19 @@
 -> ViT pool -> per-partition shard writer, as one streaming execution: the actor pools start once, and
 Ray Data's backpressure bounds memory whatever the dataset size.
 
-Before Ray starts: the paths are checked, the rerun is decided (``config.json`` of the output against this
-config, see pipelines/runtime/run_folder.py) and the inputs are listed; an output whose partitions are all
-committed returns its recorded figures without starting Ray.
+First the paths are checked, the rerun is decided (``config.json`` of the output against this config, see
+pipelines/runtime/run_folder.py) and the plan is read back, or made (inputs listed here, their records
+counted in Ray tasks: pipelines/data/plan.py); an output whose partitions are all committed returns its
+recorded figures without starting Ray. The manifest and stats.json are brought up to date from the commit
+records as they arrive (pipelines/data/manifest.py).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -27,10 +29,13 @@ from pipelines.runtime.run_folder import CONFIG_FILE, RunFolder, RunMode
 from pipelines.runtime.storage import filesystem, is_environment_failure, join_uri, with_retries
 
 from .config import PrecomputeConfig
+from .dedup import DedupIndex
 from .encode import VAEEncoder, ViTEncoder
+from .manifest import MANIFEST_FILE, MANIFEST_FOLDER, ManifestWriter
+from .plan import PLAN_FILE, PLAN_FOLDER, Plan, load_plan
 from .records import ROW_DEFAULTS, dropped, record_rows, to_arrow
 from .scores import ScoreFilter
-from .sources import InputFile, list_inputs, plan_partitions, read_segment
+from .sources import InputFile, read_segment
 from .writer import (
     COMMITS,
     OUTPUT_FOLDERS,
@@ -38,122 +43,52 @@ from .writer import (
     TMP_PREFIX,
     DamagedFileError,
     assemble_partition,
-    committed_hashes,
     read_commits,
     read_json,
     remove_temporary_files,
     write_blocks,
-    write_json,
 )
 
+log = logging.getLogger("lance.precompute")
 
-class ContentOwners:
-    """Which record owns each content hash: the first in plan order (partition, record), or a committed
-    shard. Read tasks register their records' hashes as soon as they are read; a writer first waits until
-    every earlier partition of the run has registered (they were read before it: reads start in plan
-    order), then claims. So the owner is the earliest occurrence in plan order whatever order partitions
-    are written in, across partitions and reruns; a writer retried after a crash gets the same answer."""
-
-    def __init__(self, hashes: list[str], pending: list[int] = ()) -> None:
-        self.committed = set(hashes)
-        self.owner: dict[str, tuple[int, int]] = {}
-        self.pending = set(pending)
-
-    def register(self, partition: int, hashes: list[str], records: list[int]) -> None:
-        for digest, record in zip(hashes, records):
-            current = self.owner.get(digest)
-            if current is None or (partition, record) < current:
-                self.owner[digest] = (partition, record)
-        self.pending.discard(partition)
-
-    def unregistered_before(self, partition: int) -> list[int]:
-        """Partitions of this run before ``partition`` whose hashes are not registered yet."""
-        return sorted(p for p in self.pending if p < partition)
-
-    def claim(self, partition: int, hashes: list[str], records: list[int]) -> list[int]:
-        """Claim ``hashes`` for the records ``records`` of ``partition`` (one hash per record); return the
-        records whose content another record owns (an earlier one in plan order or a committed shard)."""
-        self.register(partition, hashes, records)
-        return sorted(record for digest, record in zip(hashes, records)
-                      if digest in self.committed or self.owner[digest] != (partition, record))
-
-
-DedupIndex = ray.remote(num_cpus=0)(ContentOwners)
 
 PRECOMPUTE_RESUMABLE = (
-    "manifest_every", "storage", "filters.score_actors", "encoders.vae_actors", "encoders.vit_actors",
-    "encoders.batch_size", "encoders.num_gpus_per_actor", "encoders.cpus_per_actor", "encoders.threads_per_actor",
+    "manifest_every", "plan_files_per_task", "storage", "filters.score_actors", "encoders.vae_actors",
+    "encoders.vit_actors", "encoders.batch_size", "encoders.num_gpus_per_actor", "encoders.cpus_per_actor", "encoders.threads_per_actor",
     "encoders.cpus_per_task", "encoders.memory_per_task_gb", "encoders.max_decode_tasks", "encoders.block_mb",
+    "filters.dedup_actors", "filters.semantic_dedup_threshold", "filters.semantic_dedup_clusters",
 )
 """Fields a resumed precompute may change: where, how fast and in what chunks it runs, not what it writes."""
-PRECOMPUTE_OUTPUTS = ("shards", "quarantine", COMMITS, PIECES, "plan.json", "manifest.json", "stats.json", CONFIG_FILE,
-                      f"{TMP_PREFIX}*")
+PRECOMPUTE_OUTPUTS = ("shards", "quarantine", COMMITS, PIECES, PLAN_FILE, PLAN_FOLDER, MANIFEST_FILE, MANIFEST_FOLDER,
+                      "stats.json", CONFIG_FILE, "semantic_drop.parquet", f"{TMP_PREFIX}*")
 """What ``--overwrite`` removes from the output folder; nothing else in it is touched."""
 
 
-def _stored_plan(cfg: PrecomputeConfig) -> tuple[list[InputFile], list, tuple] | None:
-    """(files, partitions, (input, partition_size)) of ``plan.json``; DamagedFileError naming it if damaged."""
-    stored = read_json(cfg.output, "plan.json", cfg)
-    if stored is None:
-        return None
-    try:
-        files = [InputFile(**f) for f in stored["inputs"]]
-        partitions = [[tuple(int(x) for x in s) for s in p] for p in stored["partitions"]]
-        return files, partitions, (stored["input"], stored["partition_size"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise DamagedFileError(f"{cfg.output.rstrip('/')}/plan.json is damaged ({type(err).__name__}: {err})") \
-            from None
-
-
-def load_plan(cfg: PrecomputeConfig, committed: bool = False) -> tuple[list[InputFile], list]:
-    """The stored plan of the output folder, or a new one; a rerun with other inputs is refused. A damaged
-    plan is made again while no partition is committed (``committed``), else refused with its file named."""
-    try:
-        stored = _stored_plan(cfg)
-    except DamagedFileError as err:
-        if committed:
-            raise DamagedFileError(f"{err}; partitions are committed against it: restore it, or use a new "
-                                   "output folder") from None
-        print(f"precompute: {err}; no partition is committed yet, planning again", flush=True)
-        stored = None
-    if stored is not None:
-        files, partitions, (planned_input, planned_size) = stored
-        if (planned_input, planned_size) != (cfg.input, cfg.partition_size):
-            raise ValueError(f"output {cfg.output!r} was planned for input {planned_input!r} with partition_size "
-                             f"{planned_size}; use a new output folder for other inputs")
-        return files, partitions
-    files = list_inputs(cfg)
-    partitions = plan_partitions(files, cfg.partition_size)
-    _prepare_output(cfg)  # only now: an input that cannot be listed leaves no output folder behind
-    write_json(cfg.output, "plan.json", {
-        "input": cfg.input, "partition_size": cfg.partition_size,
-        "inputs": [f.__dict__ for f in files], "partitions": partitions}, cfg)
-    return files, partitions
-
-
-def _partition_rows(items, files: list[InputFile], cfg_json: str, dedup=None):
-    """Partition items -> Arrow tables of their rows, yielded as they fill (``encoders.block_mb``), so a task
-    holds one block of a partition's decoded clips, not all of them. Each row carries its number within the
+def _partition_rows(items, plan: Plan, cfg_json: str, dedup=None):
+    """Partition numbers -> Arrow tables of their rows (segments looked up in ``plan``), yielded as they fill
+    (``encoders.block_mb``), so a task holds one block of a partition's decoded clips, not all of them. Each
+    row carries its number within the
     partition (``row_seq``); the rows of the partition's last table also carry the partition's row count
     (``partition_rows``), which lets the writer know when it has them all. The partition's content hashes are
     registered with the dedup index before that last table leaves."""
     cfg = PrecomputeConfig.model_validate_json(cfg_json)
     block_bytes = int(cfg.encoders.block_mb * 2**20)
-    for partition, segments in zip(items["partition"], items["segments"]):
+    for partition in items["partition"]:
         partition = int(partition)
-        first_hashes: dict[int, str] = {}
+        files, segments = plan.segments(partition, cfg.storage)
+        first_hashes: dict[int, tuple[str, str]] = {}
         block = _BlockBuilder(block_bytes)
         seq = 0
-        for row in _rows_of_partition(partition, json.loads(segments), files, cfg):
+        for row in _rows_of_partition(partition, segments, files, cfg):
             row["row_seq"] = seq
             seq += 1
             if row.get("status") == "ok":
-                first_hashes.setdefault(row["record_index"], row["content_sha256"])
+                first_hashes.setdefault(row["record_index"], (row["content_sha256"], row["near_hash"]))
             if block.full_with(row):
                 yield block.take()
             block.add(row)
         if dedup is not None:
-            ray.get(dedup.register.remote(partition, list(first_hashes.values()), list(first_hashes)))
+            dedup.register(partition, first_hashes)
         yield block.take(partition_rows=seq)
 
 
@@ -317,7 +252,7 @@ def check_cpu_budget(cfg: PrecomputeConfig, cluster_cpus: float, autoscaling: bo
                "encoders.cpus_per_task or the actor counts")
     if not autoscaling:
         raise ValueError(message)
-    print(f"precompute: warning: {message} (waiting for the autoscaler to add nodes)", flush=True)
+    log.warning(f"{message} (waiting for the autoscaler to add nodes)")
 
 
 def check_precompute_paths(cfg: PrecomputeConfig) -> None:
@@ -331,7 +266,7 @@ def _recorded_stats(cfg: PrecomputeConfig) -> dict | None:
     try:
         return read_json(cfg.output, "stats.json", cfg)
     except DamagedFileError as err:
-        print(f"precompute: {err}; it is written again from the commit records", flush=True)
+        log.warning(f"{err}; it is written again from the commit records")
         return None
 
 
@@ -341,23 +276,23 @@ def run_precompute(cfg: PrecomputeConfig, progress: bool = True, mode: RunMode =
     check_precompute_paths(cfg)
     config = cfg.model_dump(mode="json")
     folder = RunFolder("precompute", cfg.output, cfg.storage)
-    folder.settle(config, PRECOMPUTE_RESUMABLE, mode, holds_run=folder.holds("plan.json", f"{COMMITS}/*.json"),
+    folder.settle(config, PRECOMPUTE_RESUMABLE, mode, schema=PrecomputeConfig, holds_run=folder.holds("plan.json", f"{COMMITS}/*.json"),
                   remove=PRECOMPUTE_OUTPUTS)
     for path in remove_temporary_files(cfg.output, cfg):
-        print(f"precompute: removed {path}, left by an attempt that did not finish", flush=True)
+        log.info(f"removed {path}, left by an attempt that did not finish")
     commits = read_commits(cfg.output, cfg)
     encoder = encoder_identity(cfg.model.build())
     if commits:
         check_same_encoder(cfg, encoder)
-    files, partitions = load_plan(cfg, committed=bool(commits))
-    todo = [p for p in range(len(partitions)) if p not in commits]
-    skipped = len(partitions) - len(todo)
+    plan = load_plan(cfg, committed=bool(commits))
+    todo = [p for p in range(plan.partitions) if p not in commits]
+    skipped = plan.partitions - len(todo)
     recorded = _recorded_stats(cfg)
     earlier_seconds = (recorded or {}).get("wall_seconds", 0.0) if commits else 0.0
     if not todo:
-        if recorded is None or recorded.get("partitions_committed") != len(partitions):
-            recorded = write_manifest(cfg, encoder, commits, len(partitions), earlier_seconds)
-        return PrecomputeResult(cfg.output, len(partitions), 0, skipped, recorded, complete_before=True)
+        if recorded is None or recorded.get("partitions_committed") != plan.partitions:
+            recorded = ManifestWriter(cfg, encoder, plan.partitions, commits).flush(earlier_seconds)
+        return PrecomputeResult(cfg.output, plan.partitions, 0, skipped, recorded, complete_before=True)
     folder.record_config(config)
     _prepare_output(cfg)
     joined = bool(os.environ.get("RAY_ADDRESS"))
@@ -366,23 +301,20 @@ def run_precompute(cfg: PrecomputeConfig, progress: bool = True, mode: RunMode =
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     ctx.target_max_block_size = int(cfg.encoders.block_mb * 2**20)
-    dedup = DedupIndex.remote(committed_hashes(cfg.output, commits, cfg), todo) if cfg.filters.dedup else None
+    dedup = DedupIndex.start(cfg, commits, todo)
     started = time.perf_counter()
-    since_manifest = 0
+    manifest = ManifestWriter(cfg, encoder, plan.partitions, commits)
 
     def committed(record: dict) -> None:
-        nonlocal since_manifest
         commits[record["partition"]] = record
-        since_manifest += 1
-        if since_manifest >= cfg.manifest_every:
-            write_manifest(cfg, encoder, commits, len(partitions), earlier_seconds + time.perf_counter() - started)
-            since_manifest = 0
+        if manifest.add(record):
+            manifest.flush(earlier_seconds + time.perf_counter() - started)
 
     pieces = PiecesByPartition()
     assemble = ray.remote(assemble_partition).options(num_cpus=cfg.encoders.cpus_per_task)
     assembling = []
     cfg_json = cfg.model_dump_json()
-    for row in _build_dataset(cfg, files, partitions, todo, dedup).iter_rows():
+    for row in _build_dataset(cfg, plan, todo, dedup).iter_rows():
         if row["commit"]:
             committed(json.loads(row["commit"]))
         elif paths := pieces.add(int(row["partition"]), json.loads(row["piece"])):
@@ -395,20 +327,20 @@ def run_precompute(cfg: PrecomputeConfig, progress: bool = True, mode: RunMode =
         committed(json.loads(record))
     if pieces.incomplete():
         raise RuntimeError(f"partitions {pieces.incomplete()} did not reach the writer whole; rerun to redo them")
-    stats = write_manifest(cfg, encoder, commits, len(partitions), earlier_seconds + time.perf_counter() - started)
-    return PrecomputeResult(cfg.output, len(partitions), len(todo), skipped, stats)
+    stats = manifest.flush(earlier_seconds + time.perf_counter() - started)
+    return PrecomputeResult(cfg.output, plan.partitions, len(todo), skipped, stats)
 
 
-def _build_dataset(cfg: PrecomputeConfig, files: list[InputFile], partitions: list, todo: list[int], dedup):
+def _build_dataset(cfg: PrecomputeConfig, plan: Plan, todo: list[int], dedup):
     """All stages over the partitions still to do; each yielded row is one partition's commit record."""
     cfg_json = cfg.model_dump_json()
     enc = cfg.encoders
     gpu = enc.num_gpus_per_actor or None
-    items = [{"partition": p, "segments": json.dumps(partitions[p])} for p in todo]
+    items = [{"partition": p} for p in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(todo))
     # The memory reservation also keeps decode in its own tasks: Ray Data fuses a task stage into the
     # next actor stage when their remote args match, which would run decode and encode one after the other.
-    ds = ds.map_batches(_partition_rows, fn_args=(files, cfg_json, dedup), batch_size=1, batch_format="numpy",
+    ds = ds.map_batches(_partition_rows, fn_args=(plan, cfg_json, dedup), batch_size=1, batch_format="numpy",
                         num_cpus=enc.cpus_per_task, memory=int(enc.memory_per_task_gb * 2**30),
                         concurrency=enc.max_decode_tasks)
     # A partition reaches the writer in one block or in several (a long video's clips, ``block_mb``); the
@@ -432,34 +364,3 @@ def check_same_encoder(cfg: PrecomputeConfig, encoder: dict) -> None:
     if recorded is not None and (differences := identity_mismatch(recorded, encoder)):
         raise ValueError(f"{cfg.output}: its committed shards were encoded by other encoders than model.weights "
                          f"names now ({'; '.join(differences[:3])}); give the same weights, or --overwrite")
-
-
-def write_manifest(cfg: PrecomputeConfig, encoder: dict, commits: dict[int, dict], total: int,
-                   seconds: float) -> dict:
-    ordered = [commits[p] for p in sorted(commits)]
-    write_json(cfg.output, "manifest.json", {
-        "schema": "lance-latent-shards/1", "partitions_planned": total, "partitions_committed": len(ordered),
-        "encoder": encoder,
-        "shards": [{k: c[k] for k in ("partition", "shard", "rows", "bytes", "sha256", "inputs")} for c in ordered],
-    }, cfg)
-    stats = summarize(ordered, total, seconds)  # seconds: the wall time of every run that committed partitions
-    write_json(cfg.output, "stats.json", stats, cfg)
-    return stats
-
-
-def summarize(commits: list[dict], total: int, seconds: float) -> dict:
-    filtered, quarantined, stage_seconds = Counter(), Counter(), Counter()
-    for c in commits:
-        filtered.update(c["filtered"])
-        quarantined.update(c["quarantined"])
-        stage_seconds.update(c.get("seconds", {}))
-    inputs = sum(c["inputs"] for c in commits)
-    return {
-        "partitions_planned": total, "partitions_committed": len(commits),
-        "inputs": inputs, "inputs_written": sum(c["inputs_written"] for c in commits),
-        "inputs_filtered": sum(c["filtered_inputs"] for c in commits),
-        "inputs_quarantined": sum(c["quarantined_inputs"] for c in commits),
-        "samples_written": sum(c["rows"] for c in commits), "bytes_written": sum(c["bytes"] for c in commits),
-        "filtered_by_reason": dict(filtered), "quarantined_by_reason": dict(quarantined),
-        "stage_seconds": dict(stage_seconds), "wall_seconds": seconds,
-    }

@@ -10,20 +10,22 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 
+import numpy as np
+
 from lance_core.shards import sample_id
 from pipelines.runtime.storage import fetch_bytes, is_environment_failure
 
 from .config import PrecomputeConfig
 from .decode import DecodeError
-from .filters import caption_reason
+from .filters import caption_reason, format_near_hash, perceptual_hash
 from .media import media_reason, open_media, slot_clips
 
 ROW_DEFAULTS: dict = {
     "partition": -1, "record_index": -1, "source_uri": "", "status": "ok", "stage": "", "reason": "", "error": "",
     "task": "", "caption": "", "system": "", "question": "", "answer": "", "clip_index": 0,
     "content_sha256": "", "sample_id": "", "bucket": "", "motion": float("nan"), "row_seq": -1,
-    "partition_rows": -1,
-    "clip_score": float("nan"), "text_area": float("nan"),
+    "partition_rows": -1, "near_hash": "",
+    "clip_score": float("nan"), "text_area": float("nan"), "clip_embedding": b"",
     **{f"{slot}_{name}": default for slot in ("target", "source") for name, default in (
         ("pixels", b""), ("shape", []), ("vit_pixels", b""), ("vit_shape", []), ("width", 0), ("height", 0),
         ("frames", 0), ("fps", 0.0))},
@@ -110,6 +112,7 @@ def record_rows(record: dict, partition: int, index: int, cfg: PrecomputeConfig)
             return
     needs_vit = task in cfg.encoders.vit_tasks
     yielded = 0
+    near = ""
     try:
         source_clips = slot_clips(source, "source", needs_vit, cfg) if source is not None else None
         source_values: dict = {}
@@ -120,8 +123,10 @@ def record_rows(record: dict, partition: int, index: int, cfg: PrecomputeConfig)
             static = cfg.filters.motion_min is not None and clip.motion < cfg.filters.motion_min
             if static and target.video is not None:
                 continue
+            if cfg.filters.near_dedup and not near:
+                near = near_hash({**clip.values, **source_values})
             yield _row(record, partition, index, clip_index=clip.clip_index, content_sha256=content,
-                       sample_id=sample_id(record["source_uri"], content, clip.clip_index),
+                       near_hash=near, sample_id=sample_id(record["source_uri"], content, clip.clip_index),
                        bucket=clip.bucket, motion=clip.motion, **clip.values, **source_values)
             yielded += 1
     except DecodeError as err:
@@ -131,12 +136,29 @@ def record_rows(record: dict, partition: int, index: int, cfg: PrecomputeConfig)
         yield dropped(record, partition, index, "filtered", "motion", "static_video")
 
 
+NEAR_HASH_FRAMES = 3
+
+
+def near_hash(values: dict) -> str:
+    """The record's perceptual hashes, from the row values of its first clip: one per image, or of
+    ``NEAR_HASH_FRAMES`` frames evenly spaced over a video clip; the target's, then the source's."""
+    hashes = []
+    for slot in ("target", "source"):
+        data = values.get(f"{slot}_pixels")
+        if not data:
+            continue
+        frames = np.frombuffer(data, dtype=np.uint8).reshape(values[f"{slot}_shape"])
+        picks = np.linspace(0, len(frames) - 1, min(NEAR_HASH_FRAMES, len(frames))).round().astype(int)
+        hashes += [perceptual_hash(frames[k]) for k in picks]
+    return format_near_hash(hashes)
+
+
 def _arrow_type(name: str, sample):
     import pyarrow as pa
 
     if name.endswith(("_shape", "_grid")):
         return pa.list_(pa.int64())
-    if name.endswith(("_pixels", "_vae", "_vae_std", "_vit")):
+    if name.endswith(("_pixels", "_vae", "_vae_std", "_vit", "_embedding")):
         return pa.binary()
     if isinstance(sample, bool):
         return pa.bool_()

@@ -1,5 +1,6 @@
 """The scoring stage (an actor pool between decode and the encoders): open_clip image-text score and the
-text-overlay area found by the PP-OCR detector, on the bucketed target pixels (the middle frame of a clip).
+text-overlay area found by the PP-OCR detector, on the bucketed target pixels (the middle frame of a clip);
+with ``filters.semantic_dedup`` also the normalised CLIP image embedding, stored for the semantic dedup pass.
 
 Scores are stored in the shard for later re-filtering; rows below ``clip_score_min`` or above
 ``text_area_max`` become filtered rows with stage ``clip`` / ``text`` before any encoder spends time on them.
@@ -56,8 +57,9 @@ class ScoreFilter(_EncoderActor):
     def __init__(self, cfg_json: str) -> None:
         super().__init__(cfg_json)
         f = self.cfg.filters
+        self.scores = f.clip_score or f.clip_score_min is not None
         self.clip = (ClipScorer(f.clip_model, f.clip_weights, self.device)
-                     if f.clip_score or f.clip_score_min is not None else None)
+                     if self.scores or f.semantic_dedup else None)
         self.detector = TextDetector(threads=max(1, math.ceil(self.cfg.encoders.cpus_per_actor))) \
             if f.text_area_max is not None else None
 
@@ -66,10 +68,14 @@ class ScoreFilter(_EncoderActor):
         f = self.cfg.filters
         clip_scores = np.full(len(batch), np.nan)
         text_areas = np.full(len(batch), np.nan)
+        embeddings = [b""] * len(batch)
         texts = [scored_text(t, c, a) for t, c, a in zip(batch["task"], batch["caption"], batch["answer"])]
         for shape, rows in _groups(batch, "target", self.chunk):
             middle = _pixels(batch, "target", rows, shape)[:, shape[0] // 2]  # (B, H, W, 3) in [0, 1]
-            if self.clip is not None:
+            if self.clip is not None and f.semantic_dedup:
+                for i, embedding in zip(rows, self.clip.image_embeddings(middle.permute(0, 3, 1, 2)).numpy()):
+                    embeddings[i] = embedding.astype(np.float32).tobytes()
+            if self.clip is not None and self.scores:
                 with_text = [k for k, i in enumerate(rows) if texts[i] is not None]
                 if with_text:
                     images = middle[with_text].permute(0, 3, 1, 2)
@@ -81,6 +87,7 @@ class ScoreFilter(_EncoderActor):
                     text_areas[i] = self.detector.text_area(frame)
         batch["clip_score"] = clip_scores
         batch["text_area"] = text_areas
+        batch["clip_embedding"] = embeddings
         ok = batch["status"] == "ok"
         if f.clip_score_min is not None:
             low = ok & (batch["clip_score"] < f.clip_score_min)

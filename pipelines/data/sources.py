@@ -76,8 +76,8 @@ def _format_of(uri: str, configured: str) -> str | None:
     return None
 
 
-def list_inputs(cfg: PrecomputeConfig) -> list[InputFile]:
-    """Input files in sorted order with their record counts (the basis of a deterministic plan)."""
+def list_input_files(cfg: PrecomputeConfig) -> list[tuple[str, str]]:
+    """(URI, format) of the input files in sorted order, from the listing alone (no file is opened)."""
     if not cfg.input:
         raise ValueError("input: no input URI given (--input or input: in the config)")
     fs = filesystem(cfg.input, cfg.storage)
@@ -88,17 +88,25 @@ def list_inputs(cfg: PrecomputeConfig) -> list[InputFile]:
         uris = [with_protocol(cfg.input, p) for p in skip_tar_sidecars(paths)]
     else:
         uris = [cfg.input]
-    files = []
-    for uri in uris:
-        fmt = _format_of(uri, cfg.input_format)
-        if fmt is None:
-            continue
-        count = with_retries(f"reading {uri}", cfg.storage,
-                             lambda: count_records(uri, fmt, cfg.storage, cfg.manifest))
-        files.append(InputFile(uri, fmt, count))
+    files = [(uri, fmt) for uri in uris if (fmt := _format_of(uri, cfg.input_format)) is not None]
     if not files:
         raise ValueError(f"input {cfg.input!r} holds no .tar, .parquet, .jsonl or .csv files")
     return files
+
+
+def count_batch(files: list[tuple[str, str]], storage: StorageConfig, manifest: ManifestConfig) -> list[int]:
+    """Record counts of a batch of (URI, format), in order: the work of one planning task."""
+    return [with_retries(f"reading {uri}", storage,
+                         lambda uri=uri, fmt=fmt: count_records(uri, fmt, storage, manifest))
+            for uri, fmt in files]
+
+
+def list_inputs(cfg: PrecomputeConfig) -> list[InputFile]:
+    """Input files in sorted order with their record counts, counted one after another in this process (small
+    inputs: tests and benches; the precompute counts in Ray tasks, see pipelines/data/plan.py)."""
+    files = list_input_files(cfg)
+    counts = count_batch(files, cfg.storage, cfg.manifest)
+    return [InputFile(uri, fmt, count) for (uri, fmt), count in zip(files, counts)]
 
 
 def skip_tar_sidecars(paths: list[str]) -> list[str]:
@@ -127,7 +135,7 @@ def count_records(uri: str, fmt: str, storage: StorageConfig, manifest: Manifest
                 _check_manifest_columns(pf.schema_arrow.names, uri, manifest)
             return pf.metadata.num_rows
         if fmt == "webdataset":
-            return 1 if _tar_problem(fh, uri) else len(_tar_keys(fh, uri))
+            return 1 if _tar_problem(fh, uri) else _tar_sample_count(fh, uri)
         if fmt == "jsonl":
             return sum(1 for line in fh if line.strip())
         reader = csv.DictReader(io.TextIOWrapper(fh, encoding="utf-8", errors="replace"))
@@ -185,15 +193,16 @@ def split_member_name(name: str) -> tuple[str, str] | None:
     return f"{folder}{slash}{stem}", field.lower()
 
 
-def _tar_keys(fh, uri: str) -> list[str]:
-    """Sample keys in tar order; consecutive members of one key make one sample."""
-    keys: list[str] = []
+def _tar_sample_count(fh, uri: str) -> int:
+    """Samples of a tar: runs of consecutive members of one key. Only the headers are read; a plain tar's
+    member data is seeked over."""
+    count, key = 0, None
     with _open_tar(fh, uri) as tar:
         for member in tar:
             split = split_member_name(member.name) if member.isfile() else None
-            if split is not None and (not keys or keys[-1] != split[0]):
-                keys.append(split[0])
-    return keys
+            if split is not None and split[0] != key:
+                count, key = count + 1, split[0]
+    return count
 
 
 def plan_partitions(files: list[InputFile], partition_size: int) -> list[list[tuple[int, int, int]]]:

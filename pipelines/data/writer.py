@@ -1,5 +1,6 @@
 """Output root: ``shards/part-NNNNN.parquet``, ``quarantine/part-NNNNN.parquet``, ``_commits/part-NNNNN.json``,
-``plan.json``, ``manifest.json``, ``stats.json``.
+``plan.json`` + ``plan/inputs.parquet`` (pipelines/data/plan.py), ``manifest.json`` + ``manifest/seg-*.parquet``
+(pipelines/data/manifest.py), ``stats.json``.
 
 A partition commits in this order: quarantine file, shard (written under a temporary name, then moved
 into place), then its commit record. The commit record is the truth: a rerun skips partitions that have
@@ -31,13 +32,14 @@ from lance_core.shards import QUARANTINE_SCHEMA, STORAGE_DTYPES, parquet_options
 from pipelines.runtime.storage import filesystem, join_uri, with_retries
 
 from .config import PrecomputeConfig
+from .dedup import claim_partition, near_footer
 
 COMMITS = "_commits"
 PIECES = "_pieces"
 TMP_PREFIX = ".tmp-"
 COMMIT_FIELDS = ("partition", "shard", "rows", "bytes", "sha256", "inputs", "inputs_written", "filtered",
                  "quarantined", "filtered_inputs", "quarantined_inputs")
-OUTPUT_FOLDERS = ("", "shards", "quarantine", COMMITS)
+OUTPUT_FOLDERS = ("", "shards", "quarantine", COMMITS, "plan", "manifest")
 
 
 class DamagedFileError(ValueError):
@@ -76,6 +78,8 @@ def _shard_table(ok: pd.DataFrame, cfg: PrecomputeConfig) -> pa.Table:
             "task": row["task"], "caption": row["caption"], "system": row["system"] or None,
             "question": row["question"] or None, "answer": row["answer"] or None, "clip_index": row["clip_index"],
             "clip_score": _number(row.get("clip_score")),
+            "clip_embedding": np.frombuffer(row["clip_embedding"], dtype=np.float32)
+            if row.get("clip_embedding") else None,
             "scores": json.dumps({name: None if _number(row.get(name)) is None else round(float(row[name]), 5)
                                   for name in ("motion", "text_area")}),
         }
@@ -150,23 +154,6 @@ def remove_temporary_files(output: str, cfg: PrecomputeConfig) -> list[str]:
     return removed
 
 
-def _wait_for_earlier_partitions(dedup_index, partition: int, timeout: float) -> None:
-    """Until every earlier partition of the run has registered its content hashes (see ContentOwners)."""
-    import ray
-
-    deadline = time.monotonic() + timeout
-    delay = 0.05
-    while waiting := ray.get(dedup_index.unregistered_before.remote(partition)):
-        if time.monotonic() > deadline:
-            logging.getLogger(__name__).warning(
-                "partition %d: partitions %s did not register their hashes within %.0f s; exact duplicates "
-                "shared with them keep the copy claimed first, not necessarily the first in plan order",
-                partition, waiting[:5], timeout)
-            return
-        time.sleep(delay)
-        delay = min(delay * 2, 1.0)
-
-
 def write_blocks(block: pd.DataFrame, cfg_json: str, output: str, dedup_index=None) -> pd.DataFrame:
     """The writer stage: for each partition in the block, its commit record when the block holds all of the
     partition's rows (``partition_rows`` of them), else the rows written as a piece (see
@@ -239,19 +226,12 @@ def write_partition(group: pd.DataFrame, cfg: PrecomputeConfig, output: str, ded
     # quarantined whole, its clips decoded before the failure with it.
     broken = group[(group["status"] == "quarantined") & group["stage"].isin(("read", "decode"))]
     ok = group[(group["status"] == "ok") & ~group["record_index"].isin(set(broken["record_index"]))]
-    dup_records: set[int] = set()
-    if cfg.filters.dedup and dedup_index is not None and len(ok):
-        import ray
-
-        first_rows = ok.drop_duplicates("record_index")
-        _wait_for_earlier_partitions(dedup_index, partition, cfg.filters.dedup_wait_seconds)
-        dup_records = set(ray.get(dedup_index.claim.remote(
-            partition, list(first_rows["content_sha256"]), [int(i) for i in first_rows["record_index"]])))
+    duplicates = claim_partition(dedup_index, partition, ok, cfg)
+    dup_records = set(duplicates)
     ok = ok[~ok["record_index"].isin(dup_records)]
     # Each input record has one outcome: written if any of its rows (clips) is written (a clip the encoders
-    # could not store is quarantined alone), else an exact
-    # duplicate of a record written elsewhere, else quarantined if any row was, else filtered (reasons
-    # counted once per record).
+    # could not store is quarantined alone), else an exact or near duplicate of an earlier record, else
+    # quarantined if any row was, else filtered (reasons counted once per record).
     written_records = set(ok["record_index"])
     settled = written_records | dup_records
     quarantined = group[(group["status"] == "quarantined") & ~group["record_index"].isin(settled)]
@@ -260,8 +240,7 @@ def write_partition(group: pd.DataFrame, cfg: PrecomputeConfig, output: str, ded
                                                                                       | quarantined_records)]
     filtered_rows = filtered_rows.drop_duplicates("record_index")
     filtered = Counter(f"{s}:{r}" for s, r in zip(filtered_rows["stage"], filtered_rows["reason"]))
-    if dup_records:
-        filtered["dedup:exact_duplicate"] += len(dup_records)
+    filtered.update(f"dedup:{reason}" for reason in duplicates.values())
     inputs = group["record_index"].nunique()
 
     q_table = pa.table({"source_uri": list(quarantined["source_uri"]),
@@ -271,6 +250,8 @@ def write_partition(group: pd.DataFrame, cfg: PrecomputeConfig, output: str, ded
     with_retries(f"writing {output}", cfg.storage, lambda: _write_parquet(
         fs, q_table, join_uri(output, "quarantine", f"{name}.parquet")))
     table = _shard_table(ok, cfg)
+    if cfg.filters.near_dedup:
+        table = table.replace_schema_metadata({**table.schema.metadata, **near_footer(group, written_records)})
     shard_path = join_uri(output, "shards", f"{name}.parquet")
     size = with_retries(f"writing {output}", cfg.storage, lambda: _write_parquet(fs, table, shard_path))
     checksum = hashlib.sha256(fs.cat_file(shard_path)).hexdigest()
@@ -323,7 +304,7 @@ def read_commits(output: str, cfg: PrecomputeConfig) -> dict[int, dict]:
         try:
             record = parse_commit(data, path)
         except DamagedFileError as err:
-            print(f"precompute: {err}; that partition is not committed and will be redone", flush=True)
+            logging.getLogger("lance.precompute").warning(f"{err}; that partition is not committed and will be redone")
             continue
         commits[record["partition"]] = record
     return commits
@@ -347,11 +328,3 @@ def read_json(output: str, name: str, cfg: PrecomputeConfig) -> dict | None:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DamagedFileError(f"{path} is damaged ({type(err).__name__}: {err})") from None
 
-
-def committed_hashes(output: str, commits: dict[int, dict], cfg: PrecomputeConfig) -> list[str]:
-    fs = filesystem(output, cfg.storage)
-    hashes: list[str] = []
-    for record in commits.values():
-        with fs.open(join_uri(output, record["shard"]), "rb") as fh:
-            hashes += pq.read_table(fh, columns=["content_sha256"]).column(0).to_pylist()
-    return hashes

@@ -9,6 +9,7 @@ that a checkpoint taken after step k resumes with pack k + 1 exactly.
 
 from __future__ import annotations
 
+import logging
 import queue
 import random
 import threading
@@ -41,6 +42,8 @@ from pipelines.runtime.storage import open_input
 
 from .config import DataSection
 from .plan import DataError, DataPlan, passes_resolution
+
+log = logging.getLogger("lance.train")
 
 
 # ---------------------------------------------------------------------------------------------- rows -> samples
@@ -154,7 +157,7 @@ class TaskStream:
         self.task, self.plan, self.rank, self.world, self.seed, self.data = task, plan, rank, world, seed, data
         self.shards = plan.task_shards(task)
         self.by_shard = len(self.shards) >= world
-        self.held = {(s, r) for s, r in plan.holdout.get(task, [])}
+        self.held = {(s, r) for s, r in plan.holdout.get(task, [])} | plan.excluded_rows()
         self.state = StreamState()
         self._rows: Iterator[tuple[int, dict]] | None = None
         self.filtered = 0
@@ -276,7 +279,7 @@ class PackLoader:
             except ValueError as err:
                 self.counters["bad_rows"] += 1
                 if self.counters["bad_rows"] == 1:
-                    print(f"skipping bad row {row.get('sample_id')} ({task}): {err}", flush=True)
+                    log.warning(f"skipping bad row {row.get('sample_id')} ({task}): {err}")
         raise DataError(f"{MAX_CONSECUTIVE_SKIPS} rows in a row could not be turned into samples")
 
     def build_pack(self, weights: dict[str, float]) -> Pack:

@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 
 from lance_core.encoder_identity import identity_mismatch
 from lance_core.packing import TASKS
-from lance_core.shards import check_schema
+from lance_core.shards import SEMANTIC_DROP_FILE, check_schema
+from pipelines.data.manifest import manifest_entries
 from pipelines.runtime.storage import StorageError, filesystem, join_uri, open_input, with_retries
 
 from .config import DataSection, ResolutionFilter
@@ -45,6 +46,11 @@ class DataPlan:
     """Task -> (shard index, row) of its held-out rows."""
     issues: Counter = field(default_factory=Counter)
     messages: list[str] = field(default_factory=list)
+    excluded: dict[int, list[int]] = field(default_factory=dict)
+    """Shard index -> its rows left out of training (listed in their root's semantic_drop.parquet)."""
+
+    def excluded_rows(self) -> set[tuple[int, int]]:
+        return {(shard, row) for shard, rows in self.excluded.items() for row in rows}
 
     @property
     def task_rows(self) -> dict[str, int]:
@@ -58,14 +64,16 @@ class DataPlan:
 
     def to_json(self) -> str:
         return json.dumps({"shards": [asdict(s) for s in self.shards], "holdout": self.holdout,
-                           "issues": dict(self.issues), "messages": self.messages})
+                           "issues": dict(self.issues), "messages": self.messages,
+                           "excluded": {str(k): v for k, v in self.excluded.items()}})
 
     @classmethod
     def from_json(cls, text: str) -> DataPlan:
         data = json.loads(text)
         return cls([ShardEntry(**s) for s in data["shards"]],
                    {t: [tuple(x) for x in rows] for t, rows in data["holdout"].items()},
-                   Counter(data["issues"]), data["messages"])
+                   Counter(data["issues"]), data["messages"],
+                   {int(k): rows for k, rows in data.get("excluded", {}).items()})
 
 
 def target_tokens(shape) -> int:
@@ -108,8 +116,12 @@ def _manifest_shards(root: str, cfg: DataSection, plan: DataPlan, encoder: dict 
         raise DataError(f"{root}: no manifest.json (a latent shard root written by `lance precompute`)")
     data = json.loads(with_retries(f"reading {manifest}", cfg.storage, lambda: fs.cat_file(manifest)))
     _check_encoder(root, data, encoder, plan)
+    try:
+        entries = manifest_entries(root, data, cfg.storage)
+    except ValueError as err:
+        raise DataError(str(err)) from None
     uris = []
-    for entry in data.get("shards", []):
+    for entry in entries:
         uri = join_uri(root, entry["shard"])
         if not with_retries(f"reading {root}", cfg.storage, lambda uri=uri: fs.exists(uri)):
             plan.issues["missing_shards"] += 1
@@ -143,6 +155,26 @@ def _scan_shard(uri: str, cfg: DataSection) -> tuple[list[dict] | None, str | No
         return None, "bad_schema_shards", f"{err}; skipped"
 
 
+def _semantic_drops(cfg: DataSection, plan: DataPlan) -> set[str]:
+    """Sample ids of the rows the semantic dedup pass dropped (``semantic_drop.parquet`` of each root)."""
+    dropped: set[str] = set()
+    for root in cfg.uris:
+        fs = filesystem(root, cfg.storage)
+        path = join_uri(root, SEMANTIC_DROP_FILE)
+        if not with_retries(f"reading {root}", cfg.storage, lambda fs=fs, path=path: fs.exists(path)):
+            continue
+
+        def read(path=path):
+            with open_input(path, cfg.storage) as fh:
+                return pq.read_table(fh, columns=["sample_id"]).column(0).to_pylist()
+
+        ids = with_retries(f"reading {path}", cfg.storage, read)
+        dropped.update(ids)
+        plan.messages.append(f"{path}: {len(ids)} rows near-identical to earlier ones (semantic dedup) are "
+                             "left out")
+    return dropped
+
+
 def make_plan(cfg: DataSection, tasks_wanted: dict[str, float], encoder: dict | None = None) -> DataPlan:
     """Scan every shard's plan columns (task, target shape) and decide trainable and held-out rows. With
     ``encoder`` (the model's :func:`encoder_identity`), shard roots made by other encoders are refused."""
@@ -151,6 +183,7 @@ def make_plan(cfg: DataSection, tasks_wanted: dict[str, float], encoder: dict | 
     plan = DataPlan()
     scanned: list[tuple[str, list[dict]]] = []
     uris = [uri for root in cfg.uris for uri in _manifest_shards(root, cfg, plan, encoder)]
+    semantic_drops = _semantic_drops(cfg, plan)
     with ThreadPoolExecutor(max_workers=SCAN_THREADS) as pool:
         for uri, (rows, issue, message) in zip(uris, pool.map(lambda u: _scan_shard(u, cfg), uris)):
             if rows is not None:
@@ -164,6 +197,10 @@ def make_plan(cfg: DataSection, tasks_wanted: dict[str, float], encoder: dict | 
         kept = []
         for row_no, row in enumerate(rows):
             task = row["task"]
+            if row["sample_id"] in semantic_drops:
+                plan.issues["semantic_duplicate_rows"] += 1
+                plan.excluded.setdefault(index, []).append(row_no)
+                continue
             if task not in TASKS:
                 plan.issues["unknown_task_rows"] += 1
                 continue
