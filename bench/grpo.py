@@ -10,6 +10,9 @@
 3. End to end: images per second of whole epochs (rollout, rewards, learner update, weight broadcast).
 4. Asynchronous rollouts: the same epochs with ``rollout.async`` (the next epoch's rollouts overlap the
    learner update); ratio of the mean epoch time async / sync (all epochs, the first included).
+5. Learner ranks: one epoch's update of the same groups (sampled once, fixed advantages) by 1 learner rank
+   and by 2 data-parallel gloo ranks (ZeRO 0, then ZeRO-2), one torch thread each; groups/s per update
+   (median of the updates after a warm-up one), ratio over 1 rank.
 Ratios are measured in the same run (the machine is shared; the load average is recorded).
 """
 
@@ -32,7 +35,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 from bench.common import load_average, print_table, write_json
 from pipelines.rl.config import RewardPoolConfig, load_grpo_config
+from pipelines.rl.learner_group import LearnerGroup, gather
 from pipelines.rl.loop import run_grpo
+from pipelines.rl.placement import create_placement
+from pipelines.rl.prompts import epoch_prompts, load_prompts
 from pipelines.rl.rewards import RewardPool, RewardWorker
 from pipelines.runtime.ray_session import REPO_ROOT
 
@@ -107,12 +113,57 @@ def grpo_epochs(streaming: bool, epochs: int, steps: int, image_size: int, overl
             "staleness": staleness}
 
 
+def learner_config(ranks: int, zero_stage: int, groups: int) -> dict:
+    data = grpo_config(True, 1, 10, 128)
+    data["rollout"].update(prompts_per_epoch=groups, groups_per_micro_batch=2, actors={"count": 1, "num_cpus": 0})
+    data["rewards"]["actors"] = {"count": 1, "num_cpus": 0}
+    data["learner"].update(ranks=ranks, kl_weight=0.04)
+    data["deepspeed"] = {"zero_stage": zero_stage}
+    return data
+
+
+def fixed_trajectories(cfg) -> tuple[list, list[list[float]]]:
+    """The epoch-0 rollouts of ``cfg``, sampled once in this process, in the object store in micro-batches."""
+    import torch
+
+    from pipelines.rl.rollout import GroupTask, RolloutWorker, group_seed
+
+    worker = RolloutWorker(cfg.model_dump(mode="json"))
+    worker.version = 0
+    prompts = epoch_prompts(load_prompts(cfg.prompts, cfg.seed).train, 0, cfg.rollout.prompts_per_epoch)
+    tasks = [GroupTask(i, p.text, p.target, group_seed(cfg.seed, 0, i)).__dict__ for i, p in enumerate(prompts)]
+    chunks = list(worker.rollout(tasks))[1::2]
+    advantages = torch.randn(len(tasks), cfg.rollout.group_size, generator=torch.Generator().manual_seed(0))
+    return [(ray.put(chunk), [g["group_id"] for g in chunk]) for chunk in chunks], advantages.clamp(-2, 2).tolist()
+
+
+def learner_throughput(ranks: int, zero_stage: int, groups: int, updates: int, trajectories) -> dict:
+    cfg = load_grpo_config(learner_config(ranks, zero_stage, groups))
+    placement = create_placement(cfg)
+    learners = LearnerGroup(cfg, placement)
+    try:
+        learners.ready()
+        seconds = []
+        for _ in range(updates + 1):  # the first update warms up
+            started = time.perf_counter()
+            metrics = gather(learners.update(*trajectories))[0]
+            seconds.append(time.perf_counter() - started)
+    finally:
+        learners.kill()
+        placement.remove()
+    median = statistics.median(seconds[1:])
+    return {"bench": "learner", "setting": f"{ranks} rank{'s' if ranks > 1 else ''}, ZeRO-{zero_stage}",
+            "groups": metrics["groups_trained"], "images": metrics["groups_trained"] * cfg.rollout.group_size,
+            "seconds": median, "groups_per_s": metrics["groups_trained"] / median, "learn_s": metrics["learn_s"]}
+
+
 COLUMNS = [
     ("bench", "bench", "s"), ("setting", "setting", "s"), ("images", "images", "d"),
     ("seconds", "seconds", ".2f"), ("images_per_s", "images/s", ".2f"), ("ratio", "ratio", ".2f"),
     ("utilisation", "reward util", ".2f"), ("cpu_share", "cpu share", ".2f"), ("rollout_s", "rollout s", ".2f"),
     ("reward_s", "reward s", ".2f"),
     ("learn_s", "learn s", ".2f"), ("epoch_s", "epoch s", ".2f"), ("staleness", "staleness", "d"),
+    ("groups_per_s", "groups/s", ".2f"),
 ]
 
 
@@ -122,6 +173,7 @@ def main() -> None:
     parser.add_argument("--out", help="JSON path (default bench/results/grpo.json)")
     args = parser.parse_args()
     batches, epochs = (2, 2) if args.quick else (16, 5)
+    groups, updates = (4, 1) if args.quick else (8, 3)
     load_start = load_average()
     # 3 logical CPUs on 2 cores: the learner works between generation phases, so it holds a slot of its own
     ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False,
@@ -135,6 +187,9 @@ def main() -> None:
         sequential = grpo_epochs(False, epochs, 10, 128)
         streaming = grpo_epochs(True, epochs, 10, 128)
         overlapped = grpo_epochs(True, epochs, 10, 128, overlap=True)
+        trajectories = fixed_trajectories(load_grpo_config(learner_config(1, 0, groups)))
+        learners = [learner_throughput(ranks, stage, groups, updates, trajectories)
+                    for ranks, stage in ((1, 0), (2, 0), (2, 2))]
     finally:
         ray.shutdown()
     sequential["ratio"] = 1.0
@@ -156,18 +211,22 @@ def main() -> None:
                     "rollout_s": overlapped["rollout_s"], "reward_s": overlapped["reward_s"],
                     "epoch_s": overlapped["mean_epoch_s"], "staleness": overlapped["staleness"]}
     print(f"async / sync mean epoch time over {epochs} epochs: {asynchronous['ratio']:.2f}")
-    rows = [one, two, sequential, streaming, end_to_end, synchronous, asynchronous]
+    for row in learners:
+        row["ratio"] = row["groups_per_s"] / learners[0]["groups_per_s"]
+    rows = [one, two, sequential, streaming, end_to_end, synchronous, asynchronous, *learners]
     load = {"start": load_start, "end": load_average()}
     print(f"\nload average {load['start']:.1f} at start, {load['end']:.1f} at end; {os.cpu_count()} cores")
     print("reward pool ratio = throughput over 1 actor (goal >= 1.7); cpu share = process CPU seconds of the "
           "actors over actors x wall seconds (below 1 when other work takes the cores); epoch ratio = generation time (rollout + "
           "rewards) over rollout-then-rewards (goal <= 0.8); epoch rows are medians over epochs after the first; "
-          "async ratio = mean epoch time (all epochs) async / sync")
+          "async ratio = mean epoch time (all epochs) async / sync; learner ratio = groups/s of one update "
+          "over 1 rank (goal with 2 ranks on 2 free cores: >= 1.6)")
     print_table(rows, COLUMNS)
     write_json("grpo", {"load_average": load, "cores": os.cpu_count(), "rows": rows,
                         "pool_speedup": two["ratio"], "streaming_ratio": streaming["ratio"],
                         "images_per_s_end_to_end": end_to_end["images_per_s"],
-                        "async_ratio": asynchronous["ratio"]}, args.out)
+                        "async_ratio": asynchronous["ratio"], "learner_2_ranks_ratio": learners[1]["ratio"],
+                        "learner_2_ranks_zero2_ratio": learners[2]["ratio"]}, args.out)
 
 
 if __name__ == "__main__":

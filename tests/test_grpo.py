@@ -64,6 +64,8 @@ def test_config_errors_name_the_field():
         load_grpo_config({"learner": {"mode": "qlora"}})
     with pytest.raises(ConfigError, match="minibatches"):
         load_grpo_config({"rollout": {"prompts_per_epoch": 3}, "learner": {"minibatches": 2}})
+    with pytest.raises(ConfigError, match=r"learner\.ranks x learner\.minibatches \(2 x 2\)"):
+        load_grpo_config({"rollout": {"prompts_per_epoch": 6}, "learner": {"ranks": 2, "minibatches": 2}})
     with pytest.raises(ConfigError, match=r"grpo\.epochs"):
         load_grpo_config({"epochs": 0})
 

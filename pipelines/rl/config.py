@@ -137,7 +137,13 @@ class LearnerConfig(StrictModel):
     std_scope: Literal["group", "batch"] = "group"
     minibatches: int = Field(1, gt=0)
     """Optimizer updates per epoch; the epoch's groups are split evenly between them."""
+    ranks: int = Field(1, gt=0)
+    """Data-parallel learner ranks (one actor and placement bundle each, one torch.distributed group: NCCL on
+    GPUs, else gloo): each update's groups are split evenly between them and ZeRO (``deepspeed.zero_stage``)
+    partitions over them. Rank 0 alone sends the weights and writes the model files; every rank writes its
+    partition of the checkpoint, so the run folder must be shared by their nodes. A resumed run keeps it."""
     actor: ActorResources = ActorResources()
+    """Resources of each learner rank."""
 
 
 class CheckpointConfig(StrictModel):
@@ -187,9 +193,11 @@ class GRPOConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> GRPOConfig:
-        if self.rollout.prompts_per_epoch % self.learner.minibatches:
-            raise ValueError(f"rollout.prompts_per_epoch ({self.rollout.prompts_per_epoch}) must be a multiple of "
-                             f"learner.minibatches ({self.learner.minibatches})")
+        learner, prompts = self.learner, self.rollout.prompts_per_epoch
+        if prompts % (learner.ranks * learner.minibatches):
+            raise ValueError(f"rollout.prompts_per_epoch ({prompts}) must be a multiple of learner.ranks x "
+                             f"learner.minibatches ({learner.ranks} x {learner.minibatches}): every rank trains "
+                             "the same number of groups in every update")
         if self.rollout.sampler.noise_level <= 0:
             raise ValueError("rollout.sampler.noise_level must be > 0: GRPO needs stochastic SDE steps")
         if self.rollout.image_size % 16:

@@ -1,6 +1,11 @@
 """The learner actor: the policy in a DeepSpeed engine, the clipped GRPO objective with KL to the frozen
 reference, an EMA of the trained weights, weights out for the rollout workers, resumable checkpoints.
 
+``learner.ranks`` actors form one torch.distributed group (NCCL on GPUs, else gloo) that DeepSpeed
+data-parallelises over (ZeRO partitions over it): every update, each rank trains its share of the groups and
+the gradients are averaged, so the ranks keep the same weights. Rank 0 alone holds the EMA, writes the model
+files and sends the weights to the rollout workers; metrics are reduced over the ranks.
+
 Each window step of each group is replayed with the same group batching as the rollout, so the first
 ratio of an epoch is 1 when the rollout workers run with the learner's weights and thread count. In
 asynchronous mode they ran with the weights of one update before: the old log-probs are those of the
@@ -16,6 +21,7 @@ from pathlib import Path
 import ray
 import torch
 from safetensors.torch import load_file, save_file
+from torch import distributed as dist
 
 from lance_core.checkpoint import save_lance_checkpoint
 from lance_core.rl import GroupTrajectory, clipped_policy_loss, kl_to_reference, replay_step
@@ -27,10 +33,24 @@ from .policy import Policy
 from .weight_sync import WeightGroupMember
 
 
-def _free_port() -> int:
+def _free_port(address: str) -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((address, 0))
         return sock.getsockname()[1]
+
+
+def accumulation_steps(cfg: GRPOConfig) -> int:
+    """Micro-batches per optimizer step on one rank: its groups of an update times the window's steps."""
+    learner, sampler = cfg.learner, cfg.rollout.sampler
+    lo, hi = sampler.window_range or (0, sampler.steps)
+    window = sampler.window_size or (hi - lo)
+    return cfg.rollout.prompts_per_epoch // (learner.minibatches * learner.ranks) * window
+
+
+def _all_reduce(values: dict[str, float], op, device: torch.device) -> dict[str, float]:
+    flat = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(flat, op=op)
+    return dict(zip(values, flat.tolist()))
 
 
 def deepspeed_config(cfg: GRPOConfig, accumulation: int, on_gpu: bool = False) -> dict:
@@ -46,35 +66,45 @@ def deepspeed_config(cfg: GRPOConfig, accumulation: int, on_gpu: bool = False) -
 
 
 class Learner(WeightGroupMember):
-    """Actor body (wrapped with ``ray.remote`` at placement time); rank 0 of the weight group."""
+    """Actor body (wrapped with ``ray.remote`` at placement time), rank ``rank`` of ``learner.ranks``; rank 0
+    is also rank 0 of the weight group. The engine starts with :meth:`start` once rank 0 has given the
+    group's address (:meth:`rendezvous`)."""
 
-    def __init__(self, cfg_data: dict, checkpoint: str | None = None) -> None:
+    def __init__(self, cfg_data: dict, checkpoint: str | None = None, rank: int = 0) -> None:
         self.cfg = GRPOConfig.model_validate(cfg_data)
         resources = self.cfg.learner.actor
         torch.set_num_threads(resources.torch_threads)
         self.device = pick_device(resources.num_gpus)
-        os.environ.setdefault("DS_ACCELERATOR", "cuda" if self.device.type == "cuda" else "cpu")
-        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                           ("MASTER_PORT", str(_free_port()))):
-            os.environ.setdefault(key, value)
+        self.rank, self.world = rank, self.cfg.learner.ranks
+        self.policy = Policy(self.cfg, self.device, checkpoint, keep_reference=self.cfg.learner.kl_weight > 0)
+        self.engine = None
+        self.ema = None
+        if self.cfg.deepspeed.ema_decay and rank == 0:
+            self.ema = {n: p.detach().clone() for n, p in self.policy.trained().items()}
+        self.updates = 0
+
+    def rendezvous(self) -> tuple[str, int]:
+        """(rank 0) The learner group's address: this node's IP and a free port on it."""
+        address = ray.util.get_node_ip_address()
+        return address, _free_port(address)
+
+    def start(self, group: tuple[str, int]) -> None:
+        """Join the learner group at ``group`` (address, port) and build the DeepSpeed engine (blocks until
+        every rank has joined)."""
+        address, port = group
+        on_gpu = self.device.type == "cuda"
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")
+        # Ray gives each actor only its own GPU(s): the local device is always the first visible one.
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world), LOCAL_RANK="0",
+                          MASTER_ADDR=address, MASTER_PORT=str(port))
         import deepspeed
 
-        learner = self.cfg.learner
-        self.policy = Policy(self.cfg, self.device, checkpoint,
-                             keep_reference=learner.kl_weight > 0)
-        groups_per_update = self.cfg.rollout.prompts_per_epoch // learner.minibatches
-        self.window = self._window_length()
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False,
+                                   verbose=False)
         trained = list(self.policy.trained().values())
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.policy, model_parameters=trained,
-            config=deepspeed_config(self.cfg, groups_per_update * self.window, self.device.type == "cuda"))
-        self.ema = {n: p.detach().clone() for n, p in self.policy.trained().items()} if self.cfg.deepspeed.ema_decay else None
-        self.updates = 0
-
-    def _window_length(self) -> int:
-        sampler = self.cfg.rollout.sampler
-        lo, hi = sampler.window_range or (0, sampler.steps)
-        return sampler.window_size or (hi - lo)
+            config=deepspeed_config(self.cfg, accumulation_steps(self.cfg), on_gpu))
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -94,7 +124,8 @@ class Learner(WeightGroupMember):
             self.ema[name].mul_(decay).add_(param.detach(), alpha=1 - decay)
 
     def _grad_norm(self) -> float:
-        """Norm of the accumulated gradient before clipping (ZeRO partitions it: ask the engine)."""
+        """Norm of the accumulated (rank-averaged) gradient before clipping, read before the step; ZeRO
+        partitions it: the engine's, read after the step."""
         if self.cfg.deepspeed.zero_stage:
             norm = self.engine.get_global_grad_norm()
             return float(norm) if norm is not None else float("nan")
@@ -103,13 +134,15 @@ class Learner(WeightGroupMember):
             if grads else 0.0
 
     # ------------------------------------------------------------------------------------ update
-    def update(self, trajectory_refs: list, advantages: list[list[float]]) -> dict:
-        """One epoch of optimisation over the groups (``trajectory_refs`` hold lists of group payloads,
-        ``advantages`` is in the same group order)."""
+    def update(self, trajectory_refs: list, group_ids: list[int], advantages: list[list[float]]) -> dict:
+        """One epoch of optimisation over this rank's groups: ``group_ids`` in training order (its share of
+        every update in turn), found in the lists of group payloads that ``trajectory_refs`` hold;
+        ``advantages`` in the same order. Returns the metrics reduced over the ranks."""
         started = time.perf_counter()
-        groups = [g for chunk in ray.get(trajectory_refs) for g in chunk]
-        if len(groups) != len(advantages):
-            raise ValueError(f"{len(groups)} trajectories for {len(advantages)} advantage rows")
+        payloads = {g["group_id"]: g for chunk in ray.get(trajectory_refs) for g in chunk}
+        if len(group_ids) != len(advantages):
+            raise ValueError(f"{len(group_ids)} groups for {len(advantages)} advantage rows")
+        groups = [payloads[group_id] for group_id in group_ids]
         sampled_with = min(payload["version"] for payload in groups)
         learner, sampler = self.cfg.learner, self.cfg.rollout.sampler
         per_update = len(groups) // learner.minibatches
@@ -134,9 +167,12 @@ class Learner(WeightGroupMember):
                     out = clipped_policy_loss(step.log_prob, trajectory.log_probs[position], adv_t,
                                               learner.clip_range, kl, learner.kl_weight)
                     self.engine.backward(out.loss)
-                    if self.engine.is_gradient_accumulation_boundary():
+                    boundary = self.engine.is_gradient_accumulation_boundary()
+                    if boundary and not self.cfg.deepspeed.zero_stage:
                         grad_norms.append(self._grad_norm())
                     self.engine.step()
+                    if boundary and self.cfg.deepspeed.zero_stage:
+                        grad_norms.append(self._grad_norm())
                     ratios.append(out.ratio.cpu())
                     clipped.append(out.clipped.cpu())
                     kls.append(float(out.kl))
@@ -146,23 +182,37 @@ class Learner(WeightGroupMember):
             self.updates += 1
             if self.ema is not None:
                 self._update_ema()
-        ratio = torch.cat(ratios)
+        ratio = torch.cat(ratios).double()
+        sums = _all_reduce({"loss": sum(losses), "kl": sum(kls), "steps": len(losses), "ratio": float(ratio.sum()),
+                            "ratios": ratio.numel(), "clipped": float(torch.cat(clipped).sum()),
+                            "grad_norm": sum(grad_norms), "updates": len(grad_norms), "groups": len(groups)},
+                           dist.ReduceOp.SUM, self.device)
+        ratio_mean = sums["ratio"] / sums["ratios"]
+        spread = _all_reduce({"ratio_sq_dev": float(((ratio - ratio_mean) ** 2).sum())}, dist.ReduceOp.SUM,
+                             self.device)
+        # one MAX for the maxima and the (negated) minimum
+        peaks = _all_reduce({"first_deviation": first_deviation, "learn_s": time.perf_counter() - started,
+                             "version": -sampled_with}, dist.ReduceOp.MAX, self.device)
         return {
-            "loss": sum(losses) / len(losses), "kl": sum(kls) / len(kls),
-            "ratio_mean": float(ratio.mean()), "ratio_std": float(ratio.std(unbiased=False)),
-            "ratio_first_update_max_dev": first_deviation,
-            "clip_fraction": float(torch.cat(clipped).float().mean()),
-            "grad_norm": sum(grad_norms) / len(grad_norms), "updates": self.updates,
-            "learn_s": time.perf_counter() - started, "sampled_with_version": sampled_with,
+            "loss": sums["loss"] / sums["steps"], "kl": sums["kl"] / sums["steps"],
+            "ratio_mean": ratio_mean, "ratio_std": (spread["ratio_sq_dev"] / sums["ratios"]) ** 0.5,
+            "ratio_first_update_max_dev": peaks["first_deviation"],
+            "clip_fraction": sums["clipped"] / sums["ratios"],
+            "grad_norm": sums["grad_norm"] / sums["updates"], "updates": self.updates,
+            "groups_trained": int(sums["groups"]), "learner_ranks": self.world,
+            "learn_s": peaks["learn_s"], "sampled_with_version": int(-peaks["version"]),
         }
 
     # ------------------------------------------------------------------------------------ checkpoints
     def save(self, directory: str, tag: str, client_state: dict) -> str:
-        """DeepSpeed state (optimizer included) for resume, the model (LoRA merged) as a Lance checkpoint,
-        the EMA of the trained weights."""
+        """DeepSpeed state (optimizer included, in ZeRO partitions) for resume, the model (LoRA merged) as a
+        Lance checkpoint, the EMA of the trained weights. Every rank calls it (each writes its partitions into
+        the same folder, a shared filesystem across nodes); rank 0 alone writes the model files."""
         directory = Path(directory)
         self.engine.save_checkpoint(str(directory / "engine"), tag=tag,
                                    client_state={**client_state, "updates": self.updates})
+        if self.rank:
+            return str(directory)
         if self.policy.adapters is None:
             save_lance_checkpoint(self.policy.model, directory / "model.safetensors")
         else:
@@ -174,6 +224,7 @@ class Learner(WeightGroupMember):
         return str(directory)
 
     def load(self, directory: str, tag: str) -> dict:
+        """Every rank calls it, with the number of ranks that saved."""
         directory = Path(directory)
         _, client_state = self.engine.load_checkpoint(str(directory / "engine"), tag=tag)
         if self.ema is not None and (directory / "ema.safetensors").is_file():

@@ -1,6 +1,7 @@
 """The GRPO loop: rollout workers stream decoded micro-batches to the reward pool and trajectories to the
-driver; once every group's rewards are in, advantages are computed per group, the learner updates, and
-the new weights go to the rollout workers (pipelines/rl/weight_sync.py: a collective broadcast, or the
+driver; once every group's rewards are in, advantages are computed per group, the learner ranks update
+(pipelines/rl/learner_group.py: each trains its share of the groups), and rank 0's new weights go to the
+rollout workers (pipelines/rl/weight_sync.py: a collective broadcast, or the
 object store). With ``rollout.async`` the rollouts of epoch k+1 run with the weights of epoch k while the
 learner trains on epoch k (``rollout/staleness`` 1 instead of 0).
 
@@ -27,7 +28,7 @@ from pipelines.runtime.run_folder import RunMode
 from pipelines.runtime.run_log import MetricsLog
 
 from .config import GRPOConfig
-from .learner import Learner
+from .learner_group import LearnerGroup
 from .metrics import console_line, reward_metrics, write_gallery
 from .placement import create_placement
 from .policy import check_checkpoint
@@ -68,8 +69,8 @@ class GRPORun:
         self.placement = create_placement(cfg)
         data = cfg.model_dump(mode="json")
         place = self.placement
-        self.learner = ray.remote(Learner).options(
-            **place.options(place.learner, cfg.learner.actor)).remote(data, checkpoint)
+        self.learners = LearnerGroup(cfg, place, checkpoint)
+        self.learner = self.learners.sender
         self.rollouts = [ray.remote(RolloutWorker).options(**place.options(index, cfg.rollout.actors)).remote(
             data, checkpoint) for index in place.rollout]
         specs = [spec.model_dump(mode="json") for spec in cfg.rewards.terms]
@@ -81,12 +82,16 @@ class GRPORun:
 
         self.pool = RewardPool(cfg.rewards, make_reward_actor)
         self.weight_sync = WeightSync(self.learner, self.rollouts, cfg.rollout.weight_sync)
-        self.nodes = {"learner": ray.get(self.learner.node_id.remote()),
+        self.learners.ready()
+        self.nodes = {"learner": self.learners.node_ids(),
                       "rollout": ray.get([w.node_id.remote() for w in self.rollouts]),
                       "reward": [info["node_id"] for info in self.pool.wait_ready()]}
         self.startup_s = time.perf_counter() - started
-        log(f"placement group and {2 + len(self.rollouts) + len(self.pool.slots) - 1} actors ready in "
-            f"{self.startup_s:.1f}s")
+        actors = len(self.learners.actors) + len(self.rollouts) + len(self.pool.slots)
+        nodes = {node for kind in self.nodes.values() for node in kind}
+        log(f"placement group and {actors} actors on {len(nodes)} node{'s' if len(nodes) > 1 else ''} ready in "
+            f"{self.startup_s:.1f}s: " + "; ".join(f"{kind} {' '.join(n[:8] for n in ids)}"
+                                                   for kind, ids in self.nodes.items()))
         self.next_batch = 0
 
     # ------------------------------------------------------------------------------------ weights
@@ -163,10 +168,8 @@ class GRPORun:
                    "generation_s": generation_s, "reward_utilisation": self.pool.utilisation() or 0.0}
         return Generation(epoch, tasks, trajectories, image_batches, scores, advantages, started, timings, gallery)
 
-    def learn(self, generation: Generation) -> ray.ObjectRef:
-        order = [group_id for _, ids in generation.trajectories for group_id in ids]
-        return self.learner.update.remote([ref for ref, _ in generation.trajectories],
-                                          generation.advantages.values[order].tolist())
+    def learn(self, generation: Generation) -> list:
+        return self.learners.update(generation.trajectories, generation.advantages.values.tolist())
 
     def epoch_row(self, generation: Generation, learn: dict, sync_s: float, started: float) -> dict:
         """``started``: when the epoch's own work began (its rollouts, or in asynchronous mode the end of the
@@ -227,7 +230,7 @@ class GRPORun:
     def save(self, epoch: int) -> Path:
         tag = f"epoch_{epoch:04d}"
         folder = self._checkpoints() / tag
-        ray.get(self.learner.save.remote(str(folder), tag, {"epoch": epoch}))
+        self.learners.save(str(folder), tag, {"epoch": epoch})
         write_text_atomic(self._checkpoints() / "latest", tag)
         kept = sorted(p for p in self._checkpoints().iterdir() if p.is_dir() and p.name.startswith("epoch_"))
         for old in kept[:-self.cfg.checkpoint.keep_last]:
@@ -240,7 +243,7 @@ class GRPORun:
         if not latest.is_file():
             return 0
         tag = latest.read_text().strip()
-        state = ray.get(self.learner.load.remote(str(self._checkpoints() / tag), tag))
+        state = self.learners.load(str(self._checkpoints() / tag), tag)
         start = int(state["epoch"]) + 1
         self.log(f"resumed from {self._checkpoints() / tag} (epoch {start - 1} done)")
         return start
@@ -259,7 +262,7 @@ class GRPORun:
             following = None
             if cfg.rollout.async_mode and epoch < last:  # the next rollouts, with the weights before this update
                 following = self.generate(epoch + 1, gallery=epoch + 1 == last)
-            learn = ray.get(learning)
+            learn = self.learners.wait(learning)
             row = self.epoch_row(generation, learn, self.broadcast(epoch + 1), max(mark, generation.started))
             if cfg.eval.every and ((epoch + 1) % cfg.eval.every == 0 or epoch == last):
                 row.update(self.evaluate())
@@ -276,7 +279,8 @@ class GRPORun:
     def shutdown(self) -> None:
         self.metrics.close()
         self.pool.shutdown()
-        for actor in [self.learner, *self.rollouts]:
+        self.learners.kill()
+        for actor in self.rollouts:
             ray.kill(actor, no_restart=True)
         self.placement.remove()
 

@@ -1,4 +1,4 @@
-"""One placement group for a run: a bundle for the learner, one per rollout worker, one per reward actor.
+"""One placement group for a run: a bundle per learner rank, one per rollout worker, one per reward actor.
 The strategy (SPREAD by default) spreads the bundles over the nodes; custom resources in a bundle pin
 it to nodes that offer them."""
 
@@ -22,7 +22,7 @@ def bundle(resources: ActorResources) -> dict[str, float]:
 @dataclass
 class Placement:
     group: PlacementGroup
-    learner: int
+    learner: list[int]
     rollout: list[int]
     reward: list[int]
 
@@ -38,7 +38,7 @@ class Placement:
 
 
 def create_placement(cfg: GRPOConfig) -> Placement:
-    specs = [cfg.learner.actor] + [cfg.rollout.actors] * cfg.rollout.actors.count \
+    specs = [cfg.learner.actor] * cfg.learner.ranks + [cfg.rollout.actors] * cfg.rollout.actors.count \
         + [cfg.rewards.actors] * cfg.rewards.actors.count
     bundles = [bundle(spec) for spec in specs]
     group = placement_group(bundles, strategy=cfg.placement.strategy, name="")
@@ -50,6 +50,6 @@ def create_placement(cfg: GRPOConfig) -> Placement:
             f"placement group not ready after {cfg.placement.timeout_s:.0f}s (placement.timeout_s): bundles "
             f"{bundles} with strategy {cfg.placement.strategy} do not fit the cluster's resources "
             f"{ray.cluster_resources()}") from None
-    rollouts = cfg.rollout.actors.count
-    return Placement(group, 0, list(range(1, 1 + rollouts)),
-                     list(range(1 + rollouts, 1 + rollouts + cfg.rewards.actors.count)))
+    ranks, rollouts = cfg.learner.ranks, cfg.rollout.actors.count
+    return Placement(group, list(range(ranks)), list(range(ranks, ranks + rollouts)),
+                     list(range(ranks + rollouts, ranks + rollouts + cfg.rewards.actors.count)))
