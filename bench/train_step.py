@@ -111,7 +111,7 @@ def train_config(data_root: Path, output: Path, name: str, workers: int, steps: 
 def retain_freed_memory_here() -> None:
     """This process's allocator set as the training workers' (``RETAIN_FREED_MEMORY_ENV``, read by glibc at
     start-up there): here by ``mallopt``, for the main arena the plain loop runs in."""
-    from pipelines.train.trainer import RETAINED_MEMORY_BYTES
+    from pipelines.train.driver import RETAINED_MEMORY_BYTES
 
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     for option in (-1, -3):  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
@@ -123,7 +123,7 @@ def plain_loop(cfg, warmup: int, steps: int) -> dict:
     """The same packs (the loader of rank 0 of 1), the same optimizer, schedule and clipping, no Ray, no
     DeepSpeed, no cross-rank reductions."""
     from pipelines.train.data import PackLoader
-    from pipelines.train.loop import build_initial_model, build_optimizer
+    from pipelines.train.trainer import build_initial_model, build_optimizer
     from pipelines.train.mixture import MixtureSchedule
     from pipelines.train.plan import make_plan
 
@@ -158,7 +158,7 @@ def plain_loop(cfg, warmup: int, steps: int) -> dict:
 
 
 def ray_loop(cfg, warmup: int) -> dict:
-    from pipelines.train.trainer import run_training
+    from pipelines.train.driver import run_training
 
     result = run_training(cfg)
     rows = result.metrics[warmup:]

@@ -92,7 +92,8 @@ def _usage() -> str:
     lines += ["", "options:", "  --version          print the version of lance-train and exit",
               f"  --log-level LEVEL  {', '.join(LOG_LEVELS)} for every job (default: ${LOG_LEVEL_ENV} or INFO)",
               "", "run `lance <command> --help` for the options of a command; configs of jobs/configs are",
-              "given by name (--config train_tiny), fields by --set section.field=value"]
+              "given by name (--config train_tiny), fields by --set section.field=value; every field of a",
+              "job's config with its default: `lance <command> --print-config`"]
     return "\n".join(lines)
 
 

@@ -2,13 +2,15 @@
 ``jobs/configs``) and fields set by flags (``--steps``, ``--set section.field=value``...), laid over the YAML
 mapping before validation so that an error names the flag that gave the bad value.
 
-    add_config_options(parser, "training config", "train_")       # --config and --set
+    add_config_options(parser, "training config", "train_")       # --config, --set, --print-config
     args = parser.parse_args(argv)
     fields = FieldOverrides()
     fields.flag("--steps", "steps", args.steps)                     # None: not given
     fields.sets(args.set)                                           # after the flags: --set has the last word
     data = fields.apply(read_yaml(args.config))
     cfg = load_train_config(data, flags=fields.flags)               # "train.steps (--steps): ..."
+    if show_config(args, cfg):                                      # --print-config: print it, run nothing
+        return 0
 
 Only the standard library is imported at module level: ``lance <job> --help`` stays fast.
 """
@@ -68,13 +70,29 @@ def read_yaml(path: str | Path | None) -> dict[str, Any]:
 
 
 def add_config_options(parser: argparse.ArgumentParser, help_: str, kind: str) -> None:
-    """``--config`` (a file or a shipped config's name; those named ``<kind>*`` are listed in the help) and
-    the repeatable ``--set section.field=value``."""
+    """``--config`` (a file or a shipped config's name; those named ``<kind>*`` are listed in the help), the
+    repeatable ``--set section.field=value`` and ``--print-config`` (see :func:`show_config`)."""
     parser.add_argument("--config", help=f"{help_}; a YAML file or the name of a shipped config "
-                                         f"({', '.join(shipped_configs(kind))})")
+                                         f"({', '.join(shipped_configs(kind))}); every field and its default: "
+                                         "--print-config")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="set a config field (repeatable); the value is read as YAML: 3, 1e-4, true, "
                              "[a, b], {k: v}; applied after the other flags")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (--config, then the flags and --set, over the defaults) "
+                             "as YAML and exit without running; the reference of the fields: without --config "
+                             "it shows every field with its default. The output is a valid --config")
+
+
+def show_config(args: argparse.Namespace, cfg: Any) -> bool:
+    """``--print-config``: print the validated ``cfg`` (a pydantic model: every field, the defaults of those
+    not given included, paths as resolved) as YAML and return True, the job then stops; else False."""
+    if not args.print_config:
+        return False
+    import yaml
+
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, default_flow_style=False), end="")
+    return True
 
 
 class FieldOverrides:

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 from jobs.cli import add_log_level_option, add_rerun_options, positive_int, setup_logging
-from jobs.config_io import FieldOverrides, add_config_options, read_yaml
+from jobs.config_io import FieldOverrides, add_config_options, read_yaml, show_config
+
+log = logging.getLogger("lance.grpo")
 
 
 def _epochs_of_steps(steps: int, data: dict) -> int:
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     add_log_level_option(parser)
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
-    from lance_core.config import ConfigError
+    from lance_core.config import ConfigError, resolve_user_path
     from pipelines.rl.config import load_grpo_config
 
     fields = FieldOverrides()
@@ -69,10 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"lance grpo: {err}", file=sys.stderr)
         return 2
+    if show_config(args, cfg):
+        return 0
     from pipelines.rl.loop import run_grpo
     from pipelines.rl.policy import CheckpointMismatchError
     from pipelines.runtime.run_folder import RunFolderError
 
+    log.info(f"run folder: {resolve_user_path(args.output)}")
     try:
         summary = run_grpo(cfg, args.output, mode=args.mode)
     except (ConfigError, RunFolderError) as err:

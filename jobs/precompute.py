@@ -17,7 +17,7 @@ import argparse
 import sys
 
 from jobs.cli import add_log_level_option, add_rerun_options, setup_logging
-from jobs.config_io import FieldOverrides, add_config_options, read_yaml
+from jobs.config_io import FieldOverrides, add_config_options, read_yaml, show_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     add_config_options(parser, "precompute config (default: tiny encoders, local Ray)", "precompute_")
     parser.add_argument("--input", help="input URI (file or folder, local or s3://)")
     parser.add_argument("--output", help="output URI for shards, manifest, quarantine and stats")
-    parser.add_argument("--no-progress", action="store_true", help="hide the live progress bars")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no live progress bars; a log line every tenth of the partitions (at least every "
+                             "100) instead")
     parser.add_argument("--semantic-dedup", action="store_true",
                         help="store CLIP image embeddings and run the semantic dedup pass after the precompute "
                              "(filters.semantic_dedup)")
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     from lance_core.config import ConfigError, load_config
     from pipelines.data.config import PrecomputeConfig
-    from pipelines.data.report import print_summary
+    from pipelines.data.report import nothing_written, print_summary
     from pipelines.runtime.run_folder import RunFolderError
     from pipelines.runtime.storage import StorageError
 
@@ -48,11 +50,14 @@ def main(argv: list[str] | None = None) -> int:
         fields.sets(args.set)
         data = fields.apply(read_yaml(args.config))
         cfg = load_config(PrecomputeConfig, data, prefix="precompute", flags=fields.flags)
+        if show_config(args, cfg):
+            return 0
         from pipelines.data.pipeline import run_precompute
 
         result = run_precompute(cfg, progress=not args.no_progress, mode=args.mode)
+        failure = nothing_written(result.stats, result.output)  # then there is nothing to deduplicate
         semantic = None
-        if cfg.filters.semantic_dedup:  # run_precompute returns once every partition is committed
+        if cfg.filters.semantic_dedup and not failure:  # run_precompute returns once all is committed
             from pipelines.data.semdedup import run_semantic_dedup
 
             semantic = run_semantic_dedup(cfg)
@@ -67,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines.data.semdedup import print_semantic_summary
 
         print_semantic_summary(semantic)
+    if failure:
+        print(f"lance precompute: {failure}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,8 +1,9 @@
 """``lance train``: Ray Train + DeepSpeed training of the dual-stream model over latent shards.
 
     lance train --config train_tiny [--data URI ...] [--output DIR] [--steps N] [--workers N]
-                [--set section.field=value ...] [--resume | --overwrite]
+                [--set section.field=value ...] [--resume | --overwrite] [--launcher ray|torch]
     python -m jobs.train ...      (for ray job submit)
+    torchrun --nproc-per-node 8 -m jobs.train --launcher torch ...   (one box, no Ray)
 
 ``--config`` takes a YAML file or the name of a shipped config (``jobs/configs/train_<stage>.yaml``). Relative
 paths are taken from the current folder. Rerunning with the same output and run name resumes from the last
@@ -16,7 +17,7 @@ import argparse
 import sys
 
 from jobs.cli import add_log_level_option, add_rerun_options, positive_int, setup_logging
-from jobs.config_io import FieldOverrides, add_config_options, read_yaml
+from jobs.config_io import FieldOverrides, add_config_options, read_yaml, show_config
 
 
 def add_training_flags(parser: argparse.ArgumentParser, *, output: str, steps: str, default_steps: int | None,
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     add_training_flags(parser, output="folder holding the run folder <output>/<name>",
                        steps="total training steps", default_steps=None, default_workers=None)
     parser.add_argument("--name", help="run name (same name = resume)")
+    parser.add_argument("--launcher", choices=("ray", "torch"), default="ray",
+                        help="ray: Ray Train workers (default); torch: this process is one rank of a torchrun "
+                             "launch (or the only one), no Ray")
     add_rerun_options(parser, "<output>/<name>")
     add_log_level_option(parser)
     args = parser.parse_args(argv)
@@ -61,14 +65,22 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"lance train: {err}", file=sys.stderr)
         return 2
-    from ray.train import TrainingFailedError
-
+    if show_config(args, cfg):
+        return 0
     from pipelines.runtime.run_folder import RunFolderError
     from pipelines.runtime.storage import StorageError
     from pipelines.train.plan import DataError
     from pipelines.train.report import print_summary
-    from pipelines.train.trainer import run_training
 
+    if args.launcher == "torch":
+        from pipelines.train.torch_launch import run_torch_training as run_training
+
+        class TrainingFailedError(Exception):  # no Ray Train: failures are the trainer's own errors
+            pass
+    else:
+        from ray.train import TrainingFailedError
+
+        from pipelines.train.driver import run_training
     try:
         result = run_training(cfg, mode=args.mode)
     except (ConfigError, RunFolderError) as err:
@@ -80,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingFailedError as err:
         print(f"lance train: training failed: {err}", file=sys.stderr)
         return 1
+    if args.launcher == "torch":
+        import torch.distributed as dist
+
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank:
+            return 0  # rank 0 reports
     print_summary(result)
     return 0
 

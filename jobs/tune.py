@@ -18,7 +18,7 @@ import json
 import sys
 
 from jobs.cli import add_log_level_option, add_rerun_options, positive_int, setup_logging
-from jobs.config_io import add_config_options, read_yaml
+from jobs.config_io import add_config_options, read_yaml, show_config
 from jobs.train import add_training_flags, training_fields
 
 
@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"lance tune: {err}", file=sys.stderr)
         return 2
+    if show_config(args, base.model_copy(update={"name": name})):  # the config the trials start from
+        return 0
     from pipelines.runtime.run_folder import RunFolderError
     from pipelines.train.plan import DataError
     from pipelines.train.tune import SweepFailed, sweep

@@ -130,10 +130,11 @@ def _vision_tower(vit: torch.nn.Module) -> torch.nn.Module:
 
 def save_lance_checkpoint(
     model: LanceModel, path: str | Path, metadata: dict[str, str] | None = None,
-    vit: torch.nn.Module | None = None,
+    vit: torch.nn.Module | None = None, replace: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """One safetensors file under the released Lance key names, the fixed position table included as the
     release stores it; with ``vit`` (a ``QwenViT``) its tower too, under ``vit_model.*`` (``Lance_3B_Video``).
+    ``replace``: tensors written in place of the model's under the same names (an EMA's weights).
     ``path`` is a ``.safetensors`` file or a folder (``model.safetensors`` inside). Written to a temporary
     name, then renamed, so a crash never leaves a half-written checkpoint."""
     path = Path(path)
@@ -141,6 +142,10 @@ def save_lance_checkpoint(
         path = path / SINGLE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    unknown = sorted(set(replace or {}) - set(state))
+    if unknown:
+        raise KeyError(f"tensors to replace are not in the model: {key_listing(unknown)}")
+    state.update({k: v.detach().cpu().contiguous() for k, v in (replace or {}).items()})
     if vit is not None:
         tower = _vision_tower(vit).state_dict()
         state.update({VIT_PREFIX + k: v.detach().cpu().contiguous() for k, v in tower.items()})

@@ -122,9 +122,11 @@ ModelOverrides = Annotated[dict[str, Any], AfterValidator(_resolve_model_overrid
 
 
 class VAEConfig(StrictModel):
-    """Wan2.2 VAE (diffusers ``AutoencoderKLWan``). ``path`` is a diffusers folder or the original ``.pth``."""
+    """Wan2.2 VAE (diffusers ``AutoencoderKLWan``). ``path`` is a diffusers folder or the original ``.pth``.
+    ``preset: pixel`` puts the exact space-to-depth test codec in the VAE's slot instead
+    (``lance_core/encoders/pixel.py``: spatial_ratio r with 3·r² latent channels, no weights)."""
 
-    preset: Literal["tiny", "wan2.2"] = "tiny"
+    preset: Literal["tiny", "wan2.2", "pixel"] = "tiny"
     path: InputPath | None = None
     """Weights: a diffusers model folder, or the original single-file ``Wan2.2_VAE.pth``. None = random init."""
     latent_channels: int = Field(48, gt=0)
@@ -135,6 +137,14 @@ class VAEConfig(StrictModel):
     num_res_blocks: int = Field(2, gt=0)
     seed: int = 0
     """Seed of the random initialisation when ``path`` is None (tests, demo)."""
+
+    @model_validator(mode="after")
+    def _check_pixel(self) -> VAEConfig:
+        ratio = self.spatial_ratio
+        if self.preset == "pixel" and self.latent_channels != 3 * ratio * ratio:
+            raise ValueError(f"preset 'pixel' packs {ratio}x{ratio} RGB blocks into 3·{ratio}² = {3 * ratio * ratio} "
+                             f"channels, but latent_channels is {self.latent_channels} (48 channels: spatial_ratio 4)")
+        return self
 
 
 class ViTConfig(StrictModel):

@@ -199,7 +199,9 @@ def build_generation_sample(
 
     Every visual condition is a ViT span and/or a clean VAE span, each bracketed by its vision markers.
     The closing ``<|im_end|>`` after the target sees everything but the target (the noise mode), as in the
-    release. An empty caption gives the unconditional sequence used for classifier-free guidance.
+    release. An empty caption gives the unconditional sequence used for classifier-free guidance. The
+    caption is stripped of leading and trailing whitespace, as precompute stores it; an older shard that
+    holds it unstripped gives the same tokens.
     """
     if task not in GENERATION_TASKS:
         raise ValueError(f"task {task!r} is not a generation task; allowed: {', '.join(GENERATION_TASKS)}")
@@ -216,7 +218,7 @@ def build_generation_sample(
             b.vit(source.vit_features, source.vit_grid)
         if source.latents is not None:
             b.vae(source.latents, "source", noisy=False)
-    b.text(caption + "<|im_end|>\n<|im_start|>assistant\n")
+    b.text(caption.strip() + "<|im_end|>\n<|im_start|>assistant\n")
     b.vae(target, "target", noisy=True, clean_frames=1 if first_frame_clean else 0)
     b.text("<|im_end|>")
     return Sample(task, b.build(), key)
@@ -235,7 +237,8 @@ def build_understanding_sample(
     """i2t / v2t: ``[system][user: ViT(media)... | question][assistant: answer]``; CE on the answer and
     its closing ``<|im_end|>``. ``answer=None`` stops after the assistant header (inference prompt).
     Without a ``system`` instruction the sample gets a released description prompt (chosen by ``key``
-    when the sample is a training one, i.e. has an answer)."""
+    when the sample is a training one, i.e. has an answer). The question and the answer are stripped of
+    leading and trailing whitespace, as the caption of a generation sample."""
     if task not in UNDERSTANDING_TASKS:
         raise ValueError(f"task {task!r} is not an understanding task; allowed: {', '.join(UNDERSTANDING_TASKS)}")
     items = [media] if isinstance(media, VisualInput) else list(media)
@@ -248,13 +251,17 @@ def build_understanding_sample(
     b.text(chat_turn("system", system) + "<|im_start|>user\n")
     for item in items:
         b.vit(item.vit_features, item.vit_grid)
-    b.text(question + "<|im_end|>\n<|im_start|>assistant\n")
+    b.text(question.strip() + "<|im_end|>\n<|im_start|>assistant\n")
     if answer is not None:
-        b.text(answer + "<|im_end|>", ce=True)
+        b.text(answer.strip() + "<|im_end|>", ce=True)
     return Sample(task, b.build(), key)
 
 
 # ---------------------------------------------------------------------------------------------- packing
+
+
+PER_VISUAL_TOKEN = ("vae_positions", "vae_latents", "vae_grid", "vit_positions", "vit_features")
+"""The :class:`PackedBatch` tensors with a row per VAE or ViT token (not per token of the pack)."""
 
 
 @dataclass
@@ -284,22 +291,29 @@ class PackedBatch:
     def __len__(self) -> int:
         return int(self.input_ids.numel())
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "PackedBatch":
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None,
+           non_blocking: bool = False) -> "PackedBatch":
+        """``non_blocking``: the host-to-device copies overlap the host's work when the batch is pinned
+        (:meth:`pin_memory`)."""
         changes = {}
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, torch.Tensor):
                 cast = dtype if (dtype is not None and value.is_floating_point()) else None
-                changes[f.name] = value.to(device=device, dtype=cast)
+                changes[f.name] = value.to(device=device, dtype=cast, non_blocking=non_blocking)
         return replace(self, **changes)
+
+    def pin_memory(self) -> "PackedBatch":
+        """The batch in page-locked host memory, so that a copy to the GPU can run asynchronously."""
+        return replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
 
     def token_slice(self, start: int, stop: int) -> "PackedBatch":
         """Tokens [start, stop) as a batch of their own (used to split a prefix from a noisy span)."""
         per_token = {
             f.name: getattr(self, f.name)[..., start:stop]
             for f in fields(self)
-            if isinstance(getattr(self, f.name), torch.Tensor) and getattr(self, f.name).shape[-1:] == (len(self),)
-            and f.name not in ("vae_positions", "vit_positions")
+            if isinstance(getattr(self, f.name), torch.Tensor) and f.name not in PER_VISUAL_TOKEN
         }
         vae_keep = (self.vae_positions >= start) & (self.vae_positions < stop)
         vit_keep = (self.vit_positions >= start) & (self.vit_positions < stop)

@@ -1,5 +1,10 @@
 """The embedded demo: the whole system at tiny size on this machine.
 
+By default (``media: digits``) it shows that the system learns: real handwritten digits through precompute,
+training, sampling and GRPO, judged by a classifier (pipelines/learning.py), with a report of generated
+digits under their prompts, held-out images with their generated captions, the accuracies, the learning
+curve and GRPO's before / after. ``media: synthetic`` runs the original tour of every task instead:
+
 ``lance synth`` datasets (images with rendered text, moving-shape videos, edit pairs, QA rows) ->
 ``lance precompute`` on a local Ray (tiny Wan VAE and Qwen ViT, latent shards) -> ``lance train`` (Ray
 Train, 2 DeepSpeed ZeRO-2 workers on CPU, a few dozen steps of the multi-task mixture) -> a short
@@ -32,21 +37,35 @@ DEMO_PRECOMPUTE = dict(partition_size=8, latent_dtype="bf16",
                        video=dict(fps=12, max_seconds=1.0), filters=dict(dedup=False))
 
 
+SYNTHETIC_STEPS = 24
+SYNTHETIC_TRAIN = {"optim": {"lr": 0.002, "warmup_steps": 2}, "checkpoint": {"every_steps": 12, "keep_last": 1}}
+"""The synthetic tour's training settings over jobs/configs/train_tiny.yaml (``train:`` lies over them)."""
+
+
 class DemoConfig(StrictModel):
+    media: Literal["digits", "synthetic"] = "digits"
+    """digits: the learning run on real handwritten digits (t2i, i2t, GRPO with a classifier reward);
+    synthetic: made-up media of every task (video and edits included), a tour of the pipeline."""
+    learning: dict[str, Any] = {}
+    """Fields of the learning run (pipelines/learning.py ``LearningConfig``) over its quick settings."""
     synth_count: int = Field(8, gt=0)
     """Records per image dataset made by ``lance synth`` (video datasets get a quarter)."""
     seed: int = 0
-    steps: int = Field(24, gt=0)
+    steps: int | None = Field(None, gt=0)
+    """Training steps (None: 24 for ``synthetic``, the learning run's quick setting for ``digits``)."""
     workers: int = Field(2, ge=1)
     zero_stage: Literal[0, 1, 2, 3] = 2
-    precompute: dict[str, Any] = DEMO_PRECOMPUTE
-    """Fields of the precompute config (input and output are set by the demo)."""
+    precompute: dict[str, Any] = {}
+    """Fields of the precompute config (input and output are set by the demo), laid over
+    jobs/configs/precompute_digits.yaml (digits) or the synthetic tour's settings."""
     train: dict[str, Any] = {}
-    """Fields of the training config laid over jobs/configs/train_tiny.yaml."""
+    """Fields of the training config, laid over jobs/configs/train_digits.yaml (digits) or
+    jobs/configs/train_tiny.yaml (synthetic)."""
     grpo_epochs: int = Field(2, ge=0)
-    """GRPO epochs after training, starting from the exported weights (0: no GRPO phase)."""
+    """GRPO epochs after training of the synthetic tour (0: no GRPO phase; digits: ``learning.grpo_epochs``)."""
     grpo: dict[str, Any] = {}
-    """Fields of the GRPO config laid over jobs/configs/grpo_tiny.yaml."""
+    """Fields of the GRPO config, laid over jobs/configs/grpo_digits.yaml (digits) or
+    jobs/configs/grpo_tiny.yaml (synthetic)."""
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -64,28 +83,79 @@ def demo_configs(cfg: DemoConfig, run_dir: Path):
     from pipelines.train.config import TrainConfig
 
     latents = run_dir / "latents"
-    precompute = load_config(PrecomputeConfig, {**cfg.precompute, "input": str(run_dir / "synth" / "parquet"),
+    precompute = load_config(PrecomputeConfig, {**_merge(DEMO_PRECOMPUTE, cfg.precompute), "input": str(run_dir / "synth" / "parquet"),
                                                 "output": str(latents)}, prefix="demo.precompute")
     base = yaml.safe_load(TRAIN_BASE.read_text())
-    fixed = {"name": "train", "output": str(run_dir), "steps": cfg.steps, "seed": cfg.seed,
+    steps = cfg.steps or SYNTHETIC_STEPS
+    fixed = {"name": "train", "output": str(run_dir), "steps": steps, "seed": cfg.seed,
              "data": {"uris": [str(latents)]}, "scaling": {"workers": cfg.workers},
              "deepspeed": {"zero_stage": cfg.zero_stage},
-             "mixture": {"progressive": {"end_step": cfg.steps}}}
-    train = load_config(TrainConfig, _merge(_merge(base, fixed), cfg.train), prefix="demo.train")
+             "mixture": {"progressive": {"end_step": steps}}}
+    train = load_config(TrainConfig, _merge(_merge(_merge(base, SYNTHETIC_TRAIN), fixed), cfg.train),
+                        prefix="demo.train")
     grpo_base = yaml.safe_load(GRPO_BASE.read_text())
     grpo = load_config(GRPOConfig, _merge(_merge(grpo_base, {"epochs": max(cfg.grpo_epochs, 1), "seed": cfg.seed}),
                                           cfg.grpo), prefix="demo.grpo")
     return precompute, train, grpo
 
 
+def learning_config(cfg: DemoConfig):
+    """The learning run's config: ``learning:`` over its quick settings, the demo's ``train`` / ``grpo`` /
+    ``precompute`` fields over the digits configs (checked here, so errors name ``demo.train.…``)."""
+    from pipelines.learning import LearningRun, job_configs, load_learning_config, merge
+
+    steps = {"steps": cfg.steps} if cfg.steps else {}
+    data = {"seed": cfg.seed, "workers": cfg.workers, **steps, **cfg.learning}
+    for part in ("train", "grpo", "precompute"):
+        data[part] = merge(cfg.learning.get(part, {}), getattr(cfg, part))
+    learning = load_learning_config(data, quick=True)
+    job_configs(learning, LearningRun(Path("."), Path(".")), prefix="demo")
+    return learning
+
+
+def run_digits_demo(cfg: DemoConfig, run_dir: Path) -> dict:
+    """The learning run into ``run_dir`` (its report in ``report/``); returns its figures, also in
+    ``metrics.json``."""
+    from pipelines.learning import run_learning
+
+    run_dir = run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    learning = learning_config(cfg)
+    (run_dir / "config.json").write_text(json.dumps({"demo": cfg.model_dump(mode="json"),
+                                                     "learning": learning.model_dump(mode="json")}, indent=2))
+    figures = run_learning(learning, run_dir, run_dir / "report")
+    _write_curve(figures["curve"], run_dir / "report" / "curve.png")
+    (run_dir / "metrics.json").write_text(json.dumps(figures, indent=2))
+    return figures
+
+
+def _write_curve(curve: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5, 3.2))
+    axes.plot([p["step"] for p in curve], [p["t2i_accuracy"] for p in curve], marker="o", label="t2i accuracy")
+    axes.axhline(0.1, color="grey", linestyle=":", label="chance")
+    axes.set_xlabel("training step")
+    axes.set_ylim(0, 1.02)
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def run_demo(cfg: DemoConfig, run_dir: Path) -> dict:
     """Run the demo into ``run_dir``; returns the metrics written to ``metrics.json``."""
+    if cfg.media == "digits":
+        return run_digits_demo(cfg, run_dir)
     from pipelines.data.pipeline import run_precompute
     from pipelines.data.synth import synth_all
     from pipelines.rl import run_grpo
     from pipelines.rl.metrics import GALLERY_GRID
     from pipelines.train.report import plot_losses, throughput_summary
-    from pipelines.train.trainer import ensure_train_ray, run_training
+    from pipelines.train.driver import ensure_train_ray, run_training
 
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -116,7 +186,7 @@ def run_demo(cfg: DemoConfig, run_dir: Path) -> dict:
         fh.writelines(json.dumps(row) + "\n" for row in rows)
     last_eval = next((r["eval"] for r in reversed(rows) if "eval" in r), {})
     samples = result.run_dir / "samples"
-    step = last_eval.get("step", cfg.steps)
+    step = last_eval.get("step", cfg.steps or SYNTHETIC_STEPS)
     _captioned_copy(samples / f"step{step:07d}_image.png", last_eval.get("image_prompt", ""),
                     run_dir / "sample_image.png")
     _captioned_copy(samples / f"step{step:07d}_video_frames.png",

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from lance_core.config import model_preset
-from lance_core.model import AttentionLayout, TokenInputs, build_model, packed_attention
-from lance_core.model.attention import prepare_attention
+from lance_core.model import AttentionLayout, TokenInputs, attention, build_model, packed_attention
+from lance_core.model import lance as lance_module
+from lance_core.model.attention import describe_backend, prepare_attention, resolve_backend
 from lance_core.packing import pack_samples
 from lance_core.synthetic import synthetic_mix
 
@@ -117,3 +118,63 @@ def test_model_outputs_agree_across_backends(tokenizer, tiny_cfg):
         with torch.no_grad():
             got = model.backbone(TokenInputs.from_batch(batch))[0][real]
         assert torch.allclose(got, expected, atol=1e-4), backend
+
+
+CUDA, CPU = torch.device("cuda"), torch.device("cpu")
+
+
+@pytest.fixture
+def flash_installed(monkeypatch):
+    """flash-attn importable (a stand-in: nothing runs it) and the backend log not yet written."""
+    monkeypatch.setattr(attention, "flash_attn_func", lambda *args, **kwargs: None)
+    monkeypatch.setattr(attention, "_announced", set())
+
+
+def test_auto_picks_flash_only_for_half_precision_on_cuda(flash_installed):
+    assert describe_backend("auto", CUDA, torch.bfloat16)[0] == "flash"
+    assert describe_backend("auto", CUDA, torch.float16)[0] == "flash"
+    backend, reason = describe_backend("auto", CUDA, torch.float32)
+    assert backend == "flex" and "float32" in reason
+    assert describe_backend("auto", CPU, torch.bfloat16)[0] == "per_sample"
+
+
+def test_auto_without_flash_attn_picks_flex_on_cuda(monkeypatch):
+    monkeypatch.setattr(attention, "flash_attn_func", None)
+    backend, reason = describe_backend("auto", CUDA, torch.bfloat16)
+    assert backend == "flex" and "not installed" in reason
+
+
+def test_explicit_flash_that_cannot_run_is_a_clear_error(flash_installed, monkeypatch):
+    assert describe_backend("flash", CUDA, torch.bfloat16) == ("flash", "requested")
+    with pytest.raises(RuntimeError, match=r"float16/bfloat16 only.*float32.*attention_backend: flex"):
+        resolve_backend("flash", CUDA, torch.float32)
+    with pytest.raises(RuntimeError, match=r"needs a CUDA device.*runs on cpu.*per_sample"):
+        resolve_backend("flash", CPU, torch.bfloat16)
+    monkeypatch.setattr(attention, "flash_attn_func", None)
+    with pytest.raises(RuntimeError, match=r"flash-attn package"):
+        resolve_backend("flash", CUDA, torch.bfloat16)
+
+
+def test_backend_choice_is_logged_once_per_setting(flash_installed, lance_log):
+    for _ in range(3):
+        assert resolve_backend("auto", CUDA, torch.float32) == "flex"
+    assert resolve_backend("auto", CUDA, torch.bfloat16) == "flash"
+    lines = lance_log.getvalue().splitlines()
+    assert len(lines) == 2
+    assert "attention backend flex (attention_backend=auto, cuda, float32)" in lines[0]
+    assert "attention backend flash (attention_backend=auto, cuda, bfloat16)" in lines[1]
+
+
+def test_model_resolves_its_backend_for_the_hidden_dtype(monkeypatch, tokenizer, tiny_cfg):
+    seen = []
+
+    def record(name, device, dtype):
+        seen.append((name, device.type, dtype))
+        return resolve_backend(name, device, dtype)
+
+    monkeypatch.setattr(lance_module, "resolve_backend", record)
+    batch = pack_samples(synthetic_mix(tokenizer, tiny_cfg, per_task=1), tiny_cfg)
+    model = build_model(model_preset("tiny"), dtype=torch.float64).eval()
+    with torch.no_grad():
+        model.backbone(TokenInputs.from_batch(batch, vae_values=batch.vae_latents.double()))
+    assert seen == [("auto", "cpu", torch.float64)]

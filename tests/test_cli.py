@@ -99,6 +99,82 @@ def test_grpo_steps_are_optimizer_steps_and_epochs_are_epochs(capsys):
     assert "not allowed with argument" in capsys.readouterr().err
 
 
+# ---------------------------------------------------------------------------------------------- --print-config
+def _loader(job: str):
+    """The validation of ``job``'s config, to read a printed config back."""
+    from lance_core.config import load_config
+
+    if job in ("train", "tune"):
+        from pipelines.train.config import load_train_config
+
+        return load_train_config
+    if job == "grpo":
+        from pipelines.rl.config import load_grpo_config
+
+        return load_grpo_config
+    if job == "demo":
+        from pipelines.demo import load_demo_config
+
+        return load_demo_config
+    from pipelines.data.config import PrecomputeConfig
+
+    return lambda data: load_config(PrecomputeConfig, data)
+
+
+CONFIG_JOBS = ("precompute", "train", "grpo", "tune", "demo")
+
+
+@pytest.mark.parametrize("job", CONFIG_JOBS)
+def test_print_config_shows_every_field_and_runs_nothing(job, tmp_path, monkeypatch, capsys):
+    """Without --config: the defaults of every field (the field reference); the output is a config that
+    validates back to itself; nothing is written, nothing starts."""
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    assert main([job, "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert isinstance(printed, dict) and len(printed) > 3
+    assert _loader(job)(printed).model_dump(mode="json") == printed
+    assert not list(tmp_path.iterdir()), "--print-config runs nothing"
+    with pytest.raises(SystemExit):
+        main([job, "--help"])
+    assert "--print-config" in capsys.readouterr().out
+
+
+def test_print_config_applies_the_file_the_flags_and_set(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", "train_tiny", "--steps", "5", "--set", "optim.lr=3e-4", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    given = read_yaml("train_tiny")
+    assert (printed["steps"], printed["optim"]["lr"]) == (5, 3e-4)
+    assert printed["model"]["preset"] == given["model"]["preset"] and "log_dir" not in given and "log_dir" in printed
+    assert printed["output"] == str(tmp_path / given["output"]), "paths as resolved"
+    (tmp_path / "printed.yaml").write_text(yaml.safe_dump(printed))
+    assert main(["train", "--config", "printed.yaml", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == printed, "the printed config is a --config of its own"
+    assert main(["train", "--config", "train_tiny", "--set", "optim.lrr=1", "--print-config"]) == 2
+    assert "train.optim.lrr (--set optim.lrr)" in capsys.readouterr().err
+    assert main(["tune", "--config", "train_tiny", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["name"] == given["name"], "not <name>-tune"
+
+
+def test_grpo_logs_its_run_folder_at_the_start(tmp_path, monkeypatch, lance_log):
+    from pipelines.rl import loop
+
+    seen = []
+
+    def run_grpo(cfg, output, mode):
+        seen.append(lance_log.getvalue())
+        return {"epochs": 1}
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(loop, "run_grpo", run_grpo)
+    assert main(["grpo", "--config", "grpo_tiny", "--output", "runs/g"]) == 0
+    assert len(seen) == 1 and f"run folder: {tmp_path / 'runs' / 'g'}\n" in seen[0], "logged before the run starts"
+
+
 # ---------------------------------------------------------------------------------------------- --config NAME
 def test_shipped_configs_resolve_by_name_and_paths_still_work(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -12,6 +12,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import stat
 import subprocess
 import sys
@@ -23,9 +24,18 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 KUBERAY = CLUSTER / "kuberay"
+OVERLAY = CLUSTER / "overlays" / "example"
 RAY_UP = CLUSTER / "ray-up"
 INSTANCE_VCPUS = {"m7i.8xlarge": 32, "m7i.48xlarge": 192, "p5.48xlarge": 192}
 INSTANCE_GPUS = {"p5.48xlarge": 8}
+INSTANCE_EFA = {"p4d.24xlarge": 4, "p5.48xlarge": 32}   # EFA-capable network cards
+GPU_PRODUCT_INSTANCE = {"NVIDIA-H100-80GB-HBM3": "p5.48xlarge", "NVIDIA-A100-SXM4-40GB": "p4d.24xlarge"}
+# The site-specific values of the example overlay: each is set in exactly one place (settings.env).
+EXAMPLE_SITE_VALUES = ("my-registry.example.com/lance-train:0.1.0", "arn:aws:iam::111122223333:role/lance-ray",
+                       "us-east-1", "fsx-lustre")
+# Node-local disk a pod may request on a GPU node with an ordinary root volume (500 GiB, as the ray-up nodes
+# have): what is left after the image, the system and the kubelet's eviction threshold.
+DEFAULT_NODE_EPHEMERAL = 350 * 2**30
 SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|ACCESS_KEY|CREDENTIAL", re.IGNORECASE)
 
 
@@ -334,3 +344,309 @@ def test_credential_like_files_stay_out_of_the_image():
     ignored = {line.strip() for line in (CLUSTER / "Dockerfile.dockerignore").read_text().splitlines()}
     missing = [p for p in SECRET_FILES if "**/" + p.rstrip("/") not in ignored]
     assert not missing, f"Dockerfile.dockerignore lets these into the image: {missing}"
+
+
+# --- the kustomize base and overlay (cluster/kuberay, cluster/overlays/example) ---------------------------------
+
+def _env_file(path: Path) -> dict[str, str]:
+    """A kustomize env file: KEY=value lines, whole-line comments."""
+    values: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        assert sep and key == key.strip() and value == value.strip() and key not in values, line
+        values[key] = value
+    return values
+
+
+def _split_field_path(path: str) -> list[str]:
+    """kustomize's field path: dot-separated; ``[name=x]`` selects list items, ``[a.b/c]`` is one key."""
+    parts, part, depth = [], "", 0
+    for char in path:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "." and depth == 0:
+            parts.append(part)
+            part = ""
+        else:
+            part += char
+    parts.append(part)
+    return [p[1:-1] if p.startswith("[") and "=" not in p else p for p in parts]
+
+
+def _fields(node, parts: list[str]) -> list[tuple[object, object]]:
+    """(container, key) of every field that the path matches: ``*`` every item, ``[k=v]`` the items with k = v."""
+    head, rest = parts[0], parts[1:]
+    if head == "*":
+        items = list(enumerate(node)) if isinstance(node, list) else []
+    elif head.startswith("[") and "=" in head:
+        key, value = head[1:-1].split("=", 1)
+        items = [(i, x) for i, x in enumerate(node) if isinstance(x, dict) and str(x.get(key)) == value] \
+            if isinstance(node, list) else []
+    else:
+        items = [(head, node[head])] if isinstance(node, dict) and head in node else []
+    if not rest:
+        return [(node, key) for key, _ in items]
+    return [hit for _, child in items for hit in _fields(child, rest)]
+
+
+def _selected(doc: dict, selector: dict) -> bool:
+    assert set(selector) <= {"kind", "name", "namespace"}, selector
+    meta = doc.get("metadata", {})
+    return all({"kind": doc.get("kind"), "name": meta.get("name"), "namespace": meta.get("namespace")}[k] == v
+               for k, v in selector.items())
+
+
+def _kustomize(root: Path) -> list[dict]:
+    """Render a kustomization as kustomize does, for the features the cluster's use (resources,
+    configMapGenerator from env files, replacements). Stricter than kustomize: every field path of a
+    replacement must match a field in every object its target selects."""
+    spec = yaml.safe_load((root / "kustomization.yaml").read_text())
+    assert set(spec) <= {"apiVersion", "kind", "resources", "configMapGenerator", "replacements"}, set(spec)
+    docs: list[dict] = []
+    for resource in spec.get("resources", []):
+        path = root / resource
+        docs += _kustomize(path) if path.is_dir() else _docs(path)
+    for generator in spec.get("configMapGenerator", []):
+        assert set(generator) <= {"name", "namespace", "envs", "options"}, generator
+        options = generator.get("options", {})
+        assert set(options) <= {"disableNameSuffixHash", "labels"} and options.get("disableNameSuffixHash") is True
+        data: dict[str, str] = {}
+        for env in generator["envs"]:
+            data.update(_env_file(root / env))
+        meta = {"name": generator["name"], "namespace": generator.get("namespace"),
+                "labels": options.get("labels")}
+        docs.append({"apiVersion": "v1", "kind": "ConfigMap", "data": data,
+                     "metadata": {k: v for k, v in meta.items() if v is not None}})
+    for replacement in spec.get("replacements", []):
+        source = replacement["source"]
+        [origin] = [d for d in docs if _selected(d, {k: v for k, v in source.items() if k != "fieldPath"})]
+        [(container, key)] = _fields(origin, _split_field_path(source["fieldPath"]))
+        for target in replacement["targets"]:
+            chosen = [d for d in docs if _selected(d, target["select"])]
+            assert chosen, target["select"]
+            for doc in chosen:
+                for field_path in target["fieldPaths"]:
+                    hits = _fields(doc, _split_field_path(field_path))
+                    assert hits, f"{field_path} matches nothing in {doc['kind']} {doc['metadata']['name']}"
+                    for parent, name in hits:
+                        parent[name] = container[key]
+    return docs
+
+
+def _scalars(node, path=()):
+    """(path, value) of every scalar value."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _scalars(value, (*path, key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _scalars(value, (*path, index))
+    else:
+        yield path, node
+
+
+def _settings() -> dict[str, str]:
+    return _env_file(OVERLAY / "settings.env")
+
+
+def test_site_values_live_in_the_overlay_once_and_nowhere_in_the_base():
+    base = yaml.safe_load((KUBERAY / "kustomization.yaml").read_text())
+    listed = base["resources"]
+    assert sorted(listed) == sorted(p.name for p in KUBERAY.glob("*.yaml") if p.name != "kustomization.yaml")
+    overlay = yaml.safe_load((OVERLAY / "kustomization.yaml").read_text())
+    assert (OVERLAY / overlay["resources"][0]).resolve() == KUBERAY.resolve(), "the overlay builds on the base"
+    overlay_text = "".join(p.read_text() for p in sorted(OVERLAY.iterdir()) if p.is_file())
+    base_text = "".join((KUBERAY / name).read_text() for name in listed)
+    for value in EXAMPLE_SITE_VALUES:
+        assert overlay_text.count(value) == 1, f"{value!r}: once in the overlay"
+        assert value not in base_text, f"{value!r} in the base"
+    for raw in ("example.com", "arn:aws:iam::", "us-east-1", "fsx-lustre", "gserviceaccount.com"):
+        assert raw not in base_text, f"{raw!r} in the base"
+    settings = _settings()
+    assert set(EXAMPLE_SITE_VALUES) <= set(settings.values())
+    markers = {v for name in listed for doc in _docs(KUBERAY / name) for _, v in _scalars(doc)
+               if isinstance(v, str) and "LANCE_" in v}
+    assert markers == set(settings), "the base holds exactly the settings' names, as whole values"
+
+
+def test_overlay_sets_every_field_that_names_a_setting():
+    settings = _settings()
+    base = _kustomize(KUBERAY)
+    rendered = _kustomize(OVERLAY)
+    assert [(d["kind"], d["metadata"]["name"]) for d in rendered[:len(base)]] == \
+        [(d["kind"], d["metadata"]["name"]) for d in base]
+    changed = 0
+    for before, after in zip(base, rendered):
+        old, new = dict(_scalars(before)), dict(_scalars(after))
+        assert old.keys() == new.keys()
+        for path, value in old.items():
+            if isinstance(value, str) and "LANCE_" in value:
+                assert new[path] == settings[value], (before["kind"], path)
+                changed += 1
+            else:
+                assert new[path] == value, (before["kind"], path)
+    assert changed, "the overlay sets the base's LANCE_* fields"
+    for doc in rendered:
+        assert not any(isinstance(v, str) and "LANCE_" in v for _, v in _scalars(doc)), doc["metadata"]["name"]
+    [config_map] = rendered[len(base):]
+    assert config_map["data"] == settings
+    parts = {doc["metadata"]["labels"]["lance.io/part"] for doc in rendered}
+    assert parts == {"setup", "raycluster", "precompute", "train", "grpo", "tune"}
+    readme = (CLUSTER / "README.md").read_text()
+    assert "kubectl apply -k cluster/overlays/" in readme and "kubectl apply -f cluster/kuberay" not in readme
+    for part in parts:
+        assert f"lance.io/part={part}" in readme or f"`{part}`" in readme, part
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="no kubectl: kustomize's own build not run")
+def test_kubectl_kustomize_renders_what_the_parsing_renders():
+    out = subprocess.run(["kubectl", "kustomize", str(OVERLAY)], capture_output=True, text=True, timeout=120,
+                         check=True).stdout
+    key = lambda d: (d["kind"], d["metadata"]["name"])
+    real = sorted((d for d in yaml.safe_load_all(out) if d), key=key)
+    assert real == sorted(_kustomize(OVERLAY), key=key)
+
+
+def _worker_groups(rendered: bool) -> list[tuple[str, dict]]:
+    """(object name, worker group) of every Ray cluster: as the overlay renders them, or of the base."""
+    if not rendered:
+        return [(name, group) for name, spec in _cluster_specs() for group in spec["workerGroupSpecs"]]
+    docs = _kustomize(OVERLAY)
+    specs = [(d["metadata"]["name"], d["spec"]) for d in docs if d["kind"] == "RayCluster"]
+    specs += [(d["metadata"]["name"], d["spec"]["rayClusterSpec"]) for d in docs if d["kind"] == "RayJob"]
+    return [(name, group) for name, spec in specs for group in spec["workerGroupSpecs"]]
+
+
+def test_worker_pods_fit_ordinary_nodes_and_nvme_is_a_setting():
+    settings = _settings() if (OVERLAY / "settings.env").is_file() else {}
+    for name, group in _worker_groups(rendered=False):   # the base, with the example overlay's values
+        pod = group["template"]["spec"]
+        resources = _containers(group)[0]["resources"]
+        disk = _quantity(settings.get(resources["requests"]["ephemeral-storage"],
+                                      resources["requests"]["ephemeral-storage"]))
+        assert disk <= DEFAULT_NODE_EPHEMERAL, f"{name} {group['groupName']}: Pending on an ordinary node"
+        for volume in pod["volumes"]:
+            if "emptyDir" in volume and "medium" not in volume["emptyDir"]:
+                assert _quantity(volume["emptyDir"].get("sizeLimit", disk)) <= disk
+    for name in ("raycluster.yaml", "rayjob-train.yaml"):
+        for doc in _docs(KUBERAY / name):
+            spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+            for group in spec["workerGroupSpecs"]:
+                disk = _containers(group)[0]["resources"]["requests"]["ephemeral-storage"]
+                assert disk in _settings(), f"{name}: the local disk of {group['groupName']} is a setting"
+    settings_text = (OVERLAY / "settings.env").read_text()
+    readme = (CLUSTER / "README.md").read_text()
+    for text in (settings_text, readme):
+        assert "LANCE_GPU_LOCAL_DISK" in text and "instance store" in text and "RAID0" in text
+
+
+def test_gpu_workers_request_every_efa_interface_and_need_them():
+    checked = 0
+    for name, group in _worker_groups(rendered=False):
+        container = _containers(group)[0]
+        requests, limits = container["resources"]["requests"], container["resources"]["limits"]
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        if "num-gpus" not in group["rayStartParams"]:
+            assert "vpc.amazonaws.com/efa" not in limits
+            continue
+        instance = GPU_PRODUCT_INSTANCE[group["template"]["spec"]["nodeSelector"]["nvidia.com/gpu.product"]]
+        assert int(requests["vpc.amazonaws.com/efa"]) == int(limits["vpc.amazonaws.com/efa"]) \
+            == INSTANCE_EFA[instance], f"{name}: every EFA interface of a {instance}"
+        assert env.get("NCCL_NET") == "OFI", f"{name}: NCCL over EFA or an error, never TCP"
+        checked += 1
+    assert checked == 5
+
+
+def _dockerfile_env() -> dict[str, str]:
+    text = (CLUSTER / "Dockerfile").read_text().replace("\\\n", " ")
+    env: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("ENV "):
+            env.update(w.split("=", 1) for w in shlex.split(line[4:]))
+    return env
+
+
+def test_image_installs_the_efa_user_space_and_aws_ofi_nccl_at_pinned_versions():
+    text = (CLUSTER / "Dockerfile").read_text()
+    version = re.search(r"^ARG EFA_INSTALLER_VERSION=(\d+\.\d+\.\d+)$", text, re.MULTILINE)
+    assert version, "the EFA installer is pinned"
+    assert "aws-efa-installer-${EFA_INSTALLER_VERSION}.tar.gz" in text
+    install = re.search(r"efa_installer\.sh ([^)\n]*)", text).group(1).split()
+    assert {"-y", "--skip-kmod", "--no-verify"} <= set(install), "no kernel module in an image"
+    assert "libnccl-net" in text and "ldconfig" in text, "the build checks for the aws-ofi-nccl plugin"
+    env = _dockerfile_env()
+    assert env["FI_PROVIDER"] == "efa" and env["FI_EFA_USE_DEVICE_RDMA"] == "1"
+    assert env["NCCL_SOCKET_IFNAME"].startswith("^lo")
+    assert "NCCL_NET" not in env, "forcing EFA belongs to the GPU workers, not to every use of the image"
+    readme = (CLUSTER / "README.md").read_text()
+    assert f"EFA_INSTALLER_VERSION={version.group(1)}" in readme and "aws-ofi-nccl" in readme
+    efa = readme.split("## EFA: multi-node NCCL", 1)[1].split("\n## ", 1)[0]
+    assert re.search(r"over TCP will not reach the scaling targets", efa)
+
+
+def test_ray_up_gpu_nodes_attach_efa_to_every_network_card():
+    from ray.autoscaler._private.aws.config import _configure_from_network_interfaces
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = yaml.safe_load((RAY_UP / "lance-aws.yaml").read_text())
+    gpu_types = {n: t for n, t in cfg["available_node_types"].items() if t["resources"].get("GPU")}
+    assert gpu_types
+    for name, node in gpu_types.items():
+        interfaces = node["node_config"]["NetworkInterfaces"]
+        cards = INSTANCE_EFA[node["node_config"]["InstanceType"]]
+        assert [i["NetworkCardIndex"] for i in interfaces] == list(range(cards))
+        assert [i["DeviceIndex"] for i in interfaces] == [0] + [1] * (cards - 1)
+        assert {i["InterfaceType"] for i in interfaces} == {"efa"}
+        assert len({i["SubnetId"] for i in interfaces}) == 1 and len({tuple(i["Groups"]) for i in interfaces}) == 1
+        options = node["docker"]["worker_run_options"]
+        assert "--device=/dev/infiniband" in options and "--ulimit memlock=-1:-1" in options
+        assert "-e NCCL_NET=OFI" in options
+        assert any(o.startswith("--shm-size=") for o in options), "the node type's options replace the global ones"
+    for name, node in cfg["available_node_types"].items():
+        if name not in gpu_types:
+            assert "NetworkInterfaces" not in node["node_config"] and "docker" not in node
+    prepared = prepare_config(cfg)
+    validate_config(prepared)                       # Ray's own schema
+    _configure_from_network_interfaces(prepared)    # Ray's rules for NetworkInterfaces (subnet, groups)
+
+
+def _readme_blocks() -> list[str]:
+    """Paragraphs, list items and table rows of cluster/README.md."""
+    blocks: list[str] = []
+    for paragraph in (CLUSTER / "README.md").read_text().split("\n\n"):
+        for line in paragraph.splitlines():
+            if not blocks or line.startswith(("|", "- ")) or re.match(r"\d+\. ", line) \
+                    or blocks[-1].startswith("|"):
+                blocks.append(line)
+            else:
+                blocks[-1] += "\n" + line
+        blocks.append("")
+    return [b for b in blocks if b.strip()]
+
+
+def test_gpu_product_labels_are_credited_to_gpu_feature_discovery():
+    for path in sorted(p for p in CLUSTER.rglob("*") if p.is_file()):
+        text = path.read_text()
+        if "gpu.product" in text:
+            assert "GPU Feature Discovery" in text, f"{path.name}: who sets nvidia.com/gpu.product"
+    for block in _readme_blocks():
+        if "gpu.product" in block:
+            assert "GPU Feature Discovery" in block, block
+        for sentence in re.split(r"(?<=[.:;])\s", block):
+            if "device plugin" in sentence and re.search(r"label", sentence):
+                assert re.search(r"\bnot\b|\bno such\b|\balone\b|\bonly\b|Feature Discovery", sentence), sentence
+
+
+# Figures of cluster/README.md computed, not measured: each must say it is a target (or an extrapolation).
+UNMEASURED = ("40 % MFU", "0.85 at 64 nodes", "126 VAE images/s", "≈ 1,000 images/s", "≈ 24 clips/s",
+              "154,000 tokens/s", "3.6 images/s per", "≈ 25 s", "≈ 8.4 M", "≈ 64,000 /s",
+              "≈ 4.5 | ≈ 4.6", "a node reads ≈ 0.3 GB/s", "at 10⁸ and 44 GB at 10⁹")
+
+
+@pytest.mark.parametrize("figure", UNMEASURED)
+def test_figures_never_measured_are_labelled_targets(figure):
+    blocks = [b for b in _readme_blocks() if figure in re.sub(r"\s+", " ", b)]
+    assert blocks, f"{figure!r} is gone from cluster/README.md"
+    for block in blocks:
+        assert re.search(r"\btargets?\b|extrapolated", block, re.IGNORECASE), block

@@ -1,6 +1,7 @@
 """Encoder wrappers on tiny random presets: Wan2.2 VAE shapes, normalisation, posterior scaling and weight
 loading (original single file and diffusers folder); Qwen2.5-VL ViT patch parity with transformers'
-processors, encode shapes and vision-weight loading from a saved Qwen2.5-VL checkpoint."""
+processors, encode shapes and vision-weight loading from a saved Qwen2.5-VL checkpoint; both encoders' uint8
+input (converted on their device) and their bf16 paths."""
 
 import json
 
@@ -67,8 +68,32 @@ def test_vae_follows_module_dtype(vae):
 
     half = copy.deepcopy(vae).to(torch.bfloat16)
     latents = half.encode(torch.rand(1, 3, 1, 32, 32) * 2 - 1)
-    assert latents.dtype == torch.bfloat16 and latents.shape == (1, 48, 1, 2, 2)
-    assert half.decode(latents.float()).dtype == torch.bfloat16
+    assert latents.dtype == torch.float32 and latents.shape == (1, 48, 1, 2, 2)  # normalised in float32
+    assert half.decode(latents).dtype == torch.bfloat16
+
+
+def test_vae_takes_uint8_pixels_and_converts_them_on_its_device(vae):
+    frames = torch.randint(0, 256, (2, 3, 5, 32, 48), dtype=torch.uint8)
+    as_floats = frames.float().div(255) * 2 - 1  # the host-side conversion the precompute used to do
+    assert torch.equal(vae.model_input(frames), as_floats)
+    assert torch.equal(vae.encode(frames), vae.encode(as_floats))
+    mean, std = vae.encode_posterior(frames)
+    assert torch.equal(mean, vae.encode(as_floats)) and bool((std > 0).all())
+
+
+def test_vae_in_bf16_keeps_its_posterior_arithmetic_in_float32(vae):
+    import copy
+
+    half = copy.deepcopy(vae).to(torch.bfloat16)
+    frames = torch.randint(0, 256, (1, 3, 5, 32, 32), dtype=torch.uint8)
+    assert half.model_input(frames).dtype == torch.bfloat16
+    mean, std = half.encode_posterior(frames)
+    assert mean.dtype == std.dtype == torch.float32
+    # float32 out of a bf16 encoder is not just bf16 widened: the normalisation ran in float32
+    assert not torch.equal(mean, mean.bfloat16().float())
+    ref_mean, ref_std = vae.encode_posterior(frames)
+    scale = ref_mean.abs().max()
+    assert (mean - ref_mean).abs().max() < 0.02 * scale and (std - ref_std).abs().max() < 0.02 * ref_std.max()
 
 
 def test_vae_rejects_bad_shapes(vae):
@@ -205,6 +230,22 @@ def test_vit_encode_shapes_image_and_video(vit):
         vit.encode(torch.rand(1, 3, 30, 56))
     with pytest.raises(ValueError, match=r"\(T, 3, H, W\)"):
         vit.encode(torch.rand(3, 56, 56))
+
+
+def test_vit_takes_uint8_frames_and_normalises_them_on_its_device(vit):
+    import copy
+
+    frames = torch.randint(0, 256, (5, 3, 56, 84), dtype=torch.uint8)
+    as_floats = frames.float().div(255)  # the host-side conversion the precompute used to do
+    patches, grid = vit.preprocess(frames)
+    assert torch.equal(patches, vit.preprocess(as_floats)[0]) and grid == (3, 4, 6)
+    assert torch.equal(vit.encode(frames)[0], vit.encode(as_floats)[0])
+    assert vit.preprocess(frames, torch.bfloat16)[0].dtype == torch.bfloat16
+    half = copy.deepcopy(vit).to(torch.bfloat16)
+    features, _ = half.encode(frames)
+    reference = vit.encode(frames)[0]
+    assert features.dtype == torch.bfloat16
+    assert (features.float() - reference).abs().max() < 0.02 * reference.abs().max()
 
 
 @pytest.fixture(scope="module")

@@ -61,8 +61,9 @@ def test_config_defaults_are_the_generation_setting(frames_table):
     assert (video.fps, video.max_seconds) == (generation["sample_fps"], generation["max_duration"])
     assert video.max_clip_seconds >= 8  # 7-8 s videos stay one clip, spread as the release spreads them
     buckets = PrecomputeConfig().buckets
-    assert buckets.vit_area_for(video=False) == 672 * 672 and buckets.vit_area_for(video=True) == 616 * 616
-    assert BucketConfig(vit_area=56 * 56).vit_area_for(video=True) == 56 * 56
+    assert buckets.vit_area_for(edit_source=True) == 672 * 672
+    assert buckets.vit_area_for(edit_source=False) == 616 * 616
+    assert BucketConfig(vit_area=56 * 56).vit_area_for(edit_source=True) == 56 * 56
     with pytest.raises(ValueError, match="max_clip_seconds"):
         VideoConfig(max_seconds=10.0)
 
@@ -147,7 +148,7 @@ def test_visual_token_counts_of_a_6s_854x480_clip(frames_table):
     vae = model_preset("lance-3b").vae
     vit = model_preset("lance-3b").vit
     _, vae_w, vae_h = bucket_for(854, 480, buckets.video_area)
-    _, vit_w, vit_h = bucket_for(854, 480, buckets.vit_area_for(video=True), multiple=28)
+    _, vit_w, vit_h = bucket_for(854, 480, buckets.vit_area_for(edit_source=False), multiple=28)
     latent_grid = [(frames - 1) // vae.temporal_ratio + 1, vae_h // vae.spatial_ratio,
                    vae_w // vae.spatial_ratio]
     merge = vit.patch_size * vit.spatial_merge_size

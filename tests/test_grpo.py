@@ -172,6 +172,16 @@ def _tensorboard(folder: Path):
 
 
 # ------------------------------------------------------------------------------------------ on Ray
+class NaNEvery:
+    """Brightness, but NaN on every ``every``-th image of a batch (``every`` 1: on all)."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+
+    def __call__(self, images, prompts):
+        return [float("nan") if k % self.every == 0 else float(np.mean(image)) / 255 for k, image in enumerate(images)]
+
+
 @pytest.mark.slow
 def test_grpo_raises_brightness(ray_local, tmp_path):
     from pipelines.rl.loop import run_grpo
@@ -245,11 +255,19 @@ def test_reward_actor_death_is_retried_then_resume(ray_local, tmp_path):
 
 @pytest.mark.slow
 def test_async_rollouts_one_update_behind_then_resume(ray_local, tmp_path):
-    from pipelines.rl.loop import run_grpo
+    from pipelines.rl.loop import RewardsFailedError, run_grpo
 
-    cfg = tiny_grpo(epochs=2, gallery_size=0, checkpoint={"every_epochs": 1}, rollout={"async": True})
+    # also: a reward term scoring some images NaN, under a batch-wide std (one NaN would make every advantage NaN)
+    terms = [{"name": "brightness", "kind": "brightness"},
+             {"name": "flaky", "kind": "callable", "callable": "tests.test_grpo:NaNEvery", "options": {"every": 5}}]
+    cfg = tiny_grpo(epochs=2, gallery_size=0, checkpoint={"every_epochs": 1}, rollout={"async": True},
+                    rewards={"terms": terms}, learner={"std_scope": "batch"})
     run_grpo(cfg, tmp_path)
     history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["reward/flaky/errors"] == 4 and r["reward/flaky/reason/nonfinite"] == 4 for r in history)
+    logs = {path.name for path in (tmp_path / "logs").iterdir()}  # each actor's output in its own file
+    assert {"learner-0.log", "rollout-0.log", "reward-0.log"} <= logs, logs
+    assert all(np.isfinite(r["reward/mean"]) and r["skipped_steps"] == 0 for r in history)
     assert [r["rollout/staleness"] for r in history] == [0, 1]
     assert [r["rollout/weights_version"] for r in history] == [0, 0]
     assert history[0]["ratio_first_update_max_dev"] < 1e-6  # sampled with the learner's weights
@@ -261,6 +279,14 @@ def test_async_rollouts_one_update_behind_then_resume(ray_local, tmp_path):
     history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in history] == [0, 1, 2] and resumed["last"]["updates"] == 6
     assert history[2]["rollout/staleness"] == 0 and history[2]["rollout/weights_version"] == 2
+    # a reward that fails on every image stops the run after rewards.max_failed_epochs epochs, saying why
+    failing = tiny_grpo(epochs=4, gallery_size=0, rewards={"terms": [
+        {"name": "flaky", "kind": "callable", "callable": "tests.test_grpo:NaNEvery", "options": {"every": 1}}],
+        "max_failed_epochs": 2})
+    with pytest.raises(RewardsFailedError, match="every reward term failed on every image for 2 epochs.*nonfinite"):
+        run_grpo(failing, tmp_path / "failing")
+    history = [json.loads(line) for line in (tmp_path / "failing" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in history] == [0, 1] and all(r["reward/errors"] == 16 for r in history)
 
 
 def test_cli_errors(tmp_path, capsys):

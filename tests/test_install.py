@@ -57,6 +57,9 @@ def test_every_imported_distribution_is_declared():
 
 def test_extras_by_job_and_no_unused_ffmpeg_binding():
     extras = PROJECT["optional-dependencies"]
-    assert {"data", "train", "rl", "all", "dev"} <= set(extras)
+    assert {"data", "train", "rl", "demo", "all", "dev"} <= set(extras)
     assert not any(r.startswith("ffmpeg-python") for reqs in extras.values() for r in reqs)
-    assert extras["all"] == [f"{PROJECT['name']}[data,train,rl]"]
+    assert extras["all"] == [f"{PROJECT['name']}[data,train,rl,demo]"]
+    # scikit-learn (the digits and their judge) is the demo's and the tests', not a job's core requirement
+    assert not any(r.startswith("scikit-learn") for r in PROJECT["dependencies"])
+    assert any(r.startswith("scikit-learn") for r in extras["demo"]) and any(r.startswith("scikit-learn") for r in extras["dev"])

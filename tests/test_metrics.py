@@ -38,3 +38,13 @@ def test_configured_peak_wins_and_cpu_uses_its_probe(monkeypatch):
     monkeypatch.setattr(metrics, "probe_peak_tflops", lambda: 0.5)
     assert metrics.peak_tflops(400.0, CUDA) == (400.0, "config")
     assert metrics.peak_tflops(None, torch.device("cpu")) == (0.5, "cpu-matmul-probe")
+
+
+def test_the_final_loss_line_compares_window_means_not_single_steps():
+    from pipelines.train.report import loss_window
+
+    rows = [{"step": step, "loss": 5.0 + (1.0 if step % 2 else -1.0)} for step in range(1, 42)]  # noisy, flat
+    rows[5]["loss"] = None  # a skipped step
+    first, last = loss_window(rows, first=True), loss_window(rows, first=False)
+    assert first == (5.0, 1, 4) and last == (5.0, 38, 41)  # a single step would say 6.0 -> 6.0 or 4.0
+    assert loss_window([{"step": 1, "loss": None}], first=True) is None

@@ -54,6 +54,24 @@ def test_understanding_ce_covers_answer_and_im_end(tokenizer, tiny_cfg):
     assert targets == tokenizer.encode("a cat") + [tokenizer.special.im_end]
 
 
+def test_text_is_tokenised_stripped(tokenizer):
+    """A caption, question or answer with surrounding whitespace (an older shard's "a cat\\n") gives the
+    tokens of the stripped text: no extra newline token before ``<|im_end|>``."""
+    target = torch.randn(1, 2, 2, 48)
+    media = VisualInput(vit_features=torch.randn(4, 64), vit_grid=(1, 2, 2))
+
+    assert len(tokenizer.encode("a cat\n")) > len(tokenizer.encode("a cat")), "the newline is a token"
+
+    def ids(sample: Sample) -> list[int]:
+        return torch.cat([span.token_ids for span in sample.spans]).tolist()
+
+    for caption in ("a cat\n", "  a cat ", "\ta cat\r\n"):
+        assert ids(build_generation_sample(tokenizer, "t2i", caption, target)) == \
+            ids(build_generation_sample(tokenizer, "t2i", "a cat", target))
+    assert ids(build_understanding_sample(tokenizer, "i2t", media, " what?\n", "a cat\n")) == \
+        ids(build_understanding_sample(tokenizer, "i2t", media, "what?", "a cat"))
+
+
 def test_i2v_first_latent_frame_is_clean_and_lossless(tokenizer, tiny_cfg):
     target = torch.randn(3, 2, 2, 48)
     sample = build_generation_sample(tokenizer, "i2v", "walk", target, first_frame_clean=True)
@@ -131,3 +149,18 @@ def test_step_packer_names_the_budget_when_nothing_fits(tokenizer):
     with pytest.raises(TokenBudgetError, match=f"exceed the token budget of 20 \\(smallest {huge.num_tokens}"):
         packer.next_pack(lambda generation: huge, need_generation=False)
     assert packer.skipped == MAX_CONSECUTIVE_SKIPS
+
+
+def test_token_slice_keeps_visual_rows_whatever_their_width(tokenizer):
+    """A visual tensor whose width equals the pack's length (latent channels = tokens) stays per visual token."""
+    from lance_core.config import model_preset
+    from lance_core.synthetic import synthetic_sample
+
+    length = len(pack_samples([synthetic_sample("t2i", tokenizer, model_preset("tiny"), 0)], model_preset("tiny")))
+    cfg = model_preset("tiny", latent_channels=length, vae={"latent_channels": length})
+    batch = pack_samples([synthetic_sample("t2i", tokenizer, cfg, 0)], cfg)
+    assert len(batch) == length == batch.vae_latents.shape[-1]
+    start = int(batch.vae_positions[0])
+    head, tail = batch.token_slice(0, start), batch.token_slice(start, length)
+    assert head.vae_latents.shape == (0, length) and tail.vae_latents.shape == batch.vae_latents.shape
+    assert len(head) + len(tail) == length

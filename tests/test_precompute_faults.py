@@ -68,8 +68,8 @@ def build_fault_corpus(folder: Path) -> dict:
 
 
 def _config(input_uri: Path, output: Path, **overrides) -> PrecomputeConfig:
-    return PrecomputeConfig(input=str(input_uri), output=str(output), partition_size=6,
-                            filters={"dedup": True, "dedup_actors": 2}, **{**TINY, **overrides})
+    return PrecomputeConfig(input=str(input_uri), output=str(output),
+                            **{"partition_size": 6, "filters": {"dedup": True, "dedup_actors": 2}, **TINY, **overrides})
 
 
 def _committed_rows(output: Path) -> dict[int, list[dict]]:
@@ -149,6 +149,68 @@ def test_first_occurrence_in_plan_order_wins_whatever_order_partitions_are_writt
     assert index.claim(3, _records(["x"], [7])) == {}
 
 
+@pytest.mark.parametrize("actors", [1, 2])
+def test_a_content_kept_by_one_claim_is_kept_by_no_other(actors):
+    """A later partition that claims before an earlier one registered (a wait that ran out, a restarted actor)
+    keeps a content; the earlier one then drops it instead of writing it a second time."""
+    from pipelines.data.dedup import EXACT, DedupIndex, DedupShard
+
+    index = DedupIndex([DedupShard() for _ in range(actors)], 0)
+    assert index.claim(2, _records(["x", "y"], [0, 1])) == {}
+    assert index.claim(1, _records(["x", "z"], [3, 4])) == {3: EXACT}
+    assert index.claim(2, _records(["x", "y"], [0, 1])) == {}, "a retried writer gets the same answer"
+    assert index.claim(1, _records(["x", "z"], [3, 4])) == {3: EXACT}
+
+
+def _ok_rows(partition: int, letters: str):
+    """Rows of a partition as they reach the writer, one per record, with content and near hashes by letter."""
+    import pandas as pd
+
+    from pipelines.data.filters import format_near_hash
+    from pipelines.data.records import dropped
+
+    rows = []
+    for record, letter in enumerate(letters):
+        row = dropped({"source_uri": f"mem://{partition}/{record}", "caption": "a picture", "task": "t2i"},
+                      partition, record, "ok", "", "")
+        row.update(content_sha256=_digest(letter), sample_id=f"{partition}-{record}", decode_seconds=0.0,
+                   near_hash=format_near_hash([(ord(letter) * 0x9E3779B97F4A7C15) & (2**64 - 1)]))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def test_an_index_rebuilt_from_the_commits_writes_each_content_once(tmp_path):
+    """What a restarted dedup actor does, in place: partitions 0 and 1 registered, 0 committed, then the actors
+    are lost and rebuilt from the commit records. Partition 1's registration is gone: it registers when it
+    claims, no writer waits for it, and a retried writer of committed partition 0 gets its answer again."""
+    from pipelines.data.dedup import DedupIndex, DedupShard, claim_partition
+    from pipelines.data.writer import write_partition
+
+    cfg = PrecomputeConfig(output=str(tmp_path / "out"), filters={"dedup": True, "near_dedup": True,
+                                                                  "dedup_actors": 2})
+    for folder in ("shards", "quarantine", "_commits"):
+        (tmp_path / "out" / folder).mkdir(parents=True)
+    distance = cfg.filters.near_dedup_distance
+    index = DedupIndex([DedupShard(distance, [0, 1, 2]) for _ in range(2)], distance, exact=True, near=True)
+    letters = {0: "AAB", 1: "CA", 2: "BDC"}
+    index.register(0, {i: (_digest(x), _ok_rows(0, x)["near_hash"][0]) for i, x in enumerate(letters[0])})
+    index.register(1, {i: (_digest(x), _ok_rows(1, x)["near_hash"][0]) for i, x in enumerate(letters[1])})
+    first = write_partition(_ok_rows(0, letters[0]), cfg, cfg.output, index)
+    assert (first["inputs_written"], first["filtered"]) == (2, {"dedup:exact_duplicate": 1})
+
+    index.actors = [DedupShard(distance, [0, 1, 2]) for _ in range(2)]  # lost, then restarted
+    for k, shard in enumerate(index.actors):
+        shard.rebuild_from_commits(cfg, k, 2)
+    assert index.unregistered_before(2) == [], "nobody waits for a registration the lost actor held"
+    third = write_partition(_ok_rows(2, letters[2]), cfg, cfg.output, index)
+    second = write_partition(_ok_rows(1, letters[1]), cfg, cfg.output, index)
+    assert claim_partition(index, 0, _ok_rows(0, letters[0]), cfg) == {1: "exact_duplicate"}, "a retried writer"
+    assert (third["inputs_written"], second["inputs_written"]) == (2, 0)
+    written = [r for p in range(3) for r in pq.read_table(tmp_path / "out" / "shards" / f"part-{p:05d}.parquet")
+               .to_pylist()]
+    assert sorted(r["content_sha256"] for r in written) == sorted(_digest(x) for x in "ABCD"), "each content once"
+
+
 def test_malformed_records_are_quarantined_one_by_one(tmp_path):
     from pipelines.data.pipeline import _rows_of_partition
     from pipelines.data.sources import InputFile
@@ -226,6 +288,38 @@ def test_commit_records_and_json_are_written_whole_and_damaged_ones_are_not_comm
     assert json.loads((out / "_commits" / "part-00000.json").read_text()) == good
 
 
+def test_nothing_written_names_the_reasons_and_passes_a_run_that_wrote():
+    from pipelines.data.report import nothing_written
+
+    def stats(inputs: int, written: int, quarantined: dict, filtered: dict) -> dict:
+        return {"inputs": inputs, "inputs_written": written, "quarantined_by_reason": quarantined,
+                "filtered_by_reason": filtered}
+
+    assert nothing_written(stats(4, 1, {"decode:corrupt_media": 3}, {}), "out") is None
+    assert nothing_written(stats(0, 0, {}, {}), "out") is None, "no input: nothing to write"
+    message = nothing_written(stats(5, 0, {"decode:corrupt_media": 3, "read:missing_file": 1},
+                                    {"caption:missing_caption": 1}), "s3://b/out/")
+    assert message.startswith("no record was written: all 5 inputs were dropped (quarantined "
+                              "decode:corrupt_media=3, read:missing_file=1; filtered caption:missing_caption=1)")
+    assert "s3://b/out/quarantine" in message and "manifest.caption_column" in message
+    assert "caption_column" not in nothing_written(stats(1, 0, {"decode:corrupt_media": 1}, {}), "out")
+
+
+def test_without_progress_bars_a_line_every_few_partitions():
+    from pipelines.data.report import PartitionProgress
+
+    def lines(todo: int, planned: int) -> list[tuple[int, str]]:
+        progress = PartitionProgress(todo, planned)
+        record = {"inputs": 4, "inputs_written": 3, "rows": 5}
+        return [(n, line) for n in range(1, todo + 1) if (line := progress.note(record))]
+
+    assert [n for n, _ in lines(25, 30)] == [*range(2, 25, 2), 25], "a tenth of the run, and its last"
+    assert [n for n, _ in lines(3, 3)] == [1, 2, 3]
+    assert [n for n, _ in lines(5000, 5000)][:2] == [100, 200], "at least every 100 partitions"
+    assert lines(25, 30)[-1][1].startswith("committed 25/25 partitions of this run (30 planned): "
+                                           "75 of 100 inputs written, 125 samples, ")
+
+
 def test_damaged_plan_is_named_and_made_again_only_while_nothing_is_committed(ray_local, tmp_path, lance_log):
     from pipelines.data.plan import load_plan
     from pipelines.data.writer import DamagedFileError
@@ -249,6 +343,36 @@ def test_damaged_plan_is_named_and_made_again_only_while_nothing_is_committed(ra
 
 
 # ------------------------------------------------------------------------------------------- real runs
+@pytest.mark.slow
+def test_a_run_that_writes_nothing_exits_non_zero_with_the_reasons(ray_local, tmp_path, capsys):
+    """Every medium corrupt and the one sound image without a caption: ``lance precompute`` fails, naming the
+    drops, and so does a rerun of that output (it still holds no record)."""
+    from jobs.cli import main
+
+    media = tmp_path / "in" / "media"
+    media.mkdir(parents=True)
+    for name in ("a", "b"):
+        (media / f"{name}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (media / "c.jpg").write_bytes(_jpeg(40))
+    manifest = _write_jsonl(tmp_path / "in" / "list.jsonl", [
+        {"uri": "media/a.jpg", "caption": "a broken picture"}, {"uri": "media/b.jpg", "caption": "another"},
+        {"uri": "media/c.jpg", "alt": "a caption under another name"}])
+    config = tmp_path / "precompute.yaml"
+    config.write_text(json.dumps({**TINY, "partition_size": 4, "filters": {"dedup": False}}))
+    argv = ["precompute", "--config", str(config), "--input", str(manifest), "--output", str(tmp_path / "out"),
+            "--no-progress"]
+    for run in range(2):
+        assert main(argv) == 1
+        captured = capsys.readouterr()
+        if run == 0:  # --no-progress: progress lines instead of the bars; the rerun runs nothing
+            assert "committed 1/1 partitions of this run (1 planned): 0 of 3 inputs written" in captured.err
+        assert "inputs      3 = written 0 + filtered 1 + quarantined 2" in captured.out
+        reasons = re.search(r"no record was written: all 3 inputs were dropped \(quarantined (.*); filtered "
+                            r"caption:missing_caption=1\)", captured.err)
+        assert reasons and reasons.group(1).startswith("decode:") and reasons.group(1).endswith("=2"), captured.err
+        assert "manifest.caption_column" in captured.err
+
+
 @pytest.mark.slow
 def test_fault_corpus_then_a_writer_killed_mid_commit(ray_local, tmp_path):
     from pipelines.data.pipeline import run_precompute
@@ -288,3 +412,68 @@ def test_fault_corpus_then_a_writer_killed_mid_commit(ray_local, tmp_path):
     (out / "plan.json").write_text('{"input": "')
     with pytest.raises(DamagedFileError, match=str(out / "plan.json")):
         run_precompute(_config(tmp_path / "in", out), progress=False)
+
+
+def _check_totals(output: Path, expected: dict) -> None:
+    """The invariant, the corpus' figures, and each sample and each content written once (which copy of a
+    duplicate is kept may differ from plan order after a restart)."""
+    stats = json.loads((output / "stats.json").read_text())
+    assert stats["partitions_committed"] == stats["partitions_planned"]
+    assert stats["inputs"] == stats["inputs_written"] + stats["inputs_filtered"] + stats["inputs_quarantined"]
+    assert (stats["inputs"], stats["inputs_written"], stats["inputs_quarantined"]) == (
+        expected["inputs"], expected["written"], expected["quarantined"])
+    assert stats["filtered_by_reason"] == {"dedup:exact_duplicate": expected["duplicates"]}
+    rows = [r for part in _committed_rows(output).values() for r in part]
+    assert len({r["sample_id"] for r in rows}) == len(rows), "a sample was written twice"
+    assert sorted(r["content_sha256"] for r in rows) == sorted(expected["hashes"].values()), "a content twice"
+
+
+@pytest.mark.slow
+def test_a_dedup_actor_killed_mid_run_is_restarted_or_the_run_ends_with_a_message(ray_local, tmp_path, monkeypatch,
+                                                                                lance_log):
+    """Issue: losing a dedup actor ended the whole precompute with a 120-line traceback. Killed (Ray may
+    restart it) once the first partition is committed, it is rebuilt from the committed shards and the run
+    finishes; killed for good, the run ends with one paragraph, and running it again resumes it."""
+    import ray
+
+    from pipelines.data import pipeline
+    from pipelines.data.dedup import DedupIndex, DedupIndexLost
+
+    expected = build_fault_corpus(tmp_path / "in")
+    started, kills = {}, []
+    real_start, real_add = DedupIndex.start.__func__, pipeline.ManifestWriter.add
+
+    def start(cls, cfg, commits, todo):
+        started["index"] = real_start(cls, cfg, commits, todo)
+        return started["index"]
+
+    def add(self, record):
+        if not kills:
+            kills.append(record["partition"])
+            ray.kill(started["index"].actors[0], no_restart=started["for_good"])
+        return real_add(self, record)
+
+    monkeypatch.setattr(DedupIndex, "start", classmethod(start))
+    monkeypatch.setattr(pipeline.ManifestWriter, "add", add)
+
+    started["for_good"] = False
+    out = tmp_path / "restarted"
+    result = pipeline.run_precompute(_config(tmp_path / "in", out, partition_size=2), progress=False)
+    assert kills and result.committed_now == result.partitions == 8
+    assert started["index"].rebuilt() == [0] and started["index"].lost() == []
+    assert "dedup actor 0 of 2 died and was restarted from the committed shards" in lance_log.getvalue()
+    _check_totals(out, expected)
+
+    started["for_good"], kills[:] = True, []
+    out = tmp_path / "lost"
+    with pytest.raises(DedupIndexLost) as err:
+        pipeline.run_precompute(_config(tmp_path / "in", out, partition_size=2), progress=False)
+    message = str(err.value)
+    assert "lost actor 0 of 2" in message and "run the same command again to resume" in message
+    assert "\n" not in message and "Traceback" not in message
+    committed = len(list((out / "_commits").glob("part-*.json")))
+    assert 1 <= committed < 8
+    kills.append("none")  # the rerun runs untouched
+    rerun = pipeline.run_precompute(_config(tmp_path / "in", out, partition_size=2), progress=False)
+    assert (rerun.skipped, rerun.committed_now) == (committed, 8 - committed)
+    _check_totals(out, expected)

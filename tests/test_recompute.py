@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+import types
+
 import pytest
 import torch
+from torch.utils.checkpoint import CheckpointPolicy
 
 from lance_core.config import model_preset
 from lance_core.flow import LossConfig, compute_losses, noise_latents
-from lance_core.model import build_model
+from lance_core.model import build_model, recompute
 from lance_core.packing import pack_samples
 from lance_core.synthetic import synthetic_mix
 from lance_core.tokenizer import ByteTokenizer
@@ -54,3 +58,61 @@ def test_policy_is_named_in_the_training_config():
         == "selective"
     with pytest.raises(ValueError, match="activation_checkpointing"):
         load_train_config({"deepspeed": {"activation_checkpointing": "every_other"}})
+
+
+@torch.library.custom_op("lance_test::costly", mutates_args=())
+def _costly(x: torch.Tensor) -> torch.Tensor:
+    _costly.calls += 1
+    return x * 2
+
+
+_costly.calls = 0
+_costly.register_autograd(lambda ctx, grad: grad * 2)
+
+
+@torch.library.custom_op("lance_test_flash::_flash_attn_forward", mutates_args=())
+def _fake_flash(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()
+
+
+@torch.library.custom_op("lance_test_flash::_flash_attn_varlen_forward", mutates_args=())
+def _fake_flash_varlen(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()
+
+
+def _costly_layer_calls(monkeypatch, saved: bool) -> int:
+    """How often the custom op runs for one forward and backward of a layer under ``selective``."""
+    costly = {torch.ops.lance_test.costly.default} if saved else set()
+    monkeypatch.setattr(recompute, "SAVED_OPS", recompute.SAVED_OPS | costly)
+    _costly.calls = 0
+    x = torch.randn(4, requires_grad=True)
+    recompute.run_layer(lambda h: torch.ops.lance_test.costly(h.sin()).cos(), "selective", True, x).sum().backward()
+    torch.testing.assert_close(x.grad, -torch.sin(2 * x.sin()) * 2 * x.cos())
+    return _costly.calls
+
+
+def test_selective_keeps_the_outputs_of_saved_ops(monkeypatch):
+    assert recompute._keep_costly(None, torch.ops.lance_test.costly.default) == CheckpointPolicy.PREFER_RECOMPUTE
+    assert _costly_layer_calls(monkeypatch, saved=False) == 2  # run again in the backward pass
+    assert _costly_layer_calls(monkeypatch, saved=True) == 1
+    assert recompute._keep_costly(None, torch.ops.lance_test.costly.default) == CheckpointPolicy.MUST_SAVE
+
+
+def test_registered_ops_skips_missing_ones():
+    found = recompute.registered_ops("lance_test", ("costly", "not_registered"))
+    assert found == {torch.ops.lance_test.costly.default}
+    assert recompute.registered_ops("lance_test_nothing_here", ("costly",)) == set()
+
+
+def test_flash_attention_ops_are_looked_up_when_flash_attn_imports(monkeypatch):
+    """A stand-in ``flash_attn`` module and its two forward ops registered under a test namespace."""
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    assert recompute.flash_attention_ops("lance_test_flash") == {
+        torch.ops.lance_test_flash._flash_attn_forward.default, torch.ops.lance_test_flash._flash_attn_varlen_forward.default}
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # import flash_attn raises ImportError
+    assert recompute.flash_attention_ops("lance_test_flash") == set()
+
+
+def test_installed_flash_attention_ops_are_saved():
+    """Where flash-attn (>= 2.6) is installed its forward ops are in SAVED_OPS; elsewhere there are none."""
+    assert recompute.registered_ops("flash_attn", recompute.FLASH_ATTN_OPS) <= recompute.SAVED_OPS

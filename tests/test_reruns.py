@@ -26,7 +26,7 @@ def test_config_differences_leave_out_resumable_fields():
     current = {"steps": 5, "optim": {"lr": 2e-3, "betas": (0.9, 0.95)}, "scaling": {"workers": 1, "cpus": 2},
                "new": 1}
     assert config_differences(recorded, current, ("steps", "scaling.cpus")) == [
-        "new: (absent) -> 1", "optim.lr: 0.001 -> 0.002"]
+        "optim.lr: 0.001 -> 0.002", "new: (absent) -> 1"]  # changed values first, then added / removed fields
     assert config_differences(recorded, recorded) == []
 
 
@@ -138,7 +138,7 @@ def _train_data(latents: Path, root: Path) -> dict:
 def test_train_with_relative_paths_then_rerun_finishes_at_once(latents, tmp_path, monkeypatch):
     """Relative ``data.uris`` and ``output`` from the user's folder reach the Ray Train workers (their
     working directory differs); a rerun of the finished run says so and starts no trainer."""
-    from pipelines.train import trainer
+    from pipelines.train import driver
     from pipelines.train.config import load_train_config
     from pipelines.train.preflight import settle_rerun
 
@@ -146,7 +146,7 @@ def test_train_with_relative_paths_then_rerun_finishes_at_once(latents, tmp_path
     data = _train_data(latents, tmp_path)
     cfg = load_train_config(data)
     assert cfg.data.uris == (str(latents),) and cfg.output == str(tmp_path / "runs")
-    first = trainer.run_training(cfg)
+    first = driver.run_training(cfg)
     assert [r["step"] for r in first.metrics] == [1, 2] and not first.complete_before
     run_dir = tmp_path / "runs" / "rerun"
     assert first.run_dir == run_dir and (run_dir / "checkpoint_0000002" / "train_state.json").is_file()
@@ -155,8 +155,8 @@ def test_train_with_relative_paths_then_rerun_finishes_at_once(latents, tmp_path
     def no_trainer(*args, **kwargs):
         raise AssertionError("a complete run must not start Ray Train")
 
-    monkeypatch.setattr(trainer, "build_trainer", no_trainer)
-    again = trainer.run_training(load_train_config(data))
+    monkeypatch.setattr(driver, "build_trainer", no_trainer)
+    again = driver.run_training(load_train_config(data))
     assert again.complete_before and again.metrics == first.metrics
     assert again.checkpoint.endswith("checkpoint_0000002") and again.export == run_dir / "model.safetensors"
     assert (run_dir / "metrics.jsonl").read_bytes() == metrics

@@ -20,7 +20,8 @@ from pipelines.rl.rewards import RewardPool, RewardWorker
 
 class Flaky:
     """Brightness in [0, 1], with faults by tag: ``bad`` raises (on its batch, and on that image alone);
-    ``hang`` sleeps for good, the first time any actor meets it (a marker file remembers)."""
+    ``hang`` sleeps for good, the first time any actor meets it (a marker file remembers); ``hang_always``
+    every time."""
 
     def __init__(self, log: str, marker: str = "") -> None:
         self.log, self.marker = log, marker
@@ -29,6 +30,8 @@ class Flaky:
         tags = {p.split(":")[2] for p in prompts}
         if "bad" in tags:
             raise ValueError("unreadable image")
+        if "hang_always" in tags:
+            time.sleep(3600)
         if "hang" in tags and not os.path.exists(self.marker):
             Path(self.marker).write_text("hung")
             time.sleep(3600)
@@ -159,3 +162,83 @@ def test_an_error_escaping_the_worker_is_retried_once_then_scores_zero(ray_local
     assert results[1]["errors"] == {"flaky": 2}
     assert reward_metrics(results)["reward/errors"] == 2
     assert scored(tmp_path / "scored.log") == Counter(["0:0:escape_once", "0:1:ok", "2:0:ok", "2:1:ok"])
+
+
+@pytest.mark.slow
+def test_a_batch_that_hangs_every_time_is_retried_once_then_scores_zero(ray_local, tmp_path):
+    pool = make_pool(tmp_path, call_timeout_s=3, max_restarts=3)
+    tags = {0: ["ok", "ok"], 1: ["hang_always", "ok"], 2: ["ok", "ok"]}
+    try:
+        for batch, batch_tags in tags.items():
+            submit(pool, batch, batch_tags)
+        pool.drain()
+        results = {batch: pool.take(batch) for batch in tags}
+    finally:
+        pool.shutdown()
+    assert pool.restarts == 2  # the actor it hung first, then the one it was sent to once more
+    assert results[1]["total"] == [0.0, 0.0] and results[1]["errors"] == {"flaky": 2}
+    assert results[1]["reasons"]["flaky"] == ["error:GetTimeoutError"] * 2
+    for batch in (0, 2):
+        assert results[batch]["total"] == pytest.approx([level / 255 for level in levels(batch, 2)])
+    assert scored(tmp_path / "scored.log") == Counter(["0:0:ok", "0:1:ok", "2:0:ok", "2:1:ok"])
+
+
+class Producer:
+    """A rollout worker stand-in whose process dies while it makes a batch of images."""
+
+    def images(self, die: bool) -> np.ndarray:
+        if die:
+            os._exit(1)
+        return np.full((2, 4, 4, 3), 128, dtype=np.uint8)
+
+
+@pytest.mark.slow
+def test_a_lost_input_drops_its_batch_and_keeps_the_reward_actors(ray_local, tmp_path):
+    import ray
+
+    pool = make_pool(tmp_path, max_restarts=0)  # replacing a reward actor would end the run
+    producer = ray.remote(import_callable("tests.test_reward_pool:Producer")).options(num_cpus=0, max_restarts=0).remote()
+    prompts = [["0:0:ok", "0:1:ok"], ["1:0:ok", "1:1:ok"]]
+    try:
+        made = producer.images.remote(False)
+        ray.wait([made])  # made before the producer dies
+        pool.submit(0, made, prompts[0], [None, None])
+        pool.submit(1, producer.images.remote(True), prompts[1], [None, None])  # its images never exist
+        submit(pool, 2, ["ok", "ok"])
+        pool.drain()
+        results = {batch: pool.take(batch) for batch in range(3)}
+    finally:
+        pool.shutdown()
+    assert pool.restarts == 0 and pool.lost_inputs == 1
+    assert results[1]["lost_input"] and results[1]["errors"] == {}
+    assert not results[0].get("lost_input") and results[0]["total"] == pytest.approx([128 / 255] * 2)
+    assert scored(tmp_path / "scored.log") == Counter(["0:0:ok", "0:1:ok", "2:0:ok", "2:1:ok"])
+
+
+def test_dropped_groups_keep_out_of_the_advantages():
+    import torch
+
+    from lance_core.rl import group_advantages
+    from pipelines.rl.loop import kept_advantages
+
+    rewards = torch.tensor([[0.0, 1.0, 2.0, 3.0], [5.0, 5.0, 5.0, 5.0], [1.0, 1.0, 4.0, 4.0]], dtype=torch.float64)
+    dropped = kept_advantages(rewards, {1}, "batch", 5.0)
+    alone = group_advantages(rewards[[0, 2]], "batch", 5.0)
+    assert torch.equal(dropped.values[[0, 2]], alone.values) and not dropped.values[1].any()
+    assert dropped.zero_spread.tolist() == [False, False, False]
+    assert torch.equal(kept_advantages(rewards, set(), "group", 5.0).values, group_advantages(rewards).values)
+
+
+def test_a_nan_or_infinite_score_counts_as_an_error_and_scores_zero():
+    spec = RewardSpec(name="odd", kind="callable", callable="tests.test_reward_pool:Odd")
+    scores = WeightedReward([spec, RewardSpec(name="b", kind="brightness", weight=0.5)])(
+        [np.full((4, 4, 3), 255, np.uint8)] * 3, ["a", "b", "c"])
+    assert scores.components["odd"] == [0.0, 0.0, 0.25]
+    assert scores.reasons["odd"] == ["nonfinite", "nonfinite", None]
+    assert scores.errors == {"odd": 2}
+    assert scores.total == pytest.approx([0.5, 0.5, 0.75])
+
+
+class Odd:
+    def __call__(self, images, prompts):
+        return [float("nan"), float("-inf"), 0.25]

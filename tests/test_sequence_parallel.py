@@ -234,9 +234,9 @@ def test_ray_train_step_with_two_sequence_parallel_workers(latents, tmp_path):
     from lance_core.tokenizer import load_tokenizer_for
     from pipelines.train.config import load_train_config
     from pipelines.train.data import PackLoader
-    from pipelines.train.loop import build_initial_model
+    from pipelines.train.trainer import build_initial_model
     from pipelines.train.mixture import MixtureSchedule
-    from pipelines.train.trainer import run_training
+    from pipelines.train.driver import run_training
 
     data = read_yaml(ROOT / "jobs" / "configs" / "train_tiny.yaml")
     data.update(name="sp2", output=str(tmp_path), steps=2)

@@ -18,7 +18,7 @@ from lance_core.config import model_preset
 from pipelines.rl.config import GRPOConfig
 from pipelines.rl.policy import check_checkpoint, load_initial_weights
 from pipelines.train.config import load_train_config
-from pipelines.train.trainer import run_training, storage_and_log_dir
+from pipelines.train.driver import run_training, storage_and_log_dir
 from tests.qwen_tiny import save_random_qwen
 
 ROOT = Path(__file__).resolve().parents[1]

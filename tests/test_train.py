@@ -84,6 +84,14 @@ def test_deepspeed_config_built_from_typed_config():
     assert not build_deepspeed_config(cfg, on_gpu=False)["bf16"]["enabled"]
     no_warmup = load_train_config({"optim": {"warmup_steps": 0}})
     assert "scheduler" not in build_deepspeed_config(no_warmup, on_gpu=False)  # WarmupLR refuses 0 steps
+    # gradients are reduced in fp32 unless asked otherwise, also in a bf16 run
+    assert ds["communication_data_type"] == "fp32"
+    halved = load_train_config({"deepspeed": {"communication_dtype": "bf16"}})
+    assert build_deepspeed_config(halved, on_gpu=True)["communication_data_type"] == "bf16"
+    with pytest.raises(ConfigError, match="communication_dtype"):
+        load_train_config({"deepspeed": {"communication_dtype": "fp8"}})
+    # the fp32 EMA is sharded like the optimizer's master weights: ZeRO-3 keeps one too
+    assert load_train_config({"deepspeed": {"zero_stage": 3, "ema_decay": 0.9999}}).deepspeed.ema_decay == 0.9999
 
 
 # ---------------------------------------------------------------------------------------------- mixture
@@ -247,7 +255,7 @@ def _train_config(latents: Path, output: Path, name: str, **overrides) -> dict:
 
 
 def _run(data: dict):
-    from pipelines.train.trainer import run_training
+    from pipelines.train.driver import run_training
 
     return run_training(load_train_config(data))
 

@@ -115,6 +115,34 @@ def test_extreme_aspect_video_is_dropped_from_its_metadata(tmp_path, monkeypatch
     assert [(r["status"], r["stage"], r["reason"]) for r in rows] == [("filtered", "duration", "too_short")]
 
 
+def test_a_video_whose_frames_exceed_the_pixel_limit_is_refused_before_decoding(tmp_path, monkeypatch):
+    """The video counterpart of Pillow's bomb limit (issue: a 4.8 MB 12000x12000 MJPEG took 4.95 GB and 148 s
+    for one record): the frame size the container declares is checked before any frame is decoded."""
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg is not installed (scripts/setup.sh installs it)")
+    path = tmp_path / "big.avi"
+    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
+                    "testsrc2=size=320x240:rate=12", "-t", "1", "-c:v", "mjpeg", "-y", str(path)],
+                   check=True, timeout=120)
+    data = path.read_bytes()
+    assert decode_module.MAX_VIDEO_FRAME_PIXELS == decode_module.MAX_IMAGE_PIXELS
+    monkeypatch.setattr(decode_module, "MAX_VIDEO_FRAME_PIXELS", 320 * 240 - 1)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("a frame was decoded")
+
+    monkeypatch.setattr(media_module, "decode_video", no_decoding)
+    monkeypatch.setattr(decode_module, "_frame_views", no_decoding)
+    rows = process_record({"source_uri": "mem://big", "task": "t2v", "caption": "a test pattern",
+                           "target_bytes": data, "target_name": "big.avi"}, 0, 0, PrecomputeConfig(**TINY))
+    assert [(r["status"], r["stage"], r["reason"]) for r in rows] == [("quarantined", "decode", "decompression_bomb")]
+    assert "320x240" in rows[0]["error"]
+    with pytest.raises(decode_module.DecodeError, match="decompression_bomb"):
+        next(decode_video(data))
+    monkeypatch.setattr(decode_module, "MAX_VIDEO_FRAME_PIXELS", 320 * 240)
+    assert probe_video(data).width == 320, "a frame at the limit is read"
+
+
 def _read_task_blocks(cfg: PrecomputeConfig, manifest, records: int):
     """The read task's own generator over one partition of ``manifest``: its Arrow blocks, one at a time."""
     from pipelines.data.pipeline import _partition_rows

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from pipelines.train.config import load_train_config
-from pipelines.train.trainer import RETAIN_FREED_MEMORY_ENV, worker_env
+from pipelines.train.driver import RETAIN_FREED_MEMORY_ENV, worker_env
 
 STEPS_IN_A_THREAD = """
 import json, resource, threading

@@ -21,7 +21,7 @@ deepspeed.init_distributed(dist_backend="gloo")
 import torch.distributed as dist
 from pipelines.train.config import load_train_config
 from pipelines.train.deepspeed_config import build_deepspeed_config
-from pipelines.train.loop import build_initial_model
+from pipelines.train.trainer import build_initial_model
 
 init_lance, out = sys.argv[1] or None, sys.argv[2]
 cfg = load_train_config({"model": {"preset": "tiny", "weights": {"lance": init_lance}}, "seed": 3,
@@ -70,7 +70,7 @@ def _partitioned_state(tmp_path: Path, init_lance: str = "") -> dict[str, torch.
 
 def _plain_state(init_lance: str | None = None) -> dict[str, torch.Tensor]:
     from pipelines.train.config import load_train_config
-    from pipelines.train.loop import build_initial_model
+    from pipelines.train.trainer import build_initial_model
 
     cfg = load_train_config({"model": {"preset": "tiny", "weights": {"lance": init_lance}}, "seed": 3})
     _, model = build_initial_model(cfg)

@@ -1,37 +1,35 @@
-"""One prepared GPU check: what a single GPU machine does with the Lance training and precompute code.
+"""The prepared GPU check: the jobs' own code on one GPU machine, each part with PASS / FAIL lines and its
+figures in one JSON.
 
-    bash bench/gpu/run.sh [--dry-run]     # fresh machine: own venv, flash-attn if a wheel installs fast, then this
-    python bench/gpu/check.py [--dry-run] [--out FILE] [--layers N] [--tokens L] [--budget-s S]
+    bash bench/gpu/run.sh [--dry-run]     # fresh box without network: the wheels of fetch_wheels.sh, then this
+    python bench/gpu/check.py [--dry-run] [--out FILE] [--layers N] [--budget-s S]
 
-Parts, each in its own function and guarded (a failure is recorded in the JSON and the next part runs):
+Parts, each in its own function and guarded (a failure is recorded and the next part runs):
 
-- ``environment``: torch, CUDA, the device, flash-attn, the MFU peak (``pipelines.train.metrics``: the
-  datasheet bf16 table, else a matmul probe) and a bf16 matmul measured in this run (the same-run baseline).
-- ``model_step``: bf16 forward + backward of the ``lance-3b`` widths (hidden, heads, KV heads, MLP) with
-  fewer layers (``--layers``) on one packed sequence of synthetic samples of every task (``--tokens``),
-  with the flash-attention varlen backend (torch SDPA per sample when flash-attn is missing, said so) and
-  with flex attention. Tokens/s counts real tokens; FLOPs are the training metric's (``pack_flops``:
-  6·N_active + attention summed per sample); MFU is over the peak of ``environment``.
-- ``vae_encode``: the full-size Wan2.2 VAE (random weights, the preset's VAE config) encoding images at
-  768² (the released image bucket), in bf16 and in float32 (what ``lance precompute`` runs today).
-- ``vit_encode``: the Qwen2.5-VL-3B vision tower (random weights) on 672² images, bf16 and float32.
-- ``nccl_broadcast``: GB/s of a broadcast across all GPUs (skipped, with the reason, on one GPU).
+- ``environment``: torch, CUDA, the device, flash-attn, the MFU peak and a bf16 matmul of this run.
+- ``training`` (bench/gpu/train_check.py): the training worker under torch.distributed (no Ray; NCCL on the
+  GPU) at ``lance-3b`` widths with ``--layers`` layers, bf16, fp32 EMA, ZeRO-2 and ZeRO-3, every activation
+  checkpointing policy, save -> resume -> export; tokens/s and MFU from the training metrics.
+- ``grpo_learner`` (bench/gpu/train_check.py): one GRPO learner update in fp32 and in bf16.
+- ``attention``: forward and backward of the training loss on one pack of every task with each backend
+  (flash varlen, flex, SDPA per sample) against the dense SDPA reference in fp32; tokens/s and MFU per backend.
+- ``evaluation``: held-out losses and generated samples (KV-cached image and video, a caption) as the trainer
+  runs them, with the number of attention compilations against the distinct sequence lengths seen.
+- ``encoders``: the precompute's VAE and ViT at the production batch size in the encoders' dtype, a 69-frame
+  480p clip (6 s at 12 fps) included; peak memory.
+- ``nccl_broadcast``: GB/s of a broadcast across the GPUs (skipped, with the reason, on one GPU).
 
-Timing: warm-up calls (flex compiles there), ``torch.cuda.synchronize`` around every timed call, the
-median of the timed calls; peak memory from ``torch.cuda.max_memory_allocated``. A total time budget
-(``--budget-s``) is shared among the parts by weight; a part stops timing at its share (at least one
-timed call) and is skipped when nothing is left; a watchdog records the part still running and ends the
-process if the budget is overrun by more than a grace period. The JSON is rewritten after every part.
-
-``--dry-run``: the same code paths on the CPU at the ``tiny`` preset's widths and a few hundred tokens
-(bf16 when the CPU runs it, else float32), gloo between two processes in place of NCCL; every part that
-cannot run as on the GPU records why (flash-attn needs CUDA; flex attention has no CPU backward).
+The GPU run has a total time budget (``--budget-s``) shared among the parts by weight, and a watchdog that
+records the part still running when it is overrun. ``--dry-run`` runs the same code on the CPU at the
+``tiny`` preset's sizes (gloo in place of NCCL), with no budget: it is not timed, so a loaded machine slows it
+but cannot fail it; what cannot run as on the GPU (flash-attn, flex backward) says why.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import socket
@@ -60,10 +58,12 @@ from bench.gpu.harness import (
     timed_calls,
 )
 
-PARTS = {"environment": 0.3, "model_step": 5.0, "vae_encode": 1.5, "vit_encode": 1.5, "nccl_broadcast": 0.7}
+PARTS = {"environment": 0.2, "training": 4.0, "grpo_learner": 1.0, "attention": 2.5, "evaluation": 1.0,
+         "encoders": 2.0, "nccl_broadcast": 0.3}
 """The parts in order, each with its weight: the share of the time left that it may spend."""
-BACKEND_WEIGHTS = {"flash": 2.0, "flex": 3.0}
-"""Shares of the model_step time: flex compiles its forward and backward kernels in its warm-up."""
+BACKENDS = ("flash", "flex", "per_sample")
+PARITY_TOLERANCE = {"bfloat16": 3e-2, "float32": 1e-4}
+"""Relative L2 distance of the loss and of the gradients to the fp32 dense reference, per compute dtype."""
 
 
 @dataclass(frozen=True)
@@ -75,32 +75,41 @@ class Plan:
     dtype: str
     preset: str
     layers: int
-    tokens: int
     image_side: int
-    """Latent tokens per side of the synthetic images and video frames of the pack."""
+    """Latent tokens per side of the synthetic images and video frames."""
+    train_tokens: int
+    """Token budget of a training pack."""
+    rows_per_task: int
+    parity_tokens: int
+    """Tokens of the pack the attention backends are compared on (the dense reference is L²)."""
+    speed_tokens: int
+    grpo_image_side: int
     warmup: int
     max_reps: int
-    vae_side: int
+    vae_image_side: int
     vae_batch: int
+    clip: tuple[int, int, int]
+    """(frames, height, width) of the video clip the encoders take."""
     vit_side: int
     vit_batch: int
     broadcast_bytes: tuple[int, ...]
     broadcast_reps: int
     min_part_s: float
-    """A part is skipped when less than this is left of the budget."""
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
     if args.dry_run:
         return Plan(dry_run=True, device="cpu", dtype="bfloat16" if cpu_runs_bf16() else "float32", preset="tiny",
-                    layers=args.layers or 2, tokens=args.tokens or 1024, image_side=4, warmup=1, max_reps=2,
-                    vae_side=32, vae_batch=2, vit_side=56, vit_batch=2, broadcast_bytes=(2**20,),
-                    broadcast_reps=3, min_part_s=1.0)
-    # 8 layers of the 3B widths at 32k tokens: ~2 B parameters, ~50 GiB of activations without checkpointing;
-    # images of 32² latents (512 px) so that a pack holds ~16 samples of every task
-    return Plan(dry_run=False, device="cuda", dtype="bfloat16", preset="lance-3b", layers=args.layers or 8,
-                tokens=args.tokens or 32768, image_side=32, warmup=2, max_reps=10, vae_side=768, vae_batch=8,
-                vit_side=672, vit_batch=8, broadcast_bytes=(64 * 2**20, GIB), broadcast_reps=10, min_part_s=10.0)
+                    layers=args.layers or 2, image_side=4, train_tokens=1024, rows_per_task=6, parity_tokens=768,
+                    speed_tokens=1024, grpo_image_side=32, warmup=1, max_reps=2, vae_image_side=32, vae_batch=2,
+                    clip=(9, 48, 80), vit_side=56, vit_batch=2, broadcast_bytes=(2**20,), broadcast_reps=3,
+                    min_part_s=0.0)
+    # lance-3b widths with 2 layers: ~1.0 B parameters (the 151,936 x 2,048 embedding and lm_head are 0.6 B);
+    # 256-token images (16² latents) so a 16k-token pack holds some 40 samples of every task
+    return Plan(dry_run=False, device="cuda", dtype="bfloat16", preset="lance-3b", layers=args.layers or 2,
+                image_side=16, train_tokens=16384, rows_per_task=24, parity_tokens=8192, speed_tokens=32768,
+                grpo_image_side=256, warmup=2, max_reps=8, vae_image_side=768, vae_batch=8, clip=(69, 480, 848),
+                vit_side=616, vit_batch=8, broadcast_bytes=(64 * 2**20, GIB), broadcast_reps=10, min_part_s=10.0)
 
 
 def cpu_runs_bf16() -> bool:
@@ -156,8 +165,7 @@ def flash_attn_status() -> dict:
 
 
 def model_config(plan: Plan, backend: str):
-    """The preset's widths with ``plan.layers`` layers; two latent frames for the synthetic video tasks
-    (the position table is not trained, so its size changes no FLOPs)."""
+    """The preset's widths with ``plan.layers`` layers; two latent frames for the synthetic video tasks."""
     from lance_core.config import model_preset
 
     frames = {"max_latent_frames": 2} if plan.preset == "lance-3b" else {}
@@ -165,7 +173,7 @@ def model_config(plan: Plan, backend: str):
 
 
 def fill_pack(cfg, tokens: int, image_side: int):
-    """Synthetic samples of every task in turn, each added while it fits ``tokens``, padded to it."""
+    """Synthetic samples of every task in turn, each added while it fits ``tokens``."""
     from lance_core.packing import TASKS, pack_samples
     from lance_core.synthetic import synthetic_sample
     from lance_core.tokenizer import ByteTokenizer
@@ -181,184 +189,237 @@ def fill_pack(cfg, tokens: int, image_side: int):
         else:
             misses += 1
     if not samples:
-        raise ValueError(f"--tokens {tokens} holds no sample (the smallest takes a few hundred tokens)")
-    return pack_samples(samples, cfg, pad_to=tokens)
+        raise ValueError(f"{tokens} tokens hold no sample (the smallest takes a few hundred tokens)")
+    return pack_samples(samples, cfg)
 
 
-def backend_choice(requested: str, device: torch.device, flash: dict) -> tuple[str, str | None, bool]:
+def backend_choice(requested: str, device: torch.device, dtype: torch.dtype) -> tuple[str, str | None, bool]:
     """(backend to run, why it is not ``requested`` or not as on the GPU, whether backward runs)."""
-    from lance_core.model import attention
+    from lance_core.model.attention import describe_backend
 
-    if requested == "flash":
-        if device.type != "cuda":
-            return "per_sample", "flash-attn needs CUDA: torch SDPA per sample instead", True
-        if attention.flash_attn_func is None:
-            why = flash.get("error") or "flash-attn not installed"
-            return "per_sample", f"flash-attn unavailable ({why}): torch SDPA per sample instead", True
-        return "flash", None, True
-    if attention.flex_attention is None:
-        raise RuntimeError(f"torch {torch.__version__} has no flex attention (needs >= 2.5)")
-    if device.type != "cuda":
-        return "flex", "torch flex attention has no CPU backward: forward only", False
-    return "flex", None, True
+    try:
+        backend, _ = describe_backend(requested, device, dtype)
+        reason = None
+    except RuntimeError as err:
+        backend, _ = describe_backend("auto", device, dtype)
+        reason = f"{err} -> {backend} instead"
+    if backend == "flex" and device.type != "cuda":
+        return backend, (reason + "; " if reason else "") + "torch flex attention has no CPU backward: forward only", False
+    return backend, reason, True
 
 
-def training_step(model, batch, noised, backward: bool):
-    """One call of the training loss (``compute_losses``) on the pack, with its backward when ``backward``
-    (else under ``no_grad``)."""
+def loss_and_grads(model, batch, noised, backward: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The training loss (fp32) and, with ``backward``, every gradient flattened (fp32, on the CPU)."""
     from lance_core.flow import LossConfig, compute_losses
 
-    loss_cfg = LossConfig()
-
-    def step() -> None:
-        if backward:
-            model.zero_grad(set_to_none=True)
-            compute_losses(model, batch, loss_cfg, noised=noised).total.backward()
-        else:
-            with torch.no_grad():
-                compute_losses(model, batch, loss_cfg, noised=noised)
-
-    return step
+    model.zero_grad(set_to_none=True)
+    if not backward:
+        with torch.no_grad():
+            return compute_losses(model, batch, LossConfig(), noised=noised).total.float().cpu(), None
+    loss = compute_losses(model, batch, LossConfig(), noised=noised).total
+    loss.backward()
+    grads = torch.cat([p.grad.float().flatten().cpu() for p in model.parameters() if p.grad is not None])
+    model.zero_grad(set_to_none=True)
+    return loss.detach().float().cpu(), grads
 
 
-def measure_model_step(plan: Plan, device: torch.device, env: dict, deadline: float) -> dict:
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
+
+
+def measure_attention(plan: Plan, device: torch.device, env: dict, deadline: float) -> dict:
+    """Each backend against the dense fp32 reference on the parity pack, then timed on the speed pack."""
     from lance_core.flops import count_parameters
     from lance_core.flow import LossConfig, noise_latents
     from lance_core.model import build_model
     from pipelines.train.metrics import pack_flops
 
-    cfg = model_config(plan, "auto")
-    batch_cpu = fill_pack(cfg, plan.tokens, plan.image_side)
-    with torch.device(device):  # parameters created and initialised on the device
-        model = build_model(cfg)
-    model = model.to(dtype=getattr(torch, plan.dtype))
+    dtype = getattr(torch, plan.dtype)
+    cfg = model_config(plan, "sdpa")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = build_model(cfg)  # fp32: the reference
+    parity_cpu = fill_pack(cfg, plan.parity_tokens, plan.image_side)
+    parity = parity_cpu.to(device)
+    parity_noised = noise_latents(parity, LossConfig(), torch.Generator().manual_seed(0))
+    ref_loss, ref_grads = loss_and_grads(model, parity, parity_noised, backward=True)
+    model.to(dtype)
+    speed_cpu = fill_pack(cfg, plan.speed_tokens, plan.image_side)
+    speed = speed_cpu.to(device)
+    speed_noised = noise_latents(speed, LossConfig(), torch.Generator().manual_seed(0))
     counts = count_parameters(model)
-    flops = pack_flops(batch_cpu, cfg, counts)
-    batch = batch_cpu.to(device)
-    noised = noise_latents(batch, LossConfig(), torch.Generator().manual_seed(0))
+    flops = pack_flops(speed_cpu, cfg, counts)
     section = {"config": {"preset_widths": plan.preset, "hidden_size": cfg.hidden_size, "layers": cfg.num_layers,
-                          "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
-                          "intermediate_size": cfg.intermediate_size, "dtype": plan.dtype,
-                          "max_latent_frames": cfg.max_latent_frames},
+                          "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads, "dtype": plan.dtype},
                "parameters": counts.as_dict(),
-               "pack": {"tokens": len(batch_cpu), "real_tokens": batch_cpu.num_real_tokens,
-                        "samples": batch_cpu.num_samples, "tasks": batch_cpu.sample_tasks,
-                        "image_side_latents": plan.image_side, "train_flops": flops},
-               "rows": []}
-    weights_left = sum(BACKEND_WEIGHTS.values())
-    for requested, weight in BACKEND_WEIGHTS.items():
-        row_deadline = share_until(deadline, weight, weights_left)
-        weights_left -= weight
+               "parity_pack": {"tokens": len(parity_cpu), "samples": parity_cpu.num_samples,
+                               "tasks": sorted(set(parity_cpu.sample_tasks))},
+               "speed_pack": {"tokens": len(speed_cpu), "samples": speed_cpu.num_samples, "train_flops": flops},
+               "rows": [], "checks": []}
+    tolerance = PARITY_TOLERANCE[plan.dtype]
+    for index, requested in enumerate(BACKENDS):
+        row_deadline = share_until(deadline, 1.0, len(BACKENDS) - index)
         row = {"requested": requested, "status": "error", "reason": None}
         try:
-            backend, reason, backward = backend_choice(requested, device, env.get("flash_attn", {}))
+            backend, reason, backward = backend_choice(requested, device, dtype)
             model.cfg = model_config(plan, backend)  # the backbone reads the backend from its config
-            row.update(backend=backend, status="fallback" if reason else "ok", reason=reason,
-                       passes="fwd+bwd" if backward else "fwd")
+            loss, grads = loss_and_grads(model, parity, parity_noised, backward)
+            loss_error = relative(loss, ref_loss)
+            grad_error = relative(grads, ref_grads) if grads is not None else None
+            passed = loss_error < tolerance and (grad_error is None or grad_error < tolerance)
+            section["checks"].append({"check": f"attention {requested}->{backend}: loss"
+                                      f"{' and gradients' if backward else ''} match the fp32 dense reference "
+                                      f"(rel. {loss_error:.2g}{f', {grad_error:.2g}' if grad_error is not None else ''}"
+                                      f" < {tolerance:g})", "passed": passed})
             reset_peak(device)
-            times, warm = timed_calls(training_step(model, batch, noised, backward), device, plan.warmup,
-                                      plan.max_reps, row_deadline)
+
+            def step(backward=backward) -> None:
+                loss_and_grads(model, speed, speed_noised, backward)
+
+            times, warm = timed_calls(step, device, plan.warmup, plan.max_reps, row_deadline)
             seconds = statistics.median(times)
             tflops = flops * (1.0 if backward else 1 / 3) / seconds / 1e12  # forward alone: 2 of the 6
-            row.update(reps=len(times), warmup_s=warm, step_ms=seconds * 1e3,
-                       tokens_per_s=batch_cpu.num_real_tokens / seconds, tflops=tflops,
+            row.update(backend=backend, status=("fallback" if reason else "ok") if passed else "error",
+                       reason=reason if passed else f"differs from the reference; {reason or ''}".rstrip("; "),
+                       passes="fwd+bwd" if backward else "fwd", loss_rel_error=loss_error, grad_rel_error=grad_error,
+                       reps=len(times), warmup_s=warm, step_ms=seconds * 1e3,
+                       tokens_per_s=speed_cpu.num_real_tokens / seconds, tflops=tflops,
                        mfu=tflops / env["peak_tflops"] if env.get("peak_tflops") else None,
-                       of_matmul=tflops / env["matmul_tflops"] if env.get("matmul_tflops") else None,
                        peak_mem_gib=peak_gib(device))
-        except Exception as err:  # noqa: BLE001 - recorded; the other backend still runs
+        except Exception as err:  # noqa: BLE001 - recorded; the other backends still run
             row.update(status="error", reason=error_text(err))
-        finally:
-            model.zero_grad(set_to_none=True)
+            section["checks"].append({"check": f"attention {requested}", "passed": False, "detail": error_text(err)})
         section["rows"].append(row)
-    flash_row, flex_row = section["rows"]
-    if flash_row.get("tokens_per_s") and flex_row.get("tokens_per_s") and flash_row["passes"] == flex_row["passes"]:
-        flash_row["vs_flex"] = flash_row["tokens_per_s"] / flex_row["tokens_per_s"]
     section["status"] = section_status(section["rows"])
     return section
 
 
-def encoder_dtypes(plan: Plan) -> list[str]:
-    """The run's dtype first, then float32 (the precompute pipeline's) as the same-run baseline."""
-    return list(dict.fromkeys([plan.dtype, "float32"]))
+def measure_evaluation(plan: Plan, device: torch.device, work: Path) -> dict:
+    """Held-out losses and samples as the trainer makes them (pipelines/train/evaluate.py) with the GPU's
+    attention (flex where flash-attn is missing), counting the compilations of the attention kernel."""
+    import torch._dynamo
+
+    import lance_core.model.lance as lance_module
+    from bench.gpu.train_check import write_shards
+    from lance_core.flow import LossConfig
+    from lance_core.model import attention, build_model
+    from lance_core.tokenizer import ByteTokenizer
+    from pipelines.train.config import DataSection, EvalSection
+    from pipelines.train.evaluate import HeldOut, SampleWriter
+    from pipelines.train.plan import make_plan as make_data_plan
+
+    dtype = getattr(torch, plan.dtype)
+    backend = "flex" if attention.flex_attention is not None else "per_sample"
+    cfg = model_config(plan, backend)
+    shards = write_shards(plan, work / "eval-latents")
+    data = DataSection(uris=(str(shards),), token_budget=plan.train_tokens, holdout_per_task=3)
+    tasks = ("t2i", "t2v", "i2i", "v2v", "i2t", "v2t")
+    data_plan = make_data_plan(data, dict.fromkeys(tasks, 1.0))
+    tokenizer = ByteTokenizer()
+    held = HeldOut(data_plan, data, cfg, tokenizer)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = build_model(cfg).to(dtype).eval()
+    lengths: set[int] = set()
+    original = attention.prepare_attention
+
+    def recording(layout, name, block_size):
+        if name == "flex":
+            lengths.add(len(layout))
+        return original(layout, name, block_size)
+
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    before = counters["stats"]["unique_graphs"]
+    attention.prepare_attention = lance_module.prepare_attention = recording
+    try:
+        started = time.perf_counter()
+        losses = held.losses(model, cfg, LossConfig(), device, 0)
+        writer = SampleWriter(cfg, tokenizer, held, EvalSection(sampling_steps=4, max_caption_tokens=8), device, dtype)
+        result = writer.write(model, 1, work / "samples", 0)
+        writer.close()
+        seconds = time.perf_counter() - started
+    finally:
+        attention.prepare_attention = lance_module.prepare_attention = original
+    compiles = counters["stats"]["unique_graphs"] - before
+    buckets = {attention.flex_bucket_length(n, cfg.flex_block_size) for n in lengths}
+    finite = all(math.isfinite(v) for v in losses.values())
+    checks = [
+        {"check": f"evaluation: held-out losses of {len(losses)} tasks finite", "passed": finite},
+        {"check": f"evaluation: samples written ({', '.join(sorted(p.name for p in (work / 'samples').glob('*.png')))})",
+         "passed": any((work / "samples").glob("*_image.png"))},
+    ]
+    if backend == "flex":
+        checks.append({"check": f"evaluation: flex compiled {compiles} graph(s) for {len(lengths)} sequence lengths "
+                                f"in {len(buckets)} length buckets", "passed": compiles <= 2 * len(buckets) + 2})
+    row = {"status": "ok" if all(c["passed"] for c in checks) else "error", "backend": backend, "seconds": seconds,
+           "heldout": losses, "lengths": sorted(lengths), "buckets": sorted(buckets), "compiles": compiles,
+           "caption": result.get("caption_generated"), "reason": None}
+    return {"status": row["status"], "rows": [row], "checks": checks}
 
 
-def measure_vae(plan: Plan, device: torch.device, deadline: float) -> dict:
+def _vit_side(value: int, factor: int) -> int:
+    return max(factor, value // factor * factor)
+
+
+def measure_encoders(plan: Plan, device: torch.device, deadline: float) -> dict:
+    """The precompute's encoders (lance_core/encoders) as its actors run them: uint8 pixels to the device,
+    the model in the encoders' dtype (bf16 on a GPU); images at the production batch size and one 6 s clip."""
     from lance_core.config import model_preset
-    from lance_core.encoders import WanVAE
+    from lance_core.encoders import QwenViT, WanVAE
 
-    cfg = model_preset(plan.preset).vae
-    vae = WanVAE.from_config(cfg).eval()
+    dtype = getattr(torch, plan.dtype)
+    cfg = model_preset(plan.preset)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # convolution algorithms chosen once, in the warm-up
-    pixels = torch.rand(plan.vae_batch, 3, 1, plan.vae_side, plan.vae_side, device=device) * 2 - 1
-    section = {"config": {"preset": cfg.preset, "base_dim": vae.autoencoder.config.base_dim,
-                          "latent_channels": cfg.latent_channels, "weights": "random",
-                          "parameters": sum(p.numel() for p in vae.parameters()),
-                          "image_side": plan.vae_side, "batch": plan.vae_batch},
-               "rows": []}
-    dtypes = encoder_dtypes(plan)
-    for index, dtype in enumerate(dtypes):
-        row_deadline = share_until(deadline, 1.0, len(dtypes) - index)
-        row = {"dtype": dtype, "status": "ok", "reason": None}
+    frames, height, width = plan.clip
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (plan.vae_batch, 3, 1, plan.vae_image_side, plan.vae_image_side),
+                           dtype=torch.uint8, generator=generator)
+    clip = torch.randint(0, 256, (1, 3, frames, height, width), dtype=torch.uint8, generator=generator)
+    factor = cfg.vit.patch_size * cfg.vit.spatial_merge_size
+    vit_images = [torch.randint(0, 256, (1, 3, plan.vit_side, plan.vit_side), dtype=torch.uint8, generator=generator)
+                  for _ in range(plan.vit_batch)]
+    vit_clip = [torch.randint(0, 256, (frames, 3, _vit_side(height, factor), _vit_side(width, factor)),
+                              dtype=torch.uint8, generator=generator)]
+    if device.type == "cuda":
+        images, clip = images.pin_memory(), clip.pin_memory()
+    vae = WanVAE.from_config(cfg.vae).eval().to(device, dtype)
+    vit = QwenViT.from_config(cfg.vit).eval().to(device, dtype)
+    cases = [
+        ("vae", f"VAE {plan.vae_batch} images {plan.vae_image_side}²", lambda: vae.encode(images, dtype=torch.float32),
+         plan.vae_batch, "images/s"),
+        ("vae", f"VAE 1 clip {frames}x{height}x{width}", lambda: vae.encode(clip, dtype=torch.float32), 1, "clips/s"),
+        ("vit", f"ViT {plan.vit_batch} images {plan.vit_side}²", lambda: vit.encode_many(vit_images),
+         plan.vit_batch, "images/s"),
+        ("vit", f"ViT 1 clip {frames}x{_vit_side(height, factor)}x{_vit_side(width, factor)}",
+         lambda: vit.encode_many(vit_clip), 1, "clips/s"),
+    ]
+    section: dict = {"config": {"preset": plan.preset, "dtype": plan.dtype, "weights": "random",
+                                "vae_parameters": sum(p.numel() for p in vae.parameters()),
+                                "vit_parameters": sum(p.numel() for p in vit.parameters())},
+                     "rows": [], "checks": []}
+    for index, (encoder, variant, call, items, unit) in enumerate(cases):
+        row_deadline = share_until(deadline, 1.0, len(cases) - index)
+        row = {"encoder": encoder, "variant": variant, "status": "error", "reason": None}
         try:
-            vae.to(device=device, dtype=getattr(torch, dtype))
             reset_peak(device)
-            times, warm = timed_calls(lambda: vae.encode(pixels), device, plan.warmup, plan.max_reps, row_deadline)
+            out = call()
+            latents = out if encoder == "vae" else out[0][0]
+            finite = bool(torch.isfinite(latents).all())
+            times, _ = timed_calls(call, device, max(0, plan.warmup - 1), max(1, plan.max_reps // 2), row_deadline)
             seconds = statistics.median(times)
-            row.update(reps=len(times), warmup_s=warm, batch_ms=seconds * 1e3, images_per_s=plan.vae_batch / seconds,
-                       megapixels_per_s=plan.vae_batch * plan.vae_side**2 / seconds / 1e6,
-                       peak_mem_gib=peak_gib(device))
-        except Exception as err:  # noqa: BLE001 - recorded; the next dtype still runs
+            row.update(status="ok" if finite else "error", reason=None if finite else "non-finite output",
+                       output_shape=list(latents.shape), reps=len(times), batch_ms=seconds * 1e3,
+                       rate=items / seconds, unit=unit, peak_mem_gib=peak_gib(device))
+            section["checks"].append({"check": f"encoders: {variant} in {plan.dtype} gives finite values "
+                                               f"{list(latents.shape)}", "passed": finite})
+        except Exception as err:  # noqa: BLE001 - recorded; the next case still runs
             row.update(status="error", reason=error_text(err))
+            section["checks"].append({"check": f"encoders: {variant}", "passed": False, "detail": error_text(err)})
         section["rows"].append(row)
-    add_ratio(section["rows"], "images_per_s")
     section["status"] = section_status(section["rows"])
     return section
-
-
-def measure_vit(plan: Plan, device: torch.device, deadline: float) -> dict:
-    from lance_core.config import model_preset
-    from lance_core.encoders import QwenViT
-
-    cfg = model_preset(plan.preset).vit
-    vit = QwenViT.from_config(cfg)
-    clips = [torch.rand(1, 3, plan.vit_side, plan.vit_side, device=device) for _ in range(plan.vit_batch)]
-    patches_per_image = (plan.vit_side // cfg.patch_size) ** 2
-    tokens_per_image = patches_per_image // cfg.spatial_merge_size**2
-    section = {"config": {"preset": cfg.preset, "weights": "random",
-                          "parameters": sum(p.numel() for p in vit.parameters()),
-                          "attention": getattr(vit.tower.config, "_attn_implementation", None),
-                          "image_side": plan.vit_side, "batch": plan.vit_batch,
-                          "patches_per_image": patches_per_image, "tokens_per_image": tokens_per_image},
-               "rows": []}
-    dtypes = encoder_dtypes(plan)
-    for index, dtype in enumerate(dtypes):
-        row_deadline = share_until(deadline, 1.0, len(dtypes) - index)
-        row = {"dtype": dtype, "status": "ok", "reason": None}
-        try:
-            vit.to(device=device, dtype=getattr(torch, dtype))
-            reset_peak(device)
-            times, warm = timed_calls(lambda: vit.encode_many(clips), device, plan.warmup, plan.max_reps,
-                                      row_deadline)
-            seconds = statistics.median(times)
-            row.update(reps=len(times), warmup_s=warm, batch_ms=seconds * 1e3,
-                       tokens_per_s=plan.vit_batch * tokens_per_image / seconds,
-                       patches_per_s=plan.vit_batch * patches_per_image / seconds,
-                       images_per_s=plan.vit_batch / seconds, peak_mem_gib=peak_gib(device))
-        except Exception as err:  # noqa: BLE001 - recorded; the next dtype still runs
-            row.update(status="error", reason=error_text(err))
-        section["rows"].append(row)
-    add_ratio(section["rows"], "tokens_per_s")
-    section["status"] = section_status(section["rows"])
-    return section
-
-
-def add_ratio(rows: list[dict], key: str) -> None:
-    """``vs_float32``: each row's ``key`` over the float32 row's (the precompute pipeline's dtype)."""
-    base = next((r.get(key) for r in rows if r["dtype"] == "float32"), None)
-    for row in rows:
-        if base and row.get(key):
-            row["vs_float32"] = row[key] / base
 
 
 def free_port() -> int:
@@ -455,26 +516,35 @@ def table_rows(payload: dict) -> list[dict]:
             lines.append({"part": part, "status": section["status"], "note": section.get("reason")})
         for row in section.get("rows") or []:
             line = {"part": part, "status": row["status"], "note": row.get("reason"), "mem": row.get("peak_mem_gib")}
-            if part == "model_step":
+            if part == "training":
+                line.update(variant=f"zero{row['zero_stage']} {row['policies']}", rate=row.get("tokens_per_s"),
+                            unit="tokens/s", ms=row.get("step_ms"), tflops=row.get("tflops"), mfu=row.get("mfu"))
+            elif part == "grpo_learner":
+                line.update(variant=row["precision"], ms=row.get("update_ms"))
+            elif part == "attention":
                 line.update(variant=f"{row['requested']}->{row.get('backend', '?')} {row.get('passes', '')}",
                             rate=row.get("tokens_per_s"), unit="tokens/s", ms=row.get("step_ms"),
-                            tflops=row.get("tflops"), mfu=row.get("mfu"), ratio=row.get("vs_flex"), ratio_of="flex")
-            elif part in ("vae_encode", "vit_encode"):
-                key, unit = ("images_per_s", "images/s") if part == "vae_encode" else ("tokens_per_s", "tokens/s")
-                line.update(variant=row["dtype"], rate=row.get(key), unit=unit, ms=row.get("batch_ms"),
-                            ratio=row.get("vs_float32"), ratio_of="float32")
+                            tflops=row.get("tflops"), mfu=row.get("mfu"))
+            elif part == "evaluation":
+                line.update(variant=f"{row.get('backend')}: {row.get('compiles')} compiles / "
+                                    f"{len(row.get('lengths') or [])} lengths", ms=(row.get("seconds") or 0) * 1e3)
+            elif part == "encoders":
+                line.update(variant=row.get("variant"), rate=row.get("rate"), unit=row.get("unit"),
+                            ms=row.get("batch_ms"))
             else:
                 line.update(variant=f"{row['backend']} x{row['ranks']} {row['bytes'] / 2**20:.0f} MiB",
                             rate=row.get("gb_per_s"), unit="GB/s", ms=row.get("ms"))
-            if line.get("ratio") is None:
-                line.pop("ratio_of", None)
             lines.append(line)
     return lines
 
 
 COLUMNS = [("part", "part", "s"), ("variant", "variant", "s"), ("status", "status", "s"), ("rate", "rate", ".4g"),
-           ("unit", "unit", "s"), ("ms", "ms/call", ".1f"), ("tflops", "TFLOP/s", ".3g"), ("mfu", "MFU", ".3f"),
-           ("ratio", "ratio", ".3f"), ("ratio_of", "vs", "s"), ("mem", "peak GiB", ".1f")]
+           ("unit", "unit", "s"), ("ms", "ms", ".1f"), ("tflops", "TFLOP/s", ".3g"), ("mfu", "MFU", ".3f"),
+           ("mem", "peak GiB", ".1f")]
+
+
+def checks_of(payload: dict) -> list[dict]:
+    return [{"part": part, **check} for part in PARTS for check in payload[part].get("checks") or []]
 
 
 def not_as_on_gpu(payload: dict) -> list[dict]:
@@ -484,9 +554,14 @@ def not_as_on_gpu(payload: dict) -> list[dict]:
             if line["status"] not in ("ok", "fallback") or (line["status"] == "fallback" and line["part"] != "environment")]
 
 
-def print_report(payload: dict) -> None:
+def render(payload: dict) -> None:
+    payload["not_as_on_gpu"] = not_as_on_gpu(payload)
+    checks = checks_of(payload)
+    payload["checks_passed"] = sum(c["passed"] for c in checks)
+    payload["checks_failed"] = sum(not c["passed"] for c in checks)
     mode = "dry run (CPU, tiny widths)" if payload["dry_run"] else "GPU"
-    print(f"\n{mode}: {payload['elapsed_s']:.0f} s of a {payload['budget_s']:.0f} s budget")
+    budget = f" of a {payload['budget_s']:.0f} s budget" if payload.get("budget_s") else ""
+    print(f"\n{mode}: {payload['elapsed_s']:.0f} s{budget}")
     if payload.get("setup_note"):
         print(f"setup: {payload['setup_note']}")
     lines = table_rows(payload)
@@ -494,11 +569,11 @@ def print_report(payload: dict) -> None:
     for line in lines:
         if line.get("note"):
             print(f"  {line['part']} {line.get('variant') or ''}: {line['note']}")
-
-
-def render(payload: dict) -> None:
-    payload["not_as_on_gpu"] = not_as_on_gpu(payload)
-    print_report(payload)
+    print()
+    for check in checks:
+        detail = f" ({check['detail']})" if check.get("detail") else ""
+        print(f"{'PASS' if check['passed'] else 'FAIL'}  {check['check']}{detail}")
+    print(f"{payload['checks_passed']} passed, {payload['checks_failed']} failed")
 
 
 def default_out() -> Path:
@@ -508,22 +583,23 @@ def default_out() -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny widths, seconds: the same code paths")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny widths: the same code, not timed")
     parser.add_argument("--out", help="JSON path (default $OUT/gpu_bench.json, else bench/results/gpu_bench.json)")
-    parser.add_argument("--layers", type=int, help="model layers (default 8 on the GPU, 2 in the dry run)")
-    parser.add_argument("--tokens", type=int, help="packed tokens per step (default 32768 on the GPU, 1024 dry)")
-    parser.add_argument("--budget-s", type=float, help="total time budget in seconds (default 400 on the GPU, 45 dry)")
-    parser.add_argument("--setup-note", default="", help="what the setup did (flash-attn install...), recorded")
+    parser.add_argument("--layers", type=int, help="model layers (default 2)")
+    parser.add_argument("--budget-s", type=float, help="GPU: total time budget in seconds (default 420)")
+    parser.add_argument("--setup-note", default="", help="what the setup did, recorded")
     args = parser.parse_args(argv)
     plan = make_plan(args)
     if plan.dry_run:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
         torch.set_num_threads(1)  # tiny ops: more threads only contend with other work on a shared host
-    budget = Budget(args.budget_s or (45.0 if plan.dry_run else 400.0))
+    budget = Budget(None if plan.dry_run else (args.budget_s or 420.0))
     device = torch.device(plan.device)
     header = {"dry_run": plan.dry_run, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "setup_note": args.setup_note or None, "plan": asdict(plan)}
     report = Report(Path(args.out) if args.out else default_out(), PARTS, budget, header, render)
-    report.start_watchdog(grace=10.0 if plan.dry_run else 20.0)
+    if not plan.dry_run:
+        report.start_watchdog(grace=20.0)
     if device.type == "cuda" and not torch.cuda.is_available():
         reason = (f"CUDA not available to torch {torch.__version__} (built for CUDA {torch.version.cuda}): "
                   f"check the driver (nvidia-smi) against this build")
@@ -532,14 +608,19 @@ def main(argv: list[str] | None = None) -> int:
                                     "rows": []}
         report.finish()
         return 2
+    from bench.gpu.train_check import measure_grpo_learner, measure_training
+
+    work = Path(tempfile.mkdtemp(prefix="lance-gpu-check-"))
     report.run_part("environment", lambda _: measure_environment(plan, device), plan.min_part_s)
     env = report.payload["environment"]
-    report.run_part("model_step", lambda until: measure_model_step(plan, device, env, until), plan.min_part_s)
-    report.run_part("vae_encode", lambda until: measure_vae(plan, device, until), plan.min_part_s)
-    report.run_part("vit_encode", lambda until: measure_vit(plan, device, until), plan.min_part_s)
+    report.run_part("training", lambda _: measure_training(plan, device, work / "training"), plan.min_part_s)
+    report.run_part("grpo_learner", lambda _: measure_grpo_learner(plan, device), plan.min_part_s)
+    report.run_part("attention", lambda until: measure_attention(plan, device, env, until), plan.min_part_s)
+    report.run_part("evaluation", lambda _: measure_evaluation(plan, device, work / "evaluation"), plan.min_part_s)
+    report.run_part("encoders", lambda until: measure_encoders(plan, device, until), plan.min_part_s)
     report.run_part("nccl_broadcast", lambda until: measure_broadcast(plan, until, report.children), plan.min_part_s)
     report.finish()
-    return 0
+    return 0 if report.payload["checks_failed"] == 0 else 1
 
 
 if __name__ == "__main__":

@@ -18,9 +18,10 @@ GIB = 2**30
 
 
 class Budget:
-    """The total time budget; each part gets a share of what is left."""
+    """The total time budget; each part gets a share of what is left. ``None``: no budget (the dry run is
+    not timed, so a loaded machine cannot make it skip parts)."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float | None) -> None:
         self.seconds = seconds
         self.start = time.perf_counter()
 
@@ -28,17 +29,21 @@ class Budget:
         return time.perf_counter() - self.start
 
     def remaining(self) -> float:
-        return self.seconds - self.elapsed()
+        return float("inf") if self.seconds is None else self.seconds - self.elapsed()
 
     def deadline(self, weight: float, weights_left: float) -> float:
         """perf_counter time by which a part of ``weight`` should be done, the parts left (itself
         included) weighing ``weights_left`` in all."""
+        if self.seconds is None:
+            return float("inf")
         return time.perf_counter() + max(0.0, self.remaining()) * weight / weights_left
 
 
 def share_until(deadline: float, weight: float, weights_left: float) -> float:
     """The deadline of a piece of ``weight`` among pieces weighing ``weights_left`` that end by ``deadline``."""
     now = time.perf_counter()
+    if deadline == float("inf"):
+        return deadline
     return now + max(0.0, deadline - now) * weight / weights_left
 
 
@@ -145,7 +150,7 @@ class Report:
         weights_left = sum(self.parts[p] for p in names[names.index(part):])
         if self.budget.remaining() < min_seconds:
             self.set(part, {"status": "skipped", "reason": f"time budget spent ({self.budget.elapsed():.0f} s of "
-                                                           f"{self.budget.seconds:.0f} s)", "rows": []})
+                                                           f"{self.budget.seconds or 0:.0f} s)", "rows": []})
             return
         self.current = part
         started = time.perf_counter()

@@ -1,4 +1,5 @@
 from .clip import ClipScorer
+from .pixel import PixelCodec, load_vae
 from .vae import (
     WanVAE,
     convert_wan_vae_state_dict,
@@ -11,10 +12,12 @@ from .vit import QwenViT
 
 __all__ = [
     "ClipScorer",
+    "PixelCodec",
     "QwenViT",
     "WanVAE",
     "convert_wan_vae_state_dict",
     "latents_to_tokens",
+    "load_vae",
     "sample_posterior",
     "to_original_wan_state_dict",
     "tokens_to_latents",

@@ -150,10 +150,13 @@ def _load_single_file(path: str) -> dict[str, torch.Tensor]:
 
 
 class WanVAE(nn.Module):
-    """Frozen Wan2.2 VAE with normalised latents; pixels are (B, 3, T, H, W) in [-1, 1].
+    """Frozen Wan2.2 VAE with normalised latents; pixels are (B, 3, T, H, W), uint8 0..255 or float in
+    [-1, 1].
 
-    Inputs are moved to the module's device and dtype; the per-channel normalisation runs in float32 and
-    latents / pixels come back in the module's dtype.
+    uint8 pixels cross to the module's device as bytes and become floats there (x / 255 · 2 - 1 in float32,
+    then the module's dtype): the only place the encoder's input range is made. The posterior's mean and std
+    and the per-channel normalisation run in float32 whatever the module's dtype, and latents come back in
+    float32 (or ``dtype``); decoded pixels come back in the module's dtype.
     """
 
     def __init__(self, cfg: VAEConfig, autoencoder: nn.Module) -> None:
@@ -191,6 +194,21 @@ class WanVAE(nn.Module):
         load_state_dict_checked(autoencoder, converted, f"{cfg.path} (Wan2.2 VAE)")
         return cls(cfg, autoencoder)
 
+    def describe(self) -> dict:
+        """What the shards' metadata records of this VAE (besides its weights and dtype)."""
+        stats = self.autoencoder.config
+        return {"encoder": "Wan2.2 VAE (diffusers AutoencoderKLWan)", "preset": self.cfg.preset,
+                "channels": self.cfg.latent_channels,
+                "compression": {"temporal": self.cfg.temporal_ratio, "spatial": self.cfg.spatial_ratio},
+                "normalisation": "latent = (mu - latents_mean[c]) / latents_std[c] per channel c, std = sigma / "
+                                 "latents_std[c] in float32; the VAE decodes latent * latents_std[c] + latents_mean[c]",
+                "latents_mean": [float(x) for x in stats.latents_mean],
+                "latents_std": [float(x) for x in stats.latents_std]}
+
+    def drop_decoder(self) -> None:
+        """Free the decoder (555M of the Wan2.2 VAE's 705M parameters) where only encoding runs."""
+        del self.autoencoder.decoder
+
     @property
     def dtype(self) -> torch.dtype:
         return self.autoencoder.encoder.conv_in.weight.dtype
@@ -216,37 +234,53 @@ class WanVAE(nn.Module):
     # ---------------------------------------------------------------------------------------- codec
     @torch.no_grad()
     def encode(
-        self, pixels: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
+        self, pixels: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
-        """(B, 3, T, H, W) in [-1, 1] -> normalised latents (B, C, T', H', W').
+        """(B, 3, T, H, W) uint8 or in [-1, 1] -> normalised latents (B, C, T', H', W') in ``dtype``
+        (normalised in float32 whatever the module's dtype).
 
         ``sample=True`` draws z = mu + sigma·eps from the posterior and normalises it like the mean, so the
         noise is divided by the same per-channel std (eps is drawn on the generator's device).
         """
-        dist = self._posterior(pixels)
-        z = dist.mean.float()
+        z, sigma = self._posterior(pixels)
         if sample:
             device = generator.device if generator is not None else z.device
             eps = torch.randn(z.shape, generator=generator, device=device).to(z.device)
-            z = z + dist.std.float() * eps
+            z = z + sigma * eps
         mean, std = self.latent_stats(z.device)
-        return ((z - mean) / std).to(self.dtype)
+        return ((z - mean) / std).to(dtype)
 
     @torch.no_grad()
-    def encode_posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, T, H, W) in [-1, 1] -> the posterior's mean and std, both normalised per channel:
-        ((mu - m) / s, sigma / s). A latent drawn as ``mean + std * eps`` (:func:`sample_posterior`) is then
-        exactly the normalised posterior sample (mu + sigma * eps - m) / s."""
-        dist = self._posterior(pixels)
-        mean, std = self.latent_stats(dist.mean.device)
-        return (((dist.mean.float() - mean) / std).to(self.dtype),
-                (dist.std.float() / std).to(self.dtype))
+    def encode_posterior(
+        self, pixels: torch.Tensor, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, T, H, W) uint8 or in [-1, 1] -> the posterior's mean and std, both normalised per channel:
+        ((mu - m) / s, sigma / s), computed in float32, returned in ``dtype``. A latent drawn as
+        ``mean + std * eps`` (:func:`sample_posterior`) is then exactly the normalised posterior sample
+        (mu + sigma * eps - m) / s."""
+        mu, sigma = self._posterior(pixels)
+        mean, std = self.latent_stats(mu.device)
+        return ((mu - mean) / std).to(dtype), (sigma / std).to(dtype)
 
-    def _posterior(self, pixels: torch.Tensor):
+    def model_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels on the module's device in its dtype, in [-1, 1]: uint8 0..255 is copied as bytes and
+        converted there (x / 255 · 2 - 1 in float32, then the module's dtype); floats are taken as already in
+        [-1, 1]."""
+        if pixels.dtype != torch.uint8:
+            return pixels.to(self.device, self.dtype)
+        x = pixels.to(self.device, non_blocking=True).contiguous().float().div_(255.0).mul_(2.0).sub_(1.0)
+        return x.to(self.dtype)
+
+    def _posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The posterior's mean and std in float32 (diffusers' clamp of log-variance to [-30, 20], then
+        exp(logvar / 2)), from the encoder's moments in the module's dtype."""
         if pixels.dim() != 5 or pixels.shape[1] != 3:
             raise ValueError(f"pixels must be (B, 3, T, H, W), got {tuple(pixels.shape)}")
         self.latent_shape(*pixels.shape[2:])
-        return self.autoencoder.encode(pixels.to(self.device, self.dtype)).latent_dist
+        moments = self.autoencoder.encode(self.model_input(pixels)).latent_dist.parameters
+        mu, logvar = moments.float().chunk(2, dim=1)
+        return mu, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

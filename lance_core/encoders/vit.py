@@ -1,5 +1,6 @@
 """The Qwen2.5-VL vision tower through transformers: patch 14, temporal patch 2, 2x2 merger, output
-width = LLM hidden. Frames are normalised with the CLIP mean/std; a single image is repeated to two frames.
+width = LLM hidden. Frames (uint8, or floats in [0, 1]) are normalised with the CLIP mean/std on the tower's
+device, in float32, then cast to its dtype; a single image is repeated to two frames.
 Tokens per span = (T/2)·(H/28)·(W/28), laid out in the merger's 2x2 block order like Qwen's processor.
 """
 
@@ -75,7 +76,8 @@ def load_vision_weights(tower: nn.Module, path: str) -> None:
 
 
 class QwenViT(nn.Module):
-    """Frozen Qwen2.5-VL vision tower; frames are (T, 3, H, W) in [0, 1], H and W multiples of 28."""
+    """Frozen Qwen2.5-VL vision tower; frames are (T, 3, H, W), uint8 0..255 or float in [0, 1], H and W
+    multiples of 28. Features come back in the tower's dtype."""
 
     def __init__(self, cfg: ViTConfig, tower: nn.Module) -> None:
         super().__init__()
@@ -105,12 +107,16 @@ class QwenViT(nn.Module):
     def merge_factor(self) -> int:
         return self.cfg.patch_size * self.cfg.spatial_merge_size
 
-    def preprocess(self, frames: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """(T, 3, H, W) in [0, 1] -> flattened patches (N, 3·tp·p·p) and the patch grid (t, h, w).
+    def preprocess(self, frames: torch.Tensor, dtype: torch.dtype = torch.float32
+                   ) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """(T, 3, H, W) uint8 0..255 or float in [0, 1] -> flattened patches (N, 3·tp·p·p) in ``dtype`` and
+        the patch grid (t, h, w), on the frames' device.
 
-        An odd T (an image: T = 1) is padded by repeating the last frame. Rows come in the order of
-        transformers' ``Qwen2VLImageProcessor``: per temporal patch, 2x2 merge blocks in raster order, then the
-        patches inside a block; each row is (channel, frame, y, x) flattened.
+        uint8 frames become x / 255 and all frames (x - mean) / std in float32 (the same arithmetic as
+        transformers' processor), then ``dtype``. An odd T (an image: T = 1) is padded by repeating the last
+        frame. Rows come in the order of transformers' ``Qwen2VLImageProcessor``: per temporal patch, 2x2
+        merge blocks in raster order, then the patches inside a block; each row is (channel, frame, y, x)
+        flattened.
         """
         if frames.dim() != 4 or frames.shape[1] != 3 or frames.shape[0] == 0:
             raise ValueError(f"frames must be (T, 3, H, W), got {tuple(frames.shape)}")
@@ -123,7 +129,8 @@ class QwenViT(nn.Module):
             frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)])
         mean = torch.tensor(CLIP_MEAN, device=frames.device).view(1, 3, 1, 1)
         std = torch.tensor(CLIP_STD, device=frames.device).view(1, 3, 1, 1)
-        x = (frames.float() - mean) / std
+        x = frames.float().div_(255.0) if frames.dtype == torch.uint8 else frames.float()
+        x = ((x - mean) / std).to(dtype)
         gt, gh, gw = x.shape[0] // tp, height // p, width // p
         x = x.reshape(gt, tp, 3, gh // m, m, p, gw // m, m, p)
         x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
@@ -137,14 +144,18 @@ class QwenViT(nn.Module):
 
     @torch.no_grad()
     def encode_many(self, clips: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[tuple[int, int, int]]]:
-        """Several clips in one tower call (attention stays within each clip) -> per-clip features and grids."""
+        """Several clips in one tower call (attention stays within each clip) -> per-clip features and grids.
+
+        Each clip is copied to the tower's device as it is (uint8 frames as bytes) and preprocessed there."""
         if not clips:
             raise ValueError("encode_many needs at least one clip")
-        patches, grids = zip(*(self.preprocess(c) for c in clips))
-        device = next(self.tower.parameters()).device
-        grid_thw = torch.tensor(grids, device=device)
-        dtype = next(self.tower.parameters()).dtype
-        merged = self.tower(torch.cat(patches).to(device, dtype), grid_thw=grid_thw).pooler_output
+        weight = next(self.tower.parameters())
+        prepared = [self.preprocess(c.to(weight.device, non_blocking=True), weight.dtype) for c in clips]
+        patches, grids = zip(*prepared)
+        del prepared
+        inputs = patches[0] if len(patches) == 1 else torch.cat(patches)
+        del patches
+        merged = self.tower(inputs, grid_thw=torch.tensor(grids, device=weight.device)).pooler_output
         m = self.cfg.spatial_merge_size
         llm_grids = [(t, h // m, w // m) for t, h, w in grids]
         sizes = [t * h * w for t, h, w in llm_grids]

@@ -61,7 +61,7 @@ class TokenInputs:
     (padded) pack's."""
 
     @classmethod
-    def from_batch(cls, batch, vae_values=None, vae_timesteps=None) -> "TokenInputs":
+    def from_batch(cls, batch, vae_values=None, vae_timesteps=None) -> TokenInputs:
         """``vae_values``/``vae_timesteps`` default to the clean latents at t = 0."""
         values = batch.vae_latents if vae_values is None else vae_values
         times = torch.zeros(values.shape[0], device=values.device) if vae_timesteps is None else vae_timesteps
@@ -137,7 +137,7 @@ class LanceModel(nn.Module):
         h = self.embed(inputs)
         routing = Routing.from_mask(inputs.is_gen, every_expert=sp is not None)
         cos, sin = mrope_cos_sin(inputs.position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, h.dtype)
-        backend = resolve_backend(cfg.attention_backend, h.device)
+        backend = resolve_backend(cfg.attention_backend, h.device, h.dtype)
         prepared = None
         if cache is None:
             backend, prepared = prepare_attention(inputs.layout, backend, cfg.flex_block_size)

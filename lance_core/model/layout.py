@@ -36,7 +36,7 @@ class AttentionLayout:
     noise: torch.Tensor
 
     @classmethod
-    def from_batch(cls, batch) -> "AttentionLayout":
+    def from_batch(cls, batch) -> AttentionLayout:
         return cls(batch.sample_index, batch.span_index, batch.span_bidirectional, batch.span_noise)
 
     def __len__(self) -> int:
@@ -46,7 +46,7 @@ class AttentionLayout:
         idx = torch.arange(len(self), device=self.sample.device)
         return mask_rule(self.sample, self.span, self.bidirectional, self.noise, idx[:, None], idx[None, :])
 
-    def block_mask(self, block_size: int = 128) -> "BlockMask":
+    def block_mask(self, block_size: int = 128) -> BlockMask:
         sample, span, bidir, noise = self.sample, self.span, self.bidirectional, self.noise
 
         def mask_mod(b, h, q_idx, kv_idx):
@@ -56,6 +56,23 @@ class AttentionLayout:
         # _compile: evaluate the mask rule block-wise in a compiled kernel instead of on the full L x L grid
         return create_block_mask(mask_mod, None, None, n, n, device=self.sample.device, BLOCK_SIZE=block_size,
                                  _compile=True)
+
+    def padded(self, length: int) -> AttentionLayout:
+        """This layout followed by isolated tokens up to ``length``: each its own sample and causal span,
+        so a padding token sees only itself and no other token sees it."""
+        missing = length - len(self)
+        if missing <= 0:
+            return self
+        device = self.sample.device
+        new = torch.arange(1, missing + 1, device=device)
+        no = torch.zeros(missing, dtype=torch.bool, device=device)
+
+        def after(ids: torch.Tensor) -> torch.Tensor:
+            last = ids.max() if ids.numel() else -1
+            return torch.cat([ids, (last + new).to(ids.dtype)])
+
+        return AttentionLayout(after(self.sample), after(self.span), torch.cat([self.bidirectional, no]),
+                               torch.cat([self.noise, no]))
 
     def is_single_bidirectional_span(self) -> bool:
         return bool((self.span == self.span[0]).all() and self.bidirectional.all())

@@ -30,6 +30,34 @@ try:
 except AttributeError:
     pass
 
+FLASH_ATTN_OPS = ("_flash_attn_forward", "_flash_attn_varlen_forward")
+"""The forward ops flash-attn (>= 2.6) registers as ``torch.ops.flash_attn.*`` when it is imported."""
+
+
+def registered_ops(namespace: str, names: tuple[str, ...]) -> set:
+    """The OpOverloads of ``torch.ops.<namespace>.<name>`` that exist (all overloads of each), others skipped."""
+    ops = set()
+    for name in names:
+        try:
+            packet = getattr(getattr(torch.ops, namespace), name)
+        except (AttributeError, RuntimeError):
+            continue
+        ops.update(getattr(packet, overload) for overload in packet.overloads())
+    return ops
+
+
+def flash_attention_ops(namespace: str = "flash_attn") -> set:
+    """flash-attn's forward ops when it is installed and registers them (importing it does), else none.
+    ``namespace``: where they are registered (flash-attn's own; tests register stand-ins elsewhere)."""
+    try:  # only installed with the extra "gpu"
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return set()
+    return registered_ops(namespace, FLASH_ATTN_OPS)
+
+
+SAVED_OPS |= flash_attention_ops()
+
 
 def _keep_costly(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE

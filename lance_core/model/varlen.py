@@ -31,56 +31,61 @@ class SegmentGroup:
     max_k: int
 
 
-def _span_bounds(layout: AttentionLayout) -> list[tuple[int, int, int, bool, bool]]:
-    """(start, stop, sample_start, bidirectional, noise) of every span, in order."""
-    span = layout.span.tolist()
-    sample = layout.sample.tolist()
-    bidir = layout.bidirectional.tolist()
-    noise = layout.noise.tolist()
-    bounds = []
-    sample_start = 0
-    start = 0
-    for i in range(1, len(span) + 1):
-        if i == len(span) or span[i] != span[start]:
-            if start == 0 or sample[start] != sample[start - 1]:
-                sample_start = start
-            bounds.append((start, i, sample_start, bidir[start], noise[start]))
-            start = i
-    return bounds
+def _spans(layout: AttentionLayout) -> tuple[torch.Tensor, ...]:
+    """(start, stop, first span of the sample, causal, noise) of every span: the runs of equal span ids. A
+    sample opens at a span whose first token has another sample than the token before it; a span's mode is
+    that of its first token."""
+    span = layout.span
+    opens = torch.ones(len(layout), dtype=torch.bool, device=span.device)
+    opens[1:] = span[1:] != span[:-1]
+    start = opens.nonzero().squeeze(1)
+    stop = torch.cat([start[1:], start.new_tensor([len(layout)])])
+    opens_sample = torch.ones_like(opens[start])
+    opens_sample[1:] = layout.sample[start[1:]] != layout.sample[start[1:] - 1]
+    index = torch.arange(len(start), device=span.device)
+    sample_first = torch.where(opens_sample, index, 0).cummax(0).values
+    return start, stop, sample_first, ~layout.bidirectional[start], layout.noise[start]
 
 
-def _keys(stop: int, sample_start: int, noise_spans: list[tuple[int, int]]) -> torch.Tensor:
-    """Keys of the span [start, stop): its sample's tokens up to ``stop`` less the earlier noise spans."""
-    pieces, cursor = [], sample_start
-    for noise_start, noise_stop in noise_spans:
-        pieces.append(torch.arange(cursor, noise_start))
-        cursor = noise_stop
-    pieces.append(torch.arange(cursor, stop))
-    return torch.cat(pieces)
+def _concat_ranges(starts: torch.Tensor, lengths: torch.Tensor, total: int) -> torch.Tensor:
+    """``cat([arange(s, s + n) for s, n in zip(starts, lengths)])`` for lengths >= 1, in one cumulative sum:
+    steps of 1, and at the first slot of each range the jump from the previous range's last value."""
+    jumps = starts - F.pad((starts + lengths - 1)[:-1], (1, 0))
+    steps = torch.ones(total, dtype=starts.dtype, device=starts.device)
+    steps[lengths.cumsum(0) - lengths] = jumps
+    return steps.cumsum_(0)
 
 
 def varlen_plan(layout: AttentionLayout) -> list[SegmentGroup]:
-    bounds = _span_bounds(layout)
-    device = layout.span.device
-    noise_spans: dict[int, list[tuple[int, int]]] = {}
-    groups: dict[bool, list[tuple[torch.Tensor, torch.Tensor]]] = {True: [], False: []}
-    for start, stop, sample_start, bidirectional, noise in bounds:
-        earlier_noise = noise_spans.setdefault(sample_start, [])
-        keys = _keys(stop, sample_start, earlier_noise)
-        if noise:
-            earlier_noise.append((start, stop))
-        groups[not bidirectional].append((torch.arange(start, stop), keys))
+    """One segment per span, grouped by causal flag (causal first), spans in order within a group.
+
+    The keys of span j are the spans from the first of its sample up to j, less the noise spans before j:
+    a list of index ranges per segment, so every group's key indices are one :func:`_concat_ranges`."""
+    if len(layout) == 0:
+        return []
+    start, stop, sample_first, causal_span, noise = _spans(layout)
+    length = stop - start
+    clean_before = F.pad(torch.where(noise, 0, length).cumsum(0), (1, 0))  # clean tokens of the spans before
     plan = []
-    for causal, segments in groups.items():
-        if not segments:
+    for causal in (True, False):
+        segments = (causal_span == causal).nonzero().squeeze(1)
+        if not len(segments):
             continue
-        q_index = torch.cat([q for q, _ in segments]).to(device)
-        k_index = torch.cat([k for _, k in segments]).to(device)
-        q_lens = torch.tensor([len(q) for q, _ in segments])
-        k_lens = torch.tensor([len(k) for _, k in segments])
-        cu_q = F.pad(q_lens.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32)
-        cu_k = F.pad(k_lens.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32)
-        plan.append(SegmentGroup(causal, q_index, k_index, cu_q, cu_k, int(q_lens.max()), int(k_lens.max())))
+        first = sample_first[segments]
+        q_lens = length[segments]
+        k_lens = clean_before[segments] - clean_before[first] + q_lens
+        candidates = segments - first + 1  # spans first..j of segment j
+        max_q, max_k, total_q, total_k, total_c = torch.stack(
+            [q_lens.max(), k_lens.max(), q_lens.sum(), k_lens.sum(), candidates.sum()]).tolist()
+        key_spans = _concat_ranges(first, candidates, total_c)
+        own = torch.zeros(total_c, dtype=torch.bool, device=start.device)
+        own[candidates.cumsum(0) - 1] = True
+        key_spans = key_spans[own | ~noise[key_spans]]
+        plan.append(SegmentGroup(
+            causal, _concat_ranges(start[segments], q_lens, total_q),
+            _concat_ranges(start[key_spans], length[key_spans], total_k),
+            F.pad(q_lens.cumsum(0), (1, 0)).to(torch.int32), F.pad(k_lens.cumsum(0), (1, 0)).to(torch.int32),
+            max_q, max_k))
     return plan
 
 

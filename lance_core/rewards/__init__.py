@@ -1,9 +1,9 @@
-"""Reward functions for GRPO: OCR (PP-OCR backends), CLIP score, cheap pixel rewards, any callable,
+"""Reward functions for GRPO: OCR (PP-OCR backends), CLIP score, an image classifier, cheap pixel rewards, any callable,
 composed as a weighted sum. Images are RGB uint8 arrays (H, W, 3)."""
 
 from .base import CallableReward, RewardFn, RewardOutput, import_callable
 from .compose import ERROR_PREFIX, ComposedScores, WeightedReward, build_reward, error_reason
-from .config import CLIPConfig, OCRConfig, RewardSpec
+from .config import ClassifierConfig, CLIPConfig, OCRConfig, RewardSpec
 from .ocr import NO_TARGET, NOTHING_READ, OCRReward, extract_target, levenshtein, ocr_score
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "NO_TARGET",
     "CLIPConfig",
     "CallableReward",
+    "ClassifierConfig",
     "ComposedScores",
     "OCRConfig",
     "OCRReward",

@@ -14,6 +14,8 @@ log = logging.getLogger("lance.rewards")
 
 ERROR_PREFIX = "error:"
 """Reason of an image a reward raised on: ``error:<ExceptionType>``."""
+NONFINITE = "nonfinite"
+"""Reason of an image a reward scored NaN or ±inf on (scored 0 instead, counted as an error)."""
 
 
 def build_reward(spec: RewardSpec) -> RewardFn:
@@ -25,6 +27,10 @@ def build_reward(spec: RewardSpec) -> RewardFn:
         from .clip import CLIPReward
 
         return CLIPReward(spec.clip or CLIPConfig())
+    if spec.kind == "classifier":
+        from .classifier import ClassifierReward
+
+        return ClassifierReward(spec.classifier)
     if spec.kind == "brightness":
         from .simple import BrightnessReward
 
@@ -44,7 +50,8 @@ class ComposedScores:
     reasons: dict[str, list[str | None]]
     details: dict[str, list]
     errors: dict[str, int] = field(default_factory=dict)
-    """Per component, the images it raised on (scored 0), with ``isolate_errors``."""
+    """Per component, the images it failed on (scored 0): those it scored NaN or ±inf, and with
+    ``isolate_errors`` those it raised on."""
 
 
 def error_reason(error: BaseException) -> str:
@@ -66,7 +73,9 @@ class WeightedReward:
     def __call__(self, images: list[np.ndarray], prompts: list[str], targets: list[str | None] | None = None,
                  *, isolate_errors: bool = False) -> ComposedScores:
         """With ``isolate_errors`` a component that raises on the batch is run image by image instead, and an
-        image it raises on scores 0 for that component, with the reason ``error:<ExceptionType>``."""
+        image it raises on scores 0 for that component, with the reason ``error:<ExceptionType>``. A score
+        that is NaN or ±inf is 0 for that component, with the reason ``nonfinite``; both are counted in
+        ``errors``."""
         total = np.zeros(len(images), dtype=np.float64)
         components, reasons, details, errors = {}, {}, {}, {}
         for spec, fn in zip(self.specs, self.fns):
@@ -78,9 +87,16 @@ class WeightedReward:
                 log.warning("reward %r raised on a batch of %d images; scoring it image by image",
                             spec.name, len(images), exc_info=True)
                 out, errors[spec.name] = _score_each(spec, fn, images, prompts, targets)
-            total += spec.weight * np.asarray(out.scores, dtype=np.float64)
-            components[spec.name] = [float(s) for s in out.scores]
-            reasons[spec.name] = list(out.reasons)
+            scores = np.array(out.scores, dtype=np.float64)
+            bad = ~np.isfinite(scores)
+            scores[bad] = 0.0
+            reasons[spec.name] = [NONFINITE if flag else reason for flag, reason in zip(bad, out.reasons)]
+            if bad.any():
+                log.warning("reward %r scored %d of %d images NaN or inf; they score 0", spec.name,
+                            int(bad.sum()), len(images))
+                errors[spec.name] = errors.get(spec.name, 0) + int(bad.sum())
+            total += spec.weight * scores
+            components[spec.name] = scores.tolist()
             details.update({f"{spec.name}/{k}": v for k, v in out.details.items()})
         return ComposedScores(total.tolist(), components, reasons, details, errors)
 

@@ -52,14 +52,29 @@ class CLIPConfig(StrictModel):
         return self
 
 
+class ClassifierConfig(StrictModel):
+    """An image classifier scoring p(target class | image) (``lance_core/rewards/classifier.py``)."""
+
+    path: InputPath
+    """A scikit-learn estimator saved with joblib (.joblib / .pkl: loading runs its code, trusted files only) or
+    a torch model saved with ``torch.export.save`` (.pt2) returning logits."""
+    image_size: tuple[int, int] | None = None
+    """(height, width) the classifier takes; images are resized to it (None: as generated)."""
+    grayscale: bool = False
+    """Average R, G and B into one channel first."""
+    classes: tuple[str, ...] | None = None
+    """The labels of the classifier's outputs, in order (required for torch; scikit-learn: ``classes_``)."""
+
+
 class RewardSpec(StrictModel):
     """One component of the reward."""
 
     name: str
-    kind: Literal["ocr", "clip", "brightness", "colour", "callable"]
+    kind: Literal["ocr", "clip", "classifier", "brightness", "colour", "callable"]
     weight: float = 1.0
     ocr: OCRConfig | None = None
     clip: CLIPConfig | None = None
+    classifier: ClassifierConfig | None = None
     colour: tuple[int, int, int] = (255, 0, 0)
     callable: str | None = None
     """``package.module:function`` taking (images, prompts) and returning one score per image."""
@@ -70,4 +85,6 @@ class RewardSpec(StrictModel):
     def _check_kind(self) -> RewardSpec:
         if self.kind == "callable" and not self.callable:
             raise ValueError(f"reward {self.name!r} of kind 'callable' needs callable: 'module:function'")
+        if self.kind == "classifier" and self.classifier is None:
+            raise ValueError(f"reward {self.name!r} of kind 'classifier' needs classifier: {{path: MODEL_FILE}}")
         return self

@@ -10,7 +10,7 @@ from lance_core.config import InputPath, OutputPath, StrictModel
 from lance_core.model_section import ModelSection
 from pipelines.runtime.storage import StorageConfig
 
-InputFormat = Literal["auto", "webdataset", "parquet", "jsonl", "csv"]
+InputFormat = Literal["auto", "webdataset", "parquet", "jsonl", "csv", "media"]
 
 
 class FilterConfig(StrictModel):
@@ -101,18 +101,20 @@ class VideoConfig(StrictModel):
 class BucketConfig(StrictModel):
     image_area: int = Field(768 * 768, gt=0)
     """Target pixel area of image buckets (released SFT: 768 x 768)."""
-    video_area: int = Field(480 * 848, gt=0)
-    """Target pixel area of video buckets (released SFT: 480 x 848)."""
-    vit_image_area: int = Field(672 * 672, gt=0)
-    """Target pixel area of the ViT input of an image (sides multiples of 28; the release: 672²)."""
-    vit_video_area: int = Field(616 * 616, gt=0)
-    """Target pixel area of the ViT input of video frames (the release: 616², so 854x480 -> 812x448)."""
+    video_area: int = Field(640 * 640, gt=0)
+    """Target pixel area of video buckets (released SFT: 640², so 854x480 -> 848x480)."""
+    vit_edit_area: int = Field(672 * 672, gt=0)
+    """Target pixel area of the ViT input of an edit source image (i2i; the release: 672²)."""
+    vit_understanding_area: int = Field(616 * 616, gt=0)
+    """Target pixel area of the ViT input of understanding images (i2t) and of video frames (v2t, v2v
+    sources; the release: 616², so a square image gives 588² and 441 tokens, 854x480 gives 812x448)."""
     vit_area: int | None = Field(None, gt=0)
-    """One ViT area for images and videos alike, in place of the two above (small test presets)."""
+    """One ViT area for every input, in place of the two above (small test presets)."""
 
-    def vit_area_for(self, video: bool) -> int:
-        """The ViT target area of a video's frames or of an image."""
-        return self.vit_area or (self.vit_video_area if video else self.vit_image_area)
+    def vit_area_for(self, edit_source: bool) -> int:
+        """The ViT target area of an edit source image, or of any other ViT input (understanding images,
+        video frames)."""
+        return self.vit_area or (self.vit_edit_area if edit_source else self.vit_understanding_area)
 
 
 class EncoderConfig(StrictModel):
@@ -121,8 +123,20 @@ class EncoderConfig(StrictModel):
     vae_actors: int = Field(1, ge=1)
     vit_actors: int = Field(1, ge=1)
     batch_size: int = Field(8, ge=1)
+    """Image rows per encoder call (rows of one bucket are encoded together; the scoring stage takes this many
+    rows of any kind)."""
+    video_batch_size: int = Field(4, ge=1)
+    """Clips per encoder call for video buckets. A 69-frame 480x848 clip needs ≈ 1.9 GiB of VAE and ≈ 2.9 GiB
+    of ViT activations in bf16 (estimates, ``pipelines/data/encoder_memory.py``): 4 clips take ≈ 7.6 and
+    ≈ 11.6 GiB, well inside half of an 80 GB GPU (``num_gpus_per_actor: 0.5``)."""
     num_gpus_per_actor: float = Field(0.0, ge=0)
-    """GPU fraction per encoder actor (0 = CPU)."""
+    """GPU fraction per encoder actor (0 = CPU). Ray does not share GPU memory out by this fraction: each
+    actor must fit its weights and its largest batch's activations in that share (``encoder_memory.py``)."""
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Compute dtype of the VAE and ViT: ``auto`` is bf16 on a GPU and fp32 on the CPU (bf16 on the CPU runs
+    only when asked for: it is slower there). The VAE's latent normalisation and posterior arithmetic, and the
+    values handed to storage, stay float32 in every case; the shards' encoder description records the dtype
+    (it is not part of the encoder identity that training checks)."""
     cpus_per_actor: float = Field(0.5, gt=0)
     """CPUs reserved per encoder actor; leave room for the decode tasks on small machines."""
     threads_per_actor: int | None = Field(None, ge=1)
@@ -152,11 +166,17 @@ class ManifestConfig(StrictModel):
     uri_column: tuple[str, ...] = ("uri", "image", "video", "media_uri", "path", "url")
     """Media URI: a path relative to the manifest, an absolute path, s3://, https://... (``url`` is
     img2dataset's default input column). A CSV or Parquet manifest holding none of these is refused."""
-    caption_column: tuple[str, ...] = ("caption",)
+    caption_column: tuple[str, ...] = ("caption", "text", "TEXT", "txt")
+    """Caption (also of the Parquet release layouts t2i, t2v, i2i, v2v). A CSV or Parquet file holding none of
+    these (nor an ``answer_column``, the text of QA rows) is refused."""
     task_column: tuple[str, ...] = ("task",)
     """A row's task; rows without one take ``task`` of the config (or t2i / t2v by the media's kind)."""
     source_column: tuple[str, ...] = ("source",)
     """Source media URI of edit tasks (i2i, v2v)."""
+    reference_columns: tuple[str, ...] = ("ref_0", "ref_1", "ref_2")
+    """Reference media of subject-driven rows (a URI, the bytes, or a Hugging Face image struct each), one
+    column per reference: the non-empty ones fill ``ref_0``, ``ref_1``, ``ref_2`` of the shard in this order.
+    A row that names any makes a ``subject`` row unless it names its task."""
     system_column: tuple[str, ...] = ("system",)
     question_column: tuple[str, ...] = ("question",)
     answer_column: tuple[str, ...] = ("answer",)
@@ -178,6 +198,10 @@ class PrecomputeConfig(StrictModel):
     input: InputPath = ""
     """Input URI: a file or folder, local or s3://."""
     input_format: InputFormat = "auto"
+    """``auto``: by extension (``.tar``..., ``.parquet``, ``.jsonl``/``.json``, ``.csv``; an image or video
+    file is an input when a same-name ``.txt`` caption lies beside it, or when the input holds no other
+    inputs); ``media``: every image and video file of the input is one sample, its caption the same-name
+    ``.txt``."""
     max_tar_member_mb: float = Field(256.0, gt=0)
     """Largest WebDataset tar member read (MiB; a member is read whole into memory): a larger one is
     quarantined with its size, and its bytes are skipped, not read."""

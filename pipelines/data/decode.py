@@ -14,6 +14,9 @@ import numpy as np
 from PIL import Image, ImageOps
 
 MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own default bomb limit (about 0.25 GB of RGBA)
+MAX_VIDEO_FRAME_PIXELS = MAX_IMAGE_PIXELS
+"""Largest video frame (width x height, from the container) that is decoded; a larger one is refused as
+``decompression_bomb`` before any frame is (one 12000x12000 MJPEG frame in 4.8 MB of file took 4.95 GB)."""
 
 
 class DecodeError(Exception):
@@ -172,11 +175,15 @@ def _stream_info(container, stream) -> VideoInfo:
     if width < 1 or height < 1 or fps <= 0:
         raise DecodeError("undecodable_video",
                           f"the container gives no size or frame rate ({width}x{height}, {fps:g} fps)")
+    if width * height > MAX_VIDEO_FRAME_PIXELS:
+        raise DecodeError("decompression_bomb",
+                          f"{width}x{height} frames exceed {MAX_VIDEO_FRAME_PIXELS} pixels")
     return VideoInfo(int(width), int(height), fps, frames, seconds)
 
 
 def probe_video(data: bytes) -> VideoInfo:
-    """Size, frame rate, frame count and duration from the container's metadata; no frame is decoded."""
+    """Size, frame rate, frame count and duration from the container's metadata; no frame is decoded.
+    Frames above :data:`MAX_VIDEO_FRAME_PIXELS` raise ``decompression_bomb``."""
     container, stream = _open_video(data)
     with container:
         return _stream_info(container, stream)
@@ -226,18 +233,19 @@ def _frame_views(frame, sizes) -> tuple[np.ndarray, ...]:
         return (rgb,)
     from .buckets import resize_frame
 
-    return tuple(resize_frame(rgb, width, height) for width, height in sizes)
+    return tuple(resize_frame(rgb, *size) for size in sizes)
 
 
 def decode_video(
     data: bytes, fps: float = 12.0, max_seconds: float = 6.0, stride_seconds: float | None = None,
     min_frames: int = 5, max_clips: int = 64, max_clip_seconds: float = 8.0,
-    sizes: tuple[tuple[int, int], ...] = (), info: VideoInfo | None = None,
+    sizes: tuple[tuple[int, ...], ...] = (), info: VideoInfo | None = None,
 ):
     """Yield the clips of :func:`plan_clips` one at a time, each 4k + 1 frames.
 
     One pass of the decoder over the video; a frame is converted to RGB only when a clip takes it, and
-    resized at once to each (width, height) of ``sizes`` (cover, then centre crop) when sizes are given,
+    resized at once to each size of ``sizes`` when sizes are given: (width, height), or (width, height,
+    bucket width, bucket height) as :func:`~pipelines.data.buckets.resize_frame` takes them,
     so only the clips in flight are held, at their output size, whatever the video's length. Frames are
     counted in decode order, as the release's reader counts them. A clip the stream ends before (the
     container's frame count was too high) is kept with the frames it got, snapped to 4k + 1."""

@@ -19,6 +19,20 @@ Resume: the content hashes of committed shards own their content outright (as wh
 The near hashes of every record a committed partition registered (written or not) are in its shard's footer
 (``lance.near_hashes``): the written ones own their neighbourhood outright, the others come back at their
 own plan position, so a rerun decides as one uninterrupted run would.
+
+A content a claim keeps is marked kept by that record, and no other record keeps it after that, whatever its
+plan position: a content is written once even when a later partition claims before an earlier one has
+registered (a wait that ran out, or a restart).
+
+Restarts: an actor that dies (its process or its node) is restarted by Ray up to :data:`MAX_RESTARTS` times,
+and the calls made to it meanwhile are retried on the new one. The new actor rebuilds its slice of the index
+from what is committed, as a rerun would: the shards committed so far, by this run too, each owning its
+content outright except towards its own partition, so that a retried writer of a committed partition gets its
+answer again. What the lost actor held of partitions read but not committed is gone: those partitions register
+again when they claim (the rows reaching the writer carry their hashes), and for the rest of the run writers
+no longer wait for earlier partitions, so a duplicate among them keeps the copy claimed first rather than the
+first in plan order; each content is still written once. When the restarts are used up the run ends with
+:class:`DedupIndexLost`, and running it again resumes it.
 """
 
 from __future__ import annotations
@@ -40,6 +54,11 @@ from .filters import band_keys, parse_near_hash, within
 COMMITTED = -1
 """Plan position of what committed shards hold: before every record of the run."""
 NO_OWNER = np.iinfo(np.int64).max
+ANY_RECORD = 0xFFFFFFFF
+"""Record number of a kept mark that stands for a committed partition's written records (numbers not kept)."""
+MAX_RESTARTS = 3
+"""Restarts of a dedup actor (each rebuilt from the committed shards) before the run ends with
+:class:`DedupIndexLost`."""
 NEAR_FOOTER = b"lance.near_hashes"
 EXACT = "exact_duplicate"
 NEAR = "near_duplicate"
@@ -47,8 +66,33 @@ IN_FLIGHT = 8
 """Batches of committed hashes sent to the actors before waiting for them."""
 
 
+class DedupIndexLost(RuntimeError):
+    """A dedup actor died and could not be restarted; the message says what a rerun does."""
+
+
 def plan_position(partition: int, record: int) -> int:
     return partition << 32 | record
+
+
+def kept_mark(position: int) -> int:
+    """The owner value of a content kept by the record at ``position`` (below COMMITTED: no position replaces
+    it). ``plan_position(p, ANY_RECORD)``: kept by a record of committed partition p."""
+    return -2 - position
+
+
+def kept_by(owner: int) -> int | None:
+    """The position a kept mark names, else None."""
+    return -2 - owner if owner < COMMITTED else None
+
+
+def _before(other: int, position: int) -> bool:
+    """Whether an entry at ``other`` (a position, COMMITTED, or a committed partition's kept mark) comes
+    before the record at ``position``: a committed partition's written records come before every record but
+    its own partition's."""
+    if other >= 0:
+        return other < position
+    kept = kept_by(other)
+    return kept is None or kept >> 32 != position >> 32
 
 
 def content_keys(digests: list[str]) -> np.ndarray:
@@ -118,6 +162,10 @@ class OwnerTable:
             self.positions[self._slots(old_keys, insert=True)] = old_positions
         np.minimum.at(self.positions, self._slots(keys, insert=True), positions)
 
+    def mark_kept(self, keys: np.ndarray, positions: np.ndarray) -> None:
+        """Each (present) key becomes kept by the record at its position (:func:`kept_mark`)."""
+        self.positions[self._slots(keys, insert=True)] = -2 - positions
+
     def get(self, keys: np.ndarray) -> np.ndarray:
         """The position held for each key (NO_OWNER where none)."""
         slots = self._slots(keys, insert=False)
@@ -126,18 +174,47 @@ class OwnerTable:
 
 class DedupShard:
     """One actor's slice of the index: content key -> owner position (:class:`OwnerTable`), band key ->
-    [(position, frame hashes)]."""
+    [(position, frame hashes)]. ``rebuild`` = (config JSON, this actor's number, actor count): when Ray
+    restarts the actor, it rebuilds its slice from the committed shards (see the module's docstring)."""
 
-    def __init__(self, distance: int = 0, pending=()) -> None:
+    def __init__(self, distance: int = 0, pending=(), rebuild: tuple[str, int, int] | None = None) -> None:
         self.distance = distance
         self.owner = OwnerTable()
         self.buckets: dict[int, list[tuple[int, tuple[int, ...]]]] = {}
         self.pending = set(pending)
         self.near_registered: set[int] = set()
+        self.rebuilt = False
+        if rebuild is not None and ray.get_runtime_context().was_current_actor_reconstructed:
+            cfg_json, actor, actors = rebuild
+            self.rebuild_from_commits(PrecomputeConfig.model_validate_json(cfg_json), actor, actors)
 
-    def add_committed(self, digests: list[str], near: list[tuple[int, int, tuple[int, ...]]]) -> None:
-        """Content hashes of committed shards, and (position, band key, frame hashes) of their near hashes."""
-        self.owner.set_min(content_keys(digests), np.full(len(digests), COMMITTED, dtype=np.int64))
+    def rebuild_from_commits(self, cfg: PrecomputeConfig, actor: int, actors: int) -> None:
+        """Start again from the shards committed so far (this actor's slice, ``actor`` of ``actors``); writers
+        no longer wait for earlier partitions."""
+        from .writer import read_commits
+
+        f = cfg.filters
+        index = DedupIndex([None] * actors, f.near_dedup_distance, f.dedup, f.near_dedup)
+        fs = filesystem(cfg.output, cfg.storage)
+        for partition, commit in sorted(read_commits(cfg.output, cfg).items()):
+            path = join_uri(cfg.output, commit["shard"])
+            digests, near = with_retries(f"reading {path}", cfg.storage,
+                                         lambda p=path, n=partition: index._committed_of(fs, p, n))
+            self.add_committed(*index._split_committed(digests, near)[actor], partition=partition)
+        self.pending.clear()
+        self.rebuilt = True
+        logging.getLogger("lance.precompute").warning(
+            "dedup actor %d of %d was restarted and rebuilt from the committed shards", actor, actors)
+
+    def was_rebuilt(self) -> bool:
+        return self.rebuilt
+
+    def add_committed(self, digests: list[str], near: list[tuple[int, int, tuple[int, ...]]],
+                      partition: int | None = None) -> None:
+        """Content hashes of committed shards (of ``partition``: kept by it; else owned outright), and
+        (position, band key, frame hashes) of their near hashes."""
+        owner = COMMITTED if partition is None else kept_mark(plan_position(partition, ANY_RECORD))
+        self.owner.set_min(content_keys(digests), np.full(len(digests), owner, dtype=np.int64))
         for position, key, hashes in near:
             self.buckets.setdefault(key, []).append((position, hashes))
 
@@ -147,15 +224,18 @@ class DedupShard:
         self.owner.set_min(keys, positions)
         return keys, positions
 
+    def _register_near(self, partition: int, near: list[tuple[int, int, tuple[int, ...]]]) -> None:
+        if partition not in self.near_registered:
+            self.near_registered.add(partition)
+            for record, key, hashes in near:
+                self.buckets.setdefault(key, []).append((plan_position(partition, record), hashes))
+
     def register(self, partition: int, exact: list[tuple[str, int]],
                  near: list[tuple[int, int, tuple[int, ...]]]) -> None:
         """The partition's (content hash, record) and (record, band key, frame hashes) routed to this actor;
         a retried read registers again without adding entries twice."""
         self._register_exact(partition, exact)
-        if partition not in self.near_registered:
-            self.near_registered.add(partition)
-            for record, key, hashes in near:
-                self.buckets.setdefault(key, []).append((plan_position(partition, record), hashes))
+        self._register_near(partition, near)
         self.pending.discard(partition)
 
     def unregistered_before(self, partition: int) -> list[int]:
@@ -164,11 +244,26 @@ class DedupShard:
 
     def claim(self, partition: int, exact: list[tuple[str, int]],
               near: list[tuple[int, int, tuple[int, ...]]]) -> tuple[list[int], list[int]]:
-        """(records whose content an earlier record owns, records with an earlier near duplicate)."""
-        keys, positions = self._register_exact(partition, exact)
-        owners = self.owner.get(keys)
-        exact_dups = sorted({record for (_, record), owner, position in zip(exact, owners, positions)
-                             if owner != position})
+        """(records whose content an earlier record owns or another record kept, records with an earlier near
+        duplicate). The contents of the others become kept by them; a retried claim gets the same answer. The
+        partition's records are registered too (they are already, unless a restart lost them)."""
+        self._register_near(partition, near)
+        self.pending.discard(partition)
+        if not exact:
+            exact_dups = []
+        else:
+            keys, positions = self._register_exact(partition, exact)
+            owners = self.owner.get(keys)
+            whole = plan_position(partition, ANY_RECORD)
+            first: dict[bytes, int] = {}
+            for (_, record), key in zip(exact, keys):
+                first[key.tobytes()] = min(record, first.get(key.tobytes(), record))
+            keep = np.array([owner == position or kept_by(owner) == position
+                             or (kept_by(owner) == whole and first[key.tobytes()] == record)
+                             for (_, record), key, owner, position in zip(exact, keys, owners, positions)],
+                            dtype=bool)
+            self.owner.mark_kept(keys[keep], positions[keep])
+            exact_dups = sorted({record for (_, record), kept in zip(exact, keep) if not kept})
         near_dups = sorted({record for record, key, hashes in near
                             if self._earlier_near(plan_position(partition, record), key, hashes)})
         return exact_dups, near_dups
@@ -176,7 +271,7 @@ class DedupShard:
     def _earlier_near(self, position: int, key: int, hashes: tuple[int, ...]) -> bool:
         first, distance = hashes[0], self.distance
         for other, other_hashes in self.buckets.get(key, ()):
-            if other < position and (first ^ other_hashes[0]).bit_count() <= distance \
+            if _before(other, position) and (first ^ other_hashes[0]).bit_count() <= distance \
                     and within(hashes, other_hashes, distance):
                 return True
         return False
@@ -191,7 +286,7 @@ class DedupShard:
                 "rss_bytes": rss}
 
 
-DedupActor = ray.remote(num_cpus=0)(DedupShard)
+DedupActor = ray.remote(num_cpus=0, max_restarts=MAX_RESTARTS, max_task_retries=-1)(DedupShard)
 
 
 def exact_actor(digest: str, actors: int) -> int:
@@ -218,10 +313,27 @@ class DedupIndex:
         f = cfg.filters
         if not f.any_dedup:
             return None
-        actors = [DedupActor.remote(f.near_dedup_distance, todo) for _ in range(f.dedup_actors)]
+        cfg_json = cfg.model_dump_json()
+        actors = [DedupActor.remote(f.near_dedup_distance, todo, (cfg_json, k, f.dedup_actors))
+                  for k in range(f.dedup_actors)]
         index = cls(actors, f.near_dedup_distance, f.dedup, f.near_dedup)
         index.load_committed(cfg.output, commits, cfg)
         return index
+
+    def rebuilt(self) -> list[int]:
+        """The actors that were restarted (and rebuilt from the committed shards) during the run."""
+        return [k for k, done in enumerate(self._get([self._call(k, "was_rebuilt") for k in range(len(self.actors))]))
+                if done]
+
+    def lost(self) -> list[int]:
+        """The actors that are dead for good (their restarts used up)."""
+        dead = []
+        for k, actor in enumerate(self.actors):
+            try:
+                ray.get(actor.was_rebuilt.remote(), timeout=60)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                dead.append(k)
+        return dead
 
     # ------------------------------------------------------------------------------------------ calls
     def _call(self, actor: int, method: str, *args):
@@ -283,13 +395,14 @@ class DedupIndex:
             found.update(dict.fromkeys(exact_dups, EXACT))
         return found
 
-    def add_committed(self, digests: list[str], near: list[tuple[int, str]] = ()) -> None:
-        """Content hashes that committed shards hold, and (plan position, near hash text) of their records."""
-        self._get(self._send_committed(digests, near))
+    def add_committed(self, digests: list[str], near: list[tuple[int, str]] = (), partition: int | None = None) -> None:
+        """Content hashes that committed shards hold (of ``partition``, see :meth:`DedupShard.add_committed`),
+        and (plan position, near hash text) of their records."""
+        self._get(self._send_committed(digests, near, partition))
 
-    def _send_committed(self, digests: list[str], near: list[tuple[int, str]]) -> list:
+    def _send_committed(self, digests: list[str], near: list[tuple[int, str]], partition: int | None) -> list:
         per = self._split_committed(digests, near)
-        return [self._call(k, "add_committed", *items) for k, items in enumerate(per) if any(items)]
+        return [self._call(k, "add_committed", *items, partition) for k, items in enumerate(per) if any(items)]
 
     def load_committed(self, output: str, commits: dict[int, dict], cfg: PrecomputeConfig) -> None:
         """The content hashes (written rows) and near hashes (footer) of the committed shards, shard by shard,
@@ -300,7 +413,7 @@ class DedupIndex:
             path = join_uri(output, commits[partition]["shard"])
             digests, near = with_retries(f"reading {path}", cfg.storage,
                                          lambda p=path, n=partition: self._committed_of(fs, p, n))
-            pending += self._send_committed(digests, near)
+            pending += self._send_committed(digests, near, partition)
             if len(pending) >= IN_FLIGHT * len(self.actors):
                 self._get(pending)
                 pending = []
@@ -316,7 +429,7 @@ class DedupIndex:
             footer = (shard.metadata.metadata or {}).get(NEAR_FOOTER) if self.near else None
         if footer:
             hashes = json.loads(footer)
-            near = [(COMMITTED, text) for text in hashes["written"]]
+            near = [(kept_mark(plan_position(partition, ANY_RECORD)), text) for text in hashes["written"]]
             near += [(plan_position(partition, int(record)), text) for record, text in hashes["dropped"].items()]
         return digests, near
 

@@ -21,27 +21,29 @@ from __future__ import annotations
 
 import bisect
 import io
-import json
 import logging
 import math
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.runtime.storage import StorageConfig, filesystem, join_uri, open_input, with_retries
+from pipelines.runtime.shard_manifest import (  # noqa: F401 - the read side, re-exported
+    ENTRY_SCHEMA,
+    MANIFEST_FILE,
+    MANIFEST_FOLDER,
+    SCHEMA,
+    manifest_entries,
+    read_manifest,
+)
+from pipelines.runtime.storage import filesystem, join_uri, open_input, with_retries
 
 from .config import PrecomputeConfig
 from .writer import DamagedFileError, _is_local, put_whole, read_json, write_json
 
 log = logging.getLogger("lance.precompute")
-MANIFEST_FILE = "manifest.json"
-MANIFEST_FOLDER = "manifest"
-SCHEMA = "lance-latent-shards/2"
 MERGE_SEGMENTS = 16
 REBUILD_SEGMENT_ROWS = 2**16
 """Shard entries per segment when a manifest is made again from every commit record."""
-ENTRY_SCHEMA = pa.schema([("partition", pa.int64()), ("shard", pa.string()), ("rows", pa.int64()),
-                          ("bytes", pa.int64()), ("sha256", pa.string()), ("inputs", pa.int64())])
 SUMS = {"inputs": "inputs", "inputs_written": "inputs_written", "inputs_filtered": "filtered_inputs",
         "inputs_quarantined": "quarantined_inputs", "samples_written": "rows", "bytes_written": "bytes"}
 """Totals that sum one field of the commit records: total -> field."""
@@ -95,34 +97,6 @@ def covers(ranges: list[list[int]], partition: int) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ reading
-def _segment_entries(path: str, storage: StorageConfig) -> list[dict]:
-    def read() -> pa.Table:
-        with open_input(path, storage) as fh:
-            return pq.read_table(fh)
-
-    return with_retries(f"reading {path}", storage, read).to_pylist()
-
-
-def manifest_entries(root: str, index: dict, storage: StorageConfig) -> list[dict]:
-    """The shard entries of the manifest whose ``manifest.json`` is ``index``, in partition order: listed in
-    the index itself (schema /1) or read from its segments (/2). ValueError for an index that holds neither."""
-    if "shards" not in index and "segments" not in index:
-        raise ValueError(f"{join_uri(root, MANIFEST_FILE)} lists no shards (schema {index.get('schema')!r})")
-    entries = list(index["shards"]) if "shards" in index else [
-        entry for segment in index["segments"]
-        for entry in _segment_entries(join_uri(root, segment["file"]), storage)]
-    return sorted(entries, key=lambda entry: entry["partition"])
-
-
-def read_manifest(root: str, storage: StorageConfig | None = None) -> tuple[dict, list[dict]]:
-    """(``manifest.json``, its shard entries in partition order) of a latent shard root."""
-    storage = storage or StorageConfig()
-    path = join_uri(root, MANIFEST_FILE)
-    fs = filesystem(root, storage)
-    index = json.loads(with_retries(f"reading {path}", storage, lambda: fs.cat_file(path)))
-    return index, manifest_entries(root, index, storage)
-
-
 # ------------------------------------------------------------------------------------------------ writing
 def _level(shards: int, every: int) -> int:
     """The level of a segment of ``shards`` entries: level L holds about every x MERGE_SEGMENTS^L."""

@@ -5,6 +5,10 @@ frame, so the size, aspect and duration filters run first and a dropped video co
 :func:`slot_clips` then streams its clips: each selected frame is resized to the slot's VAE bucket (and
 ViT size) as it is decoded, the clip is handed on as row values, and nothing at source resolution stays
 behind, however long the video.
+
+Slots (:data:`SLOTS`, the shard's): ``target`` always; ``source`` for edits (i2i, v2v); ``ref_0``... for
+subject-driven rows (task ``subject``), whose references are encoded as edit sources are (VAE latents and
+ViT features at the edit area).
 """
 
 from __future__ import annotations
@@ -14,12 +18,45 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .buckets import bucket_for, resize_frame
+from lance_core.shards import SLOTS
+
+from .buckets import fit_bucket, resize_frame
 from .config import FilterConfig, PrecomputeConfig, VideoConfig
 from .decode import VideoInfo, decode_image, decode_video, media_kind, probe_video, video_clips
 from .filters import duration_reason, motion_score, size_reason
 
 VIDEO_TASKS = ("t2v", "i2v", "v2v", "v2t")
+EDIT_TASKS = ("i2i", "v2v")
+REFERENCE_SLOTS = tuple(slot for slot in SLOTS if slot.startswith("ref_"))
+"""Reference slots of subject-driven rows, filled in order (at most this many references per row)."""
+
+
+def uri_key(slot: str) -> str:
+    """The record field holding the URI of a slot's media to fetch (``source_uri`` names the record itself,
+    so the source slot's is ``source_uri_media``)."""
+    return "source_uri_media" if slot == "source" else f"{slot}_uri"
+
+
+def condition_slots(record: dict, task: str) -> tuple[str, ...]:
+    """The slots besides ``target`` that a record of ``task`` is encoded with: the source of an edit, the
+    references a subject-driven record names (those holding bytes or a URI)."""
+    if task in EDIT_TASKS:
+        return ("source",)
+    if task == "subject":
+        return tuple(slot for slot in REFERENCE_SLOTS
+                     if record.get(f"{slot}_bytes") is not None or record.get(uri_key(slot)))
+    return ()
+
+
+def vit_for(slot: str, task: str, vit_tasks: tuple[str, ...]) -> bool:
+    """Whether a slot gets ViT features: references always (subject-driven rows condition on them as the
+    release does, a ViT span and a clean VAE span each); the target of an understanding task and an edit
+    source when their task is in ``encoders.vit_tasks``."""
+    if slot in REFERENCE_SLOTS:
+        return True
+    if slot == "target":
+        return task in ("i2t", "v2t") and task in vit_tasks
+    return task in vit_tasks
 
 
 @dataclass
@@ -74,19 +111,19 @@ def slot_clips(media: Media, slot: str, vit: bool, cfg: PrecomputeConfig) -> Ite
     """The slot's clips (an image: one), bucketed, one at a time; video decode errors raise lazily."""
     is_video = media.video is not None
     area = cfg.buckets.video_area if is_video else cfg.buckets.image_area
-    bucket, width, height = bucket_for(media.width, media.height, area)
-    sizes = [(width, height)]
-    if vit:
-        vit_area = cfg.buckets.vit_area_for(is_video)
-        _, vit_w, vit_h = bucket_for(media.width, media.height, vit_area, multiple=28)
-        sizes.append((vit_w, vit_h))
+    bucket = fit_bucket(media.width, media.height, area)
+    width, height = bucket.crop_width, bucket.crop_height
+    sizes = [bucket.view]
+    if vit:  # an edit source or reference image goes to the ViT at the larger edit area, as in the release
+        vit_area = cfg.buckets.vit_area_for(edit_source=slot != "target" and not is_video)
+        sizes.append(fit_bucket(media.width, media.height, vit_area, crop=28).view)
     if is_video:
         v = cfg.video
         clips = ((c.clip_index, c.fps, (c.frames, *c.extra)) for c in decode_video(
             media.data, v.fps, v.max_seconds, v.stride_seconds, v.min_frames, v.max_clips_per_video,
             v.max_clip_seconds, tuple(sizes), media.video))
     else:
-        clips = iter([(0, 0.0, tuple(resize_frame(media.image, w, h)[None] for w, h in sizes))])
+        clips = iter([(0, 0.0, tuple(resize_frame(media.image, *size)[None] for size in sizes))])
     for clip_index, fps, views in clips:
         frames = views[0]
         values = {f"{slot}_pixels": frames.tobytes(), f"{slot}_shape": [len(frames), height, width, 3],
@@ -97,4 +134,4 @@ def slot_clips(media: Media, slot: str, vit: bool, cfg: PrecomputeConfig) -> Ite
             values[f"{slot}_vit_shape"] = list(views[1].shape)
         motion = motion_score(frames) if is_video else float("nan")
         del views, frames
-        yield SlotClip(clip_index, bucket, motion, values)
+        yield SlotClip(clip_index, bucket.name, motion, values)

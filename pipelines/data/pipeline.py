@@ -29,11 +29,13 @@ from pipelines.runtime.run_folder import CONFIG_FILE, RunFolder, RunMode
 from pipelines.runtime.storage import filesystem, is_environment_failure, join_uri, with_retries
 
 from .config import PrecomputeConfig
-from .dedup import DedupIndex
+from .dedup import MAX_RESTARTS, DedupIndex, DedupIndexLost
 from .encode import VAEEncoder, ViTEncoder
 from .manifest import MANIFEST_FILE, MANIFEST_FOLDER, ManifestWriter
+from .media import SLOTS
 from .plan import PLAN_FILE, PLAN_FOLDER, Plan, load_plan
 from .records import ROW_DEFAULTS, dropped, record_rows, to_arrow
+from .report import PartitionProgress
 from .scores import ScoreFilter
 from .sources import InputFile, read_segment
 from .writer import (
@@ -59,8 +61,9 @@ PRECOMPUTE_RESUMABLE = (
     "filters.dedup_actors", "filters.semantic_dedup_threshold", "filters.semantic_dedup_clusters",
 )
 """Fields a resumed precompute may change: where, how fast and in what chunks it runs, not what it writes."""
-PRECOMPUTE_OUTPUTS = ("shards", "quarantine", COMMITS, PIECES, PLAN_FILE, PLAN_FOLDER, MANIFEST_FILE, MANIFEST_FOLDER,
-                      "stats.json", CONFIG_FILE, "semantic_drop.parquet", f"{TMP_PREFIX}*")
+PRECOMPUTE_OUTPUTS = ("shards", "quarantine", "filtered", COMMITS, PIECES, PLAN_FILE, PLAN_FOLDER,
+                      MANIFEST_FILE, MANIFEST_FOLDER, "stats.json", CONFIG_FILE, "semantic_drop.parquet",
+                      f"{TMP_PREFIX}*")
 """What ``--overwrite`` removes from the output folder; nothing else in it is touched."""
 
 
@@ -132,7 +135,7 @@ class _BlockBuilder:
 
 
 def _row_bytes(row: dict) -> int:
-    return sum(len(row.get(f"{slot}{kind}") or b"") for slot in ("target", "source")
+    return sum(len(row.get(f"{slot}{kind}") or b"") for slot in SLOTS
                for kind in ("_pixels", "_vit_pixels"))
 
 
@@ -150,7 +153,8 @@ def _record_rows(record: dict, partition: int, index: int, cfg: PrecomputeConfig
     """``record_rows`` of one record; any exception quarantines that record (with the exception's type and
     message) instead of failing the partition."""
     started = time.perf_counter()
-    source = {"source_uri": str(record.get("source_uri", ""))} if isinstance(record, dict) else {}
+    source = ({"source_uri": str(record.get("source_uri", "")), "media": str(record.get("media") or "")}
+              if isinstance(record, dict) else {})
     try:
         for row in record_rows(record, partition, index, cfg):
             for name in TEXT_FIELDS:
@@ -272,7 +276,8 @@ def _recorded_stats(cfg: PrecomputeConfig) -> dict | None:
 
 def run_precompute(cfg: PrecomputeConfig, progress: bool = True, mode: RunMode = "auto") -> PrecomputeResult:
     """Run (or resume) the precompute of ``cfg`` into ``cfg.output``; ``mode`` as ``--resume`` /
-    ``--overwrite`` (RunFolderError when the output holds a run of another config)."""
+    ``--overwrite`` (RunFolderError when the output holds a run of another config). ``progress``: Ray Data's
+    progress bars; without them a log line every few committed partitions (:class:`PartitionProgress`)."""
     check_precompute_paths(cfg)
     config = cfg.model_dump(mode="json")
     folder = RunFolder("precompute", cfg.output, cfg.storage)
@@ -304,9 +309,12 @@ def run_precompute(cfg: PrecomputeConfig, progress: bool = True, mode: RunMode =
     dedup = DedupIndex.start(cfg, commits, todo)
     started = time.perf_counter()
     manifest = ManifestWriter(cfg, encoder, plan.partitions, commits)
+    lines = None if progress else PartitionProgress(len(todo), plan.partitions)
 
     def committed(record: dict) -> None:
         commits[record["partition"]] = record
+        if lines is not None and (line := lines.note(record)):
+            log.info(line)
         if manifest.add(record):
             manifest.flush(earlier_seconds + time.perf_counter() - started)
 
@@ -314,17 +322,33 @@ def run_precompute(cfg: PrecomputeConfig, progress: bool = True, mode: RunMode =
     assemble = ray.remote(assemble_partition).options(num_cpus=cfg.encoders.cpus_per_task)
     assembling = []
     cfg_json = cfg.model_dump_json()
-    for row in _build_dataset(cfg, plan, todo, dedup).iter_rows():
-        if row["commit"]:
-            committed(json.loads(row["commit"]))
-        elif paths := pieces.add(int(row["partition"]), json.loads(row["piece"])):
-            assembling.append(assemble.remote(cfg_json, cfg.output, int(row["partition"]), paths, dedup))
-        if assembling:
-            done, assembling = ray.wait(assembling, num_returns=len(assembling), timeout=0)
-            for record in ray.get(done):
-                committed(json.loads(record))
-    for record in ray.get(assembling):
-        committed(json.loads(record))
+    try:
+        for row in _build_dataset(cfg, plan, todo, dedup).iter_rows():
+            if row["commit"]:
+                committed(json.loads(row["commit"]))
+            elif paths := pieces.add(int(row["partition"]), json.loads(row["piece"])):
+                assembling.append(assemble.remote(cfg_json, cfg.output, int(row["partition"]), paths, dedup))
+            if assembling:
+                done, assembling = ray.wait(assembling, num_returns=len(assembling), timeout=0)
+                for record in ray.get(done):
+                    committed(json.loads(record))
+        for record in ray.get(assembling):
+            committed(json.loads(record))
+    except Exception:
+        if dedup is not None and (lost := dedup.lost()):
+            manifest.flush(earlier_seconds + time.perf_counter() - started)
+            raise DedupIndexLost(
+                f"the duplicate index of the run lost actor {', '.join(map(str, lost))} of "
+                f"{len(dedup.actors)} (filters.dedup_actors) for good: it died, and {MAX_RESTARTS} restarts from the "
+                f"committed shards did not bring it back (its node gone, or out of memory). The "
+                f"{len(commits)} of {plan.partitions} partitions committed so far are kept; run the same command "
+                "again to resume: the index is rebuilt from the committed shards and only the other partitions "
+                "are redone.") from None
+        raise
+    if dedup is not None and (rebuilt := dedup.rebuilt()):
+        log.warning(f"dedup actor {', '.join(map(str, rebuilt))} of {len(dedup.actors)} died and was restarted from "
+                    "the committed shards; records of partitions in flight at that moment keep the copy of a "
+                    "duplicate claimed first, not necessarily the first in plan order (each content is written once)")
     if pieces.incomplete():
         raise RuntimeError(f"partitions {pieces.incomplete()} did not reach the writer whole; rerun to redo them")
     stats = manifest.flush(earlier_seconds + time.perf_counter() - started)

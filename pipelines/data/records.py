@@ -18,15 +18,15 @@ from pipelines.runtime.storage import fetch_bytes, is_environment_failure
 from .config import PrecomputeConfig
 from .decode import DecodeError
 from .filters import caption_reason, format_near_hash, perceptual_hash
-from .media import media_reason, open_media, slot_clips
+from .media import SLOTS, condition_slots, media_reason, open_media, slot_clips, uri_key, vit_for
 
 ROW_DEFAULTS: dict = {
     "partition": -1, "record_index": -1, "source_uri": "", "status": "ok", "stage": "", "reason": "", "error": "",
     "task": "", "caption": "", "system": "", "question": "", "answer": "", "clip_index": 0,
     "content_sha256": "", "sample_id": "", "bucket": "", "motion": float("nan"), "row_seq": -1,
-    "partition_rows": -1, "near_hash": "",
+    "partition_rows": -1, "near_hash": "", "media": "",
     "clip_score": float("nan"), "text_area": float("nan"), "clip_embedding": b"",
-    **{f"{slot}_{name}": default for slot in ("target", "source") for name, default in (
+    **{f"{slot}_{name}": default for slot in SLOTS for name, default in (
         ("pixels", b""), ("shape", []), ("vit_pixels", b""), ("vit_shape", []), ("width", 0), ("height", 0),
         ("frames", 0), ("fps", 0.0))},
 }
@@ -35,7 +35,7 @@ ROW_DEFAULTS: dict = {
 def _row(record: dict, partition: int, index: int, **values) -> dict:
     row = dict(ROW_DEFAULTS)
     row.update(partition=partition, record_index=index, source_uri=record.get("source_uri", ""))
-    for key in ("task", "caption", "system", "question", "answer"):
+    for key in ("task", "caption", "system", "question", "answer", "media"):
         if record.get(key) is not None:
             row[key] = record[key]
     row.update(values)
@@ -50,7 +50,7 @@ def _media_bytes(record: dict, slot: str, cfg: PrecomputeConfig) -> bytes:
     data = record.get(f"{slot}_bytes")
     if data is not None:
         return data
-    uri = record.get(f"{slot}_uri") if slot == "target" else record.get("source_uri_media")
+    uri = record.get(uri_key(slot))
     if not uri:
         raise FileNotFoundError(f"the record names no {slot} media")
     return fetch_bytes(uri, cfg.storage)
@@ -84,9 +84,12 @@ def record_rows(record: dict, partition: int, index: int, cfg: PrecomputeConfig)
     if reason:
         yield dropped(record, partition, index, "filtered", "caption", reason)
         return
+    conditions = condition_slots(record, task)
     try:
+        if task == "subject" and not conditions:
+            raise FileNotFoundError("the record names no reference media (ref_0, ...)")
         target_data = _media_bytes(record, "target", cfg)
-        source_data = _media_bytes(record, "source", cfg) if task in ("i2i", "v2v") else None
+        condition_data = {slot: _media_bytes(record, slot, cfg) for slot in conditions}
     except FileNotFoundError as err:
         yield dropped(record, partition, index, "quarantined", "read", "missing_file", str(err))
         return
@@ -95,39 +98,42 @@ def record_rows(record: dict, partition: int, index: int, cfg: PrecomputeConfig)
             raise  # the storage's failure, not the record's: the task fails and a rerun reads it again
         yield dropped(record, partition, index, "quarantined", "read", "storage_error", str(err))
         return
-    content = hashlib.sha256(target_data + (source_data or b"")).hexdigest()
+    content = hashlib.sha256(target_data + b"".join(condition_data.values())).hexdigest()
     # Videos are probed, not decoded, until the size / aspect / duration filters have passed them; their
     # clips then stream (decoded, bucketed and handed on one at a time).
     try:
         target = open_media(target_data, record.get("target_name", ""), task, cfg.video)
-        source = (open_media(source_data, record.get("source_name", ""), task, cfg.video)
-                  if source_data is not None else None)
+        conditioning = {slot: open_media(data, record.get(f"{slot}_name", ""), task, cfg.video)
+                        for slot, data in condition_data.items()}
     except DecodeError as err:
         yield dropped(record, partition, index, "quarantined", "decode", err.reason, err.detail)
         return
-    for media in (target, source):
-        failed = media_reason(media, cfg.filters) if media is not None else None
+    for media in (target, *conditioning.values()):
+        failed = media_reason(media, cfg.filters)
         if failed:
             yield dropped(record, partition, index, "filtered", *failed)
             return
-    needs_vit = task in cfg.encoders.vit_tasks
+    vit_tasks = cfg.encoders.vit_tasks
     yielded = 0
     near = ""
     try:
-        source_clips = slot_clips(source, "source", needs_vit, cfg) if source is not None else None
-        source_values: dict = {}
-        for clip in slot_clips(target, "target", needs_vit and task in ("i2t", "v2t"), cfg):
-            source_clip = next(source_clips, None) if source_clips is not None else None
-            if source_clip is not None:  # the source clip of the same index, or a shorter source's last
-                source_values = source_clip.values
+        condition_clips = {slot: slot_clips(media, slot, vit_for(slot, task, vit_tasks), cfg)
+                           for slot, media in conditioning.items()}
+        condition_values: dict = {}
+        for clip in slot_clips(target, "target", vit_for("target", task, vit_tasks), cfg):
+            for clips in condition_clips.values():
+                # the clip of the same index, or a shorter source's last (an image: its one clip)
+                condition_clip = next(clips, None)
+                if condition_clip is not None:
+                    condition_values.update(condition_clip.values)
             static = cfg.filters.motion_min is not None and clip.motion < cfg.filters.motion_min
             if static and target.video is not None:
                 continue
             if cfg.filters.near_dedup and not near:
-                near = near_hash({**clip.values, **source_values})
+                near = near_hash({**clip.values, **condition_values})
             yield _row(record, partition, index, clip_index=clip.clip_index, content_sha256=content,
                        near_hash=near, sample_id=sample_id(record["source_uri"], content, clip.clip_index),
-                       bucket=clip.bucket, motion=clip.motion, **clip.values, **source_values)
+                       bucket=clip.bucket, motion=clip.motion, **clip.values, **condition_values)
             yielded += 1
     except DecodeError as err:
         yield dropped(record, partition, index, "quarantined", "decode", err.reason, err.detail)

@@ -2,18 +2,26 @@
 reading one partition's records.
 
 A record is a plain dict: ``source_uri``, ``task``, ``caption``, ``system``/``question``/``answer`` for QA,
-and per media slot (``target``, ``source``) either the bytes (``<slot>_bytes``) or a URI to fetch
-(``<slot>_uri``), with a name that carries the extension (``<slot>_name``). A record the source itself marks
-as failed (img2dataset's ``status``) carries ``filtered_reason``; a malformed one carries ``error``.
+and per media slot (``target``; ``source`` of edits; ``ref_0``... of subject-driven rows) either the bytes
+(``<slot>_bytes``) or a URI to fetch (``<slot>_uri``, the source's ``source_uri_media``), with a name that
+carries the extension (``<slot>_name``), and ``media``: the media it names (URL, path, tar member or Parquet
+column) for the lists of dropped records. A record the source itself marks as failed (img2dataset's
+``status``) carries ``filtered_reason``; a malformed one carries ``error``.
 
 Layouts read:
 - WebDataset tars, split by the WebDataset convention: a member's key is its path up to the first dot of
   its basename, the rest is the field (``s7.image.jpg`` + ``s7.caption.txt`` = one sample with fields
   ``image.jpg`` and ``caption.txt``); a field's role comes from its last suffix (see :func:`_pick_field`).
+  Fields ``ref_0.jpg``, ``ref_1.jpg``... are the references of a subject-driven sample.
 - img2dataset / video2dataset output folders (``00000.tar`` + ``00000.parquet`` + ``00000_stats.json``):
   the tars are read; the per-shard metadata Parquet and ``_stats.json`` beside a tar are not inputs.
 - Parquet in the Lance release layouts (:data:`RELEASE_LAYOUTS`).
-- JSONL / CSV / Parquet manifests of media URIs and captions, columns named by ``manifest:`` of the config.
+- JSONL / CSV / Parquet manifests of media URIs and captions, columns named by ``manifest:`` of the config. A
+  media cell is a URI, the media's bytes, or a Hugging Face ``datasets`` Image struct ``{bytes, path}`` (so a
+  ``datasets`` Parquet file, ``image`` + ``text``, is read as it is); reference columns (``ref_0``...) make
+  subject-driven rows.
+- Folders of media files with same-name ``.txt`` captions (``a/cat.jpg`` + ``a/cat.txt``): each media file is
+  one sample (see :func:`media_inputs`).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import pyarrow.parquet as pq
 
 from pipelines.runtime.storage import (
     StorageConfig,
+    fetch_bytes,
     filesystem,
     open_input,
     path_exists,
@@ -38,6 +47,7 @@ from pipelines.runtime.storage import (
 )
 
 from .config import ManifestConfig, PrecomputeConfig
+from .media import REFERENCE_SLOTS, uri_key
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 VIDEO_SUFFIXES = ("mp4", "mov", "webm", "mkv", "avi", "m4v")
@@ -57,6 +67,8 @@ TAR_COMPRESSION = {".tar": "", ".tar.gz": "gz", ".tgz": "gz", ".tar.bz2": "bz2",
 """WebDataset names and the compression each declares: a tar is decompressed only when its name says so."""
 INPUT_EXTENSIONS = {**dict.fromkeys(TAR_COMPRESSION, "webdataset"), ".parquet": "parquet", ".jsonl": "jsonl",
                     ".json": "jsonl", ".csv": "csv"}
+REFERENCE_FIELD = re.compile(r"ref_\d+")
+"""The first part of a WebDataset field holding a reference of a subject-driven sample (``ref_0.jpg``)."""
 COMPRESSION_MAGIC = {"gz": b"\x1f\x8b", "bz2": b"BZh", "xz": b"\xfd7zXZ\x00", "zstd": b"\x28\xb5\x2f\xfd"}
 
 
@@ -68,6 +80,8 @@ class InputFile:
 
 
 def _format_of(uri: str, configured: str) -> str | None:
+    if configured == "media":
+        return "media" if _is_media(uri) else None
     if configured != "auto":
         return configured
     for ext, fmt in INPUT_EXTENSIONS.items():
@@ -88,10 +102,31 @@ def list_input_files(cfg: PrecomputeConfig) -> list[tuple[str, str]]:
         uris = [with_protocol(cfg.input, p) for p in skip_tar_sidecars(paths)]
     else:
         uris = [cfg.input]
-    files = [(uri, fmt) for uri in uris if (fmt := _format_of(uri, cfg.input_format)) is not None]
+    formats = {uri: _format_of(uri, cfg.input_format) for uri in uris}
+    if cfg.input_format == "auto":
+        formats.update(dict.fromkeys(media_inputs(uris, alone=not any(formats.values())), "media"))
+    files = [(uri, fmt) for uri, fmt in formats.items() if fmt is not None]
     if not files:
-        raise ValueError(f"input {cfg.input!r} holds no .tar, .parquet, .jsonl or .csv files")
+        raise ValueError(f"input {cfg.input!r} holds no .tar, .parquet, .jsonl, .csv or media files")
     return files
+
+
+def _is_media(uri: str) -> bool:
+    return uri.lower().endswith(MEDIA_EXTENSIONS)
+
+
+def caption_beside(uri: str) -> str:
+    """The caption file of a media file: the same name with ``.txt`` for its extension."""
+    return uri[: uri.rfind(".")] + ".txt"
+
+
+def media_inputs(uris: list[str], alone: bool) -> list[str]:
+    """The media files of a listing that are samples by themselves (input format ``media``): those with a
+    caption beside them (:func:`caption_beside`), or every one when the listing holds no other input (a
+    folder of media alone, where one without a caption is filtered as such). A media file without a caption
+    beside other inputs is not one: manifests name their media in folders beside them."""
+    present = set(uris)
+    return [uri for uri in uris if _is_media(uri) and (alone or caption_beside(uri) in present)]
 
 
 def count_batch(files: list[tuple[str, str]], storage: StorageConfig, manifest: ManifestConfig) -> list[int]:
@@ -128,11 +163,12 @@ def skip_tar_sidecars(paths: list[str]) -> list[str]:
 
 def count_records(uri: str, fmt: str, storage: StorageConfig, manifest: ManifestConfig | None = None) -> int:
     manifest = manifest or ManifestConfig()
+    if fmt == "media":
+        return 1
     with open_input(uri, storage) as fh:
         if fmt == "parquet":
             pf = pq.ParquetFile(fh)
-            if not any(layout[0] <= set(pf.schema_arrow.names) for layout in RELEASE_LAYOUTS):
-                _check_manifest_columns(pf.schema_arrow.names, uri, manifest)
+            _check_manifest_columns(pf.schema_arrow.names, uri, manifest, release_layout(pf.schema_arrow.names))
             return pf.metadata.num_rows
         if fmt == "webdataset":
             return 1 if _tar_problem(fh, uri) else _tar_sample_count(fh, uri)
@@ -143,12 +179,19 @@ def count_records(uri: str, fmt: str, storage: StorageConfig, manifest: Manifest
         return sum(1 for _ in reader)
 
 
-def _check_manifest_columns(columns: list[str], uri: str, manifest: ManifestConfig) -> None:
-    """A CSV or Parquet manifest must hold one of the media URI columns (its header says so up front; JSONL
-    rows may differ, and a row without a URI is quarantined by itself)."""
-    if not set(manifest.uri_column) & set(columns):
+def _check_manifest_columns(columns: list[str], uri: str, manifest: ManifestConfig, layout=None) -> None:
+    """A CSV or Parquet manifest must hold one of the media URI columns and one of the caption columns (or an
+    answer column: QA rows), a Parquet of a release layout with a caption one of the caption columns: the
+    header says so up front. JSONL rows may differ; a row without a URI is quarantined by itself, one without
+    a caption filtered."""
+    has = ", ".join(columns) or "no columns"
+    if layout is None and not set(manifest.uri_column) & set(columns):
         raise ValueError(f"{uri}: no media URI column; manifest.uri_column names {', '.join(manifest.uri_column)}"
-                         f", the file has {', '.join(columns) or 'no columns'}")
+                         f", the file has {has}")
+    qa = layout[1] in ("i2t", "v2t") if layout else bool(set(manifest.answer_column) & set(columns))
+    if not qa and not set(manifest.caption_column) & set(columns):
+        raise ValueError(f"{uri}: no caption column; manifest.caption_column names "
+                         f"{', '.join(manifest.caption_column)}, the file has {has}")
 
 
 def _tar_declared(uri: str) -> str:
@@ -234,6 +277,10 @@ def read_segment(file: InputFile, start: int, stop: int, cfg: PrecomputeConfig) 
         yield from _parquet_records(opener, file.uri, start, stop, cfg)
     elif file.format == "webdataset":
         yield from _tar_records(opener, file.uri, start, stop, cfg)
+    elif file.format == "media":
+        if start <= 0 < stop:
+            caption = read_caption(caption_beside(file.uri), cfg.storage)
+            yield _guarded(file.uri, _media_file_record, file.uri, caption, cfg)
     elif file.format == "jsonl":
         with opener() as fh:
             rows = (line for line in fh if line.strip())
@@ -277,20 +324,64 @@ def _json_or_error(line: bytes, where: str) -> dict:
 
 
 def _text(value) -> str | None:
+    """A text field of an input record (caption, system, question, answer) as the shards store it: leading
+    and trailing whitespace stripped, as the release does (a caption file's final newline would otherwise be
+    one more token); bytes that are not UTF-8 become a marker the record is quarantined by."""
     if value is None:
         return None
     if isinstance(value, bytes):
         try:
-            return value.decode("utf-8")
+            value = value.decode("utf-8")
         except UnicodeDecodeError:
             return "\0invalid-utf8"
-    return str(value)
+    return str(value).strip()
 
 
-def _default_task(name: str, cfg: PrecomputeConfig) -> str:
+def _default_task(name: str, cfg: PrecomputeConfig, data: bytes = b"") -> str:
     from .decode import media_kind
 
-    return cfg.task or ("t2v" if media_kind(name, b"") == "video" else "t2i")
+    return cfg.task or ("t2v" if media_kind(name, data) == "video" else "t2i")
+
+
+def read_caption(uri: str, storage: StorageConfig) -> bytes | None:
+    """The bytes of a caption file, None when there is none (the sample is then filtered as uncaptioned)."""
+    try:
+        return fetch_bytes(uri, storage)
+    except FileNotFoundError:
+        return None
+
+
+def _media_file_record(uri: str, caption: bytes | None, cfg: PrecomputeConfig) -> dict:
+    """One media file of a folder with its ``.txt`` caption: the media is fetched when the record is read."""
+    return {"source_uri": uri, "task": _default_task(uri, cfg), "caption": _text(caption), "target_uri": uri,
+            "target_name": uri.rsplit("/", 1)[-1], "media": uri}
+
+
+def describe_media(names: dict[str, str]) -> str:
+    """The ``media`` of a record from its slots' media (slot -> name): the target's, then ``slot=name``."""
+    parts = [names.get("target", "")]
+    parts += [f"{slot}={name}" for slot, name in names.items() if slot != "target" and name]
+    return "; ".join(parts) if len(parts) > 1 else parts[0]
+
+
+def _media_cell(value, slot: str, column: str, file_uri: str) -> tuple[dict, str]:
+    """A manifest cell naming a slot's media -> (the record's fields of the slot, the media's name).
+
+    A cell is a URI (relative to the manifest, absolute, s3://, https://...), the media's bytes (a Parquet
+    binary column; named by the column), or a Hugging Face ``datasets`` Image struct ``{bytes, path}``: its
+    bytes, or, when they are null, the file at ``path`` (relative to the Parquet file, as ``datasets`` writes
+    files it did not embed)."""
+    if isinstance(value, dict):
+        data = _expect(value.get("bytes"), (bytes,), f"column {column}: bytes")
+        path = _expect(value.get("path"), (str,), f"column {column}: path")
+        if data or not path:
+            return {f"{slot}_bytes": data or b"", f"{slot}_name": path or ""}, path or column
+        value = path
+    if isinstance(value, bytes):
+        return {f"{slot}_bytes": value, f"{slot}_name": ""}, column
+    media = _expect(value, (str,), "the media URI" if slot == "target" else f"the {slot} media URI") or ""
+    uri = _resolve(media, file_uri)
+    return {uri_key(slot): uri, f"{slot}_name": media}, uri
 
 
 def _manifest_record(row: dict, file_uri: str, index: int, cfg: PrecomputeConfig) -> dict:
@@ -300,30 +391,44 @@ def _manifest_record(row: dict, file_uri: str, index: int, cfg: PrecomputeConfig
     from lance_core.packing import TASKS
 
     columns = cfg.manifest
-    media = _column(row, columns.uri_column) or ""
-    _expect(media, (str,), "the media URI")
-    source = _expect(_column(row, columns.source_column), (str,), "the source media URI")
-    task = _expect(_column(row, columns.task_column), (str,), "task") or _default_task(media, cfg)
+    slots = {"target": _named_column(row, columns.uri_column)}
+    source = _named_column(row, columns.source_column)
+    if source[1] not in (None, ""):
+        slots["source"] = source
+    references = [(name, row[name]) for name in columns.reference_columns if row.get(name) not in (None, "")]
+    if len(references) > len(REFERENCE_SLOTS):
+        raise ValueError(f"{len(references)} references; a row holds at most {len(REFERENCE_SLOTS)}")
+    slots.update(zip(REFERENCE_SLOTS, references))
+    record = {"source_uri": source_uri}
+    names = {}
+    for slot, (column, value) in slots.items():
+        fields, names[slot] = _media_cell(value, slot, column or columns.uri_column[0], file_uri)
+        record.update(fields)
+    named_task = _expect(_column(row, columns.task_column), (str,), "task")
+    task = named_task or ("subject" if references else
+                          _default_task(record["target_name"], cfg, record.get("target_bytes", b"")))
     if task not in TASKS:
         raise ValueError(f"task {task!r} is unknown; allowed: {', '.join(TASKS)}")
-    record = {
-        "source_uri": source_uri, "task": task,
+    record.update({
+        "task": task, "media": describe_media(names),
         "caption": _text(_column(row, columns.caption_column)), "system": _text(_column(row, columns.system_column)),
         "question": _text(_column(row, columns.question_column)),
         "answer": _text(_column(row, columns.answer_column)),
-        "target_uri": _resolve(media, file_uri), "target_name": media,
-    }
-    if source:
-        record["source_uri_media"] = _resolve(source, file_uri)
-        record["source_name"] = source
+    })
     return record
 
 
 def _column(row: dict, names: tuple[str, ...]):
     """The value of the first of ``names`` that the row holds non-empty; else that of the first it holds at
     all (an empty string stays an empty string); else None."""
-    present = [row[name] for name in names if name in row]
-    return next((value for value in present if value not in (None, "")), present[0] if present else None)
+    return _named_column(row, names)[1]
+
+
+def _named_column(row: dict, names: tuple[str, ...]) -> tuple[str | None, object]:
+    """(column, value) of :func:`_column`; (None, None) when the row holds none of ``names``."""
+    present = [(name, row[name]) for name in names if name in row]
+    fallback = present[0] if present else (None, None)
+    return next((item for item in present if item[1] not in (None, "")), fallback)
 
 
 def _resolve(media: str, manifest_uri: str) -> str:
@@ -343,11 +448,15 @@ RELEASE_LAYOUTS = (  # (columns present, task, target column, source column)
 )
 
 
+def release_layout(columns) -> tuple | None:
+    """The entry of :data:`RELEASE_LAYOUTS` a Parquet file with these columns is read as (None: a manifest)."""
+    return next((entry for entry in RELEASE_LAYOUTS if entry[0] <= set(columns)), None)
+
+
 def _parquet_records(opener, uri: str, start: int, stop: int, cfg: PrecomputeConfig) -> Iterator[dict]:
     with opener() as fh:
         pf = pq.ParquetFile(fh)
-        columns = set(pf.schema_arrow.names)
-        layout = next((entry for entry in RELEASE_LAYOUTS if entry[0] <= columns), None)
+        layout = release_layout(pf.schema_arrow.names)
         offset = 0
         for group in range(pf.num_row_groups):
             rows = pf.metadata.row_group(group).num_rows
@@ -358,13 +467,15 @@ def _parquet_records(opener, uri: str, start: int, stop: int, cfg: PrecomputeCon
             for local, row in enumerate(table.to_pylist()):
                 index = offset + local
                 if start <= index < stop:
-                    yield (_guarded(f"{uri}#{index}", _release_record, row, layout, uri, index) if layout
+                    yield (_guarded(f"{uri}#{index}", _release_record, row, layout, uri, index, cfg.manifest)
+                           if layout
                            else _guarded(f"{uri}#{index}", _manifest_record, row, uri, index, cfg))
             offset += rows
 
 
-def _release_record(row: dict, layout, uri: str, index: int) -> dict:
+def _release_record(row: dict, layout, uri: str, index: int, manifest: ManifestConfig | None = None) -> dict:
     _, task, target_col, source_col = layout
+    caption_columns = (manifest or ManifestConfig()).caption_column
     for column in (target_col, source_col):
         if column:
             _expect(row.get(column), (bytes,), f"column {column}")
@@ -372,7 +483,8 @@ def _release_record(row: dict, layout, uri: str, index: int) -> dict:
     record = {
         "source_uri": f"{uri}#{index}", "task": task, "target_bytes": row.get(target_col) or b"",
         "target_name": f"{index}{ext}",
-        "caption": _text(row.get("caption")) if task not in ("i2t", "v2t") else _text(row.get("caption_a")),
+        "caption": _text(_column(row, caption_columns)) if task not in ("i2t", "v2t") else _text(row.get("caption_a")),
+        "media": describe_media({"target": target_col, "source": source_col or ""}),
     }
     if task in ("i2t", "v2t"):
         record.update(system=_text(row.get("caption_i")), question=_text(row.get("caption_q")) or "",
@@ -458,18 +570,39 @@ def _failed_status(meta: dict) -> str | None:
     return "status_" + (re.sub(r"[^0-9a-z]+", "_", status.strip().lower()).strip("_")[:60] or "failed")
 
 
+def _reference_fields(parts: dict[str, bytes]) -> list[str]:
+    """The fields of a WebDataset sample that hold references of a subject-driven sample (``ref_0.jpg``,
+    ``ref_1.png``...), in the order of their numbers."""
+    fields = [field for field in parts if field.rsplit(".", 1)[-1] in WDS_ROLES["media"][0]
+              and REFERENCE_FIELD.fullmatch(field.split(".", 1)[0])]
+    return sorted(fields, key=lambda field: int(field.split(".", 1)[0][len("ref_"):]))
+
+
 def _wds_record(key: str, parts: dict[str, bytes], uri: str, index: int, cfg: PrecomputeConfig) -> dict:
     """One WebDataset sample: media, caption (a text field, else ``caption`` of the JSON metadata) and the
-    JSON's ``status`` (img2dataset / video2dataset: a failed sample is filtered with its status)."""
+    JSON's ``status`` (img2dataset / video2dataset: a failed sample is filtered with its status). Reference
+    fields (``ref_0.jpg``...) make it a subject-driven sample. Its ``media`` is the JSON's ``url`` (where
+    img2dataset got it) when there is one, else the media member."""
     where = f"{uri}#{key}"
     prefer = (VIDEO_SUFFIXES if cfg.task in VIDEO_TASKS else IMAGE_SUFFIXES) if cfg.task else ()
-    media_field = _pick_field(parts, "media", prefer)
+    references = _reference_fields(parts)
+    if len(references) > len(REFERENCE_SLOTS):
+        raise ValueError(f"{len(references)} references ({', '.join(references)}); a sample holds at most "
+                         f"{len(REFERENCE_SLOTS)}")
+    media_field = _pick_field({f: v for f, v in parts.items() if f not in references}, "media", prefer)
     text_field, json_field = _pick_field(parts, "caption"), _pick_field(parts, "json")
     meta = _json_or_error(parts[json_field], where) if json_field else {}
     caption = _text(parts[text_field]) if text_field else _text(meta.get("caption"))
     name = f"{key}.{media_field}" if media_field else key
-    record = {"source_uri": where, "task": _default_task(name, cfg), "caption": caption,
-              "target_bytes": parts[media_field] if media_field else b"", "target_name": name}
+    url = meta.get("url") if isinstance(meta.get("url"), str) else None
+    names = {"target": url or (f"{uri}#{name}" if media_field else "")}
+    record = {"source_uri": where, "task": "subject" if references else _default_task(name, cfg),
+              "caption": caption, "target_bytes": parts[media_field] if media_field else b"",
+              "target_name": name}
+    for slot, field in zip(REFERENCE_SLOTS, references):
+        record.update({f"{slot}_bytes": parts[field], f"{slot}_name": f"{key}.{field}"})
+        names[slot] = f"{uri}#{key}.{field}"
+    record["media"] = describe_media(names)
     failed = _failed_status(meta)
     if failed:
         record["filtered_reason"] = failed

@@ -1,11 +1,12 @@
-"""Output root: ``shards/part-NNNNN.parquet``, ``quarantine/part-NNNNN.parquet``, ``_commits/part-NNNNN.json``,
-``plan.json`` + ``plan/inputs.parquet`` (pipelines/data/plan.py), ``manifest.json`` + ``manifest/seg-*.parquet``
-(pipelines/data/manifest.py), ``stats.json``.
+"""Output root: ``shards/part-NNNNN.parquet``, ``quarantine/part-NNNNN.parquet`` and
+``filtered/part-NNNNN.parquet`` (the records dropped, each with its reason and media: report.py),
+``_commits/part-NNNNN.json``, ``plan.json`` + ``plan/inputs.parquet`` (pipelines/data/plan.py),
+``manifest.json`` + ``manifest/seg-*.parquet`` (pipelines/data/manifest.py), ``stats.json``.
 
-A partition commits in this order: quarantine file, shard (written under a temporary name, then moved
-into place), then its commit record. The commit record is the truth: a rerun skips partitions that have
-a readable one and redoes the others (a damaged record counts as none), overwriting any half-written files
-of theirs, so no sample is written twice. JSON files (commit records, plan, manifest, stats) are written
+A partition commits in this order: quarantine and filtered lists, shard (written under a temporary name,
+then moved into place), then its commit record. The commit record is the truth: a rerun skips partitions
+that have a readable one and redoes the others (a damaged record counts as none), overwriting any
+half-written files of theirs, so no sample is written twice. JSON files (commit records, plan, manifest, stats) are written
 whole: under a temporary name and renamed on a local disk, with one PUT on an object store (atomic there).
 A partition whose rows reach the writer in several blocks (a long video's clips) is kept in
 ``_pieces/part-NNNNN/`` until its last block arrives, then written and committed as above and its pieces
@@ -28,18 +29,20 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lance_core.shards import QUARANTINE_SCHEMA, STORAGE_DTYPES, parquet_options, shard_table
+from lance_core.shards import STORAGE_DTYPES, parquet_options, shard_table
 from pipelines.runtime.storage import filesystem, join_uri, with_retries
 
 from .config import PrecomputeConfig
 from .dedup import claim_partition, near_footer
+from .media import SLOTS
+from .report import DROPPED_FOLDERS, dropped_table
 
 COMMITS = "_commits"
 PIECES = "_pieces"
 TMP_PREFIX = ".tmp-"
 COMMIT_FIELDS = ("partition", "shard", "rows", "bytes", "sha256", "inputs", "inputs_written", "filtered",
                  "quarantined", "filtered_inputs", "quarantined_inputs")
-OUTPUT_FOLDERS = ("", "shards", "quarantine", COMMITS, "plan", "manifest")
+OUTPUT_FOLDERS = ("", "shards", *DROPPED_FOLDERS, COMMITS, "plan", "manifest")
 
 
 class DamagedFileError(ValueError):
@@ -83,7 +86,7 @@ def _shard_table(ok: pd.DataFrame, cfg: PrecomputeConfig) -> pa.Table:
             "scores": json.dumps({name: None if _number(row.get(name)) is None else round(float(row[name]), 5)
                                   for name in ("motion", "text_area")}),
         }
-        for slot in ("target", "source"):
+        for slot in SLOTS:
             vae = _stored(row, f"{slot}_vae", f"{slot}_vae_shape", dtype)
             vit = _stored(row, f"{slot}_vit", f"{slot}_vit_feat_shape", dtype)
             has = vae is not None
@@ -243,12 +246,15 @@ def write_partition(group: pd.DataFrame, cfg: PrecomputeConfig, output: str, ded
     filtered.update(f"dedup:{reason}" for reason in duplicates.values())
     inputs = group["record_index"].nunique()
 
-    q_table = pa.table({"source_uri": list(quarantined["source_uri"]),
-                        "partition": [partition] * len(quarantined), "stage": list(quarantined["stage"]),
-                        "reason": list(quarantined["reason"]), "error": list(quarantined["error"])},
-                       schema=QUARANTINE_SCHEMA)
-    with_retries(f"writing {output}", cfg.storage, lambda: _write_parquet(
-        fs, q_table, join_uri(output, "quarantine", f"{name}.parquet")))
+    duplicate_rows = group[group["record_index"].isin(dup_records)].drop_duplicates("record_index")
+    lists = {"quarantine": dropped_table(quarantined, partition),
+             "filtered": pa.concat_tables([dropped_table(filtered_rows, partition),
+                                           dropped_table(duplicate_rows, partition, duplicates, "dedup")])}
+    for folder, listed in lists.items():
+        if _is_local(fs):  # an output folder made before the list was written has no filtered/ folder
+            fs.makedirs(join_uri(output, folder), exist_ok=True)
+        with_retries(f"writing {output}", cfg.storage, lambda folder=folder, listed=listed: _write_parquet(
+            fs, listed, join_uri(output, folder, f"{name}.parquet")))
     table = _shard_table(ok, cfg)
     if cfg.filters.near_dedup:
         table = table.replace_schema_metadata({**table.schema.metadata, **near_footer(group, written_records)})

@@ -10,6 +10,7 @@ from lance_core.config import InputPath, StrictModel, load_config
 from lance_core.model_section import ModelSection
 from lance_core.rewards import RewardSpec
 from lance_core.rl import SDESamplerConfig
+from pipelines.runtime.deepspeed_config import CommunicationDtype
 
 
 class ActorResources(StrictModel):
@@ -50,6 +51,10 @@ class PromptsConfig(StrictModel):
     """At most this many training prompts are read (before the evaluation ones are held out)."""
     eval_count: int = Field(2, ge=0)
     """Evaluation prompts: the first ones of ``eval_path``, else held out from the end of the training ones."""
+    disjoint_targets: bool = True
+    """Also leave out of training the prompts whose target is an evaluation prompt's (OCR: the target is the
+    text to render, so sharing it leaks the evaluation). False where targets are class labels that every prompt
+    shares (a classifier reward), and only the prompt texts must differ."""
 
     @model_validator(mode="before")
     @classmethod
@@ -102,6 +107,9 @@ class RewardPoolConfig(StrictModel):
     start_timeout_s: float = Field(600.0, gt=0)
     """An actor still loading its reward models after this long fails the run's start, or, replacing another,
     is replaced in turn."""
+    max_failed_epochs: int = Field(3, ge=1)
+    """The run stops, saying why, after this many epochs in a row in which every reward term failed on every
+    image (raised, or scored NaN / ±inf): advantages would all be 0 and nothing would be learnt."""
 
 
 class OptimConfig(StrictModel):
@@ -121,7 +129,10 @@ class DeepSpeedConfig(StrictModel):
     precision: Literal["fp32", "bf16"] = "fp32"
     """Model weights and activations; the SDE maths and log-probs stay in float32."""
     ema_decay: float | None = Field(None, gt=0, lt=1)
-    """EMA of the trained weights (None = off); evaluation and the exported EMA file use it."""
+    """EMA of the trained weights (None = off), in fp32, sharded over the learner ranks like the optimizer's
+    master weights; evaluation and the exported EMA file use it."""
+    communication_dtype: CommunicationDtype = "fp32"
+    """The dtype gradients are reduced in across the learner ranks."""
 
 
 class LearnerConfig(StrictModel):

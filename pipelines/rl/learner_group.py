@@ -9,11 +9,42 @@ update's groups.
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
+
 import ray
+
+from pipelines.runtime.run_log import ActorLog
 
 from .config import GRPOConfig
 from .learner import Learner
 from .placement import Placement
+from .weight_sync import WeightGroupMember, weight_group_actor
+
+
+def _free_port(address: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((address, 0))
+        return sock.getsockname()[1]
+
+
+class LearnerActor(Learner, WeightGroupMember, ActorLog):
+    """The learner as a Ray actor body: the rendezvous at its node's IP, trajectories from the object store,
+    and the weight-sync membership (rank 0 sends)."""
+
+    def rendezvous(self) -> tuple[str, int]:
+        """(rank 0) The learner group's address: this node's IP and a free port on it."""
+        address = ray.util.get_node_ip_address()
+        return address, _free_port(address)
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def update(self, trajectory_refs: list, group_ids: list[int], advantages: list[list[float]]) -> dict:
+        """:meth:`Learner.train_groups` over ``group_ids`` (in training order), found in the lists of group
+        payloads that ``trajectory_refs`` hold."""
+        payloads = {g["group_id"]: g for chunk in ray.get(trajectory_refs) for g in chunk}
+        return self.train_groups([payloads[group_id] for group_id in group_ids], advantages)
 
 
 def gather(refs: list) -> list:
@@ -37,12 +68,17 @@ def rank_shares(order: list[int], ranks: int, minibatches: int) -> list[list[int
 
 
 class LearnerGroup:
-    def __init__(self, cfg: GRPOConfig, placement: Placement, checkpoint: str | None = None) -> None:
+    def __init__(self, cfg: GRPOConfig, placement: Placement, checkpoint: str | None = None,
+                 log_dir: Path | None = None) -> None:
+        """``log_dir``: each rank's output goes to ``log_dir/learner-<rank>.log``."""
         self.cfg = cfg
         data = cfg.model_dump(mode="json")
-        remote = ray.remote(Learner)
+        remote = weight_group_actor(LearnerActor)
         self.actors = [remote.options(**placement.options(index, cfg.learner.actor)).remote(data, checkpoint, rank)
                        for rank, index in enumerate(placement.learner)]
+        if log_dir is not None:
+            for rank, actor in enumerate(self.actors):
+                actor.log_to.remote(str(log_dir / f"learner-{rank}.log"))
         group = self.actors[0].rendezvous.remote()
         self.starting = [actor.start.remote(group) for actor in self.actors]
 
@@ -54,6 +90,13 @@ class LearnerGroup:
     def sender(self):
         """Rank 0: the sender of the weight sync, the holder of the EMA."""
         return self.actors[0]
+
+    def weights(self, ema: bool = False):
+        """A reference to rank 0's trained weights, or to the EMA's (put together by every rank)."""
+        if not ema:
+            return self.sender.get_weights.remote()
+        refs = [actor.ema_weights.remote() for actor in self.actors]  # every rank gives its shard
+        return refs[0]
 
     def node_ids(self) -> list[str]:
         return ray.get([actor.node_id.remote() for actor in self.actors])

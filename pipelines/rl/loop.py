@@ -22,6 +22,7 @@ import torch
 
 from lance_core.config import resolve_user_path
 from lance_core.rl import Advantages, group_advantages
+from pipelines.runtime.checkpointing import DamagedCheckpointError, verify_checkpoint, write_manifest
 from pipelines.runtime.local_files import write_text_atomic
 from pipelines.runtime.ray_session import ensure_ray, repo_pythonpath
 from pipelines.runtime.run_folder import RunMode
@@ -36,7 +37,7 @@ from .preflight import settle_rerun, with_initial_checkpoint
 from .prompts import Prompt, epoch_prompts, load_prompts
 from .rewards import RewardPool, RewardWorker
 from .rollout import GroupTask, RolloutWorker, group_seed
-from .weight_sync import WeightSync
+from .weight_sync import WeightSync, weight_group_actor
 
 log = logging.getLogger("lance.grpo")
 
@@ -69,19 +70,24 @@ class GRPORun:
         self.placement = create_placement(cfg)
         data = cfg.model_dump(mode="json")
         place = self.placement
-        self.learners = LearnerGroup(cfg, place, checkpoint)
+        logs = run_dir / "logs"  # every actor's output: learner-<rank>.log, rollout-<n>.log, reward-<slot>.log
+        self.learners = LearnerGroup(cfg, place, checkpoint, log_dir=logs)
         self.learner = self.learners.sender
-        self.rollouts = [ray.remote(RolloutWorker).options(**place.options(index, cfg.rollout.actors)).remote(
+        self.rollouts = [weight_group_actor(RolloutWorker).options(**place.options(index, cfg.rollout.actors)).remote(
             data, checkpoint) for index in place.rollout]
+        for number, worker in enumerate(self.rollouts):
+            worker.log_to.remote(str(logs / f"rollout-{number}.log"))
         specs = [spec.model_dump(mode="json") for spec in cfg.rewards.terms]
         reward_actor = ray.remote(RewardWorker)
 
         def make_reward_actor(slot: int):
             options = place.options(place.reward[slot], cfg.rewards.actors, max_restarts=0)
-            return reward_actor.options(**options).remote(specs, cfg.rewards.actors.torch_threads)
+            actor = reward_actor.options(**options).remote(specs, cfg.rewards.actors.torch_threads)
+            actor.log_to.remote(str(logs / f"reward-{slot}.log"))
+            return actor
 
         self.pool = RewardPool(cfg.rewards, make_reward_actor)
-        self.weight_sync = WeightSync(self.learner, self.rollouts, cfg.rollout.weight_sync)
+        self.weight_sync = WeightSync(self.learner, self.rollouts, cfg.rollout.weight_sync, concurrent_abort=True)
         self.learners.ready()
         self.nodes = {"learner": self.learners.node_ids(),
                       "rollout": ray.get([w.node_id.remote() for w in self.rollouts]),
@@ -93,6 +99,7 @@ class GRPORun:
             f"{self.startup_s:.1f}s: " + "; ".join(f"{kind} {' '.join(n[:8] for n in ids)}"
                                                    for kind, ids in self.nodes.items()))
         self.next_batch = 0
+        self.failed_epochs = 0
 
     # ------------------------------------------------------------------------------------ weights
     def broadcast(self, version: int) -> float:
@@ -155,17 +162,24 @@ class GRPORun:
         generation_s = time.perf_counter() - started
 
         rewards = torch.zeros(len(tasks), size, dtype=torch.float64)
-        scores = {}
+        scores, dropped = {}, set()
         for batch_id, groups, _ in image_batches:
             result = self.pool.take(batch_id)
+            if result.get("lost_input"):
+                dropped.update(group.group_id for group in groups)
+                continue
             scores[batch_id] = result
             for k, group in enumerate(groups):
                 rewards[group.group_id] = torch.tensor(result["total"][k * size:(k + 1) * size])
-        advantages = group_advantages(rewards, cfg.learner.std_scope, cfg.learner.adv_clip)
+        if len(dropped) == len(tasks):
+            raise RuntimeError(f"epoch {epoch}: the images of every group were lost before scoring")
+        trajectories = [(ref, ids) for ref, ids in trajectories if not dropped.intersection(ids)]
+        advantages = kept_advantages(rewards, dropped, cfg.learner.std_scope, cfg.learner.adv_clip)
         reward_s = (self.pool.last_result or started) - (self.pool.first_submit or started)
         timings = {"rollout_s": rollout_s, "reward_s": reward_s,
                    "reward_busy_s": self.pool.busy_s, "reward_tail_s": generation_s - rollout_s,
-                   "generation_s": generation_s, "reward_utilisation": self.pool.utilisation() or 0.0}
+                   "generation_s": generation_s, "reward_utilisation": self.pool.utilisation() or 0.0,
+                   "groups_dropped": len(dropped)}
         return Generation(epoch, tasks, trajectories, image_batches, scores, advantages, started, timings, gallery)
 
     def learn(self, generation: Generation) -> list:
@@ -214,7 +228,7 @@ class GRPORun:
     def evaluate(self) -> dict:
         ev = self.cfg.eval
         prompts: list[Prompt] = self.prompts.eval or self.prompts.train[:1]
-        weights = self.learner.get_weights.remote(ema=ev.use_ema)
+        weights = self.learners.weights(ema=ev.use_ema)
         images_ref = self.rollouts[0].evaluate.remote([p.text for p in prompts], ev.samples_per_prompt, ev.steps,
                                                       self.cfg.seed, weights)
         groups = [GroupTask(i, p.text, p.target, 0) for i, p in enumerate(prompts)]
@@ -231,6 +245,7 @@ class GRPORun:
         tag = f"epoch_{epoch:04d}"
         folder = self._checkpoints() / tag
         self.learners.save(str(folder), tag, {"epoch": epoch})
+        write_manifest(folder, "all", range(self.cfg.learner.ranks))  # last: every rank's share is in
         write_text_atomic(self._checkpoints() / "latest", tag)
         kept = sorted(p for p in self._checkpoints().iterdir() if p.is_dir() and p.name.startswith("epoch_"))
         for old in kept[:-self.cfg.checkpoint.keep_last]:
@@ -238,15 +253,26 @@ class GRPORun:
         return folder
 
     def resume(self) -> int:
-        """The epoch to start from: after the latest checkpoint in the run folder, else 0."""
+        """The epoch to start from: after the newest intact checkpoint in the run folder (the latest, unless its
+        manifest says it is damaged: then the one before, named in the log), else 0."""
         latest = self._checkpoints() / "latest"
         if not latest.is_file():
             return 0
-        tag = latest.read_text().strip()
-        state = self.learners.load(str(self._checkpoints() / tag), tag)
-        start = int(state["epoch"]) + 1
-        self.log(f"resumed from {self._checkpoints() / tag} (epoch {start - 1} done)")
-        return start
+        newest = latest.read_text().strip()
+        tags = [newest] + sorted((p.name for p in self._checkpoints().glob("epoch_*")
+                                  if p.is_dir() and p.name < newest), reverse=True)
+        damaged = []
+        for tag in tags:
+            reason = verify_checkpoint(self._checkpoints() / tag, self.cfg.learner.ranks)
+            if reason is not None:
+                damaged.append(f"{tag}: {reason}")
+                self.log(f"checkpoint {self._checkpoints() / tag} is damaged ({reason}); trying the one before it")
+                continue
+            state = self.learners.load(str(self._checkpoints() / tag), tag)
+            start = int(state["epoch"]) + 1
+            self.log(f"resumed from {self._checkpoints() / tag} (epoch {start - 1} done)")
+            return start
+        raise DamagedCheckpointError(f"{self._checkpoints()}: no intact checkpoint to resume from: " + "; ".join(damaged))
 
     # ------------------------------------------------------------------------------------ the run
     def run(self) -> dict:
@@ -268,6 +294,7 @@ class GRPORun:
                 row.update(self.evaluate())
             self.metrics.append(row)
             self.log(console_line(row))
+            self._check_rewards(row)
             if epoch == last or (cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0):
                 self.save(epoch)
             generation, mark = following, time.perf_counter()
@@ -276,6 +303,18 @@ class GRPORun:
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
+    def _check_rewards(self, row: dict) -> None:
+        """Count the epochs in a row in which every reward term failed on every image; stop at the limit."""
+        names = [spec.name for spec in self.cfg.rewards.terms]
+        if all(row.get(f"reward/{name}/errors", 0) >= row["reward/count"] for name in names):
+            self.failed_epochs += 1
+        else:
+            self.failed_epochs = 0
+        if self.failed_epochs >= self.cfg.rewards.max_failed_epochs:
+            reasons = sorted({key.split("/reason/")[1] for key in row if "/reason/" in key and key.startswith("reward/")})
+            raise RewardsFailedError(f"every reward term failed on every image for {self.failed_epochs} epochs in a "
+                                     f"row (rewards.max_failed_epochs); reasons: {', '.join(reasons) or 'unknown'}")
+
     def shutdown(self) -> None:
         self.metrics.close()
         self.pool.shutdown()
@@ -283,6 +322,22 @@ class GRPORun:
         for actor in self.rollouts:
             ray.kill(actor, no_restart=True)
         self.placement.remove()
+
+
+class RewardsFailedError(RuntimeError):
+    """The reward terms failed on every image for ``rewards.max_failed_epochs`` epochs in a row."""
+
+
+def kept_advantages(rewards: torch.Tensor, dropped: set[int], std_scope: str, clip: float) -> Advantages:
+    """Group advantages over the groups not ``dropped`` (their rows stay 0 and out of a batch-wide std)."""
+    kept = [group for group in range(rewards.shape[0]) if group not in dropped]
+    if not dropped:
+        return group_advantages(rewards, std_scope, clip)
+    part = group_advantages(rewards[kept], std_scope, clip)
+    values = torch.zeros(rewards.shape, dtype=part.values.dtype)
+    zero_spread = torch.zeros(rewards.shape[0], dtype=torch.bool)
+    values[kept], zero_spread[kept] = part.values, part.zero_spread
+    return Advantages(values, zero_spread)
 
 
 def summarise(history: list[dict], run: GRPORun) -> dict:

@@ -72,10 +72,11 @@ def _training_records(cfg: PromptsConfig, seed: int) -> list[Prompt]:
             for i, p in enumerate(generate_prompts(cfg.generated_count, seed))]
 
 
-def _not_evaluated(train: list[Prompt], evaluation: list[Prompt]) -> list[Prompt]:
-    """``train`` without the prompts whose text, or normalised target, is an evaluation prompt's."""
+def _not_evaluated(train: list[Prompt], evaluation: list[Prompt], by_target: bool = True) -> list[Prompt]:
+    """``train`` without the prompts whose text, or (``by_target``) normalised target, is an evaluation
+    prompt's."""
     texts = {p.text for p in evaluation}
-    targets = {normalise_text(p.target) for p in evaluation if p.target}
+    targets = {normalise_text(p.target) for p in evaluation if p.target} if by_target else set()
     return [p for p in train if p.text not in texts and (not p.target or normalise_text(p.target) not in targets)]
 
 
@@ -96,7 +97,7 @@ def load_prompts(cfg: PromptsConfig, seed: int = 0) -> PromptSet:
         eval_count = min(cfg.eval_count, max(len(kept) - 1, 0))
         train, held_out = kept[: len(kept) - eval_count], kept[len(kept) - eval_count:]
         evaluation = held_out
-    trainable = _not_evaluated(train, evaluation)
+    trainable = _not_evaluated(train, evaluation, cfg.disjoint_targets)
     if not trainable:
         raise ValueError(f"each of the {len(train)} training prompts is also an evaluation prompt")
     random.Random(seed).shuffle(trainable)

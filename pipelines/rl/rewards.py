@@ -22,9 +22,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayError
+from ray.exceptions import (ActorDiedError, ActorUnavailableError, GetTimeoutError, ObjectLostError, OwnerDiedError,
+                            RayActorError, RayError)
 
 from lance_core.rewards import RewardSpec, WeightedReward, error_reason
+from pipelines.runtime.run_log import ActorLog
 
 if TYPE_CHECKING:  # the actor process imports this module; keep it free of torch
     from .config import RewardPoolConfig
@@ -32,10 +34,12 @@ if TYPE_CHECKING:  # the actor process imports this module; keep it free of torc
 log = logging.getLogger("lance.grpo")
 
 IN_FLIGHT_PER_ACTOR = 2
+PROBE_TIMEOUT_S = 10.0
+"""How long a reward actor gets to answer when a call failed without naming which actor died."""
 """Batches queued on an actor at once: the next one is already there when the current one ends."""
 
 
-class RewardWorker:
+class RewardWorker(ActorLog):
     """Actor body: scores batches of images with the composed reward."""
 
     def __init__(self, specs: list[dict], torch_threads: int) -> None:
@@ -62,6 +66,8 @@ class _Batch:
     targets: list[str | None]
     failed_on: int | None = None
     """The slot whose actor raised on this batch; it is sent once more, elsewhere when possible."""
+    hung_before: bool = False
+    """An actor hung scoring this batch once already (and was replaced)."""
 
 
 @dataclass
@@ -96,6 +102,8 @@ class RewardPool:
         self.queue: deque[_Batch] = deque()
         self.results: dict[int, dict] = {}
         self.restarts = 0
+        self.lost_inputs = 0
+        """Batches whose images were lost before scoring (their groups dropped)."""
         self.busy_s = 0.0
         self.first_submit: float | None = None
         self.last_result: float | None = None
@@ -175,8 +183,11 @@ class RewardPool:
             return
         try:
             result = ray.get(ref)
-        except (ActorDiedError, ActorUnavailableError, RayActorError):
-            self._replace(slot)
+        except (ActorDiedError, ActorUnavailableError, RayActorError, ObjectLostError, OwnerDiedError) as error:
+            if self._input_lost(slot, error):
+                self._lose(slot, ref, error)
+            else:
+                self._replace(slot)
             return
         except RayError as error:  # escaped the worker's per-image handling; the actor lives on
             batch = slot.in_flight.pop(ref)
@@ -195,6 +206,30 @@ class RewardPool:
         batch = slot.in_flight.pop(ref)
         slot.since = time.perf_counter()
         self._store(batch, result)
+        self._dispatch()
+
+    def _input_lost(self, slot: _Slot, error: RayError) -> bool:
+        """Whether a failed call lost its input (the images: their rollout actor or node died) rather than the
+        reward actor: the error names another actor, or the object itself, or the reward actor still answers."""
+        if isinstance(error, (ObjectLostError, OwnerDiedError)):
+            return True
+        failed = getattr(error, "actor_id", None)
+        if failed:
+            return failed != slot.actor._actor_id.hex()
+        try:
+            ray.get(slot.actor.info.remote(), timeout=min(self.cfg.call_timeout_s, PROBE_TIMEOUT_S))
+        except (RayError, TimeoutError):
+            return False
+        return True
+
+    def _lose(self, slot: _Slot, ref: ray.ObjectRef, error: RayError) -> None:
+        """A batch whose images are gone: nothing to score or to resend; its groups are dropped (counted)."""
+        batch = slot.in_flight.pop(ref)
+        slot.since = time.perf_counter()
+        log.warning("batch %d lost its images (%s); its %d groups are dropped, reward actor slot %d kept",
+                    batch.batch_id, type(error).__name__, len(batch.prompts), slot.index)
+        self.lost_inputs += 1
+        self._store(batch, {**self._failed(batch, error), "errors": {}, "lost_input": True})
         self._dispatch()
 
     def _store(self, batch: _Batch, result: dict) -> None:
@@ -225,14 +260,24 @@ class RewardPool:
                 continue
             log.warning("reward actor slot %d is hung (%s for over %.0fs); replacing it", slot.index,
                         "starting" if slot.starting is not None else "scoring one batch", now - slot.since)
-            self._replace(slot)
+            self._replace(slot, hung=slot.starting is None)
 
-    def _replace(self, slot: _Slot) -> None:
+    def _replace(self, slot: _Slot, hung: bool = False) -> None:
+        """A new actor in ``slot``; its batches are sent again. With ``hung``, the batch it hung on (the head of
+        its queue) gets the rule of a batch that raised: sent once more, and if it hangs again, scored 0."""
         if slot.restarts >= self.cfg.max_restarts:
             raise RuntimeError(f"reward actor slot {slot.index} died or hung {slot.restarts + 1} times "
                                f"(rewards.max_restarts = {self.cfg.max_restarts})")
         lost = list(slot.in_flight.values())
         slot.in_flight.clear()
+        if hung and lost:
+            head = lost.pop(0)
+            if head.hung_before:
+                log.warning("batch %d hung again; its %d images score 0", head.batch_id, len(head.prompts))
+                self._store(head, self._failed(head, GetTimeoutError(f"scoring hung over {self.cfg.call_timeout_s}s")))
+            else:
+                head.hung_before = True
+                lost.insert(0, head)
         with contextlib.suppress(ValueError, RayActorError):  # the actor may be gone already
             ray.kill(slot.actor, no_restart=True)
         self._start(slot)

@@ -11,9 +11,10 @@ import numpy as np
 import ray
 import torch
 
-from lance_core.encoders import WanVAE
+from lance_core.encoders import load_vae
 from lance_core.rl import SDESamplerConfig, sample_group, sde_window
 from pipelines.runtime.devices import pick_device
+from pipelines.runtime.run_log import ActorLog
 
 from .config import GRPOConfig
 from .policy import Policy
@@ -32,7 +33,7 @@ def group_seed(run_seed: int, epoch: int, group_id: int) -> int:
     return (run_seed * 1_000_003 + epoch * 10_007 + group_id) % (2**63 - 1)
 
 
-class RolloutWorker(WeightGroupMember):
+class RolloutWorker(WeightGroupMember, ActorLog):
     """Actor body (wrapped with ``ray.remote`` at placement time). ``version``: that of the weights it holds,
     recorded with each trajectory."""
 
@@ -42,7 +43,7 @@ class RolloutWorker(WeightGroupMember):
         torch.set_num_threads(resources.torch_threads)
         self.device = pick_device(resources.num_gpus)
         self.policy = Policy(self.cfg, self.device, checkpoint).eval()
-        self.vae = WanVAE.from_config(self.policy.model_cfg.vae).to(self.device).eval()
+        self.vae = load_vae(self.policy.model_cfg.vae).to(self.device).eval()
         self.version = -1
 
     def node_id(self) -> str:

@@ -30,6 +30,7 @@ def _replace_whole(path: Path, fill) -> None:
     """Write ``path`` through ``fill(file)`` beside it under a temporary name, then rename it into place:
     readers (and a resume after a kill) see the old file or the new one, never a part."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         with open(tmp, "wb") as out:

@@ -73,11 +73,13 @@ def with_defaults(recorded: dict | None, schema: type[BaseModel] | None) -> dict
 
 def config_differences(recorded: dict, current: dict, resumable: Collection[str] = ()) -> list[str]:
     """``field: recorded -> current`` for every field (dotted) whose value differs, leaving out the
-    ``resumable`` fields and sections. Both sides are compared as JSON (tuples are lists)."""
+    ``resumable`` fields and sections. Both sides are compared as JSON (tuples are lists). Fields set on both
+    sides come first (a changed value), then those only one side has (a field added or removed since)."""
     old, new = _flatten(json.loads(json.dumps(recorded))), _flatten(json.loads(json.dumps(current)))
-    return [f"{name}: {_show(old.get(name, _ABSENT))} -> {_show(new.get(name, _ABSENT))}"
-            for name in sorted(old.keys() | new.keys())
-            if not _covered(name, resumable) and old.get(name, _ABSENT) != new.get(name, _ABSENT)]
+    names = [name for name in sorted(old.keys() | new.keys())
+             if not _covered(name, resumable) and old.get(name, _ABSENT) != new.get(name, _ABSENT)]
+    names.sort(key=lambda name: name not in old or name not in new)
+    return [f"{name}: {_show(old.get(name, _ABSENT))} -> {_show(new.get(name, _ABSENT))}" for name in names]
 
 
 def rerun_action(job: str, where: str, recorded: dict | None, holds_run: bool, current: dict,

@@ -148,6 +148,20 @@ def worker_logging(path: Path, sink=None):
             logger.propagate = before[1]
 
 
+class ActorLog:
+    """Mixed into a long-lived Ray actor: ``actor.log_to.remote(path)`` sends the rest of its process's output
+    (and its ``lance`` log lines, in the one format) to ``path`` for the actor's life, as a training rank's go
+    to ``logs/rank-N.log``."""
+
+    def log_to(self, path: str) -> str:
+        from contextlib import ExitStack
+
+        if getattr(self, "_actor_log", None) is None:
+            self._actor_log = ExitStack()
+            self._actor_log.enter_context(worker_logging(Path(path)))
+        return path
+
+
 @contextmanager
 def follow_worker_logs(sink, interval_s: float = 0.5):
     """On the driver, while the block runs: log the records workers sent to ``sink`` under their own

@@ -4,7 +4,7 @@ A checkpoint folder holds, from every rank: its DeepSpeed shard (``ds/``: model 
 partitioned under ZeRO-3, optimizer partitions, LR scheduler), its data position
 (``data/rank_<r>.json`` + ``data/rank_<r>.safetensors``: stream cursors, random states, waiting samples,
 the next packs' mixture weights), and from rank 0 ``train_state.json`` (step, mixture schedule state,
-counters) and the EMA weights.
+counters), and every rank its fp32 EMA shard (``ema/rank_<r>.safetensors``).
 
 The data position is plain JSON plus a safetensors file of its tensors, so that loading it cannot run code
 (a pickle can: anyone able to write the checkpoint store would run code on every worker at resume). The
@@ -19,10 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import signal
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -30,10 +27,10 @@ from safetensors.torch import load_file, save_file
 
 from lance_core.checkpoint import save_lance_checkpoint
 from lance_core.packing import Sample, Span, VisualInput
+from pipelines.runtime.checkpointing import export_weights, load_training_state, save_training_state
+from pipelines.runtime.ema import ShardedEMA
 
-DS_TAG = "ds"
 TRAIN_STATE = "train_state.json"
-EMA_FILE = "ema.pt"
 EXPORT_FILE = "model.safetensors"
 
 
@@ -115,76 +112,32 @@ def load_data_state(folder: Path, rank: int) -> dict:
 
 
 def save_checkpoint(engine, folder: Path, rank: int, train_state: dict, data_state: dict,
-                    ema: dict[str, torch.Tensor] | None) -> None:
+                    ema: ShardedEMA | None) -> None:
     """Collective: every rank calls it with its own (local) ``folder``."""
-    engine.save_checkpoint(str(folder), tag=DS_TAG)
+    save_training_state(engine, folder, ema)
     save_data_state(folder, rank, data_state)
     if rank == 0:
         (folder / TRAIN_STATE).write_text(json.dumps(train_state, indent=2))
-        if ema is not None:
-            torch.save(ema, folder / EMA_FILE)
 
 
-def load_checkpoint(engine, folder: Path, rank: int, world: int) -> tuple[dict, dict, dict | None]:
-    """Restore the engine (weights, optimizer, scheduler) and return (train state, data state, EMA)."""
+def load_checkpoint(engine, folder: Path, rank: int, world: int, ema: ShardedEMA | None) -> tuple[dict, dict]:
+    """Restore the engine (weights, optimizer, scheduler) and the EMA; return (train state, data state)."""
     train_state = json.loads((folder / TRAIN_STATE).read_text())
     if train_state["world_size"] != world:
         raise RuntimeError(f"checkpoint {folder} was written by {train_state['world_size']} workers; this run has "
                            f"{world}: the data position of each rank cannot be carried over exactly")
-    load_path, _ = engine.load_checkpoint(str(folder), tag=DS_TAG, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed found no checkpoint under {folder}/{DS_TAG}")
-    data_state = load_data_state(folder, rank)
-    ema = torch.load(folder / EMA_FILE, weights_only=True) if (folder / EMA_FILE).is_file() else None
-    return train_state, data_state, ema
+    load_training_state(engine, folder, ema)
+    return train_state, load_data_state(folder, rank)
 
 
-@contextmanager
-def full_weights(engine, zero_stage: int):
-    """Inside: ``engine.module`` holds the whole weights on every rank (gathered under ZeRO-3)."""
-    if zero_stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
-            yield engine.module
-    else:
-        yield engine.module
-
-
-@contextmanager
-def ema_weights(model: torch.nn.Module, ema: dict[str, torch.Tensor] | None):
-    """Inside: the model's trainable weights are the EMA weights (restored on exit)."""
-    if not ema:
-        yield model
-        return
-    params = dict(model.named_parameters())
-    saved = {name: params[name].detach().clone() for name in ema}
-    with torch.no_grad():
-        for name, value in ema.items():
-            params[name].copy_(value)
-    try:
-        yield model
-    finally:
-        with torch.no_grad():
-            for name, value in saved.items():
-                params[name].copy_(value)
-
-
-def export_safetensors(engine, zero_stage: int, folder: Path, rank: int, ema, metadata: dict) -> Path | None:
-    """Collective under ZeRO-3. Rank 0 writes ``folder/model.safetensors`` with the Lance key names."""
-    with full_weights(engine, zero_stage) as model, ema_weights(model, ema):
-        if rank == 0:
-            return save_lance_checkpoint(model, folder / EXPORT_FILE, {k: str(v) for k, v in metadata.items()})
-    return None
-
-
-def new_local_folder(prefix: str) -> Path:
-    return Path(tempfile.mkdtemp(prefix=prefix))
-
-
-def remove_local_folder(folder: Path) -> None:
-    shutil.rmtree(folder, ignore_errors=True)
+def export_safetensors(engine, zero_stage: int, folder: Path, rank: int, ema: ShardedEMA | None,
+                       metadata: dict) -> Path | None:
+    """Collective under ZeRO-3 and with an EMA. Rank 0 writes ``folder/model.safetensors`` with the Lance key
+    names, the EMA's weights in place of the trained ones."""
+    meta = {k: str(v) for k, v in metadata.items()}
+    return export_weights(engine, zero_stage, ema, rank,
+                          lambda model, replace: save_lance_checkpoint(model, folder / EXPORT_FILE, meta,
+                                                                       replace=replace))
 
 
 def kill_once(marker: Path) -> None:

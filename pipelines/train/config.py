@@ -16,6 +16,7 @@ from lance_core.model.recompute import RecomputePolicy
 from lance_core.model.sequence_parallel import check_sequence_parallel
 from lance_core.model_section import ModelSection
 from lance_core.packing import TASKS
+from pipelines.runtime.deepspeed_config import CommunicationDtype
 from pipelines.runtime.storage import StorageConfig
 
 Stage = Literal["pretrain", "continual", "sft", "custom"]
@@ -33,10 +34,10 @@ def _check_tasks(names, where: str) -> None:
 
 class ResolutionFilter(StrictModel):
     max_image_tokens: int | None = Field(None, gt=0)
-    """Skip image targets with more latent tokens than this (768² = 2304)."""
+    """Skip image targets with more latent tokens than this (768² buckets: 2,304 at 1:1, 2,352 at 4:3, 3:4)."""
     max_video_tokens: int | None = Field(None, gt=0)
-    """Skip video targets with more latent tokens than this (a 6 s clip: 18 latent frames x 1,590 at 480x848,
-    x 1,610 in the 4:3 and 3:4 buckets = 28,980)."""
+    """Skip video targets with more latent tokens than this (a 6 s clip: 18 latent frames x 1,590 at 848x480,
+    x 1,645 in the 4:3 and 3:4 buckets of 752x560 = 29,610)."""
     max_video_latent_frames: int | None = Field(None, gt=0)
 
 
@@ -133,17 +134,15 @@ class DeepSpeedSection(StrictModel):
     def _policy_of_bool(cls, value):
         return {True: "layer", False: "none"}.get(value, value) if isinstance(value, bool) else value
     ema_decay: float | None = Field(None, gt=0, lt=1)
-    """Keep an exponential moving average of the weights (released: 0.9999); ZeRO stages 0-2."""
+    """Keep an exponential moving average of the trained weights (released: 0.9999), in fp32, sharded over the
+    ranks like the optimizer's fp32 master weights (4 bytes per trained parameter / ranks); the export holds
+    it."""
+    communication_dtype: CommunicationDtype = "fp32"
+    """The dtype gradients are reduced in across the ranks (fp32; bf16 halves the traffic and rounds)."""
     reduce_bucket_size: int = Field(50_000_000, gt=0)
     zero_init: bool = True
     """ZeRO-3: create the parameters already partitioned (``deepspeed.zero.Init``), so no rank holds the
     whole model; initial weights (model.weights.qwen / lance) are read on rank 0 and scattered module by module."""
-
-    @model_validator(mode="after")
-    def _check(self) -> DeepSpeedSection:
-        if self.ema_decay is not None and self.zero_stage == 3:
-            raise ValueError("ema_decay needs full weights on every rank: use zero_stage 0, 1 or 2")
-        return self
 
 
 class ScalingSection(StrictModel):
@@ -171,6 +170,9 @@ class CheckpointSection(StrictModel):
     keep_last: int = Field(2, ge=1)
     export_safetensors: bool = True
     """Write ``model.safetensors`` (released Lance names) with the final checkpoint and into the run folder."""
+    export_every: bool = False
+    """Also export every checkpoint, as ``exports/model_step<N>.safetensors`` in the run folder (a learning
+    curve to evaluate afterwards)."""
 
 
 class EvalSection(StrictModel):

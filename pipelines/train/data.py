@@ -9,6 +9,7 @@ that a checkpoint taken after step k resumes with pack k + 1 exactly.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import random
@@ -18,6 +19,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -38,7 +40,7 @@ from lance_core.packing import (
 )
 from lance_core.shards import shard_rows, tensor
 from lance_core.tokenizer import TextTokenizer
-from pipelines.runtime.storage import open_input
+from pipelines.runtime.storage import StorageError, open_input
 
 from .config import DataSection
 from .plan import DataError, DataPlan, passes_resolution
@@ -139,6 +141,22 @@ def iter_rows(uri: str, start: int, data: DataSection) -> Iterator[tuple[int, di
                 row_no += 1
 
 
+def shard_digest_verdict(entry, data: DataSection) -> str:
+    """What the shard's sha256 says against the one its manifest recorded."""
+    if not entry.sha256:
+        return "its manifest records no sha256"
+    try:
+        digest = hashlib.sha256()
+        with open_input(entry.uri, data.storage) as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except Exception as err:  # noqa: BLE001 - the verdict only explains the skip
+        return f"its sha256 could not be computed ({type(err).__name__})"
+    if digest.hexdigest() == entry.sha256:
+        return "its sha256 matches the manifest's: it was written so (a writer fault), not damaged since"
+    return "its sha256 differs from the manifest's: damaged since it was written"
+
+
 @dataclass
 class StreamState:
     epoch: int = 0
@@ -156,6 +174,8 @@ class TaskStream:
     def __init__(self, task: str, plan: DataPlan, rank: int, world: int, seed: int, data: DataSection) -> None:
         self.task, self.plan, self.rank, self.world, self.seed, self.data = task, plan, rank, world, seed, data
         self.shards = plan.task_shards(task)
+        self.unreadable: set[int] = set()
+        """Shards that failed to read: skipped from then on (counted)."""
         self.by_shard = len(self.shards) >= world
         self.held = {(s, r) for s, r in plan.holdout.get(task, [])} | plan.excluded_rows()
         self.state = StreamState()
@@ -188,23 +208,43 @@ class TaskStream:
                 self._rows = None
                 continue
             shard = order[st.shard_pos]
+            if shard in self.unreadable:
+                st.shard_pos, st.row, self._rows = st.shard_pos + 1, 0, None
+                continue
             if self._rows is None:
                 self._rows = iter_rows(self.plan.shards[shard].uri, st.row, self.data)
-            for row_no, row in self._rows:
-                st.row = row_no + 1
-                if not self._keep(shard, row_no, row):
-                    continue
-                st.ordinal += 1
-                if not self.by_shard and (st.ordinal - 1) % self.world != self.rank:
-                    continue
-                st.yielded_in_epoch += 1
-                return row
+            try:
+                for row_no, row in self._rows:
+                    st.row = row_no + 1
+                    if not self._keep(shard, row_no, row):
+                        continue
+                    st.ordinal += 1
+                    if not self.by_shard and (st.ordinal - 1) % self.world != self.rank:
+                        continue
+                    st.yielded_in_epoch += 1
+                    return row
+            except StorageError as err:
+                if err.kind not in ("corrupt", "io_error"):
+                    raise  # the storage cannot deliver now (timeout, access): a retry or rerun, not a bad shard
+                self._skip_unreadable(shard, err)
+            except (OSError, ValueError, pa.ArrowException) as err:
+                self._skip_unreadable(shard, err)
             st.shard_pos, st.row, self._rows = st.shard_pos + 1, 0, None
 
+    def _skip_unreadable(self, shard: int, err: BaseException) -> None:
+        """A shard whose body fails to read (a corrupt page, a truncated file) is named, checked against the
+        digest its manifest records, and skipped for the rest of the run (counted)."""
+        entry = self.plan.shards[shard]
+        self.unreadable.add(shard)
+        log.error(f"shard {entry.uri} cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                  f"{shard_digest_verdict(entry, self.data)}; skipped (task {self.task}, rank {self.rank})")
+
     def get_state(self) -> dict:
-        return dict(self.state.__dict__)
+        return {**self.state.__dict__, "unreadable": sorted(self.unreadable)}
 
     def set_state(self, state: dict) -> None:
+        state = dict(state)
+        self.unreadable = set(state.pop("unreadable", ()))
         self.state = StreamState(**state)
         self._rows = None
 
@@ -239,9 +279,10 @@ class PackLoader:
     """Builds packs on a background thread, one per ticket (step, mixture weights), in ticket order."""
 
     def __init__(self, plan: DataPlan, data: DataSection, model_cfg: ModelConfig, tokenizer: TextTokenizer,
-                 rank: int, world: int, seed: int, need_generation: bool) -> None:
+                 rank: int, world: int, seed: int, need_generation: bool, pin_memory: bool = False) -> None:
+        """``pin_memory``: packs come in page-locked memory (for a GPU: asynchronous copies)."""
         self.plan, self.data, self.model_cfg, self.tokenizer = plan, data, model_cfg, tokenizer
-        self.need_generation = need_generation
+        self.need_generation, self.pin_memory = need_generation, pin_memory
         self.streams = {t: TaskStream(t, plan, rank, world, seed, data) for t in plan.task_rows}
         self.rng = random.Random(seed * 7919 + rank)
         self.packer = StepPacker(data.token_budget, data.buffer_size)
@@ -290,7 +331,10 @@ class PackLoader:
             raise DataError(f"{err}: raise data.token_budget or lower the resolution") from None
         batch = pack_samples(samples, self.model_cfg,
                              pad_to=self.data.token_budget if self.data.pad_to_budget else None)
+        if self.pin_memory:
+            batch = batch.pin_memory()
         self.counters["filtered_rows"] = sum(s.filtered for s in self.streams.values())
+        self.counters["unreadable_shards"] = len(set().union(*(s.unreadable for s in self.streams.values())))
         return Pack(batch, [s.key for s in samples], dict(weights), time.perf_counter() - started,
                     self.state_dict())
 

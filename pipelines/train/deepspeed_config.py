@@ -16,7 +16,8 @@ def build_deepspeed_config(cfg: TrainConfig, on_gpu: bool) -> dict:
     ``deepspeed.initialize`` (runs on CPU and GPU alike); warm-up then constant is DeepSpeed's WarmupLR."""
     ds, optim = cfg.deepspeed, cfg.optim
     config = engine_config(micro_batch=1, accumulation=1, grad_clip=optim.grad_clip, zero_stage=ds.zero_stage,
-                           bf16=use_bf16(cfg, on_gpu), on_gpu=on_gpu, bucket_size=ds.reduce_bucket_size)
+                           bf16=use_bf16(cfg, on_gpu), on_gpu=on_gpu, bucket_size=ds.reduce_bucket_size,
+                           communication_dtype=ds.communication_dtype)
     config["zero_allow_untested_optimizer"] = True
     if optim.warmup_steps:  # DeepSpeed's WarmupLR refuses 0 steps; without warm-up the lr is constant
         config["scheduler"] = {

@@ -2,13 +2,16 @@
 and generated samples written into the run folder (an image, a video as a frame strip, a caption).
 
 Every rank evaluates the same held-out rows and runs the same sampling calls, so that under ZeRO-3 all
-ranks gather the same weights in the same order; rank 0 writes the files.
+ranks gather the same weights in the same order; rank 0 writes the files. Decoding the latents into
+pictures (the frozen VAE, on the training device in the training dtype) runs on a thread of rank 0's, off the
+training path: the ranks go on with the next step meanwhile.
 """
 
 from __future__ import annotations
 
 import json
 import random
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -56,23 +59,55 @@ class HeldOut:
 
 
 class SampleWriter:
-    """Generates with the current weights and decodes latents through the (frozen) VAE."""
+    """Generates with the current weights; rank 0 decodes the latents through the (frozen) VAE on a thread
+    of its own and writes the pictures (:meth:`close` waits for the last ones)."""
 
-    def __init__(self, cfg: ModelConfig, tokenizer: TextTokenizer, held: HeldOut, eval_cfg: EvalSection) -> None:
+    def __init__(self, cfg: ModelConfig, tokenizer: TextTokenizer, held: HeldOut, eval_cfg: EvalSection,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         self.cfg, self.tok, self.held, self.eval_cfg = cfg, tokenizer, held, eval_cfg
+        self.device, self.dtype = torch.device(device), dtype
         self._vae = None
+        self._decoder: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
 
     def vae(self):
         if self._vae is None:
-            from lance_core.encoders import WanVAE
+            from lance_core.encoders import load_vae
 
-            self._vae = WanVAE.from_config(self.cfg.vae).eval()
+            self._vae = load_vae(self.cfg.vae).eval().to(self.device, self.dtype)
         return self._vae
 
+    @torch.no_grad()
     def _frame_strip(self, latents: torch.Tensor) -> np.ndarray:
         """One clip's latents (T', H', W', C) -> its decoded frames side by side: (H, T·W, 3) uint8."""
-        frames = self.vae().decode_frames(latents.float().permute(3, 0, 1, 2)[None])[0]
-        return torch.cat(list(frames), dim=1).numpy()
+        latents = latents.to(self.device, self.dtype).permute(3, 0, 1, 2)[None]
+        frames = self.vae().decode_frames(latents)[0]
+        return torch.cat(list(frames), dim=1).cpu().numpy()
+
+    def _save(self, out_dir: Path, step: int, image: torch.Tensor, video: torch.Tensor | None, result: dict) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(self._frame_strip(image)).save(out_dir / f"step{step:07d}_image.png")
+        if video is not None:
+            Image.fromarray(self._frame_strip(video)).save(out_dir / f"step{step:07d}_video_frames.png")
+        (out_dir / f"step{step:07d}.json").write_text(json.dumps(result, indent=2))
+
+    def _decode_later(self, *args) -> None:
+        """Decode and write on the decoder thread; an error there surfaces at the next call or at close."""
+        for done in [f for f in self._pending if f.done()]:
+            self._pending.remove(done)
+            done.result()
+        if self._decoder is None:
+            self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sample-decoder")
+        self._pending.append(self._decoder.submit(self._save, *args))
+
+    def close(self) -> None:
+        """Wait for the pictures still being decoded."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+        if self._decoder is not None:
+            self._decoder.shutdown(wait=True)
+            self._decoder = None
 
     def _prompt(self, task: str, default_grid: tuple[int, int, int]) -> tuple[str, tuple[int, int, int]]:
         rows = self.held.rows.get(task) or []
@@ -109,9 +144,6 @@ class SampleWriter:
                           caption_generated=self.tok.decode(ids))
         model.train(was_training)
         if out_dir is not None:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(self._frame_strip(image)).save(out_dir / f"step{step:07d}_image.png")
-            if video is not None:
-                Image.fromarray(self._frame_strip(video)).save(out_dir / f"step{step:07d}_video_frames.png")
-            (out_dir / f"step{step:07d}.json").write_text(json.dumps(result, indent=2))
+            self._decode_later(out_dir, step, image.detach().cpu(), None if video is None else video.detach().cpu(),
+                               dict(result))
         return result

@@ -1,7 +1,8 @@
 """Per-step metrics: reduced across ranks, written by rank 0 as JSON lines and TensorBoard events.
 
-MFU (TRAINING.md): FLOPs of a step = Σ over packed samples of T·(6·N_active + 12·L·H·d·T), T the
-sample's tokens (attention summed per sample, not over the whole pack; N_active one expert plus lm_head),
+MFU (TRAINING.md): FLOPs of a step = Σ over packed samples of T·(6·N_expert + 12·L·H·d·T), T the
+sample's tokens (attention summed per sample, not over the whole pack; N_expert one expert's layers), plus
+6·N_lm_head per answer token (the logits are computed there only),
 divided by step time · workers · peak FLOP/s of one worker (on CPU: step CPU time and the matmul
 probe's FLOP per CPU-second).
 """
@@ -37,11 +38,16 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def pack_flops(batch: PackedBatch, cfg: ModelConfig, counts: ParameterCounts) -> float:
+    """Training FLOPs of a pack: every real token through one expert's layers (6·N_expert) and attention over
+    its own sample; lm_head (6·N_head) only at the answer tokens, where the logits are computed."""
     real = batch.task_index >= 0
     lengths = torch.bincount(batch.sample_index[real]).double()
     lengths = lengths[lengths > 0]
     per_token_attention = attention_flops_per_token(cfg, 1)
-    return float((lengths * (6.0 * counts.active_per_token + per_token_attention * lengths)).sum())
+    lm_head = counts.active_per_token - counts.und_expert
+    ce_tokens = int((batch.ce_labels != IGNORE_INDEX).sum())
+    return float((lengths * (6.0 * counts.und_expert + per_token_attention * lengths)).sum()
+                 + 6.0 * lm_head * ce_tokens)
 
 
 def probe_peak_tflops(size: int = 1024, reps: int = 5) -> float:

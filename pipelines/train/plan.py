@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from lance_core.encoder_identity import identity_mismatch
 from lance_core.packing import TASKS
 from lance_core.shards import SEMANTIC_DROP_FILE, check_schema
-from pipelines.data.manifest import manifest_entries
+from pipelines.runtime.shard_manifest import manifest_entries
 from pipelines.runtime.storage import StorageError, filesystem, join_uri, open_input, with_retries
 
 from .config import DataSection, ResolutionFilter
@@ -37,6 +37,8 @@ class ShardEntry:
     rows: int
     trainable: dict[str, int]
     """Task -> rows that pass the filters and are not held out."""
+    sha256: str | None = None
+    """The digest the manifest records (checked when the shard fails to read)."""
 
 
 @dataclass
@@ -127,7 +129,7 @@ def _manifest_shards(root: str, cfg: DataSection, plan: DataPlan, encoder: dict 
             plan.issues["missing_shards"] += 1
             plan.messages.append(f"{uri}: listed in the manifest but missing; skipped")
             continue
-        uris.append(uri)
+        uris.append((uri, entry.get("sha256")))
     return uris
 
 
@@ -182,7 +184,9 @@ def make_plan(cfg: DataSection, tasks_wanted: dict[str, float], encoder: dict | 
         raise DataError("data.uris is empty: give latent shard roots (`--data URI`)")
     plan = DataPlan()
     scanned: list[tuple[str, list[dict]]] = []
-    uris = [uri for root in cfg.uris for uri in _manifest_shards(root, cfg, plan, encoder)]
+    listed = [entry for root in cfg.uris for entry in _manifest_shards(root, cfg, plan, encoder)]
+    digests = dict(listed)
+    uris = [uri for uri, _ in listed]
     semantic_drops = _semantic_drops(cfg, plan)
     with ThreadPoolExecutor(max_workers=SCAN_THREADS) as pool:
         for uri, (rows, issue, message) in zip(uris, pool.map(lambda u: _scan_shard(u, cfg), uris)):
@@ -219,7 +223,7 @@ def make_plan(cfg: DataSection, tasks_wanted: dict[str, float], encoder: dict | 
     held = {(s, r) for rows in plan.holdout.values() for s, r in rows}
     for index, (uri, rows) in enumerate(scanned):
         trainable = Counter(task for row_no, task in keep[index] if (index, row_no) not in held)
-        plan.shards.append(ShardEntry(uri, len(rows), dict(trainable)))
+        plan.shards.append(ShardEntry(uri, len(rows), dict(trainable), digests.get(uri)))
     wanted = {t for t, w in tasks_wanted.items() if w > 0}
     available = set(plan.task_rows)
     if not available & wanted:

@@ -28,6 +28,8 @@ restarts, fault injection, what is reported, evaluated and checkpointed, recompu
 of the workers, and how shards are read. Everything that decides the data, the model and the optimisation
 (the worker count included: each rank's data position is in the checkpoint) must stay the same."""
 STATE_FILE = "train_state.json"
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+"""Ray Train's record of the run's checkpoints, in ``<output>/<name>``."""
 
 
 @dataclass
@@ -46,7 +48,7 @@ def check_train_paths(cfg: TrainConfig) -> None:
 
 def run_uri(cfg: TrainConfig) -> str:
     """Where Ray Train keeps the run's checkpoints: ``<output>/<name>``."""
-    from .trainer import storage_and_log_dir
+    from .driver import storage_and_log_dir
 
     return f"{storage_and_log_dir(cfg)[0].rstrip('/')}/{cfg.name}"
 
@@ -69,7 +71,7 @@ def latest_checkpoint(cfg: TrainConfig) -> Checkpoint | None:
 def settle_rerun(cfg: TrainConfig, mode: RunMode = "auto") -> Checkpoint | None:
     """Check the paths, then resume / start afresh / refuse (RunFolderError) by the run folder's recorded
     config; returns the final checkpoint when the run is already complete (nothing is to be trained)."""
-    from .trainer import storage_and_log_dir
+    from .driver import storage_and_log_dir
 
     check_train_paths(cfg)
     log_dir = str(storage_and_log_dir(cfg)[1])
@@ -85,3 +87,36 @@ def settle_rerun(cfg: TrainConfig, mode: RunMode = "auto") -> Checkpoint | None:
                  f"{latest.uri}; nothing to train (a higher --steps continues it, --overwrite starts afresh)")
         return latest
     return None
+
+
+def repair_ray_snapshot(cfg: TrainConfig) -> list[str]:
+    """Drop from Ray Train's snapshot the checkpoints whose folders are gone (a user removed a damaged one):
+    Ray Train refuses to start a run whose snapshot names a missing checkpoint. Returns the names dropped."""
+    uri = run_uri(cfg)
+    fs = filesystem(uri, cfg.data.storage)
+    path = f"{uri}/{RAY_SNAPSHOT}"
+    if not with_retries(f"reading {uri}", cfg.data.storage, lambda: fs.exists(path)):
+        return []
+    snapshot = json.loads(with_retries(f"reading {path}", cfg.data.storage, lambda: fs.cat_file(path)))
+    results = snapshot.get("checkpoint_results") or []
+    gone = [r["checkpoint_dir_name"] for r in results
+            if not with_retries(f"reading {uri}", cfg.data.storage,
+                                lambda r=r: fs.exists(f"{uri}/{r['checkpoint_dir_name']}"))]
+    if not gone:
+        return []
+    kept = [(r, i) for r, i in zip(results, snapshot.get("checkpoint_report_indices") or [None] * len(results))
+            if r["checkpoint_dir_name"] not in gone]
+    snapshot["checkpoint_results"] = [r for r, _ in kept]
+    if "checkpoint_report_indices" in snapshot:
+        snapshot["checkpoint_report_indices"] = [i for _, i in kept]
+    latest = snapshot.get("latest_checkpoint_result")
+    if latest is not None and latest["checkpoint_dir_name"] in gone:
+        snapshot["latest_checkpoint_result"] = kept[-1][0] if kept else None
+    for key in ("validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names",
+                "failed_validation_checkpoint_dir_names"):
+        if key in snapshot:
+            snapshot[key] = [name for name in snapshot[key] if name not in gone]
+    with_retries(f"writing {path}", cfg.data.storage, lambda: fs.pipe_file(path, json.dumps(snapshot).encode()))
+    log.warning(f"{uri}: Ray Train's snapshot named checkpoint(s) no longer there ({', '.join(gone)}); dropped them "
+                f"from it, the run resumes from {kept[-1][0]['checkpoint_dir_name'] if kept else 'the start'}")
+    return gone

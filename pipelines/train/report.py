@@ -76,15 +76,26 @@ def write_report(run_dir: Path, rows: list[dict]) -> dict:
     return summary
 
 
+def loss_window(rows: list[dict], first: bool, share: float = 0.1) -> tuple[float, int, int] | None:
+    """(mean loss, first step, last step) over the first (or last) ``share`` of the steps with a loss: means
+    over windows, as the progress lines show, not one step's value."""
+    losses = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
+    if not losses:
+        return None
+    count = max(1, int(len(losses) * share))
+    window = losses[:count] if first else losses[-count:]
+    return statistics.fmean(loss for _, loss in window), window[0][0], window[-1][0]
+
+
 def print_summary(result) -> None:
     rows = result.metrics
     earlier = getattr(result, "complete_before", False)  # nothing trained now: the earlier run's report stands
     summary = throughput_summary(rows) if earlier else write_report(result.run_dir, rows)
-    first, last = summary["first_loss"], summary["last_loss"]
-    if first and last and first.get("loss") is not None:
+    first, last = loss_window(rows, first=True), loss_window(rows, first=False)
+    if first and last:
         done = "nothing trained now; an earlier run trained" if earlier else "trained"
-        log.info(f"{done} {summary['steps']} steps: loss {first['loss']:.4f} (step {first['step']}) -> "
-              f"{last['loss']:.4f} (step {last['step']})")
+        log.info(f"{done} {summary['steps']} steps: mean loss {first[0]:.4f} over steps {first[1]}-{first[2]} -> "
+                 f"{last[0]:.4f} over steps {last[1]}-{last[2]}")
     fmt = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in summary.items()
            if k not in ("first_loss", "last_loss")}
     log.info("throughput: " + ", ".join(f"{k}={v}" for k, v in fmt.items()))

@@ -1,142 +1,504 @@
-"""The driver side of a training run: plan the data, start (or join) Ray, run the ``TorchTrainer``.
+"""The training worker: one ``Trainer`` per rank, under Ray Train (``train_func``) or ``torchrun``
+(pipelines/train/torch_launch.py); the launcher's part is a :class:`~pipelines.train.session.TrainSession`.
 
-Ray Train keeps the run's checkpoints (the last ``checkpoint.keep_last``) under ``<output>/<name>``
-(local or s3://). Rank 0 writes ``metrics.jsonl``, TensorBoard events (``tb/``), generated samples
-(``samples/``) and the exported ``model.safetensors`` into the log folder (``log_dir``, by default the
-same ``<output>/<name>``); the driver writes ``config.json`` and ``plan.json`` there. Running again with
-the same output and name resumes from the last checkpoint when the config is the same (a complete run is
-reported and nothing starts), and is refused when it differs (pipelines/train/preflight.py).
-
-What the driver says goes through the ``lance.train`` logger: one progress line per logging step, made by
-rank 0 and carried to the driver. Everything a worker process prints (DeepSpeed, torch, Ray's own lines)
-goes to ``<log_dir>/logs/rank-N.log``, not to the driver.
+The launcher has set up the process group (gloo on CPU, NCCL on GPU); DeepSpeed is imported here and reuses
+it. Each step: take the next pack from the loader thread, compute CE + MSE with global token counts, skip
+the step on every rank if any rank's loss is not finite, backward + step through the DeepSpeed engine,
+update the fp32 EMA, reduce and write the metrics, evaluate, checkpoint. Every collective goes through
+pipelines/runtime/collectives.py, on the process group's device.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
+import math
+import time
+import warnings
+import zlib
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from lance_core.encoder_identity import encoder_identity
-from pipelines.runtime.ray_session import ensure_ray, repo_pythonpath
-from pipelines.runtime.run_folder import RunMode
-from pipelines.runtime.run_log import follow_worker_logs, new_log_sink
+import torch
+import torch.distributed as dist
 
+from lance_core.checkpoint import load_lance_checkpoint, load_qwen25vl_weights
+from lance_core.flops import count_parameters
+from lance_core.flow import compute_losses
+from lance_core.model import build_model
+from lance_core.model.sequence_parallel import new_sequence_parallel
+from lance_core.packing import GENERATION_TASKS, TASKS
+from lance_core.tokenizer import load_tokenizer_for
+from pipelines.runtime.checkpointing import DamagedCheckpointError, verify_checkpoint
+from pipelines.runtime.collectives import all_ranks_true, all_reduce_named, broadcast_from, sum_over_ranks
+from pipelines.runtime.devices import pick_device
+from pipelines.runtime.ema import ShardedEMA
+from pipelines.runtime.finite_steps import step_if_finite
+from pipelines.runtime.local_files import copy_file_atomic
+from pipelines.runtime.run_log import MetricsLog, worker_logging
+
+from . import checkpoints as ckpt
 from .config import TrainConfig
-from .metrics import read_metrics
-from .plan import DataPlan, make_plan
-from .preflight import settle_rerun
+from .data import PackLoader
+from .deepspeed_config import build_deepspeed_config, use_bf16
+from .evaluate import HeldOut, SampleWriter
+from .metrics import ExpertGradProbe, pack_flops, peak_tflops, task_loss_sums
+from .mixture import MixtureSchedule
+from .plan import DataPlan
+from .progress import StepProgress
 
+FREEZE_GROUPS = {
+    "embed_tokens": lambda n: n.startswith("language_model.model.embed_tokens."),
+    "lm_head": lambda n: n.startswith("language_model.lm_head."),
+    "und": lambda n: (".layers." in n and "_moe_gen" not in n) or n.startswith("language_model.model.norm."),
+    "gen": lambda n: (".layers." in n and "_moe_gen" in n) or n.startswith("language_model.model.norm_moe_gen."),
+    "vae_io": lambda n: n.startswith(("vae2llm.", "llm2vae.", "time_embedder.")),
+}
 log = logging.getLogger("lance.train")
+# DeepSpeed's ZeRO calls these under their old names every step; the warning says nothing to a user
+warnings.filterwarnings("ignore", category=FutureWarning,
+                        message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated")
 
-WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
-"""Read by Ray Train's controller, which takes it from the process that calls ``fit``."""
+
+def freeze(model: torch.nn.Module, groups: tuple[str, ...]) -> int:
+    frozen = 0
+    for name, param in model.named_parameters():
+        if any(FREEZE_GROUPS[g](name) for g in groups):
+            param.requires_grad_(False)
+            frozen += getattr(param, "ds_numel", param.numel())  # a ZeRO-3 partition holds only a share
+    return frozen
+
+
+def build_initial_model(cfg: TrainConfig, zero3_config: dict | None = None):
+    """The model to train, seeded, with its initial weights and frozen groups. With ``zero3_config`` the
+    parameters are created partitioned (ZeRO-3 ``zero.Init``) and end up with the same values."""
+    torch.manual_seed(cfg.seed)
+    model_cfg = cfg.model.build()
+    if zero3_config is None:
+        model = build_model(model_cfg)
+        _load_initial_weights(cfg, model)
+    else:
+        model = _build_partitioned(cfg, model_cfg, zero3_config)
+    model.activation_checkpointing = cfg.deepspeed.activation_checkpointing
+    freeze(model, cfg.freeze)
+    return model_cfg, model
+
+
+def _load_initial_weights(cfg: TrainConfig, model) -> None:
+    if cfg.model.weights.qwen:
+        load_qwen25vl_weights(model, cfg.model.weights.qwen)
+    if cfg.model.weights.lance:
+        load_lance_checkpoint(model, cfg.model.weights.lance)
+
+
+def _gather_module(module: torch.nn.Module):
+    """One module's own parameters made whole; rank 0's values are scattered back on exit."""
+    import deepspeed
+
+    params = list(module.parameters(recurse=False))
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0) if params else nullcontext()
+
+
+def _build_partitioned(cfg: TrainConfig, model_cfg, zero3_config: dict):
+    import deepspeed
+
+    with deepspeed.zero.Init(config_dict_or_path=zero3_config):
+        model = build_model(model_cfg)
+    model.reset_parameters(gather=_gather_module)
+    if cfg.model.weights.qwen or cfg.model.weights.lance:
+        # Rank 0 alone reads the files into a whole copy (host memory of one model per job, not per rank).
+        source = None
+        if dist.get_rank() == 0:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed)
+                source = build_model(model_cfg)  # the same seeded values as the partitioned model
+            _load_initial_weights(cfg, source)
+        _scatter_from_rank0(model, source)
+    return model
+
+
+def _scatter_from_rank0(model, source) -> None:
+    values = dict(source.named_parameters()) if source is not None else {}
+    for prefix, module in model.named_modules():
+        with _gather_module(module), torch.no_grad():
+            if source is not None:
+                for name, param in module.named_parameters(recurse=False):
+                    param.copy_(values[f"{prefix}.{name}" if prefix else name])
+    buffers = dict(source.named_buffers()) if source is not None else {}
+    for name, buffer in model.named_buffers():
+        if source is not None:
+            buffer.copy_(buffers[name])
+        broadcast_from(buffer, src=0)
+
+
+def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    optim = cfg.optim
+    return torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, eps=optim.eps,
+                             weight_decay=optim.weight_decay, fused=optim.fused)
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def heldout_score(heldout: dict[str, float]) -> float | None:
+    """One number for comparing runs whatever their loss weights: mean generation MSE + 0.25 · mean
+    understanding CE over the held-out rows (the released loss weights)."""
+    gen = [v for t, v in heldout.items() if t in GENERATION_TASKS]
+    und = [v for t, v in heldout.items() if t not in GENERATION_TASKS]
+    if not gen and not und:
+        return None
+    return (sum(gen) / len(gen) if gen else 0.0) + 0.25 * (sum(und) / len(und) if und else 0.0)
+
+
+def train_func(config: dict) -> None:
+    """Ray Train's function on every worker. All output of the worker process goes to
+    ``<log_dir>/logs/rank-N.log``; rank 0's ``lance`` log lines (progress) also go to the driver through
+    ``config["log_sink"]`` when the driver made one."""
+    from .session import RayTrainSession
+
+    session = RayTrainSession()
+    with worker_logging(Path(config["run_dir"]) / "logs" / f"rank-{session.rank}.log",
+                        config.get("log_sink") if session.rank == 0 else None):
+        Trainer(config, session).run()
 
 
 @dataclass
-class TrainResult:
-    run_dir: Path
-    plan: DataPlan
-    metrics: list[dict]
-    checkpoint: str | None
-    export: Path | None
-    complete_before: bool = False
-    """The run was already complete: nothing trained now; metrics and export are the earlier run's."""
+class StepOutcome:
+    """What one training step leaves for its metrics row, before any reduction across ranks."""
+
+    pack: Any
+    losses: Any
+    """``compute_losses``' output on this rank."""
+    loss: torch.Tensor
+    """The total loss (made NaN at ``debug.nan_at_step``)."""
+    weights: dict[str, float]
+    """The mixture weights the pack was drawn with."""
+    applied: bool
+    """False when some rank's loss was not finite and every rank skipped the update."""
+    waited: float
+    step_seconds: float
+    step_cpu: float
+    und_grad: float
+    gen_grad: float
 
 
-def ensure_train_ray() -> bool:
-    """Join the cluster named by RAY_ADDRESS, else start a Ray of our own on this machine (:func:`ensure_ray`);
-    either way the workers find this repository on their PYTHONPATH."""
-    env = repo_pythonpath()
-    return ensure_ray(local_env=env, cluster_env=env)
+class Trainer:
+    """One worker's training run: the model in a DeepSpeed engine, the pack loader and mixture schedule,
+    resumed from Ray Train's checkpoint when there is one; then ``run`` takes steps ``start + 1 .. steps``.
+    Rank 0 writes the metrics rows; every rank takes part in each collective call, in the same order."""
 
+    def __init__(self, config: dict, session) -> None:
+        self.cfg = cfg = TrainConfig.model_validate_json(config["cfg"])
+        self.plan = DataPlan.from_json(config["plan"])
+        self.run_dir = Path(config["run_dir"])
+        self.session = session
+        self.rank, self.world = session.rank, session.world
+        self.device = pick_device(cfg.scaling.use_gpu, session.local_rank)
+        on_gpu = self.device.type == "cuda"
+        if on_gpu:
+            torch.cuda.set_device(self.device)
+        torch.set_num_threads(cfg.scaling.threads_per_worker or max(1, int(cfg.scaling.cpus_per_worker)))
+        # ranks of one sequence-parallel group share a pack: data parallelism runs over the groups
+        sp_size = cfg.scaling.sequence_parallel
+        self.sp = new_sequence_parallel(sp_size)
+        self.dp_rank, self.dp_world = self.rank // sp_size, self.world // sp_size
 
-RETAINED_MEMORY_BYTES = 1 << 30
-RETAIN_FREED_MEMORY_ENV = {
-    # Read by glibc when the worker process starts. One arena: Ray Train runs the training function in a
-    # thread, and a thread's own arena cannot hold blocks larger than 64 MiB, so those would be mapped anew.
-    "MALLOC_ARENA_MAX": "1",
-    "MALLOC_MMAP_THRESHOLD_": str(RETAINED_MEMORY_BYTES),
-    "MALLOC_TRIM_THRESHOLD_": str(RETAINED_MEMORY_BYTES),
-}
+        self._build_engine(on_gpu)
+        self._build_data()
+        self._resume_newest_intact()
+        if self.start == 0 and cfg.mixture.capability.enabled:
+            self.schedule.update_capability(self._heldout_losses())
+        if self.rank == 0:
+            groups = f" ({self.dp_world} data-parallel x {sp_size} sequence-parallel)" if self.sp else ""
+            log.info(f"training from step {self.start} to {cfg.steps} on {self.world} worker(s){groups}; "
+                     f"tasks {self.schedule.tasks}")
+        self._queue_first_tickets()
+        self._build_reporting()
 
+    # ------------------------------------------------------------------------------------------------ set-up
+    def _build_engine(self, on_gpu: bool) -> None:
+        import deepspeed
 
-def worker_env(cfg: TrainConfig) -> dict[str, str]:
-    env = repo_pythonpath()
-    if not cfg.scaling.use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"
-    if cfg.scaling.retain_freed_memory:
-        env.update(RETAIN_FREED_MEMORY_ENV)
-    return env
+        cfg = self.cfg
+        ds_config = build_deepspeed_config(cfg, on_gpu)
+        zero_init = cfg.deepspeed.zero_stage == 3 and cfg.deepspeed.zero_init
+        self.model_cfg, model = build_initial_model(cfg, ds_config if zero_init else None)
+        self.probe = ExpertGradProbe(model) if cfg.metrics.expert_grad_check else None
+        optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                                    dist_init_required=False)
+        self.module = self.engine.module
+        self.named_trainable = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        decay = cfg.deepspeed.ema_decay
+        self.ema = ShardedEMA(self.named_trainable, decay) if decay is not None else None
+        self.compute_dtype = torch.bfloat16 if use_bf16(cfg, on_gpu) else torch.float32
 
+    def _build_data(self) -> None:
+        cfg, model_cfg = self.cfg, self.model_cfg
+        tokenizer = load_tokenizer_for(model_cfg, cfg.model.tokenizer)
+        self.schedule = MixtureSchedule(cfg.mixture, list(self.plan.task_rows))
+        need_generation = any(t in self.schedule.tasks for t in GENERATION_TASKS)
+        self.loader = PackLoader(self.plan, cfg.data, model_cfg, tokenizer, self.dp_rank, self.dp_world, cfg.seed,
+                                 need_generation, pin_memory=self.device.type == "cuda")
+        self.noise = torch.Generator().manual_seed(cfg.seed * 1000 + self.dp_rank)
+        self.held = HeldOut(self.plan, cfg.data, model_cfg, tokenizer)
+        self.sampler = SampleWriter(model_cfg, tokenizer, self.held, cfg.eval, self.device, self.compute_dtype)
 
-def storage_and_log_dir(cfg: TrainConfig) -> tuple[str, Path]:
-    """Where Ray Train keeps the run (``<storage>/<name>``) and where rank 0 writes its files."""
-    if "://" in cfg.output:
-        return cfg.output, Path(cfg.log_dir).resolve()
-    storage = Path(cfg.output).resolve()
-    return str(storage), Path(cfg.log_dir).resolve() if cfg.log_dir else storage / cfg.name
+    def _resume_newest_intact(self) -> None:
+        """Resume from the newest checkpoint every rank finds intact (its manifests check out); a damaged one is
+        named and skipped. Starts afresh when there is none; raises when every one is damaged."""
+        damaged = []
+        with self.session.resume_candidates() as candidates:
+            for folder in candidates:
+                state = folder / ckpt.TRAIN_STATE
+                world = json.loads(state.read_text())["world_size"] if state.is_file() else None
+                reason = verify_checkpoint(folder, world) if world is not None else f"no {ckpt.TRAIN_STATE}"
+                if all_ranks_true(reason is None):
+                    if damaged and self.rank == 0:
+                        log.warning(f"resuming from {folder.name}, the newest intact checkpoint")
+                    self._resume(folder)
+                    return
+                damaged.append(f"{folder.name}: {reason or 'damaged on another rank'}")
+                if self.rank == 0:
+                    log.error(f"checkpoint {folder.name} is damaged ({reason or 'on another rank'}); trying the one "
+                              "before it")
+        if damaged:
+            raise DamagedCheckpointError("no intact checkpoint to resume from: " + "; ".join(damaged))
+        self._resume(None)
 
+    def _resume(self, folder: Path | None) -> None:
+        """Engine, EMA, step, skipped-step count, mixture, loader and noise state and queued tickets from the
+        checkpoint in ``folder`` (None: a fresh start)."""
+        self.start, self.skipped_steps = 0, 0
+        self.pending: list[tuple[int, dict[str, float]]] = []
+        if folder is not None:
+            train_state, data_state = ckpt.load_checkpoint(self.engine, folder, self.rank, self.world, self.ema)
+            self.start, self.skipped_steps = train_state["step"], train_state["skipped_steps"]
+            self.schedule.load_state_dict(train_state["mixture"])
+            self.loader.load_state_dict(data_state["loader"])
+            self.noise.set_state(data_state["noise_rng"])
+            self.pending = [(int(k), w) for k, w in data_state["pending"]]
 
-def build_trainer(cfg: TrainConfig, plan: DataPlan, run_dir: Path, callbacks: list | None = None,
-                  log_sink=None):
-    """``log_sink``: the actor that carries rank 0's log lines to the driver (``run_log.new_log_sink``)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    def _queue_first_tickets(self) -> None:
+        """Up to ``data.prefetch`` steps' mixture weights handed to the loader thread ahead of their step."""
+        self.next_ticket = self.start + len(self.pending) + 1
+        while len(self.pending) < self.cfg.data.prefetch and self.next_ticket <= self.cfg.steps:
+            self.pending.append((self.next_ticket, self.schedule.weights(self.next_ticket)))
+            self.next_ticket += 1
+        for _, weights in self.pending:
+            self.loader.submit(weights)
 
-    from .loop import train_func
+    def _queue_next_ticket(self) -> None:
+        if self.next_ticket <= self.cfg.steps:
+            self.pending.append((self.next_ticket, self.schedule.weights(self.next_ticket)))
+            self.loader.submit(self.pending[-1][1])
+            self.next_ticket += 1
 
-    os.environ.setdefault(WORKER_START_TIMEOUT_ENV, str(cfg.scaling.worker_start_timeout_s))
-    scaling = ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
-                            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
-                                                  **({"GPU": 1} if cfg.scaling.use_gpu else {})})
-    run_config = RunConfig(
-        name=cfg.name, storage_path=storage_and_log_dir(cfg)[0],
-        checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
-        failure_config=FailureConfig(max_failures=cfg.max_failures),
-        worker_runtime_env={"env_vars": worker_env(cfg)}, callbacks=callbacks,
-    )
-    loop_config = {"cfg": cfg.model_dump_json(), "plan": plan.to_json(), "run_dir": str(run_dir),
-                   "log_sink": log_sink}
-    return TorchTrainer(train_func, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config)
+    def _build_reporting(self) -> None:
+        cfg, lead = self.cfg, self.rank == 0
+        self.writer = MetricsLog(self.run_dir, "step", cfg.metrics.tensorboard) if lead else None
+        if self.writer is not None:
+            self.writer.resume_at(self.start + 1)
+        self.progress = StepProgress(self.start, cfg.steps, cfg.metrics.report_every) if lead else None
+        self.counts = count_parameters(build_model(self.model_cfg, device="meta"))
+        no_peak = (0.0, "")
+        self.peak, self.peak_source = peak_tflops(cfg.metrics.peak_tflops_per_worker, self.device) if lead else no_peak
+        self.report_losses: list[float] = []
+        self.heldout_total: float | None = None
 
+    # ------------------------------------------------------------------------------------------------ steps
+    def run(self) -> None:
+        for step in range(self.start + 1, self.cfg.steps + 1):
+            outcome = self.train_step(step)
+            row = self.metrics_row(step, outcome)
+            self.evaluate(step, row)
+            self._queue_next_ticket()
+            last = step == self.cfg.steps
+            self.write_samples(step, row, last)
+            self._write_row(step, row)
+            self.report(step, row, outcome.pack, last)
+        self.close()
 
-def prepare_run(cfg: TrainConfig) -> tuple[DataPlan, Path]:
-    """Plan the data (raises DataError with the reason) and write the run's config and plan."""
-    plan = make_plan(cfg.data, cfg.mixture.weights, encoder_identity(cfg.model.build()))
-    for message in plan.messages:
-        log.info(f"data: {message}")
-    run_dir = storage_and_log_dir(cfg)[1]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
-    (run_dir / "plan.json").write_text(json.dumps(json.loads(plan.to_json()) | {"task_rows": plan.task_rows},
-                                                  indent=2))
-    return plan, run_dir
+    def train_step(self, step: int) -> StepOutcome:
+        """Take the step's pack and compute its losses; update the weights on every rank, or on none
+        when any rank's loss is not finite."""
+        cfg = self.cfg
+        began, cpu_began = time.perf_counter(), time.process_time()
+        pack = self.loader.next()
+        waited = time.perf_counter() - began
+        ticket_step, weights = self.pending.pop(0)
+        assert ticket_step == step, (ticket_step, step)
+        if cfg.debug.kill_at_step == step and cfg.debug.kill_rank == self.rank:
+            ckpt.kill_once(self.run_dir / "debug" / f"killed-rank{self.rank}-step{step}")
+        batch = pack.batch.to(self.device, non_blocking=True)
+        out = compute_losses(self.module, batch, cfg.loss, self.noise, sum_over_ranks, run_all_heads=True,
+                             sequence_parallel=self.sp)
+        loss = out.total
+        if cfg.debug.nan_at_step == step and cfg.debug.nan_rank == self.rank:
+            loss = loss * float("nan")
+        applied = self._update(step, loss)
+        und_grad, gen_grad = self.probe.take() if self.probe is not None else (float("nan"), float("nan"))
+        step_seconds, step_cpu = time.perf_counter() - began, time.process_time() - cpu_began
+        return StepOutcome(pack, out, loss, weights, applied, waited, step_seconds, step_cpu, und_grad, gen_grad)
 
+    def _update(self, step: int, loss: torch.Tensor) -> bool:
+        """Backward and optimizer step, skipped on every rank (and counted) when some rank's loss or gradient is
+        not finite."""
+        if not all_ranks_true(bool(torch.isfinite(loss.detach()).all())):
+            self.skipped_steps += 1
+            if self.rank == 0:
+                log.warning(f"step {step}: non-finite loss on a rank; step skipped on all ranks")
+            return False
+        self.engine.backward(loss * self.world)
+        if not step_if_finite(self.engine):
+            self.skipped_steps += 1
+            if self.rank == 0:
+                log.warning(f"step {step}: non-finite gradient on a rank; step skipped on all ranks")
+            return False
+        if self.ema is not None:
+            with torch.no_grad():
+                self.ema.update()
+        return True
 
-def run_training(cfg: TrainConfig, callbacks: list | None = None, mode: RunMode = "auto") -> TrainResult:
-    """Train (or resume) ``cfg``; ``mode`` as ``--resume`` / ``--overwrite``. Paths and the rerun are settled
-    before the data is planned and before Ray starts."""
-    finished = settle_rerun(cfg, mode)
-    if finished is not None:
-        run_dir = storage_and_log_dir(cfg)[1]
-        plan = DataPlan.from_json((run_dir / "plan.json").read_text()) if (run_dir / "plan.json").is_file() \
-            else DataPlan()
-        export = run_dir / "model.safetensors"
-        return TrainResult(run_dir, plan, read_metrics(run_dir), finished.uri, export if export.is_file() else None,
-                           complete_before=True)
-    plan, run_dir = prepare_run(cfg)
-    ensure_train_ray()
-    scaling = cfg.scaling
-    log.info(f"starting {scaling.workers} Ray Train worker(s) with {scaling.cpus_per_worker:g} CPU"
-             f"{' and 1 GPU' if scaling.use_gpu else ''} each for {cfg.steps} steps; "
-             f"worker logs in {run_dir / 'logs'}/rank-N.log")
-    sink = new_log_sink()
-    with follow_worker_logs(sink):
-        result = build_trainer(cfg, plan, run_dir, callbacks, log_sink=sink).fit()
-    export = run_dir / "model.safetensors"
-    return TrainResult(run_dir, plan, read_metrics(run_dir), result.checkpoint.path if result.checkpoint else None,
-                       export if export.is_file() else None)
+    # ------------------------------------------------------------------------------------------------ metrics
+    def _reduce_step(self, outcome: StepOutcome) -> dict:
+        """The step's figures over all ranks: sums of losses and counts, the slowest rank's times, the
+        smallest expert gradient norm."""
+        pack, out = outcome.pack, outcome.losses
+        counters = pack.state["counters"]
+        # the pack's figures once per sequence-parallel group; the losses are each rank's own chunk's
+        once = 1 if self.sp is None or self.sp.rank == 0 else 0
+        losses_of = pack.batch if self.sp is None else self.sp.local_batch(pack.batch)
+        return all_reduce_named(
+            sums={"loss": float(outcome.loss.detach()), "ce": float(out.ce.detach()),
+                  "mse": float(out.mse.detach()),
+                  "tokens": once * pack.batch.num_real_tokens, "samples": once * pack.batch.num_samples,
+                  "skipped_samples": once * pack.state["skipped"], "bad_rows": once * counters.get("bad_rows", 0),
+                  "filtered_rows": once * counters.get("filtered_rows", 0),
+                  "flops": once * pack_flops(pack.batch, self.model_cfg, self.counts),
+                  "data_hash": once * zlib.crc32("|".join(pack.keys).encode()),
+                  "task_sums": task_loss_sums(losses_of, out.per_task)},
+            maxes={"unreadable_shards": counters.get("unreadable_shards", 0),
+                   "data_wait_s": outcome.waited, "pack_build_s": pack.build_seconds,
+                   "step_time_s": outcome.step_seconds, "step_cpu_s": outcome.step_cpu},
+            mins={"und_grad": outcome.und_grad, "gen_grad": outcome.gen_grad})
+
+    def metrics_row(self, step: int, outcome: StepOutcome) -> dict:
+        """The step's row of ``metrics.jsonl`` (every rank computes it; rank 0 writes it)."""
+        r = self._reduce_step(outcome)
+        # task_loss_sums' rows (CE sums, CE counts, MSE sums, MSE counts) in float32, as they always were
+        # divided: the per-task means keep their values.
+        per_task = r["task_sums"].float()
+        tokens, samples, flops, step_max = r["tokens"], r["samples"], r["flops"], r["step_time_s"]
+        grad_norm = self.engine.get_global_grad_norm() if outcome.applied else None
+        on_cpu = self.device.type == "cpu"
+        row = {
+            "step": step, "loss": _finite_or_none(r["loss"]),
+            "ce": _finite_or_none(r["ce"]) if per_task[1].sum() > 0 else None,
+            "mse": _finite_or_none(r["mse"]) if per_task[3].sum() > 0 else None,
+            "lr": self.engine.get_lr()[0],
+            "grad_norm": _finite_or_none(float(grad_norm)) if grad_norm is not None else None,
+            "tokens": int(tokens), "samples": int(samples), "tokens_per_s": tokens / step_max,
+            "samples_per_s": samples / step_max, "step_time_s": step_max, "step_cpu_s": r["step_cpu_s"],
+            "data_wait_s": r["data_wait_s"], "data_wait_share": r["data_wait_s"] / step_max,
+            "pack_build_s": r["pack_build_s"], "pack_fill": tokens / (self.dp_world * self.cfg.data.token_budget),
+            "skipped_samples": int(r["skipped_samples"]), "bad_rows": int(r["bad_rows"]),
+            "unreadable_shards": int(r["unreadable_shards"]),
+            "filtered_rows": int(r["filtered_rows"]), "skipped_steps": self.skipped_steps,
+            "und_grad_min": r["und_grad"], "gen_grad_min": r["gen_grad"], "data_hash": int(r["data_hash"]),
+            "tflops": flops / step_max / 1e12,
+            "mfu": flops / (r["step_cpu_s"] if on_cpu else step_max) / (self.world * self.peak * 1e12)
+            if self.peak else None,
+            "mixture": {t: round(w, 6) for t, w in outcome.weights.items()},
+        }
+        for index, task in enumerate(TASKS):
+            for kind, sum_row in (("ce", 0), ("mse", 2)):
+                if per_task[sum_row + 1, index] > 0:
+                    row[f"{kind}/{task}"] = float(per_task[sum_row, index] / per_task[sum_row + 1, index])
+        return row
+
+    def _write_row(self, step: int, row: dict) -> None:
+        if self.writer is not None:
+            first = step == self.start + 1
+            self.writer.append(row | {"peak_tflops": self.peak, "peak_source": self.peak_source} if first else row)
+            self.progress.add(row)
+        if row["loss"] is not None:
+            self.report_losses.append(row["loss"])
+
+    # ------------------------------------------------------------------------------------------------ evaluation
+    def _heldout_losses(self) -> dict[str, float]:
+        return self.held.losses(self.module, self.model_cfg, self.cfg.loss, self.device, self.cfg.seed)
+
+    def evaluate(self, step: int, row: dict) -> None:
+        """Held-out losses into ``row`` every ``eval.heldout_every`` steps, and the capability rule's
+        mixture update every ``mixture.capability.every_steps``."""
+        capability = self.cfg.mixture.capability
+        adapt = capability.enabled and step % capability.every_steps == 0
+        heldout_every = self.cfg.eval.heldout_every
+        if not (adapt or (heldout_every and step % heldout_every == 0)):
+            return
+        heldout = self._heldout_losses()
+        row.update({f"heldout/{t}": v for t, v in heldout.items()})
+        self.heldout_total = heldout_score(heldout)
+        row["heldout_total"] = self.heldout_total
+        if adapt:
+            self.schedule.update_capability(heldout)
+            row["capability"] = dict(self.schedule.capability)
+
+    def write_samples(self, step: int, row: dict, last: bool) -> None:
+        """Generated samples under ``samples/`` at the last step and every ``eval.every_steps`` (all ranks
+        take part under ZeRO-3, where generating gathers the partitioned weights)."""
+        cfg = self.cfg
+        sample_now = cfg.eval.samples and (last or (cfg.eval.every_steps and step % cfg.eval.every_steps == 0))
+        if sample_now and (self.rank == 0 or cfg.deepspeed.zero_stage == 3):
+            result = self.sampler.write(self.module, step, self.run_dir / "samples" if self.rank == 0 else None,
+                                        cfg.seed)
+            if self.rank == 0:
+                row["eval"] = result
+
+    # ------------------------------------------------------------------------------------------------ reports
+    def report(self, step: int, row: dict, pack, last: bool) -> None:
+        """The launcher's report: with a checkpoint every ``checkpoint.every_steps`` and at the last step,
+        without one every ``metrics.report_every``."""
+        metrics = {"step": step, "loss": row["loss"],
+                   "loss_avg": sum(self.report_losses) / max(len(self.report_losses), 1),
+                   "tokens_per_s": row["tokens_per_s"], "skipped_steps": self.skipped_steps}
+        if self.heldout_total is not None:
+            metrics["heldout_total"] = self.heldout_total
+        if last or step % self.cfg.checkpoint.every_steps == 0:
+            self.save_checkpoint(step, pack, metrics, last)
+            self.report_losses = []
+        elif step % self.cfg.metrics.report_every == 0:
+            self.session.report(metrics, step)
+            self.report_losses = []
+
+    def save_checkpoint(self, step: int, pack, metrics: dict, last: bool) -> None:
+        """This rank's share of the checkpoint (engine, train and data state, EMA), handed to the launcher
+        with ``metrics``; at the last step also the exported safetensors when configured."""
+        cfg = self.cfg
+        folder = self.session.checkpoint_folder(step)
+        train_state = {"step": step, "world_size": self.world, "skipped_steps": self.skipped_steps,
+                       "mixture": self.schedule.state_dict(), "name": cfg.name}
+        data_state = {"loader": pack.state, "pending": self.pending, "noise_rng": self.noise.get_state()}
+        ckpt.save_checkpoint(self.engine, folder, self.rank, train_state, data_state, self.ema)
+        export_now = cfg.checkpoint.export_safetensors and (last or cfg.checkpoint.export_every)
+        if export_now:
+            exported = ckpt.export_safetensors(self.engine, cfg.deepspeed.zero_stage, folder, self.rank, self.ema,
+                                               {"step": step, "stage": cfg.stage, "run": cfg.name})
+            if exported is not None and cfg.checkpoint.export_every:
+                copy_file_atomic(exported, self.run_dir / "exports" / f"model_step{step:07d}.safetensors")
+            if exported is not None and last:
+                copy_file_atomic(exported, self.run_dir / ckpt.EXPORT_FILE)
+        self.session.report(metrics, step, folder)
+
+    def close(self) -> None:
+        self.loader.close()
+        self.sampler.close()
+        if self.writer is not None:
+            self.writer.close()
+            (self.run_dir / "plan_issues.json").write_text(json.dumps(
+                {"issues": dict(self.plan.issues), "messages": self.plan.messages,
+                 "task_rows": self.plan.task_rows}, indent=2))

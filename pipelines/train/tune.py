@@ -28,7 +28,7 @@ from pipelines.runtime.run_folder import RunFolder, RunMode
 from .config import UNDERSTANDING_SHARE, SearchDimension, TrainConfig, TuneSection, load_train_config
 from .plan import DataPlan
 from .preflight import check_train_paths
-from .trainer import ensure_train_ray, prepare_run, storage_and_log_dir
+from .driver import ensure_train_ray, prepare_run, storage_and_log_dir
 
 log = logging.getLogger("lance.tune")
 
@@ -116,7 +116,7 @@ def _trial(params: dict, base: str, plan: str, sweep_dir: str, one_at_a_time: bo
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .trainer import build_trainer
+    from .driver import build_trainer
 
     if one_at_a_time:
         release_stopped_trainers()

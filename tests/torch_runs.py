@@ -1,0 +1,87 @@
+"""Training runs under the torch launcher in a process of their own (a spawned child: DeepSpeed and the
+process group are per process), with what the tests compare recorded on the way.
+
+``record_run`` trains a config in one process, records the fp32 master weights after every optimizer step
+(DeepSpeed's own ``safe_get_full_fp32_param``, independent of the EMA code) and every collective call seen
+by :func:`pipelines.runtime.collectives.check_collective_devices`, and writes them to ``out``.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from pathlib import Path
+
+import torch
+
+
+def record_run(cfg_json: str, out: str) -> None:
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from pipelines.runtime import ema as ema_module
+    from pipelines.runtime.collectives import check_collective_devices
+    from pipelines.train.config import TrainConfig
+    from pipelines.train.torch_launch import run_torch_training
+
+    masters: list[dict[str, torch.Tensor]] = []
+    initial: dict[str, torch.Tensor] = {}
+    original_init, original_update = ema_module.ShardedEMA.__init__, ema_module.ShardedEMA.update
+
+    def full_masters(ema) -> dict[str, torch.Tensor]:
+        return {name: safe_get_full_fp32_param(p).detach().double().clone() for name, p in ema.params.items()}
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        initial.update(full_masters(self))
+
+    def update(self):
+        original_update(self)
+        masters.append(full_masters(self))
+
+    ema_module.ShardedEMA.__init__, ema_module.ShardedEMA.update = init, update
+    with check_collective_devices() as seen:
+        result = run_torch_training(TrainConfig.model_validate_json(cfg_json))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    torch.save({"initial": initial, "masters": masters}, Path(out) / "masters.pt")
+    (Path(out) / "collectives.json").write_text(json.dumps(
+        {"seen": seen, "checkpoint": result.checkpoint, "export": str(result.export)}))
+
+
+def run_expecting_error(cfg_json: str, out: str) -> None:
+    """Train; write the error the run ends with (type: message) to ``out``/error.txt, or "none"."""
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    import logging
+
+    from pipelines.train.config import TrainConfig
+    from pipelines.train.torch_launch import run_torch_training
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    logging.getLogger("lance").addHandler(Keep())
+    try:
+        run_torch_training(TrainConfig.model_validate_json(cfg_json))
+        error = "none"
+    except Exception as err:  # noqa: BLE001 - the test reads it
+        error = f"{type(err).__name__}: {err}"
+    (Path(out) / "error.txt").write_text(error)
+    (Path(out) / "log.txt").write_text("\n".join(records))
+
+
+def in_child(function, *args, timeout: float = 900) -> None:
+    """``function(*args)`` in a spawned process; raises when it fails."""
+    context = multiprocessing.get_context("spawn")
+    process = context.Process(target=function, args=args)
+    process.start()
+    process.join(timeout)
+    if process.is_alive():
+        process.kill()
+        raise TimeoutError(f"{function.__name__} did not finish in {timeout} s")
+    if process.exitcode != 0:
+        raise RuntimeError(f"{function.__name__} failed (exit code {process.exitcode}); see the output above")
