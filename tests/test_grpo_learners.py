@@ -100,8 +100,8 @@ def test_grpo_with_two_learner_ranks_checkpoints_and_resumes(ray_local, tmp_path
                              "actor": {"num_cpus": 0.5}})
     summary = run_grpo(cfg, tmp_path)
     assert len(summary["placement"]["learner"]) == 2
-    engine = tmp_path / "checkpoints" / "epoch_0001" / "ds"
-    assert len(list(engine.glob("*optim_states.pt"))) == 2  # ZeRO-2: one optimizer partition per rank
+    engine = tmp_path / "checkpoints" / "epoch_0001" / "state"
+    assert len(list(engine.glob("rank_*.safetensors"))) == 2  # ZeRO-2: one optimizer partition per rank
     resumed = run_grpo(cfg.model_copy(update={"epochs": 3}), tmp_path)
     history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in history] == [0, 1, 2] and resumed["last"]["updates"] == 3

@@ -1,5 +1,7 @@
 """The checkpoint parts both trainers share (the supervised ``Trainer`` and the GRPO learner): the DeepSpeed
-engine's state (weights, optimizer partitions, LR scheduler) under ``<folder>/ds``, the fp32 EMA shards
+engine's state (fp32 masters, Adam moments, LR scheduler) under ``<folder>/state`` in a layout any world size
+and ZeRO stage reads back (:mod:`pipelines.runtime.engine_state`; DeepSpeed's own ``<folder>/ds`` for bf16
+without ZeRO, and from older checkpoints), the fp32 EMA shards
 under ``<folder>/ema`` (:mod:`pipelines.runtime.ema`), the exported model with the EMA's weights in place of
 the trained ones, and a manifest of every file (size, and sha256 up to ``DIGEST_LIMIT`` bytes) written last.
 
@@ -23,6 +25,7 @@ import torch
 
 from .collectives import all_ranks_true
 from .ema import ShardedEMA, master_fragment
+from .engine_state import STATE_FOLDER, has_engine_state, load_engine_state, reshardable, save_engine_state
 
 ENGINE_TAG = "ds"
 MANIFEST_FOLDER = "manifest"
@@ -158,7 +161,10 @@ def save_training_state(engine, folder: Path, ema: ShardedEMA | None, client_sta
     if not all_ranks_true(not bad):
         raise NonFiniteWeightsError(f"{folder}: not written: non-finite weights "
                                     f"({', '.join(bad[:5]) or 'on another rank'}); the last checkpoint stays the newest")
-    engine.save_checkpoint(str(folder), tag=ENGINE_TAG, client_state=client_state or {})
+    if reshardable(engine):
+        save_engine_state(engine, folder, client_state)
+    else:
+        engine.save_checkpoint(str(folder), tag=ENGINE_TAG, client_state=client_state or {})
     if ema is not None:
         ema.save(folder)
 
@@ -166,11 +172,14 @@ def save_training_state(engine, folder: Path, ema: ShardedEMA | None, client_sta
 def load_training_state(engine, folder: Path, ema: ShardedEMA | None) -> dict:
     """Restore the engine (and the EMA when one is kept) from ``folder``; returns the client state saved with
     it. A checkpoint without an EMA leaves the EMA at the current weights, with a warning."""
-    with weights_only_loading(engine):
-        load_path, client_state = engine.load_checkpoint(str(folder), tag=ENGINE_TAG, load_optimizer_states=True,
-                                                         load_lr_scheduler_states=True)
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed found no checkpoint under {folder}/{ENGINE_TAG}")
+    if has_engine_state(folder):
+        client_state = load_engine_state(engine, folder)
+    else:
+        with weights_only_loading(engine):
+            load_path, client_state = engine.load_checkpoint(str(folder), tag=ENGINE_TAG,
+                                                             load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_path is None:
+            raise RuntimeError(f"no engine state under {folder} ({STATE_FOLDER}/ or DeepSpeed's {ENGINE_TAG}/)")
     if ema is not None:
         ema.restart()  # its first values were read before the engine was restored
         if not ema.load(folder):
