@@ -174,7 +174,8 @@ LEGACY_OPTIONAL_COLUMNS = frozenset(f"{slot}_vae_std" for slot in SLOTS)
 
 SEMANTIC_DROP_FILE = "semantic_drop.parquet"
 """Beside ``manifest.json``: the ``sample_id`` of each row the semantic dedup pass drops (``duplicate_of``: the
-earlier row it repeats, ``cosine``: their similarity, ``cluster``); training leaves them out."""
+earlier row it repeats, ``cosine``: their similarity, ``cluster``, ``partition``: whose shard holds it); training
+leaves them out."""
 
 QUARANTINE_SCHEMA = pa.schema([
     pa.field("source_uri", pa.string()),

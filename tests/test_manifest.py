@@ -43,7 +43,7 @@ def _check(out: Path, cfg: PrecomputeConfig, planned: int) -> dict:
     index, entries = read_manifest(str(out))
     assert [e["partition"] for e in entries] == sorted(commits)
     assert all(e == {k: commits[e["partition"]][k] for k in e} for e in entries)
-    assert index["schema"] == "lance-latent-shards/2" and index["encoder"] == ENCODER
+    assert index["schema"] == "lance-latent-shards/3" and index["encoder"] == ENCODER
     assert (index["partitions_planned"], index["partitions_committed"]) == (planned, len(commits))
     expected = totals_of(commits[p] for p in sorted(commits))
     stats = json.loads((out / "stats.json").read_text())

@@ -57,7 +57,7 @@ def _check_manifest(output: Path, stats: dict) -> None:
     commits = read_commits(str(output), PrecomputeConfig(output=str(output)))
     index, entries = read_manifest(str(output))
     assert [e["partition"] for e in entries] == sorted(commits)
-    assert index["schema"] == "lance-latent-shards/2" and index["partitions_committed"] == len(commits)
+    assert index["schema"] == "lance-latent-shards/3" and index["partitions_committed"] == len(commits)
     for key, value in totals_of(commits.values()).items():
         if key == "stage_seconds":
             assert index["totals"][key] == pytest.approx(value) and stats[key] == pytest.approx(value)

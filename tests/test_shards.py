@@ -171,9 +171,10 @@ def test_metadata_says_what_each_column_is(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- null columns
 def test_columns_no_row_fills_are_left_out_and_read_as_null(tmp_path, tokenizer, tiny_cfg):
+    from pipelines.runtime.shard_manifest import CLASS_COLUMNS, shard_counts
     from pipelines.train.config import DataSection
     from pipelines.train.data import row_to_sample, slot_visual
-    from pipelines.train.plan import _plan_columns
+    from pipelines.train.plan import _read_rows
 
     names = pq.read_schema(_write(tmp_path / "t2i.parquet", _rows("t2i"))).names
     assert set(REQUIRED_COLUMNS) <= set(names)
@@ -193,8 +194,9 @@ def test_columns_no_row_fills_are_left_out_and_read_as_null(tmp_path, tokenizer,
     assert sample.has_gen
     qa = shard_rows(pq.read_table(tmp_path / "i2t.parquet"))[0]
     assert row_to_sample(qa, tokenizer, tiny_cfg, data, random.Random(0)).num_tokens > 0
-    plan = _plan_columns(str(tmp_path / "i2t.parquet"), data)
-    assert plan[0]["target_vae_shape"] is None and plan[0]["target_fps"] is None and plan[0]["task"] == "i2t"
+    plan = _read_rows(str(tmp_path / "i2t.parquet"), data, CLASS_COLUMNS, list)
+    assert plan[0] == ("i2t", None, None)
+    assert shard_counts(pq.read_table(tmp_path / "i2t.parquet"))["classes"] == {"i2t||0": len(plan)}
 
     # a folder of shards whose columns differ: one schema over them all
     files = [str(tmp_path / f"{n}.parquet") for n in ("t2i", "i2t", "empty")]

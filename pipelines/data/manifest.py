@@ -1,11 +1,12 @@
 """The manifest of a latent shard root, compacted from the commit records (``_commits/``, the truth) as they
 arrive, so that no step rereads or rewrites all of them:
 
-- ``manifest/seg-NNNNNN.parquet``: the shard entries (partition, shard, rows, bytes, sha256, inputs) of a
-  batch of new commit records, one segment per ``manifest_every`` of them. Whenever ``MERGE_SEGMENTS``
+- ``manifest/seg-NNNNNN.parquet``: the shard entries (partition, shard, rows, bytes, sha256, inputs, and the
+  rows per task and per resolution class that training's plan reads instead of the rows) of a batch of new
+  commit records, one segment per ``manifest_every`` of them. Whenever ``MERGE_SEGMENTS``
   segments of one level follow each other they are merged, row group by row group, into one segment of the
   next level, so a manifest of n shards has O(log n) segments.
-- ``manifest.json``: schema ``lance-latent-shards/2``, the ``encoder`` record, partitions planned and
+- ``manifest.json``: schema ``lance-latent-shards/3``, the ``encoder`` record, partitions planned and
   committed, the running totals of the commit records (``totals``: the figures of stats.json, each batch of
   new records added to them), the partitions it covers as [start, stop) ranges, and its segment files.
 - ``stats.json``: the totals, the partition counts and the wall time of the runs.
@@ -14,7 +15,9 @@ A segment is written before the index that names it, and removed only once an in
 is written: a segment no index names (a driver killed in between) is removed by a later flush. A run starts
 from the recorded index and adds the commit records it does not cover; an index that covers a partition
 without a readable commit record (one damaged since), or names a missing segment, is made again from the
-commit records. Manifests of schema /1 (every shard listed in ``manifest.json``) are read as well.
+commit records. Manifests of schema /1 (every shard listed in ``manifest.json``) and /2 (segments without the
+counts) are read as well; a run that finds one makes its index again from the commit records (commit records
+written before the counts give entries without them).
 """
 
 from __future__ import annotations
@@ -128,7 +131,7 @@ class ManifestWriter:
         return sorted(path.rstrip("/").rsplit("/", 1)[-1] for path in names)
 
     def _recorded(self, commits: dict[int, dict]) -> dict | None:
-        """The recorded index if it is one this writer continues: schema /2, covering only partitions that
+        """The recorded index if it is one this writer continues: schema /3, covering only partitions that
         have a readable commit record, every segment present; else None (made again from the records)."""
         try:
             index = read_json(self.cfg.output, MANIFEST_FILE, self.cfg)
@@ -189,8 +192,8 @@ class ManifestWriter:
 
     def _write_segment(self, records: list[dict], index: dict) -> dict:
         name = self._next_name(index)
-        table = pa.Table.from_pylist([{key: record[key] for key in ENTRY_SCHEMA.names} for record in records],
-                                     schema=ENTRY_SCHEMA)
+        entries = [{key: record.get(key) for key in ENTRY_SCHEMA.names} for record in records]
+        table = pa.Table.from_pylist(entries, schema=ENTRY_SCHEMA)
         buffer = io.BytesIO()
         pq.write_table(table, buffer, compression="zstd")
         with_retries(f"writing {self.folder}", self.cfg.storage, lambda: put_whole(

@@ -37,7 +37,9 @@ KMEANS_ITERATIONS = 10
 BLOCK_ROWS = 2048
 """Rows whose similarities are computed at once (bounds the memory of a large cluster)."""
 DROP_SCHEMA = pa.schema([pa.field("sample_id", pa.string()), pa.field("duplicate_of", pa.string()),
-                         pa.field("cosine", pa.float32()), pa.field("cluster", pa.int32())])
+                         pa.field("cosine", pa.float32()), pa.field("cluster", pa.int32()),
+                         pa.field("partition", pa.int64())])
+"""``partition``: the partition whose shard holds the dropped row (training reads only those shards)."""
 
 
 @dataclass
@@ -121,12 +123,14 @@ def _shard_embeddings(table: pa.Table) -> tuple[list[str], np.ndarray, np.ndarra
     return ids, valid, values.reshape(len(valid), -1) if len(valid) else values.reshape(0, 0)
 
 
-def load_embeddings(output: str, cfg: PrecomputeConfig) -> tuple[list[str], list[int], torch.Tensor, list[int]]:
+def load_embeddings(output: str, cfg: PrecomputeConfig
+                    ) -> tuple[list[str], list[int], torch.Tensor, list[int], list[int]]:
     """(every sample id in plan order, positions of those with an embedding, the embeddings renormalised,
-    partitions read) of the shards committed under ``output``."""
+    partitions read, the partition of each sample id) of the shards committed under ``output``."""
     fs = filesystem(output, cfg.storage)
     commits = read_commits(output, cfg)
     ids: list[str] = []
+    owners: list[int] = []
     positions: list[int] = []
     blocks: list[np.ndarray] = []
     for partition in sorted(commits):
@@ -141,21 +145,23 @@ def load_embeddings(output: str, cfg: PrecomputeConfig) -> tuple[list[str], list
         shard_ids, valid, emb = _shard_embeddings(with_retries(f"reading {path}", cfg.storage, read))
         positions += (valid + len(ids)).tolist()
         ids += shard_ids
+        owners += [partition] * len(shard_ids)
         if len(valid):
             blocks.append(emb)
     x = torch.from_numpy(np.concatenate(blocks)) if blocks else torch.zeros(0, 1)
-    return ids, positions, torch.nn.functional.normalize(x, dim=1), sorted(commits)
+    return ids, positions, torch.nn.functional.normalize(x, dim=1), sorted(commits), owners
 
 
 def run_semantic_dedup(cfg: PrecomputeConfig) -> SemanticDedupResult:
     """The pass over the shards committed under ``cfg.output``; writes the drop list whole."""
     f = cfg.filters
-    ids, positions, x, partitions = load_embeddings(cfg.output, cfg)
+    ids, positions, x, partitions, owners = load_embeddings(cfg.output, cfg)
     clusters = f.semantic_dedup_clusters or max(1, math.ceil(len(x) / CLUSTER_ROWS))
     found = semantic_duplicates(x, f.semantic_dedup_threshold, clusters) if len(x) else []
     table = pa.table({"sample_id": [ids[positions[i]] for i, _, _, _ in found],
                       "duplicate_of": [ids[positions[j]] for _, j, _, _ in found],
-                      "cosine": [c for _, _, c, _ in found], "cluster": [k for _, _, _, k in found]},
+                      "cosine": [c for _, _, c, _ in found], "cluster": [k for _, _, _, k in found],
+                      "partition": [owners[positions[i]] for i, _, _, _ in found]},
                      schema=DROP_SCHEMA)
     summary = {"threshold": f.semantic_dedup_threshold, "clusters": clusters, "rows": len(ids),
                "embedded": len(x), "dropped": len(found), "partitions": partitions, "clip_model": f.clip_model}

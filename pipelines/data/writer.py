@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lance_core.shards import STORAGE_DTYPES, parquet_options, shard_table
+from pipelines.runtime.shard_manifest import shard_counts
 from pipelines.runtime.storage import filesystem, join_uri, with_retries
 
 from .config import PrecomputeConfig
@@ -263,7 +264,8 @@ def write_partition(group: pd.DataFrame, cfg: PrecomputeConfig, output: str, ded
     checksum = hashlib.sha256(fs.cat_file(shard_path)).hexdigest()
     record = {
         "partition": partition, "shard": f"shards/{name}.parquet", "rows": len(ok), "bytes": size,
-        "sha256": checksum, "inputs": int(inputs), "inputs_written": int(ok["record_index"].nunique()),
+        "sha256": checksum, **shard_counts(table), "inputs": int(inputs),
+        "inputs_written": int(ok["record_index"].nunique()),
         "filtered": dict(filtered), "quarantined": dict(Counter(f"{s}:{r}" for s, r in
                                                                 zip(quarantined["stage"], quarantined["reason"]))),
         "filtered_inputs": int(sum(filtered.values())),

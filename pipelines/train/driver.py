@@ -3,9 +3,10 @@
 Ray Train keeps the run's checkpoints (the last ``checkpoint.keep_last``) under ``<output>/<name>``
 (local or s3://). Rank 0 writes ``metrics.jsonl``, TensorBoard events (``tb/``), generated samples
 (``samples/``) and the exported ``model.safetensors`` into the log folder (``log_dir``, by default the
-same ``<output>/<name>``); the driver writes ``config.json`` and ``plan.json`` there. Running again with
-the same output and name resumes from the last checkpoint when the config is the same (a complete run is
-reported and nothing starts), and is refused when it differs (pipelines/train/preflight.py).
+same ``<output>/<name>``); the driver writes ``config.json`` and ``plan.json`` there, and every worker reads
+the data plan from that file (the run folder is one every worker sees: each writes its log there). Running
+again with the same output and name resumes from the last checkpoint when the config is the same (a complete
+run is reported and nothing starts), and is refused when it differs (pipelines/train/preflight.py).
 
 What the driver says goes through the ``lance.train`` logger: one progress line per logging step, made by
 rank 0 and carried to the driver. Everything a worker process prints (DeepSpeed, torch, Ray's own lines)
@@ -32,6 +33,7 @@ from .preflight import repair_ray_snapshot, settle_rerun
 
 log = logging.getLogger("lance.train")
 
+PLAN_FILE = "plan.json"
 WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 """Read by Ray Train's controller, which takes it from the process that calls ``fit``."""
 
@@ -81,9 +83,10 @@ def storage_and_log_dir(cfg: TrainConfig) -> tuple[str, Path]:
     return str(storage), Path(cfg.log_dir).resolve() if cfg.log_dir else storage / cfg.name
 
 
-def build_trainer(cfg: TrainConfig, plan: DataPlan, run_dir: Path, callbacks: list | None = None,
+def build_trainer(cfg: TrainConfig, plan_path: Path, run_dir: Path, callbacks: list | None = None,
                   log_sink=None):
-    """``log_sink``: the actor that carries rank 0's log lines to the driver (``run_log.new_log_sink``)."""
+    """``plan_path``: the plan :func:`prepare_run` saved, which each worker loads; ``log_sink``: the actor that
+    carries rank 0's log lines to the driver (``run_log.new_log_sink``)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -99,7 +102,7 @@ def build_trainer(cfg: TrainConfig, plan: DataPlan, run_dir: Path, callbacks: li
         failure_config=FailureConfig(max_failures=cfg.max_failures),
         worker_runtime_env={"env_vars": worker_env(cfg)}, callbacks=callbacks,
     )
-    loop_config = {"cfg": cfg.model_dump_json(), "plan": plan.to_json(), "run_dir": str(run_dir),
+    loop_config = {"cfg": cfg.model_dump_json(), "plan": str(plan_path), "run_dir": str(run_dir),
                    "log_sink": log_sink}
     return TorchTrainer(train_func, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config)
 
@@ -112,8 +115,7 @@ def prepare_run(cfg: TrainConfig) -> tuple[DataPlan, Path]:
     run_dir = storage_and_log_dir(cfg)[1]
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
-    (run_dir / "plan.json").write_text(json.dumps(json.loads(plan.to_json()) | {"task_rows": plan.task_rows},
-                                                  indent=2))
+    plan.save(run_dir / PLAN_FILE)
     return plan, run_dir
 
 
@@ -123,8 +125,7 @@ def run_training(cfg: TrainConfig, callbacks: list | None = None, mode: RunMode 
     finished = settle_rerun(cfg, mode)
     if finished is not None:
         run_dir = storage_and_log_dir(cfg)[1]
-        plan = DataPlan.from_json((run_dir / "plan.json").read_text()) if (run_dir / "plan.json").is_file() \
-            else DataPlan()
+        plan = DataPlan.load(run_dir / PLAN_FILE) if (run_dir / PLAN_FILE).is_file() else DataPlan()
         export = run_dir / "model.safetensors"
         return TrainResult(run_dir, plan, read_metrics(run_dir), finished.uri, export if export.is_file() else None,
                            complete_before=True)
@@ -137,7 +138,7 @@ def run_training(cfg: TrainConfig, callbacks: list | None = None, mode: RunMode 
              f"worker logs in {run_dir / 'logs'}/rank-N.log")
     sink = new_log_sink()
     with follow_worker_logs(sink):
-        result = build_trainer(cfg, plan, run_dir, callbacks, log_sink=sink).fit()
+        result = build_trainer(cfg, run_dir / PLAN_FILE, run_dir, callbacks, log_sink=sink).fit()
     export = run_dir / "model.safetensors"
     return TrainResult(run_dir, plan, read_metrics(run_dir), result.checkpoint.path if result.checkpoint else None,
                        export if export.is_file() else None)

@@ -1,6 +1,7 @@
 """A latent shard root of synthetic rows, made without Ray, media or encoders: random latents and ViT
 features of the model's sizes, captions and answers in words, written in the shard schema
-(lance_core/shards.py) with a manifest that names the model's encoders, as ``lance precompute`` writes it.
+(lance_core/shards.py) with a manifest that names the model's encoders and counts each shard's rows, as
+``lance precompute`` writes it.
 For the GPU check (no Ray there) and the tests that train but do not test the precompute.
 
     root = write_synthetic_shards(tmp / "latents", model_preset("tiny"), rows_per_task=8)
@@ -19,7 +20,7 @@ import pyarrow.parquet as pq
 from lance_core.config import ModelConfig
 from lance_core.encoder_identity import encoder_identity
 from lance_core.shards import parquet_options, shard_table
-from pipelines.runtime.shard_manifest import MANIFEST_FILE
+from pipelines.runtime.shard_manifest import MANIFEST_FILE, shard_counts
 
 DEFAULT_TASKS = ("t2i", "t2v", "i2i", "v2v", "i2t", "v2t")
 WORDS = ("red", "blue", "green", "cat", "dog", "house", "tree", "river", "sun", "car", "bird", "small", "large")
@@ -85,7 +86,8 @@ def write_synthetic_shards(root: Path | str, cfg: ModelConfig, tasks: tuple[str,
         pq.write_table(table, root / name, compression="zstd", **parquet_options(table.schema))
         entries.append({"partition": partition, "shard": name, "rows": table.num_rows,
                         "bytes": (root / name).stat().st_size,
-                        "sha256": hashlib.sha256((root / name).read_bytes()).hexdigest(), "inputs": table.num_rows})
+                        "sha256": hashlib.sha256((root / name).read_bytes()).hexdigest(), "inputs": table.num_rows,
+                        **shard_counts(table)})
     manifest = {"schema": MANIFEST_SCHEMA_V1, "encoder": encoder_identity(cfg), "shards": entries}
     (root / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     return root

@@ -24,11 +24,11 @@ from pipelines.runtime.run_folder import RunMode
 from pipelines.runtime.run_log import worker_logging
 
 from .config import TrainConfig
+from .driver import PLAN_FILE, TrainResult, prepare_run, storage_and_log_dir
 from .metrics import read_metrics
 from .plan import DataPlan
 from .preflight import settle_rerun
 from .session import TorchSession, complete_checkpoints, init_torch_group
-from .driver import TrainResult, prepare_run, storage_and_log_dir
 
 log = logging.getLogger("lance.train")
 
@@ -76,10 +76,10 @@ def run_torch_training(cfg: TrainConfig, mode: RunMode = "auto") -> TrainResult:
         return TrainResult(run_dir, plan or DataPlan(), read_metrics(run_dir), finished.uri if finished else None,
                            export if export.is_file() else None, complete_before=True)
     if plan is None:
-        plan = DataPlan.from_json((run_dir / "plan.json").read_text())
+        plan = DataPlan.load(run_dir / PLAN_FILE)
     if rank == 0:
         log.info(f"training on {world} rank(s) launched by torch.distributed; checkpoints in {run_root}")
-    config = {"cfg": cfg.model_dump_json(), "plan": plan.to_json(), "run_dir": str(run_dir)}
+    config = {"cfg": cfg.model_dump_json(), "plan": str(run_dir / PLAN_FILE), "run_dir": str(run_dir)}
     logs = worker_logging(run_dir / "logs" / f"rank-{rank}.log") if rank else nullcontext()
     with logs:
         Trainer(config, TorchSession(run_root, cfg.checkpoint.keep_last)).run()

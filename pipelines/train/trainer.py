@@ -192,7 +192,7 @@ class Trainer:
 
     def __init__(self, config: dict, session) -> None:
         self.cfg = cfg = TrainConfig.model_validate_json(config["cfg"])
-        self.plan = DataPlan.from_json(config["plan"])
+        self.plan = DataPlan.load(config["plan"])
         self.run_dir = Path(config["run_dir"])
         self.session = session
         self.rank, self.world = session.rank, session.world

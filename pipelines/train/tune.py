@@ -26,9 +26,8 @@ from lance_core.packing import UNDERSTANDING_TASKS
 from pipelines.runtime.run_folder import RunFolder, RunMode
 
 from .config import UNDERSTANDING_SHARE, SearchDimension, TrainConfig, TuneSection, load_train_config
-from .plan import DataPlan
+from .driver import PLAN_FILE, ensure_train_ray, prepare_run, storage_and_log_dir
 from .preflight import check_train_paths
-from .driver import ensure_train_ray, prepare_run, storage_and_log_dir
 
 log = logging.getLogger("lance.tune")
 
@@ -112,7 +111,7 @@ def release_stopped_trainers() -> int:
     return released
 
 
-def _trial(params: dict, base: str, plan: str, sweep_dir: str, one_at_a_time: bool) -> None:
+def _trial(params: dict, base: str, plan_path: str, sweep_dir: str, one_at_a_time: bool) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -123,7 +122,7 @@ def _trial(params: dict, base: str, plan: str, sweep_dir: str, one_at_a_time: bo
     name = f"trial-{ray.tune.get_context().get_trial_id()}"
     cfg = trial_config(TrainConfig.model_validate_json(base), params | {"name": name})
     cfg = cfg.model_copy(update={"output": sweep_dir, "log_dir": None})
-    build_trainer(cfg, DataPlan.from_json(plan), Path(sweep_dir) / name, callbacks=[TuneReportCallback()]).fit()
+    build_trainer(cfg, Path(plan_path), Path(sweep_dir) / name, callbacks=[TuneReportCallback()]).fit()
 
 
 def _distribution(dimension: SearchDimension):
@@ -164,11 +163,11 @@ def run_sweep(base: TrainConfig, resume: bool = False):
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     sweep = base.tune
-    plan, sweep_dir = prepare_run(base)
+    _, sweep_dir = prepare_run(base)
     ensure_train_ray()
     space = {key: _distribution(dimension) for key, dimension in sweep.search_space.items()}
-    trial = tune.with_parameters(_trial, base=base.model_dump_json(), plan=plan.to_json(), sweep_dir=str(sweep_dir),
-                                 one_at_a_time=sweep.max_concurrent == 1)
+    trial = tune.with_parameters(_trial, base=base.model_dump_json(), plan_path=str(sweep_dir / PLAN_FILE),
+                                 sweep_dir=str(sweep_dir), one_at_a_time=sweep.max_concurrent == 1)
     trainable = tune.with_resources(trial, {"cpu": TRIAL_DRIVER_CPUS})
     experiment = str(sweep_dir / EXPERIMENT)
     if resume and tune.Tuner.can_restore(experiment):
