@@ -104,6 +104,14 @@ def _per_task(values: torch.Tensor, task_of_token: torch.Tensor, prefix: str) ->
     return out
 
 
+def loss_token_counts(batch: PackedBatch, logit_rows: int) -> torch.Tensor:
+    """[CE tokens, MSE tokens] of a whole pack, float32 on the batch's device: what ``compute_losses`` divides
+    by, summed over the packs of a global batch before any of them is computed (gradient accumulation)."""
+    labels = batch.ce_labels
+    ce = ((labels != IGNORE_INDEX) & (labels >= 0) & (labels < logit_rows)).sum()
+    return torch.stack([ce, batch.mse_mask.sum()]).float()
+
+
 def compute_losses(
     model: LanceModel,
     batch: PackedBatch,

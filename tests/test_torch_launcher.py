@@ -103,12 +103,12 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_one_before_resumes(shards,
     cfg = _config(shards, tmp_path / "out", "damaged", steps=4, precision="fp32", ema_decay=None)
     in_child(record_run, cfg.model_dump_json(), str(tmp_path / "a"))
     run = tmp_path / "out" / "damaged"
-    optim = next((run / "checkpoint_0000004" / "ds").glob("*optim_states.pt"))
+    optim = next((run / "checkpoint_0000004" / "state").glob("rank_*.safetensors"))
     optim.write_bytes(optim.read_bytes()[: optim.stat().st_size // 2])  # a crash or failed copy truncated it
     in_child(run_expecting_error, cfg.model_copy(update={"steps": 6}).model_dump_json(), str(tmp_path / "b"))
     assert (tmp_path / "b" / "error.txt").read_text() == "none"
     log = (tmp_path / "b" / "log.txt").read_text()
-    assert "checkpoint checkpoint_0000004 is damaged" in log and "optim_states.pt has" in log
+    assert "checkpoint checkpoint_0000004 is damaged" in log and "rank_00000.safetensors has" in log
     assert "resuming from checkpoint_0000002" in log
     from pipelines.train.metrics import read_metrics
 
@@ -123,8 +123,15 @@ def test_resume_never_runs_code_from_a_checkpoint(shards, tmp_path):
     cfg = _config(shards, tmp_path / "out", "evil", steps=2, precision="fp32", ema_decay=None)
     in_child(record_run, cfg.model_dump_json(), str(tmp_path / "a"))
     checkpoint = tmp_path / "out" / "evil" / "checkpoint_0000002"
+    assert {p.suffix for p in checkpoint.rglob("*") if p.is_file()} <= {".json", ".safetensors"}  # no pickle
+    # a checkpoint in DeepSpeed's own layout (older runs, bf16 without ZeRO) with a planted pickle
+    import shutil
+
+    shutil.rmtree(checkpoint / "state")
+    (checkpoint / "ds").mkdir()
     marker = tmp_path / "code-ran"
     torch.save({"module": _Evil(str(marker))}, checkpoint / "ds" / "mp_rank_00_model_states.pt")
+    (checkpoint / "latest").write_text("ds")
     write_manifest(checkpoint, "all", [0])  # the attacker rewrites the manifest too
     in_child(run_expecting_error, cfg.model_copy(update={"steps": 4}).model_dump_json(), str(tmp_path / "b"))
     error = (tmp_path / "b" / "error.txt").read_text()

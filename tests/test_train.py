@@ -302,8 +302,8 @@ def test_zero2_two_workers_learn_and_skip_a_nan_step(zero2_run):
     assert [r["step"] for r in rows] == list(range(1, 9))
     nan_row = rows[2]
     assert nan_row["loss"] is None and nan_row["skipped_steps"] == 1 and rows[-1]["skipped_steps"] == 1
-    losses = [x for x in _losses(rows) if x is not None]
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    # learning, on the same held-out rows and noise (a step's own loss swings with the tasks it drew)
+    assert rows[7]["heldout_total"] < rows[3]["heldout_total"], [(r.get("heldout_total"), r["loss"]) for r in rows]
     for row in rows:
         if row["step"] != 3:
             assert row["und_grad_min"] > 0 and row["gen_grad_min"] > 0, row
@@ -381,8 +381,7 @@ def test_zero3_resume_and_killed_worker_give_the_same_run(zero2_run, latents, tm
     for row in rows:
         if row["step"] != 3:
             assert row["und_grad_min"] > 0 and row["gen_grad_min"] > 0, row
-    losses = [x for x in _losses(rows) if x is not None]
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    assert rows[7]["heldout_total"] < rows[3]["heldout_total"]
     assert second.export is not None and second.export.stat().st_size > 0
 
 

@@ -69,8 +69,8 @@ def test_data_state_is_json_and_safetensors_and_resumes_exactly(tmp_path):
     state = _data_state()
     ckpt.save_data_state(tmp_path, 1, state)
     files = sorted(p.name for p in (tmp_path / "data").iterdir())
-    assert files == ["rank_00001.json", "rank_00001.safetensors"]
-    json.loads((tmp_path / "data" / "rank_00001.json").read_text())  # plain JSON, no pickle
+    assert files == ["slot_00001.json", "slot_00001.safetensors"]
+    json.loads((tmp_path / "data" / "slot_00001.json").read_text())  # plain JSON, no pickle
     back = ckpt.load_data_state(tmp_path, 1)
 
     rng, again = random.Random(), random.Random(7)
@@ -102,7 +102,7 @@ def test_data_state_loading_runs_no_code(tmp_path, capsys):
     (tmp_path / "data" / "rank_00000.pt").write_bytes(pickle.dumps(_Payload()))  # a pickle planted beside it
     ckpt.load_data_state(tmp_path, 0)
     assert "code ran" not in capsys.readouterr().out
-    path = tmp_path / "data" / "rank_00000.json"
+    path = tmp_path / "data" / "slot_00000.json"
     path.write_text(json.dumps({"__object__": "Popen", "fields": {"args": ["true"]}}))
     with pytest.raises(ValueError, match="'Popen' is not a class a data state may hold"):
         ckpt.load_data_state(tmp_path, 0)

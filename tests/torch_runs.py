@@ -85,3 +85,55 @@ def in_child(function, *args, timeout: float = 900) -> None:
         raise TimeoutError(f"{function.__name__} did not finish in {timeout} s")
     if process.exitcode != 0:
         raise RuntimeError(f"{function.__name__} failed (exit code {process.exitcode}); see the output above")
+
+
+def run_ranks(world: int, function, *args: str, timeout: float = 900) -> None:
+    """``function(*args)`` on ``world`` gloo ranks, each a process of its own with ``torchrun``'s environment;
+    raises with the ranks' output when one fails."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    code = f"import sys; from tests.torch_runs import {function.__name__} as f; f(*sys.argv[1:])"
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "PYTHONPATH": str(root), "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+               "LOCAL_WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-c", code, *args], cwd=root, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [proc.communicate(timeout=timeout)[0] for proc in procs]
+    if any(proc.returncode for proc in procs):
+        raise RuntimeError("a rank failed:\n" + "\n".join(log[-3000:] for log in logs))
+
+
+def train_rank(cfg_json: str, out: str) -> None:
+    """One rank of a ``torchrun``-style launch: train ``cfg_json``; rank 0 writes the metrics rows it read
+    back and every rank the sample keys of its packs (``out/keys-<rank>.json``: step -> one list per pack, in
+    the order of the rank's pack slots)."""
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    import torch.distributed as dist
+
+    from pipelines.train import trainer as trainer_module
+    from pipelines.train.config import TrainConfig
+    from pipelines.train.torch_launch import run_torch_training
+
+    seen: dict[int, list[str]] = {}
+    original = trainer_module.Trainer.train_step
+
+    def train_step(self, step):
+        outcome = original(self, step)
+        seen[step] = [list(pack.keys) for pack in outcome.packs]
+        return outcome
+
+    trainer_module.Trainer.train_step = train_step
+    result = run_torch_training(TrainConfig.model_validate_json(cfg_json))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    rank = dist.get_rank()
+    (Path(out) / f"keys-{rank}.json").write_text(json.dumps(seen))
+    if rank == 0:
+        (Path(out) / "metrics.json").write_text(json.dumps(result.metrics))

@@ -1,10 +1,11 @@
 """Checkpoints of a training run.
 
-A checkpoint folder holds, from every rank: its DeepSpeed shard (``ds/``: model states on rank 0 or
-partitioned under ZeRO-3, optimizer partitions, LR scheduler), its data position
-(``data/rank_<r>.json`` + ``data/rank_<r>.safetensors``: stream cursors, random states, waiting samples,
-the next packs' mixture weights), and from rank 0 ``train_state.json`` (step, mixture schedule state,
-counters), and every rank its fp32 EMA shard (``ema/rank_<r>.safetensors``).
+A checkpoint folder holds, from every rank: its share of the engine state (``state/rank_<r>.safetensors``:
+fp32 masters and Adam moments, readable at any world size and ZeRO stage, :mod:`pipelines.runtime.engine_state`),
+the data position of each of its pack slots (``data/slot_<s>.json`` + ``data/slot_<s>.safetensors``: stream
+cursors, random states, waiting samples, the next packs' mixture weights; a slot is one pack of the global
+batch, so the position does not depend on the worker count), and from rank 0 ``train_state.json`` (step,
+global batch, mixture schedule state, counters), and every rank its fp32 EMA shard (``ema/rank_<r>.safetensors``).
 
 The data position is plain JSON plus a safetensors file of its tensors, so that loading it cannot run code
 (a pickle can: anyone able to write the checkpoint store would run code on every worker at resume). The
@@ -39,13 +40,14 @@ STATE_CLASSES = {cls.__name__: cls for cls in (Sample, Span, VisualInput)}
 TUPLE, TENSOR, ITEMS, OBJECT = "__tuple__", "__tensor__", "__items__", "__object__"
 
 
-def data_state_path(folder: Path, rank: int) -> Path:
-    """The JSON part of a rank's data state; its tensors sit beside it (:func:`data_tensors_path`)."""
-    return folder / "data" / f"rank_{rank:05d}.json"
+def data_state_path(folder: Path, slot: int, legacy: bool = False) -> Path:
+    """The JSON part of a pack slot's data state; its tensors sit beside it (:func:`data_tensors_path`).
+    ``legacy``: the per-rank name of checkpoints written before pack slots (one slot per rank)."""
+    return folder / "data" / f"{'rank' if legacy else 'slot'}_{slot:05d}.json"
 
 
-def data_tensors_path(folder: Path, rank: int) -> Path:
-    return folder / "data" / f"rank_{rank:05d}.safetensors"
+def data_tensors_path(folder: Path, slot: int, legacy: bool = False) -> Path:
+    return data_state_path(folder, slot, legacy).with_suffix(".safetensors")
 
 
 def encode_state(value, tensors: dict[str, torch.Tensor]):
@@ -93,41 +95,52 @@ def decode_state(value, tensors: dict[str, torch.Tensor], where: str = "data sta
     return {k: decode_state(v, tensors, where) for k, v in value.items()}
 
 
-def save_data_state(folder: Path, rank: int, data_state: dict) -> None:
+def save_data_state(folder: Path, slot: int, data_state: dict) -> None:
     tensors: dict[str, torch.Tensor] = {}
     encoded = encode_state(data_state, tensors)
-    path = data_state_path(folder, rank)
+    path = data_state_path(folder, slot)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(data_tensors_path(folder, rank)))
+    save_file(tensors, str(data_tensors_path(folder, slot)))
     path.write_text(json.dumps(encoded))
 
 
-def load_data_state(folder: Path, rank: int) -> dict:
-    path, tensors_path = data_state_path(folder, rank), data_tensors_path(folder, rank)
+def load_data_state(folder: Path, slot: int) -> dict:
+    path, tensors_path = data_state_path(folder, slot), data_tensors_path(folder, slot)
+    if not path.is_file() and data_state_path(folder, slot, legacy=True).is_file():
+        path, tensors_path = data_state_path(folder, slot, legacy=True), data_tensors_path(folder, slot, legacy=True)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {folder} holds no data state of rank {rank} ({path.name}); a "
+        raise FileNotFoundError(f"checkpoint {folder} holds no data state of pack slot {slot} ({path.name}); a "
                                 "checkpoint of an older format cannot be resumed exactly")
     tensors = load_file(str(tensors_path)) if tensors_path.is_file() else {}
     return decode_state(json.loads(path.read_text()), tensors, str(path))
 
 
-def save_checkpoint(engine, folder: Path, rank: int, train_state: dict, data_state: dict,
+def save_checkpoint(engine, folder: Path, rank: int, train_state: dict, data_states: dict[int, dict],
                     ema: ShardedEMA | None) -> None:
-    """Collective: every rank calls it with its own (local) ``folder``."""
+    """Collective: every rank calls it with its own (local) ``folder`` and the data states of its pack slots."""
     save_training_state(engine, folder, ema)
-    save_data_state(folder, rank, data_state)
+    for slot, data_state in data_states.items():
+        save_data_state(folder, slot, data_state)
     if rank == 0:
         (folder / TRAIN_STATE).write_text(json.dumps(train_state, indent=2))
 
 
-def load_checkpoint(engine, folder: Path, rank: int, world: int, ema: ShardedEMA | None) -> tuple[dict, dict]:
-    """Restore the engine (weights, optimizer, scheduler) and the EMA; return (train state, data state)."""
+class GlobalBatchChangedError(RuntimeError):
+    """A run resumed with another global batch (pack slot count) than the checkpoint's."""
+
+
+def load_checkpoint(engine, folder: Path, slots: list[int], global_packs: int,
+                    ema: ShardedEMA | None) -> tuple[dict, list[dict]]:
+    """Restore the engine (weights, optimizer, scheduler) and the EMA, at any worker count; return (train
+    state, the data states of ``slots``)."""
     train_state = json.loads((folder / TRAIN_STATE).read_text())
-    if train_state["world_size"] != world:
-        raise RuntimeError(f"checkpoint {folder} was written by {train_state['world_size']} workers; this run has "
-                           f"{world}: the data position of each rank cannot be carried over exactly")
+    saved = train_state.get("global_packs", train_state["world_size"])
+    if saved != global_packs:
+        raise GlobalBatchChangedError(
+            f"checkpoint {folder} was written with a global batch of {saved} packs; this run has {global_packs}. "
+            f"Set data.global_packs: {saved} to resume it (any worker count that divides it), or start a new run")
     load_training_state(engine, folder, ema)
-    return train_state, load_data_state(folder, rank)
+    return train_state, [load_data_state(folder, slot) for slot in slots]
 
 
 def export_safetensors(engine, zero_stage: int, folder: Path, rank: int, ema: ShardedEMA | None,

@@ -55,6 +55,19 @@ class DataSection(StrictModel):
     """Rows per pyarrow record batch when streaming a shard."""
     prefetch: int = Field(2, ge=1)
     """Packs built ahead of the training step by the loader thread."""
+    shuffle_buffer: int = Field(64, gt=0)
+    """Rows of a task each pack slot holds, read from ``shuffle_shards`` shards side by side; every draw takes a
+    random one of them (a sample-level shuffle that mixes sources and buckets). 1: shard order."""
+    shuffle_shards: int = Field(4, gt=0)
+    """Shards a pack slot reads side by side into its shuffle buffer, per task."""
+    prefetch_shards: int = Field(2, ge=0)
+    """Shards of each pack slot fetched ahead of their turn by background threads (remote ones into a local
+    cache folder, local ones into the page cache); 0: none."""
+    global_packs: int | None = Field(None, gt=0)
+    """Packs per optimizer step over all data-parallel ranks: the global batch (up to ``global_packs x
+    token_budget`` tokens), whatever the worker count; each rank accumulates ``global_packs / data-parallel
+    ranks`` packs (a multiple is required). The data position is kept per pack slot, so a run resumes on any
+    worker count that divides it. None: one pack per rank (the global batch grows with the workers)."""
     holdout_per_task: int = Field(2, ge=0)
     """Rows per task kept out of training for the held-out loss (capability-oriented scheduling)."""
     caption_dropout: float = Field(0.1, ge=0, le=1)
@@ -115,6 +128,8 @@ class OptimSection(StrictModel):
     eps: float = Field(1e-15, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(500, ge=0)
+    decay: Literal["constant", "linear"] = "constant"
+    """After the warm-up: ``constant`` (released SFT) or ``linear`` to 0 at the last step."""
     grad_clip: float = Field(1.0, ge=0)
     fused: bool = True
     """torch's fused AdamW kernel (CPU and GPU): one pass over each tensor, no full-size temporaries."""
@@ -315,6 +330,7 @@ class TrainConfig(StrictModel):
         sp = self.scaling.sequence_parallel
         if self.scaling.workers % sp:
             raise ValueError(f"scaling.sequence_parallel ({sp}) must divide scaling.workers ({self.scaling.workers})")
+        check_global_packs(self.data.global_packs, self.scaling.workers // sp)
         try:
             check_sequence_parallel(model, sp)
         except ValueError as err:
@@ -344,6 +360,16 @@ class TrainConfig(StrictModel):
                 except ValueError as err:
                     raise ValueError(f"tune.search_space: {key!r} does not accept {dimension.example()!r}: "
                                      f"{err}") from None
+
+
+def check_global_packs(global_packs: int | None, data_parallel: int) -> int:
+    """Packs each data-parallel rank accumulates per step; ValueError when they do not divide evenly."""
+    if global_packs is None:
+        return 1
+    if global_packs % data_parallel:
+        raise ValueError(f"data.global_packs ({global_packs}) must be a multiple of the data-parallel ranks "
+                         f"({data_parallel}: scaling.workers / scaling.sequence_parallel)")
+    return global_packs // data_parallel
 
 
 def load_train_config(data: dict[str, Any] | None, flags: dict[str, str] | None = None) -> TrainConfig:

@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import queue
 import random
+import shutil
+import tempfile
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -40,7 +45,7 @@ from lance_core.packing import (
 )
 from lance_core.shards import shard_rows, tensor
 from lance_core.tokenizer import TextTokenizer
-from pipelines.runtime.storage import StorageError, open_input
+from pipelines.runtime.storage import StorageError, filesystem, open_input, with_retries
 
 from .config import DataSection
 from .plan import DataError, DataPlan, passes_resolution
@@ -157,29 +162,109 @@ def shard_digest_verdict(entry, data: DataSection) -> str:
     return "its sha256 differs from the manifest's: damaged since it was written"
 
 
+class ShardPrefetcher:
+    """Shards fetched ahead of their turn by a small thread pool: a remote shard (s3://) is downloaded whole
+    into a local cache folder, a local one read once into the page cache (a network filesystem's read-ahead).
+    :meth:`local` gives the cached copy when its download finished, else None (the stream then reads the
+    shard directly, as without prefetch)."""
+
+    def __init__(self, data: DataSection, workers: int) -> None:
+        self.data, self.workers = data, workers
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shard-prefetch") if workers else None
+        self._jobs: dict[str, Future] = {}
+        self._cache = Path(tempfile.mkdtemp(prefix="lance-shards-")) if workers else None
+
+    def want(self, uris: list[str]) -> None:
+        """Fetch ``uris`` (the next shards of a stream) unless already fetched or fetching."""
+        if self._pool is None:
+            return
+        for uri in uris:
+            if uri not in self._jobs:
+                self._jobs[uri] = self._pool.submit(self._fetch, uri)
+
+    def _fetch(self, uri: str) -> Path | None:
+        if "://" not in uri:
+            with open(uri, "rb") as fh:
+                while fh.read(8 << 20):
+                    pass
+            return None
+        target = self._cache / hashlib.sha1(uri.encode()).hexdigest()
+        partial = target.with_suffix(".partial")
+        fs = filesystem(uri, self.data.storage)
+        with_retries(f"downloading {uri}", self.data.storage, lambda: fs.get_file(uri, str(partial)))
+        os.replace(partial, target)
+        return target
+
+    def local(self, uri: str) -> str:
+        """Where to read ``uri`` from now: its downloaded copy (waiting for a download under way: one whole-object
+        read beats the many ranged reads of a Parquet reader), else ``uri`` itself (a failed download is read
+        directly, where its error, if it persists, is handled as any read error)."""
+        job = self._jobs.get(uri)
+        if job is None or "://" not in uri:
+            return uri
+        try:
+            return str(job.result() or uri)
+        except Exception:  # noqa: BLE001 - the direct read below meets the same fault and reports it
+            return uri
+
+    def release(self, uri: str) -> None:
+        """The stream is done with ``uri``: drop its cached copy."""
+        job = self._jobs.pop(uri, None)
+        if job is not None and job.done() and job.exception() is None and job.result() is not None:
+            job.result().unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            shutil.rmtree(self._cache, ignore_errors=True)
+            self._pool = None
+
+
+@dataclass
+class OpenShard:
+    """A shard a stream is reading: its index in the plan, the next row to read, the rows kept so far (which
+    decide, when the slots share shards, which slot a kept row goes to)."""
+
+    shard: int
+    row: int = 0
+    kept: int = 0
+
+
 @dataclass
 class StreamState:
     epoch: int = 0
     shard_pos: int = 0
-    row: int = 0
-    ordinal: int = 0
+    """Next shard of the epoch's order to open."""
+    open: list[OpenShard] = field(default_factory=list)
+    turn: int = 0
+    """Which open shard gives the next row (round robin)."""
+    buffer: list[tuple[int, int]] = field(default_factory=list)
+    """(shard, row) of the rows waiting in the shuffle buffer."""
+    rng: tuple | None = None
     yielded_in_epoch: int = 0
 
 
 class TaskStream:
-    """Rows of one task for one rank, epoch after epoch. With at least as many shards as ranks, each
-    rank reads its own shard files (the order reshuffled every epoch); otherwise every rank reads the
-    task's shards and keeps every world-th row."""
+    """Rows of one task for one pack slot, epoch after epoch, shuffled at the sample level: the slot reads
+    ``data.shuffle_shards`` of its shards side by side into a buffer of ``data.shuffle_buffer`` rows and each
+    draw takes a random one (seeded; the buffer's rows are saved by their place and read again at resume).
+    With at least as many shards as slots, each slot reads its own shard files (the order reshuffled every
+    epoch); otherwise every slot reads the task's shards and keeps its share of the rows. An epoch's rows
+    are all drawn before the next epoch's are read: no row twice in an epoch."""
 
-    def __init__(self, task: str, plan: DataPlan, rank: int, world: int, seed: int, data: DataSection) -> None:
+    def __init__(self, task: str, plan: DataPlan, rank: int, world: int, seed: int, data: DataSection,
+                 prefetcher: ShardPrefetcher | None = None) -> None:
         self.task, self.plan, self.rank, self.world, self.seed, self.data = task, plan, rank, world, seed, data
+        self.prefetcher = prefetcher
         self.shards = plan.task_shards(task)
         self.unreadable: set[int] = set()
         """Shards that failed to read: skipped from then on (counted)."""
         self.by_shard = len(self.shards) >= world
         self.held = {(s, r) for s, r in plan.holdout.get(task, [])} | plan.excluded_rows()
+        self.rng = random.Random(seed * 1_000_003 + rank * 7919 + TASKS.index(task) + 17)
         self.state = StreamState()
-        self._rows: Iterator[tuple[int, dict]] | None = None
+        self._rows: dict[int, Iterator[tuple[int, dict]]] = {}
+        self._buffered: dict[tuple[int, int], dict] = {}
         self.filtered = 0
 
     def _order(self, epoch: int) -> list[int]:
@@ -196,40 +281,90 @@ class TaskStream:
             return False
         return True
 
+    def _prefetch_next(self, order: list[int]) -> None:
+        """The shards about to be opened and the next ``data.prefetch_shards`` after them."""
+        if self.prefetcher is not None:
+            room = self.data.shuffle_shards - len(self.state.open) + self.prefetcher.workers
+            ahead = [s for s in order[self.state.shard_pos:self.state.shard_pos + room] if s not in self.unreadable]
+            self.prefetcher.want([self.plan.shards[s].uri for s in ahead])
+
+    def _open_more(self, order: list[int]) -> None:
+        st = self.state
+        self._prefetch_next(order)
+        while len(st.open) < self.data.shuffle_shards and st.shard_pos < len(order):
+            shard = order[st.shard_pos]
+            st.shard_pos += 1
+            if shard not in self.unreadable:
+                st.open.append(OpenShard(shard))
+        self._prefetch_next(order)
+
+    def _close(self, opened: OpenShard) -> None:
+        self.state.open.remove(opened)
+        self._rows.pop(opened.shard, None)
+        if self.prefetcher is not None:
+            self.prefetcher.release(self.plan.shards[opened.shard].uri)
+
+    def _read_one(self, opened: OpenShard) -> bool:
+        """The next row of the slot's share from ``opened`` into the buffer; False when the shard is done."""
+        shard = opened.shard
+        rows = self._rows.get(shard)
+        if rows is None:
+            uri = self.plan.shards[shard].uri
+            source = self.prefetcher.local(uri) if self.prefetcher is not None else uri
+            rows = self._rows[shard] = iter_rows(source, opened.row, self.data)
+        try:
+            for row_no, row in rows:
+                opened.row = row_no + 1
+                if not self._keep(shard, row_no, row):
+                    continue
+                opened.kept += 1
+                if not self.by_shard and (opened.kept - 1 + shard) % self.world != self.rank:
+                    continue
+                self.state.buffer.append((shard, row_no))
+                self._buffered[(shard, row_no)] = row
+                return True
+        except StorageError as err:
+            if err.kind not in ("corrupt", "io_error"):
+                raise  # the storage cannot deliver now (timeout, access): a retry or rerun, not a bad shard
+            self._skip_unreadable(shard, err)
+        except (OSError, ValueError, pa.ArrowException) as err:
+            self._skip_unreadable(shard, err)
+        self._close(opened)
+        return False
+
+    def _fill(self) -> None:
+        """Top the buffer up from the open shards (opening the next ones of the epoch as they end)."""
+        st = self.state
+        order = self._order(st.epoch)
+        self._open_more(order)
+        while len(st.buffer) < self.data.shuffle_buffer and st.open:
+            opened = st.open[st.turn % len(st.open)]
+            if self._read_one(opened):
+                st.turn += 1
+            else:
+                self._open_more(order)
+
+    def _restore_buffered(self) -> None:
+        """After a resume: the rows the buffer held, read again by their place."""
+        missing = [ref for ref in self.state.buffer if ref not in self._buffered]
+        if missing:
+            for ref, row in zip(missing, read_rows(self.plan, missing, self.data)):
+                self._buffered[ref] = row
+
     def next_row(self) -> dict:
         st = self.state
         while True:
-            order = self._order(st.epoch)
-            if st.shard_pos >= len(order):
-                if st.yielded_in_epoch == 0:
-                    raise DataError(f"task {self.task!r}: a whole pass over the shards gave rank {self.rank} "
-                                    "no trainable row")
-                st.epoch, st.shard_pos, st.row, st.ordinal, st.yielded_in_epoch = st.epoch + 1, 0, 0, 0, 0
-                self._rows = None
-                continue
-            shard = order[st.shard_pos]
-            if shard in self.unreadable:
-                st.shard_pos, st.row, self._rows = st.shard_pos + 1, 0, None
-                continue
-            if self._rows is None:
-                self._rows = iter_rows(self.plan.shards[shard].uri, st.row, self.data)
-            try:
-                for row_no, row in self._rows:
-                    st.row = row_no + 1
-                    if not self._keep(shard, row_no, row):
-                        continue
-                    st.ordinal += 1
-                    if not self.by_shard and (st.ordinal - 1) % self.world != self.rank:
-                        continue
-                    st.yielded_in_epoch += 1
-                    return row
-            except StorageError as err:
-                if err.kind not in ("corrupt", "io_error"):
-                    raise  # the storage cannot deliver now (timeout, access): a retry or rerun, not a bad shard
-                self._skip_unreadable(shard, err)
-            except (OSError, ValueError, pa.ArrowException) as err:
-                self._skip_unreadable(shard, err)
-            st.shard_pos, st.row, self._rows = st.shard_pos + 1, 0, None
+            self._fill()
+            if st.buffer:
+                self._restore_buffered()
+                index = self.rng.randrange(len(st.buffer))
+                st.buffer[index], st.buffer[-1] = st.buffer[-1], st.buffer[index]
+                st.yielded_in_epoch += 1
+                return self._buffered.pop(st.buffer.pop())
+            if st.yielded_in_epoch == 0:
+                raise DataError(f"task {self.task!r}: a whole pass over the shards gave pack slot {self.rank} "
+                                "no trainable row")
+            st.epoch, st.shard_pos, st.turn, st.yielded_in_epoch = st.epoch + 1, 0, 0, 0
 
     def _skip_unreadable(self, shard: int, err: BaseException) -> None:
         """A shard whose body fails to read (a corrupt page, a truncated file) is named, checked against the
@@ -237,16 +372,30 @@ class TaskStream:
         entry = self.plan.shards[shard]
         self.unreadable.add(shard)
         log.error(f"shard {entry.uri} cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-                  f"{shard_digest_verdict(entry, self.data)}; skipped (task {self.task}, rank {self.rank})")
+                  f"{shard_digest_verdict(entry, self.data)}; skipped (task {self.task}, slot {self.rank})")
 
     def get_state(self) -> dict:
-        return {**self.state.__dict__, "unreadable": sorted(self.unreadable)}
+        st = self.state
+        return {"epoch": st.epoch, "shard_pos": st.shard_pos, "turn": st.turn,
+                "open": [[o.shard, o.row, o.kept] for o in st.open], "buffer": [list(ref) for ref in st.buffer],
+                "rng": self.rng.getstate(), "yielded_in_epoch": st.yielded_in_epoch,
+                "unreadable": sorted(self.unreadable)}
 
     def set_state(self, state: dict) -> None:
-        state = dict(state)
-        self.unreadable = set(state.pop("unreadable", ()))
-        self.state = StreamState(**state)
-        self._rows = None
+        self.unreadable = set(state.get("unreadable", ()))
+        if "open" not in state:
+            raise ValueError("the checkpoint's data position is of an older stream format (no shuffle buffer); "
+                             "it cannot be resumed exactly: start a new run or resume with the version that wrote it")
+        self.state = StreamState(epoch=state["epoch"], shard_pos=state["shard_pos"], turn=state["turn"],
+                                 open=[OpenShard(*o) for o in state["open"]],
+                                 buffer=[tuple(ref) for ref in state["buffer"]],
+                                 yielded_in_epoch=state["yielded_in_epoch"])
+        self.rng.setstate(_as_tuple(state["rng"]))
+        self._rows, self._buffered = {}, {}
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def read_rows(plan: DataPlan, refs: list[tuple[int, int]], data: DataSection) -> list[dict]:
@@ -283,7 +432,8 @@ class PackLoader:
         """``pin_memory``: packs come in page-locked memory (for a GPU: asynchronous copies)."""
         self.plan, self.data, self.model_cfg, self.tokenizer = plan, data, model_cfg, tokenizer
         self.need_generation, self.pin_memory = need_generation, pin_memory
-        self.streams = {t: TaskStream(t, plan, rank, world, seed, data) for t in plan.task_rows}
+        self.prefetcher = ShardPrefetcher(data, data.prefetch_shards)
+        self.streams = {t: TaskStream(t, plan, rank, world, seed, data, self.prefetcher) for t in plan.task_rows}
         self.rng = random.Random(seed * 7919 + rank)
         self.packer = StepPacker(data.token_budget, data.buffer_size)
         self.counters: Counter = Counter()
@@ -366,3 +516,4 @@ class PackLoader:
             self._tickets.put(None)
             self._thread.join(timeout=10)
             self._thread = None
+        self.prefetcher.close()

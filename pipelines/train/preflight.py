@@ -22,11 +22,13 @@ TRAIN_RESUMABLE = (
     "steps", "max_failures", "debug", "tune", "metrics", "eval", "checkpoint", "deepspeed.activation_checkpointing",
     "scaling.cpus_per_worker", "scaling.threads_per_worker", "scaling.retain_freed_memory",
     "scaling.worker_start_timeout_s", "data.prefetch", "data.read_batch_rows", "data.storage",
+    "scaling.workers", "scaling.sequence_parallel", "deepspeed.zero_stage", "deepspeed.reduce_bucket_size",
 )
 """Fields a resumed run may change: the steps to train to (a higher ``steps`` continues a finished run),
 restarts, fault injection, what is reported, evaluated and checkpointed, recomputation, threads and memory
-of the workers, and how shards are read. Everything that decides the data, the model and the optimisation
-(the worker count included: each rank's data position is in the checkpoint) must stay the same."""
+of the workers, how shards are read, and the worker count, sequence-parallel width and ZeRO stage (the engine
+state reshards and the data position is per pack slot; the global batch, ``data.global_packs``, must stay).
+Everything else that decides the data, the model and the optimisation must stay the same."""
 STATE_FILE = "train_state.json"
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 """Ray Train's record of the run's checkpoints, in ``<output>/<name>``."""

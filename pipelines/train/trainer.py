@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from lance_core.checkpoint import load_lance_checkpoint, load_qwen25vl_weights
 from lance_core.flops import count_parameters
-from lance_core.flow import compute_losses
+from lance_core.flow import compute_losses, loss_token_counts
 from lance_core.model import build_model
 from lance_core.model.sequence_parallel import new_sequence_parallel
 from lance_core.packing import GENERATION_TASKS, TASKS
@@ -40,7 +40,7 @@ from pipelines.runtime.local_files import copy_file_atomic
 from pipelines.runtime.run_log import MetricsLog, worker_logging
 
 from . import checkpoints as ckpt
-from .config import TrainConfig
+from .config import TrainConfig, check_global_packs
 from .data import PackLoader
 from .deepspeed_config import build_deepspeed_config, use_bf16
 from .evaluate import HeldOut, SampleWriter
@@ -169,11 +169,12 @@ def train_func(config: dict) -> None:
 class StepOutcome:
     """What one training step leaves for its metrics row, before any reduction across ranks."""
 
-    pack: Any
-    losses: Any
-    """``compute_losses``' output on this rank."""
+    packs: list[Any]
+    """This rank's packs of the step, one per accumulation micro-batch (its pack slots)."""
+    losses: list[Any]
+    """``compute_losses``' output of each pack."""
     loss: torch.Tensor
-    """The total loss (made NaN at ``debug.nan_at_step``)."""
+    """The rank's total loss over its packs (made NaN at ``debug.nan_at_step``)."""
     weights: dict[str, float]
     """The mixture weights the pack was drawn with."""
     applied: bool
@@ -205,6 +206,11 @@ class Trainer:
         sp_size = cfg.scaling.sequence_parallel
         self.sp = new_sequence_parallel(sp_size)
         self.dp_rank, self.dp_world = self.rank // sp_size, self.world // sp_size
+        # the global batch is cut into pack slots; the data position is kept per slot, so any data-parallel
+        # width that divides the slot count resumes it
+        self.accumulation = check_global_packs(cfg.data.global_packs, self.dp_world)
+        self.global_packs = self.dp_world * self.accumulation
+        self.slots = list(range(self.dp_rank * self.accumulation, (self.dp_rank + 1) * self.accumulation))
 
         self._build_engine(on_gpu)
         self._build_data()
@@ -223,7 +229,7 @@ class Trainer:
         import deepspeed
 
         cfg = self.cfg
-        ds_config = build_deepspeed_config(cfg, on_gpu)
+        ds_config = build_deepspeed_config(cfg, on_gpu, self.accumulation)
         zero_init = cfg.deepspeed.zero_stage == 3 and cfg.deepspeed.zero_init
         self.model_cfg, model = build_initial_model(cfg, ds_config if zero_init else None)
         self.probe = ExpertGradProbe(model) if cfg.metrics.expert_grad_check else None
@@ -241,9 +247,9 @@ class Trainer:
         tokenizer = load_tokenizer_for(model_cfg, cfg.model.tokenizer)
         self.schedule = MixtureSchedule(cfg.mixture, list(self.plan.task_rows))
         need_generation = any(t in self.schedule.tasks for t in GENERATION_TASKS)
-        self.loader = PackLoader(self.plan, cfg.data, model_cfg, tokenizer, self.dp_rank, self.dp_world, cfg.seed,
-                                 need_generation, pin_memory=self.device.type == "cuda")
-        self.noise = torch.Generator().manual_seed(cfg.seed * 1000 + self.dp_rank)
+        self.loaders = [PackLoader(self.plan, cfg.data, model_cfg, tokenizer, slot, self.global_packs, cfg.seed,
+                                   need_generation, pin_memory=self.device.type == "cuda") for slot in self.slots]
+        self.noises = [torch.Generator().manual_seed(cfg.seed * 1000 + slot) for slot in self.slots]
         self.held = HeldOut(self.plan, cfg.data, model_cfg, tokenizer)
         self.sampler = SampleWriter(model_cfg, tokenizer, self.held, cfg.eval, self.device, self.compute_dtype)
 
@@ -275,12 +281,17 @@ class Trainer:
         self.start, self.skipped_steps = 0, 0
         self.pending: list[tuple[int, dict[str, float]]] = []
         if folder is not None:
-            train_state, data_state = ckpt.load_checkpoint(self.engine, folder, self.rank, self.world, self.ema)
+            train_state, data_states = ckpt.load_checkpoint(self.engine, folder, self.slots, self.global_packs,
+                                                            self.ema)
             self.start, self.skipped_steps = train_state["step"], train_state["skipped_steps"]
             self.schedule.load_state_dict(train_state["mixture"])
-            self.loader.load_state_dict(data_state["loader"])
-            self.noise.set_state(data_state["noise_rng"])
-            self.pending = [(int(k), w) for k, w in data_state["pending"]]
+            for loader, noise, data_state in zip(self.loaders, self.noises, data_states):
+                loader.load_state_dict(data_state["loader"])
+                noise.set_state(data_state["noise_rng"])
+            self.pending = [(int(k), w) for k, w in data_states[0]["pending"]]
+            if self.rank == 0 and train_state["world_size"] != self.world:
+                log.info(f"resuming a run of {train_state['world_size']} workers on {self.world}: its "
+                         f"{self.global_packs} pack slots take {self.accumulation} micro-batch(es) per rank")
 
     def _queue_first_tickets(self) -> None:
         """Up to ``data.prefetch`` steps' mixture weights handed to the loader thread ahead of their step."""
@@ -289,12 +300,14 @@ class Trainer:
             self.pending.append((self.next_ticket, self.schedule.weights(self.next_ticket)))
             self.next_ticket += 1
         for _, weights in self.pending:
-            self.loader.submit(weights)
+            for loader in self.loaders:
+                loader.submit(weights)
 
     def _queue_next_ticket(self) -> None:
         if self.next_ticket <= self.cfg.steps:
             self.pending.append((self.next_ticket, self.schedule.weights(self.next_ticket)))
-            self.loader.submit(self.pending[-1][1])
+            for loader in self.loaders:
+                loader.submit(self.pending[-1][1])
             self.next_ticket += 1
 
     def _build_reporting(self) -> None:
@@ -319,40 +332,56 @@ class Trainer:
             last = step == self.cfg.steps
             self.write_samples(step, row, last)
             self._write_row(step, row)
-            self.report(step, row, outcome.pack, last)
+            self.report(step, row, outcome.packs, last)
         self.close()
 
     def train_step(self, step: int) -> StepOutcome:
-        """Take the step's pack and compute its losses; update the weights on every rank, or on none
-        when any rank's loss is not finite."""
+        """Take the step's packs (one per slot of this rank) and compute their losses, each divided by the
+        global batch's token counts, one backward per pack; update the weights on every rank, or on none
+        when any rank's loss or gradient is not finite."""
         cfg = self.cfg
         began, cpu_began = time.perf_counter(), time.process_time()
-        pack = self.loader.next()
+        packs = [loader.next() for loader in self.loaders]
         waited = time.perf_counter() - began
         ticket_step, weights = self.pending.pop(0)
         assert ticket_step == step, (ticket_step, step)
         if cfg.debug.kill_at_step == step and cfg.debug.kill_rank == self.rank:
             ckpt.kill_once(self.run_dir / "debug" / f"killed-rank{self.rank}-step{step}")
-        batch = pack.batch.to(self.device, non_blocking=True)
-        out = compute_losses(self.module, batch, cfg.loss, self.noise, sum_over_ranks, run_all_heads=True,
-                             sequence_parallel=self.sp)
-        loss = out.total
-        if cfg.debug.nan_at_step == step and cfg.debug.nan_rank == self.rank:
-            loss = loss * float("nan")
-        applied = self._update(step, loss)
+        batches = [pack.batch.to(self.device, non_blocking=True) for pack in packs]
+        # every rank of a sequence-parallel group counts the same packs: the sum over all ranks / S is the
+        # global batch's count
+        local = sum(loss_token_counts(batch, self.model_cfg.logit_rows) for batch in batches)
+        global_counts = sum_over_ranks(local) / (self.sp.size if self.sp is not None else 1)
+        outs, total, finite = [], None, True
+        for micro, batch in enumerate(batches):
+            out = compute_losses(self.module, batch, cfg.loss, self.noises[micro], lambda _: global_counts,
+                                 run_all_heads=True, sequence_parallel=self.sp)
+            loss = out.total
+            if cfg.debug.nan_at_step == step and cfg.debug.nan_rank == self.rank:
+                loss = loss * float("nan")
+            finite = finite and bool(torch.isfinite(loss.detach()).all())
+            # DeepSpeed divides by the accumulation steps and averages over the ranks: undo both, so the
+            # gradient is that of the global batch's loss
+            self.engine.backward(loss * self.world * self.accumulation)
+            if micro < len(batches) - 1:
+                self.engine.step()
+            outs.append(out)
+            total = loss.detach() if total is None else total + loss.detach()
+        applied = self._update(step, finite)
         und_grad, gen_grad = self.probe.take() if self.probe is not None else (float("nan"), float("nan"))
         step_seconds, step_cpu = time.perf_counter() - began, time.process_time() - cpu_began
-        return StepOutcome(pack, out, loss, weights, applied, waited, step_seconds, step_cpu, und_grad, gen_grad)
+        return StepOutcome(packs, outs, total, weights, applied, waited, step_seconds, step_cpu, und_grad,
+                           gen_grad)
 
-    def _update(self, step: int, loss: torch.Tensor) -> bool:
-        """Backward and optimizer step, skipped on every rank (and counted) when some rank's loss or gradient is
-        not finite."""
-        if not all_ranks_true(bool(torch.isfinite(loss.detach()).all())):
+    def _update(self, step: int, loss_finite: bool) -> bool:
+        """The optimizer step at the accumulation boundary, skipped on every rank (and counted) when some rank's
+        loss or gradient is not finite."""
+        if not all_ranks_true(loss_finite):
+            step_if_finite(self.engine, False)
             self.skipped_steps += 1
             if self.rank == 0:
                 log.warning(f"step {step}: non-finite loss on a rank; step skipped on all ranks")
             return False
-        self.engine.backward(loss * self.world)
         if not step_if_finite(self.engine):
             self.skipped_steps += 1
             if self.rank == 0:
@@ -367,22 +396,30 @@ class Trainer:
     def _reduce_step(self, outcome: StepOutcome) -> dict:
         """The step's figures over all ranks: sums of losses and counts, the slowest rank's times, the
         smallest expert gradient norm."""
-        pack, out = outcome.pack, outcome.losses
-        counters = pack.state["counters"]
-        # the pack's figures once per sequence-parallel group; the losses are each rank's own chunk's
+        packs, outs = outcome.packs, outcome.losses
+        counters = [pack.state["counters"] for pack in packs]
+        # the packs' figures once per sequence-parallel group; the losses are each rank's own chunk's
         once = 1 if self.sp is None or self.sp.rank == 0 else 0
-        losses_of = pack.batch if self.sp is None else self.sp.local_batch(pack.batch)
+
+        def packs_sum(value) -> float:
+            return once * sum(value(pack, counter) for pack, counter in zip(packs, counters))
+
+        def losses_of(pack):
+            return pack.batch if self.sp is None else self.sp.local_batch(pack.batch)
+
         return all_reduce_named(
-            sums={"loss": float(outcome.loss.detach()), "ce": float(out.ce.detach()),
-                  "mse": float(out.mse.detach()),
-                  "tokens": once * pack.batch.num_real_tokens, "samples": once * pack.batch.num_samples,
-                  "skipped_samples": once * pack.state["skipped"], "bad_rows": once * counters.get("bad_rows", 0),
-                  "filtered_rows": once * counters.get("filtered_rows", 0),
-                  "flops": once * pack_flops(pack.batch, self.model_cfg, self.counts),
-                  "data_hash": once * zlib.crc32("|".join(pack.keys).encode()),
-                  "task_sums": task_loss_sums(losses_of, out.per_task)},
-            maxes={"unreadable_shards": counters.get("unreadable_shards", 0),
-                   "data_wait_s": outcome.waited, "pack_build_s": pack.build_seconds,
+            sums={"loss": float(outcome.loss), "ce": sum(float(out.ce.detach()) for out in outs),
+                  "mse": sum(float(out.mse.detach()) for out in outs),
+                  "tokens": packs_sum(lambda p, c: p.batch.num_real_tokens),
+                  "samples": packs_sum(lambda p, c: p.batch.num_samples),
+                  "skipped_samples": packs_sum(lambda p, c: p.state["skipped"]),
+                  "bad_rows": packs_sum(lambda p, c: c.get("bad_rows", 0)),
+                  "filtered_rows": packs_sum(lambda p, c: c.get("filtered_rows", 0)),
+                  "flops": packs_sum(lambda p, c: pack_flops(p.batch, self.model_cfg, self.counts)),
+                  "data_hash": packs_sum(lambda p, c: zlib.crc32("|".join(p.keys).encode())),
+                  "task_sums": sum(task_loss_sums(losses_of(pack), out.per_task) for pack, out in zip(packs, outs))},
+            maxes={"unreadable_shards": max(c.get("unreadable_shards", 0) for c in counters),
+                   "data_wait_s": outcome.waited, "pack_build_s": sum(pack.build_seconds for pack in packs),
                    "step_time_s": outcome.step_seconds, "step_cpu_s": outcome.step_cpu},
             mins={"und_grad": outcome.und_grad, "gen_grad": outcome.gen_grad})
 
@@ -404,7 +441,7 @@ class Trainer:
             "tokens": int(tokens), "samples": int(samples), "tokens_per_s": tokens / step_max,
             "samples_per_s": samples / step_max, "step_time_s": step_max, "step_cpu_s": r["step_cpu_s"],
             "data_wait_s": r["data_wait_s"], "data_wait_share": r["data_wait_s"] / step_max,
-            "pack_build_s": r["pack_build_s"], "pack_fill": tokens / (self.dp_world * self.cfg.data.token_budget),
+            "pack_build_s": r["pack_build_s"], "pack_fill": tokens / (self.global_packs * self.cfg.data.token_budget),
             "skipped_samples": int(r["skipped_samples"]), "bad_rows": int(r["bad_rows"]),
             "unreadable_shards": int(r["unreadable_shards"]),
             "filtered_rows": int(r["filtered_rows"]), "skipped_steps": self.skipped_steps,
@@ -460,7 +497,7 @@ class Trainer:
                 row["eval"] = result
 
     # ------------------------------------------------------------------------------------------------ reports
-    def report(self, step: int, row: dict, pack, last: bool) -> None:
+    def report(self, step: int, row: dict, packs: list, last: bool) -> None:
         """The launcher's report: with a checkpoint every ``checkpoint.every_steps`` and at the last step,
         without one every ``metrics.report_every``."""
         metrics = {"step": step, "loss": row["loss"],
@@ -469,21 +506,23 @@ class Trainer:
         if self.heldout_total is not None:
             metrics["heldout_total"] = self.heldout_total
         if last or step % self.cfg.checkpoint.every_steps == 0:
-            self.save_checkpoint(step, pack, metrics, last)
+            self.save_checkpoint(step, packs, metrics, last)
             self.report_losses = []
         elif step % self.cfg.metrics.report_every == 0:
             self.session.report(metrics, step)
             self.report_losses = []
 
-    def save_checkpoint(self, step: int, pack, metrics: dict, last: bool) -> None:
+    def save_checkpoint(self, step: int, packs: list, metrics: dict, last: bool) -> None:
         """This rank's share of the checkpoint (engine, train and data state, EMA), handed to the launcher
         with ``metrics``; at the last step also the exported safetensors when configured."""
         cfg = self.cfg
         folder = self.session.checkpoint_folder(step)
-        train_state = {"step": step, "world_size": self.world, "skipped_steps": self.skipped_steps,
-                       "mixture": self.schedule.state_dict(), "name": cfg.name}
-        data_state = {"loader": pack.state, "pending": self.pending, "noise_rng": self.noise.get_state()}
-        ckpt.save_checkpoint(self.engine, folder, self.rank, train_state, data_state, self.ema)
+        train_state = {"step": step, "world_size": self.world, "global_packs": self.global_packs,
+                       "skipped_steps": self.skipped_steps, "mixture": self.schedule.state_dict(), "name": cfg.name}
+        writes_slots = self.sp is None or self.sp.rank == 0  # a sequence-parallel group shares its slots
+        data_states = {slot: {"loader": pack.state, "pending": self.pending, "noise_rng": noise.get_state()}
+                       for slot, pack, noise in zip(self.slots, packs, self.noises)} if writes_slots else {}
+        ckpt.save_checkpoint(self.engine, folder, self.rank, train_state, data_states, self.ema)
         export_now = cfg.checkpoint.export_safetensors and (last or cfg.checkpoint.export_every)
         if export_now:
             exported = ckpt.export_safetensors(self.engine, cfg.deepspeed.zero_stage, folder, self.rank, self.ema,
@@ -495,7 +534,8 @@ class Trainer:
         self.session.report(metrics, step, folder)
 
     def close(self) -> None:
-        self.loader.close()
+        for loader in self.loaders:
+            loader.close()
         self.sampler.close()
         if self.writer is not None:
             self.writer.close()
