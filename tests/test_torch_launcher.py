@@ -147,3 +147,23 @@ class _Evil:
 
     def __reduce__(self):
         return (Path.touch, (Path(self.path),))
+
+
+@pytest.mark.slow
+def test_training_goes_on_while_a_checkpoint_is_written(shards, tmp_path):
+    """checkpoint.async_save: the step-2 checkpoint's files are written while step 3 trains; it is complete
+    (manifest, train state) and the run resumes from it; the last checkpoint is written before the run ends."""
+    from tests.torch_runs import record_background_save
+
+    cfg = _config(shards, tmp_path / "out", "background", steps=4, precision="fp32", ema_decay=None)
+    in_child(record_background_save, cfg.model_dump_json(), str(tmp_path / "a"))
+    events = json.loads((tmp_path / "a" / "events.json").read_text())
+    end = next(t for kind, what, t in events if kind == "write_end" and "0000002" in what)
+    step3 = next(t for kind, what, t in events if kind == "step" and what == 3)
+    assert step3 < end, events  # step 3 began before the step-2 checkpoint was written
+    run = tmp_path / "out" / "background"
+    assert sorted(p.name for p in run.glob("checkpoint_*")) == ["checkpoint_0000002", "checkpoint_0000004"]
+    from pipelines.runtime.checkpointing import verify_checkpoint
+
+    assert all(verify_checkpoint(run / name, 1) is None for name in ("checkpoint_0000002", "checkpoint_0000004"))
+    assert not list(run.glob("partial_*"))

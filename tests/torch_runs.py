@@ -137,3 +137,33 @@ def train_rank(cfg_json: str, out: str) -> None:
     (Path(out) / f"keys-{rank}.json").write_text(json.dumps(seen))
     if rank == 0:
         (Path(out) / "metrics.json").write_text(json.dumps(result.metrics))
+
+
+def record_background_save(cfg_json: str, out: str) -> None:
+    """Train with a checkpoint write slowed down (its data state takes a second more); write the times of the
+    steps and of the writes to ``out``/events.json."""
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    import time
+
+    from pipelines.train import checkpoints
+    from pipelines.train import trainer as trainer_module
+    from pipelines.train.config import TrainConfig
+    from pipelines.train.torch_launch import run_torch_training
+
+    events: list[list] = []
+    original_save, original_step = checkpoints.save_data_state, trainer_module.Trainer.train_step
+
+    def slow_save(folder, slot, state):
+        events.append(["write_start", str(folder), time.monotonic()])
+        time.sleep(1.0)
+        original_save(folder, slot, state)
+        events.append(["write_end", str(folder), time.monotonic()])
+
+    def train_step(self, step):
+        events.append(["step", step, time.monotonic()])
+        return original_step(self, step)
+
+    checkpoints.save_data_state, trainer_module.Trainer.train_step = slow_save, train_step
+    run_torch_training(TrainConfig.model_validate_json(cfg_json))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "events.json").write_text(json.dumps(events))

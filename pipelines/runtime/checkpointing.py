@@ -25,7 +25,7 @@ import torch
 
 from .collectives import all_ranks_true
 from .ema import ShardedEMA, master_fragment
-from .engine_state import STATE_FOLDER, has_engine_state, load_engine_state, reshardable, save_engine_state
+from .engine_state import STATE_FOLDER, engine_state_snapshot, has_engine_state, load_engine_state, reshardable
 
 ENGINE_TAG = "ds"
 MANIFEST_FOLDER = "manifest"
@@ -153,20 +153,35 @@ def nonfinite_weights(engine, ema: ShardedEMA | None) -> list[str]:
     return bad
 
 
-def save_training_state(engine, folder: Path, ema: ShardedEMA | None, client_state: dict | None = None) -> None:
-    """This rank's share of the engine state and of the EMA, into ``folder`` (one folder per rank, or one
-    shared folder: the file names differ by rank). Collective. Raises :class:`NonFiniteWeightsError`, writing
-    nothing, when some rank's master weights or EMA hold a non-finite value."""
+def snapshot_training_state(engine, folder: Path, ema: ShardedEMA | None,
+                            client_state: dict | None = None) -> Callable[[], None]:
+    """Collective: this rank's share of the engine state and of the EMA copied to host memory; the returned
+    function writes it into ``folder`` (one folder per rank, or one shared folder: the file names differ by
+    rank) at any later time. Raises :class:`NonFiniteWeightsError`, copying nothing, when some rank's master
+    weights or EMA hold a non-finite value. (bf16 without ZeRO keeps DeepSpeed's own layout, written now.)"""
     bad = nonfinite_weights(engine, ema)
     if not all_ranks_true(not bad):
         raise NonFiniteWeightsError(f"{folder}: not written: non-finite weights "
                                     f"({', '.join(bad[:5]) or 'on another rank'}); the last checkpoint stays the newest")
     if reshardable(engine):
-        save_engine_state(engine, folder, client_state)
+        write_engine = engine_state_snapshot(engine, client_state)
     else:
         engine.save_checkpoint(str(folder), tag=ENGINE_TAG, client_state=client_state or {})
-    if ema is not None:
-        ema.save(folder)
+        write_engine = None
+    write_ema = ema.snapshot() if ema is not None else None
+
+    def write() -> None:
+        if write_engine is not None:
+            write_engine(folder)
+        if write_ema is not None:
+            write_ema(folder)
+
+    return write
+
+
+def save_training_state(engine, folder: Path, ema: ShardedEMA | None, client_state: dict | None = None) -> None:
+    """:func:`snapshot_training_state` written at once."""
+    snapshot_training_state(engine, folder, ema, client_state)()
 
 
 def load_training_state(engine, folder: Path, ema: ShardedEMA | None) -> dict:

@@ -138,16 +138,26 @@ class ShardedEMA:
     def shard_path(folder: Path, rank: int) -> Path:
         return Path(folder) / EMA_FOLDER / f"rank_{rank:05d}.safetensors"
 
-    def save(self, folder: Path) -> Path:
-        """This rank's fragments as ``ema/rank_<r>.safetensors`` (with each fragment's address)."""
+    def snapshot(self):
+        """This rank's fragments copied to host memory now; the returned function writes them as
+        ``ema/rank_<r>.safetensors`` (with each fragment's address) into a folder, at any later time."""
         rank = _rank_and_world(self.group)[0]
-        path = self.shard_path(folder, rank)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {name: f.value.detach().cpu().contiguous() for name, f in self.fragments.items()
+        tensors = {name: f.value.detach().to("cpu", copy=True).contiguous() for name, f in self.fragments.items()
                    if f.value.numel()}
         addresses = {name: [f.start, list(f.shape)] for name, f in self.fragments.items() if f.value.numel()}
-        save_file(tensors, str(path), metadata={"addresses": json.dumps(addresses), "decay": repr(self.decay)})
-        return path
+        decay = repr(self.decay)
+
+        def write(folder: Path) -> Path:
+            path = self.shard_path(folder, rank)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, str(path), metadata={"addresses": json.dumps(addresses), "decay": decay})
+            return path
+
+        return write
+
+    def save(self, folder: Path) -> Path:
+        """This rank's fragments as ``ema/rank_<r>.safetensors`` (with each fragment's address)."""
+        return self.snapshot()(folder)
 
     def load(self, folder: Path) -> bool:
         """Fill this rank's fragments from the shards saved in ``folder`` by any number of ranks (or from an

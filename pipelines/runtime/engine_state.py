@@ -16,6 +16,7 @@ partition; ZeRO-0: the whole parameter on every rank).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -122,9 +123,10 @@ def shard_path(folder: Path, rank: int) -> Path:
     return Path(folder) / STATE_FOLDER / f"rank_{rank:05d}.safetensors"
 
 
-def save_engine_state(engine, folder: Path, extra: dict | None = None) -> None:
-    """This rank's fragments into ``state/rank_<r>.safetensors``; rank 0 also writes ``state/engine.json``.
-    Collective only in that every rank must call it."""
+def engine_state_snapshot(engine, extra: dict | None = None) -> Callable[[Path], None]:
+    """This rank's fragments copied to host memory now; the returned function writes them into
+    ``state/rank_<r>.safetensors`` of a folder (rank 0 also ``state/engine.json``), at any later time (a
+    background thread: the optimizer may step meanwhile)."""
     rank, world = _rank_and_world()
     ensure_optimizer_state(engine)
     tensors, addresses = {}, {}
@@ -133,21 +135,37 @@ def save_engine_state(engine, folder: Path, extra: dict | None = None) -> None:
         if not master.numel():
             continue
         addresses[name] = [start, list(_shape(param))]
-        tensors[f"master/{name}"] = master.detach().float().cpu().contiguous()
+        tensors[f"master/{name}"] = _host_copy(master)
         for key in MOMENTS:
-            tensors[f"{key}/{name}"] = _moment_fragment(engine, param, key)[1].detach().float().cpu().contiguous()
-    path = shard_path(folder, rank)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"addresses": json.dumps(addresses)})
+            tensors[f"{key}/{name}"] = _host_copy(_moment_fragment(engine, param, key)[1])
+    meta = None
     if rank == 0:
         scheduler = engine.lr_scheduler
-        state = {"world_size": world, "zero_stage": engine.zero_optimization_stage(),
-                 "optimizer_step": _optimizer_step(engine),
-                 "lrs": [g["lr"] for g in _inner(engine).param_groups],
-                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                 "global_steps": engine.global_steps, "global_samples": engine.global_samples,
-                 "skipped_steps": engine.skipped_steps, "client_state": extra or {}}
-        (path.parent / ENGINE_JSON).write_text(json.dumps(state, indent=1))
+        meta = {"world_size": world, "zero_stage": engine.zero_optimization_stage(),
+                "optimizer_step": _optimizer_step(engine), "lrs": [g["lr"] for g in _inner(engine).param_groups],
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "global_steps": engine.global_steps, "global_samples": engine.global_samples,
+                "skipped_steps": engine.skipped_steps, "client_state": extra or {}}
+        meta = json.loads(json.dumps(meta))  # a copy of the values as they are now
+
+    def write(folder: Path) -> None:
+        path = shard_path(folder, rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata={"addresses": json.dumps(addresses)})
+        if meta is not None:
+            (path.parent / ENGINE_JSON).write_text(json.dumps(meta, indent=1))
+
+    return write
+
+
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """An fp32 copy in host memory (always a copy: the optimizer goes on updating ``tensor``)."""
+    return tensor.detach().to("cpu", torch.float32, copy=True).contiguous()
+
+
+def save_engine_state(engine, folder: Path, extra: dict | None = None) -> None:
+    """:func:`engine_state_snapshot` written at once."""
+    engine_state_snapshot(engine, extra)(folder)
 
 
 def has_engine_state(folder: Path) -> bool:

@@ -21,6 +21,8 @@ import dataclasses
 import json
 import os
 import signal
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from lance_core.checkpoint import save_lance_checkpoint
 from lance_core.packing import Sample, Span, VisualInput
-from pipelines.runtime.checkpointing import export_weights, load_training_state, save_training_state
+from pipelines.runtime.checkpointing import export_weights, load_training_state, snapshot_training_state
 from pipelines.runtime.ema import ShardedEMA
 
 TRAIN_STATE = "train_state.json"
@@ -115,14 +117,50 @@ def load_data_state(folder: Path, slot: int) -> dict:
     return decode_state(json.loads(path.read_text()), tensors, str(path))
 
 
+def snapshot_checkpoint(engine, folder: Path, rank: int, train_state: dict, data_states: dict[int, dict],
+                        ema: ShardedEMA | None) -> Callable[[], None]:
+    """Collective: every rank calls it with its (local) ``folder`` and the data states of its pack slots. The
+    engine state and EMA are copied to host memory now; the returned function writes the checkpoint's files
+    (on a background thread while training goes on, or at once)."""
+    write_training_state = snapshot_training_state(engine, folder, ema)
+    train_state, data_states = json.loads(json.dumps(train_state)), dict(data_states)
+
+    def write() -> None:
+        write_training_state()
+        for slot, data_state in data_states.items():
+            save_data_state(folder, slot, data_state)
+        if rank == 0:
+            (folder / TRAIN_STATE).write_text(json.dumps(train_state, indent=2))
+
+    return write
+
+
 def save_checkpoint(engine, folder: Path, rank: int, train_state: dict, data_states: dict[int, dict],
                     ema: ShardedEMA | None) -> None:
-    """Collective: every rank calls it with its own (local) ``folder`` and the data states of its pack slots."""
-    save_training_state(engine, folder, ema)
-    for slot, data_state in data_states.items():
-        save_data_state(folder, slot, data_state)
-    if rank == 0:
-        (folder / TRAIN_STATE).write_text(json.dumps(train_state, indent=2))
+    """:func:`snapshot_checkpoint` written at once."""
+    snapshot_checkpoint(engine, folder, rank, train_state, data_states, ema)()
+
+
+class BackgroundSave:
+    """A checkpoint's files written on a thread of their own; :meth:`finished` says (without waiting, or
+    waiting) whether they are all written, and raises what the writing raised."""
+
+    def __init__(self, step: int, folder: Path, metrics: dict, write: Callable[[], None]) -> None:
+        self.step, self.folder, self.metrics = step, folder, metrics
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(write,), name=f"checkpoint-{step}", daemon=True)
+        self._thread.start()
+
+    def _run(self, write: Callable[[], None]) -> None:
+        try:
+            write()
+        except BaseException as err:  # noqa: BLE001 - raised on the training thread by finished()
+            self.error = err
+
+    def finished(self, wait: bool) -> bool:
+        if wait:
+            self._thread.join()
+        return not self._thread.is_alive()
 
 
 class GlobalBatchChangedError(RuntimeError):

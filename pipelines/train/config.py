@@ -188,6 +188,11 @@ class CheckpointSection(StrictModel):
     export_every: bool = False
     """Also export every checkpoint, as ``exports/model_step<N>.safetensors`` in the run folder (a learning
     curve to evaluate afterwards)."""
+    async_save: bool = True
+    """Ranks go on training while a checkpoint's files are written: its state is copied to host memory at the
+    step, written by a background thread, and reported (under Ray Train: uploaded in the background) once every
+    rank has written its share; a crash before that leaves a checkpoint no resume trusts. The last checkpoint
+    is written before the run ends. False: written and reported before the next step."""
 
 
 class EvalSection(StrictModel):

@@ -57,9 +57,10 @@ class TrainSession(Protocol):
 
 
 class RayTrainSession:
-    def __init__(self) -> None:
+    def __init__(self, async_upload: bool = False) -> None:
         import ray.train
 
+        self.async_upload = async_upload
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.local_rank = context.get_local_rank()
@@ -97,6 +98,14 @@ class RayTrainSession:
             ray.train.report(metrics)
             return
         write_manifest(folder, f"rank_{self.rank:05d}", [self.rank])  # last: the share is complete
+        if self.async_upload:
+            from ray.train import CheckpointUploadMode
+
+            # uploaded by Ray in the background, the local folder removed after it
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+                             checkpoint_dir_name=checkpoint_name(step),
+                             checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+            return
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
                          checkpoint_dir_name=checkpoint_name(step))
         shutil.rmtree(folder, ignore_errors=True)

@@ -159,7 +159,7 @@ def train_func(config: dict) -> None:
     ``config["log_sink"]`` when the driver made one."""
     from .session import RayTrainSession
 
-    session = RayTrainSession()
+    session = RayTrainSession(async_upload=TrainConfig.model_validate_json(config["cfg"]).checkpoint.async_save)
     with worker_logging(Path(config["run_dir"]) / "logs" / f"rank-{session.rank}.log",
                         config.get("log_sink") if session.rank == 0 else None):
         Trainer(config, session).run()
@@ -212,6 +212,8 @@ class Trainer:
         self.global_packs = self.dp_world * self.accumulation
         self.slots = list(range(self.dp_rank * self.accumulation, (self.dp_rank + 1) * self.accumulation))
 
+        self.saving: ckpt.BackgroundSave | None = None
+        """The checkpoint whose files a background thread is writing (``checkpoint.async_save``)."""
         self._build_engine(on_gpu)
         self._build_data()
         self._resume_newest_intact()
@@ -332,6 +334,7 @@ class Trainer:
             last = step == self.cfg.steps
             self.write_samples(step, row, last)
             self._write_row(step, row)
+            self._finish_save(wait=False)
             self.report(step, row, outcome.packs, last)
         self.close()
 
@@ -520,10 +523,15 @@ class Trainer:
         train_state = {"step": step, "world_size": self.world, "global_packs": self.global_packs,
                        "skipped_steps": self.skipped_steps, "mixture": self.schedule.state_dict(), "name": cfg.name}
         writes_slots = self.sp is None or self.sp.rank == 0  # a sequence-parallel group shares its slots
-        data_states = {slot: {"loader": pack.state, "pending": self.pending, "noise_rng": noise.get_state()}
+        data_states = {slot: {"loader": pack.state, "pending": list(self.pending), "noise_rng": noise.get_state()}
                        for slot, pack, noise in zip(self.slots, packs, self.noises)} if writes_slots else {}
-        ckpt.save_checkpoint(self.engine, folder, self.rank, train_state, data_states, self.ema)
+        self._finish_save(wait=True)  # one save at a time
+        write = ckpt.snapshot_checkpoint(self.engine, folder, self.rank, train_state, data_states, self.ema)
         export_now = cfg.checkpoint.export_safetensors and (last or cfg.checkpoint.export_every)
+        if cfg.checkpoint.async_save and not last:
+            self.saving = ckpt.BackgroundSave(step, folder, metrics, write)
+        else:
+            write()
         if export_now:
             exported = ckpt.export_safetensors(self.engine, cfg.deepspeed.zero_stage, folder, self.rank, self.ema,
                                                {"step": step, "stage": cfg.stage, "run": cfg.name})
@@ -531,9 +539,22 @@ class Trainer:
                 copy_file_atomic(exported, self.run_dir / "exports" / f"model_step{step:07d}.safetensors")
             if exported is not None and last:
                 copy_file_atomic(exported, self.run_dir / ckpt.EXPORT_FILE)
-        self.session.report(metrics, step, folder)
+        if self.saving is None:
+            self.session.report(metrics, step, folder)
+
+    def _finish_save(self, wait: bool) -> None:
+        """Report the checkpoint being written in the background once every rank has written its share (with
+        ``wait``: after waiting for it); a failure to write it stops the run on every rank."""
+        if self.saving is None or not all_ranks_true(self.saving.finished(wait)):
+            return
+        saving, self.saving = self.saving, None
+        if not all_ranks_true(saving.error is None):
+            raise RuntimeError(f"checkpoint of step {saving.step} could not be written "
+                               f"({saving.error or 'on another rank'})") from saving.error
+        self.session.report(saving.metrics, saving.step, saving.folder)
 
     def close(self) -> None:
+        self._finish_save(wait=True)
         for loader in self.loaders:
             loader.close()
         self.sampler.close()
