@@ -17,7 +17,7 @@ test: setup
 	DS_ACCELERATOR=cpu $(PY) -m pytest -q
 
 test-fast: $(PY)
-	$(PY) -m pytest -q -m "not slow"
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q -m "not slow and not ray and not deepspeed"
 
 bench: $(PY)
 	$(PY) bench/attention.py

@@ -37,6 +37,66 @@ def tiny_cfg():
     return model_preset("tiny")
 
 
+# Markers (pyproject.toml): ``ray`` for a test that starts or uses a Ray cluster, ``deepspeed`` for one that
+# builds a DeepSpeed engine or launches training ranks; ``make test-fast`` leaves them out, with the ``slow``
+# ones. A test that asks for one of these fixtures (directly or through another fixture) gets the marker;
+# modules whose every test qualifies carry ``pytestmark``.
+BY_FIXTURE = {"ray": {"ray_local", "latents"}, "deepspeed": {"zero2_run"}}
+# Tests that start them without a fixture saying so, in this process or in the processes they launch
+# (``lance`` jobs, rank scripts, bench scripts), and end-to-end runs that are ``slow`` without a decorator.
+# "file.py" is the whole module, "file.py::test" every parametrization, "file.py::test[id" those whose id
+# starts so.
+BY_NAME = {
+    "ray": (
+        "test_bench_smoke.py::test_bench_quick[dedup.py",
+        "test_bench_smoke.py::test_bench_quick[planning.py",
+        "test_bench_smoke.py::test_bench_quick[precompute.py",
+        "test_bench_smoke.py::test_bench_quick[weight_sync.py",
+        "test_demo.py::test_lance_demo_shows_the_system_learns_real_digits",
+        "test_demo.py::test_lance_demo_synthetic_media_runs_every_task_and_writes_a_report",
+        "test_user_paths.py::test_precompute_with_relative_paths_from_another_folder",
+    ),
+    "deepspeed": (
+        "test_bench_smoke.py::test_bench_quick[activation_memory.py",
+        "test_bench_smoke.py::test_bench_quick[sequence_parallel.py",
+        "test_bench_smoke.py::test_gpu_check_dry_run",
+        "test_demo.py::test_lance_demo_shows_the_system_learns_real_digits",
+        "test_demo.py::test_lance_demo_synthetic_media_runs_every_task_and_writes_a_report",
+        "test_grpo.py::test_grpo_raises_brightness",
+        "test_grpo.py::test_reward_actor_death_is_retried_then_resume",
+        "test_grpo.py::test_async_rollouts_one_update_behind_then_resume",
+        "test_grpo_learners.py::test_two_ranks_update_as_one_rank_does",
+        "test_grpo_learners.py::test_grpo_with_two_learner_ranks_checkpoints_and_resumes",
+        "test_reruns.py::test_train_with_relative_paths_then_rerun_finishes_at_once",
+        "test_sequence_parallel.py::test_two_ranks_give_the_loss_and_gradients_of_one",
+        "test_sequence_parallel.py::test_four_ranks_repeat_the_two_kv_heads",
+        "test_sequence_parallel.py::test_scaled_long_pair_trains_on_two_ranks",
+        "test_sequence_parallel.py::test_ray_train_step_with_two_sequence_parallel_workers",
+        "test_torch_launcher.py",
+        "test_train.py::test_tune_sweeps_the_config_space_and_writes_a_best_config",
+    ),
+    "slow": (
+        "test_learning.py::test_overfits_fixed_batch_of_all_tasks",
+        "test_train_plan_bench.py",
+        "test_user_paths.py::test_missing_paths_are_named_before_any_work",
+    ),
+}
+
+
+def _named(item, entries) -> bool:
+    name = f"{item.path.name}::{item.name}"
+    return any(entry in (item.path.name, name.split("[")[0]) or ("[" in entry and name.startswith(entry))
+               for entry in entries)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        for marker in ("ray", "deepspeed", "slow"):
+            if fixtures & BY_FIXTURE.get(marker, set()) or _named(item, BY_NAME[marker]):
+                item.add_marker(getattr(pytest.mark, marker))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 PRECOMPUTE = {
     # One partition per sample, decoded one at a time: the run is paced so the node loss lands mid-run.
@@ -289,6 +289,7 @@ def _train_config() -> Path | None:
     return path if path.is_file() else None
 
 
+@pytest.mark.deepspeed
 @pytest.mark.skipif(_train_config() is None, reason="jobs/train.py or jobs/configs/train_tiny.yaml missing")
 def test_train_on_the_cluster_reads_the_shards(cluster, node_loss, tmp_path):
     cluster.wait_nodes(2)

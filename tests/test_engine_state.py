@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.deepspeed
+
 ROOT = Path(__file__).resolve().parents[1]
 
 RANK_SCRIPT = r"""

@@ -19,6 +19,8 @@ import yaml
 from tests.conftest import ROOT
 from tests.test_cluster import LocalCluster, lance_submit, submission_id
 
+pytestmark = [pytest.mark.ray, pytest.mark.deepspeed]
+
 SCRIPT = textwrap.dedent('''
     import json, os, sys, tempfile
     os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -21,6 +21,8 @@ from pipelines.train.config import load_train_config
 from pipelines.train.driver import run_training, storage_and_log_dir
 from tests.qwen_tiny import save_random_qwen
 
+pytestmark = pytest.mark.deepspeed
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "jobs" / "configs"
 STAGES = ("pretrain", "continual", "sft")

@@ -13,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+pytestmark = pytest.mark.deepspeed
+
 ROOT = Path(__file__).resolve().parents[1]
 
 RANK_SCRIPT = r"""
