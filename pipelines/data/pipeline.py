@@ -11,6 +11,7 @@ records as they arrive (pipelines/data/manifest.py).
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -322,8 +323,10 @@ def run_precompute(cfg: PrecomputeConfig, progress: bool = True, mode: RunMode =
     assemble = ray.remote(assemble_partition).options(num_cpus=cfg.encoders.cpus_per_task)
     assembling = []
     cfg_json = cfg.model_dump_json()
+    rows = iter(_build_dataset(cfg, plan, todo, dedup).iter_rows())
+    lost: list[int] = []
     try:
-        for row in _build_dataset(cfg, plan, todo, dedup).iter_rows():
+        for row in rows:
             if row["commit"]:
                 committed(json.loads(row["commit"]))
             elif paths := pieces.add(int(row["partition"]), json.loads(row["piece"])):
@@ -335,16 +338,23 @@ def run_precompute(cfg: PrecomputeConfig, progress: bool = True, mode: RunMode =
         for record in ray.get(assembling):
             committed(json.loads(record))
     except Exception:
-        if dedup is not None and (lost := dedup.lost()):
-            manifest.flush(earlier_seconds + time.perf_counter() - started)
-            raise DedupIndexLost(
-                f"the duplicate index of the run lost actor {', '.join(map(str, lost))} of "
-                f"{len(dedup.actors)} (filters.dedup_actors) for good: it died, and {MAX_RESTARTS} restarts from the "
-                f"committed shards did not bring it back (its node gone, or out of memory). The "
-                f"{len(commits)} of {plan.partitions} partitions committed so far are kept; run the same command "
-                "again to resume: the index is rebuilt from the committed shards and only the other partitions "
-                "are redone.") from None
-        raise
+        if dedup is None or not (lost := dedup.lost()):
+            raise
+    finally:
+        # A run that ends early stops its Ray Data executor now (the dataset shuts it down when collected):
+        # kept alive by a traceback, its encoder actors would hold their CPUs from the next run.
+        rows.close()
+        rows = None
+        gc.collect()
+    if lost:
+        manifest.flush(earlier_seconds + time.perf_counter() - started)
+        raise DedupIndexLost(
+            f"the duplicate index of the run lost actor {', '.join(map(str, lost))} of "
+            f"{len(dedup.actors)} (filters.dedup_actors) for good: it died, and {MAX_RESTARTS} restarts from the "
+            f"committed shards did not bring it back (its node gone, or out of memory). The "
+            f"{len(commits)} of {plan.partitions} partitions committed so far are kept; run the same command "
+            "again to resume: the index is rebuilt from the committed shards and only the other partitions "
+            "are redone.")
     if dedup is not None and (rebuilt := dedup.rebuilt()):
         log.warning(f"dedup actor {', '.join(map(str, rebuilt))} of {len(dedup.actors)} died and was restarted from "
                     "the committed shards; records of partitions in flight at that moment keep the copy of a "
