@@ -29,7 +29,6 @@ from pipelines.train.data import ShardPrefetcher, TaskStream
 from pipelines.train.plan import make_plan
 from pipelines.train.synthetic_shards import write_synthetic_shards
 
-
 MOTO_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 """moto's server on loopback accepts any credentials; these are not real ones."""
 

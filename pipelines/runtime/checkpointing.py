@@ -25,7 +25,13 @@ import torch
 
 from .collectives import all_ranks_true
 from .ema import ShardedEMA, master_fragment
-from .engine_state import STATE_FOLDER, engine_state_snapshot, has_engine_state, load_engine_state, reshardable
+from .engine_state import (
+    STATE_FOLDER,
+    engine_state_snapshot,
+    has_engine_state,
+    load_engine_state,
+    reshardable,
+)
 
 ENGINE_TAG = "ds"
 MANIFEST_FOLDER = "manifest"
