@@ -13,6 +13,9 @@ With sequence parallelism over S ranks (Ulysses), a rank holds T / S tokens for 
 attention, where it holds all T tokens for H / S heads, the same number of values. The S = 2 rows measure
 it: two gloo processes share a pack of 2 x tokens, each records its own peak, the larger is reported, and
 its line gives the longest pack with S = 2 (tokens per rank x 2).
+
+``--quick`` (the test suite's smoke run): the tiny model, packs of 512 and 1,024 tokens, the policies
+``none`` and ``layer`` only.
 """
 
 from __future__ import annotations
@@ -175,7 +178,7 @@ FIT_COLUMNS = [("policy", "policy", "s"), ("kib_per_token_s1", "KiB/token S=1", 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny model, two small packs (smoke test)")
+    parser.add_argument("--quick", action="store_true", help="tiny model, two small packs, two policies (smoke test)")
     parser.add_argument("--out", help="JSON path (default bench/results/activation_memory.json)")
     parser.add_argument("--point", nargs=3, metavar=("MODEL", "POLICY", "TOKENS"), help=argparse.SUPPRESS)
     parser.add_argument("--sp", type=int, default=1, help=argparse.SUPPRESS)
@@ -185,15 +188,16 @@ def main() -> None:
         print(json.dumps(measure(args.point[0], args.point[1], int(args.point[2]))))
         return
     model_name, sizes = ("tiny", (512, 1024)) if args.quick else ("mid", (1024, 2048, 4096, 8192))
+    policies = ("none", "layer") if args.quick else POLICIES
     load_start = load_average()
-    rows = [run_point(model_name, policy, tokens, sp) for sp in (1, 2) for policy in POLICIES for tokens in sizes]
+    rows = [run_point(model_name, policy, tokens, sp) for sp in (1, 2) for policy in policies for tokens in sizes]
     by_key = {(r["sp"], r["policy"], r["tokens"]): r for r in rows}
     for row in rows:
         none = by_key[(row["sp"], "none", row["tokens"])]
         row.update(step_peak_mib=row["step_peak_bytes"] / 2**20, over_none=row["step_peak_bytes"] / none["step_peak_bytes"],
                    step_over_none=row["step_s"] / none["step_s"])
     fits = []
-    for policy in POLICIES:
+    for policy in policies:
         fit = {"policy": policy}
         for sp in (1, 2):
             points = [(r["tokens"], r["step_peak_bytes"]) for r in rows if r["policy"] == policy and r["sp"] == sp]

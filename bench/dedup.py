@@ -3,7 +3,7 @@
     python bench/dedup.py [--quick] [--hashes N] [--out FILE]
 
 Exact index: N random sha256 content hashes (1 % of records repeat an earlier one) registered in partitions
-of 1,024 records, then the first 100,000 (quick: 20,000) claimed again by CLAIMERS Ray tasks at once in
+of 1,024 records, then the first 100,000 (quick: 50,000 hashes, 5,000 claimed, K = 1 and 2) claimed again by CLAIMERS Ray tasks at once in
 partitions of 64 records (the default ``partition_size``), as the writer tasks of a run claim. Near index
 (``filters.near_dedup_distance`` 6):
 N / 4 random 64-bit perceptual hashes (a quarter of them a few bits from an earlier one), each stored once
@@ -151,18 +151,19 @@ def extrapolate(rows: list[dict]) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="200,000 hashes: seconds")
+    parser.add_argument("--quick", action="store_true", help="50,000 hashes, 1 and 2 actors: seconds")
     parser.add_argument("--hashes", type=int, default=None, help="content hashes registered (default 2,000,000)")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/dedup.json)")
     args = parser.parse_args()
-    count = args.hashes or (200_000 if args.quick else 2_000_000)
-    claim_count = 20_000 if args.quick else 100_000
+    count = args.hashes or (50_000 if args.quick else 2_000_000)
+    claim_count = 5_000 if args.quick else 100_000
+    actor_counts = ACTORS[:2] if args.quick else ACTORS
     ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     exact, near = exact_records(count, 0), near_records(count // 4, 1)
     rows = []
     for kind, records in (("exact", exact), ("near", near)):
-        for actors in ACTORS:
+        for actors in actor_counts:
             claimed = claim_count if kind == "exact" else claim_count // 4
             rows.append(measure(kind, records, actors, min(len(records), claimed)))
         base = next(r for r in rows if r["index"] == kind and r["actors"] == 1)

@@ -4,7 +4,7 @@
 
 One sender and 2 receivers (plain Ray actors holding the tensors, ``pipelines.rl.weight_sync.TensorSet``)
 sync two tensor sets: the trained weights of the tiny model (its generation expert) and ~100M float32
-parameters (~25M with --quick). Each mode is warmed up once (the collective group is built then), then
+parameters (--quick: the tiny model's set only). Each mode is warmed up once (the collective group is built then), then
 timed over a few syncs; ratio = median seconds collective / object store, measured in the same run.
 """
 
@@ -64,16 +64,17 @@ COLUMNS = [("tensors", "tensors", "s"), ("params", "params", ",d"), ("mib", "MiB
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a ~25M-parameter set, fewer syncs (smoke test)")
+    parser.add_argument("--quick", action="store_true", help="the tiny model's set only, fewer syncs (smoke test)")
     parser.add_argument("--out", help="JSON path (default bench/results/weight_sync.json)")
     args = parser.parse_args()
-    reps, large = (3, 25_000_000) if args.quick else (5, 100_000_000)
+    reps = 3 if args.quick else 5
     load_start = load_average()
     ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
     rows = []
     try:
-        for tiny, shapes in ((True, tiny_shapes()), (False, large_shapes(large))):
+        sets = [(True, tiny_shapes())] + ([] if args.quick else [(False, large_shapes(100_000_000))])
+        for tiny, shapes in sets:
             params = sum(int(torch.Size(s).numel()) for s in shapes.values())
             label = "tiny model (GEN expert)" if tiny else f"{params / 1e6:.0f}M float32"
             baseline = None

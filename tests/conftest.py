@@ -67,7 +67,6 @@ BY_NAME = {
         "test_grpo.py::test_async_rollouts_one_update_behind_then_resume",
         "test_grpo_learners.py::test_two_ranks_update_as_one_rank_does",
         "test_grpo_learners.py::test_grpo_with_two_learner_ranks_checkpoints_and_resumes",
-        "test_reruns.py::test_train_with_relative_paths_then_rerun_finishes_at_once",
         "test_sequence_parallel.py::test_two_ranks_give_the_loss_and_gradients_of_one",
         "test_sequence_parallel.py::test_four_ranks_repeat_the_two_kv_heads",
         "test_sequence_parallel.py::test_scaled_long_pair_trains_on_two_ranks",

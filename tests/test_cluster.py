@@ -3,8 +3,9 @@
 The cluster is private to the test: its own temp dir (``ray.init()`` elsewhere never finds it), its own free
 ports, token authentication, the dashboard on 127.0.0.1. Each node is a ``ray start --block`` process in its
 own session; the test talks to the cluster only over HTTP and through subprocesses, and tears down only the
-processes it started. A worker node is killed mid-precompute and the job resubmitted: nothing is lost or
-written twice.
+processes it started. One cluster for the module (its start is the costly part): a worker node is killed
+mid-precompute and the job resubmitted (nothing is lost or written twice); a training job reads the shards;
+a GRPO run over both nodes loses one and its resubmission resumes.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pyarrow.parquet as pq
 import pytest
@@ -321,3 +323,58 @@ def test_list_logs_and_stop_map_to_the_job_api(cluster, node_loss, precompute_co
     assert sid in listed.stdout and "STOPPED" in listed.stdout
     logs = lance_submit(cluster, "logs", sid, "--address", cluster.address)
     assert f"Running entrypoint for job {sid}" in logs.stdout
+
+
+GRPO_NODES = {
+    # test_grpo.tiny_grpo with two learner ranks (ZeRO-2 over them), two rollout and two reward actors
+    "model": {"preset": "tiny"}, "epochs": 12, "gallery_size": 0, "tensorboard": False, "prompts": {"eval_count": 1},
+    "rollout": {"group_size": 8, "prompts_per_epoch": 2, "image_size": 64,
+                "sampler": {"steps": 6, "window_size": 2, "window_range": [0, 4]},
+                "actors": {"count": 2, "num_cpus": 0.5}},
+    "rewards": {"actors": {"count": 2, "num_cpus": 0.25}, "terms": [{"name": "brightness", "kind": "brightness"}]},
+    "optim": {"lr": 5e-3}, "deepspeed": {"zero_stage": 2}, "checkpoint": {"every_epochs": 1},
+    "learner": {"clip_range": 0.2, "kl_weight": 0.0, "ranks": 2, "actor": {"num_cpus": 0.5}},
+    "placement": {"strategy": "SPREAD"},
+}
+KILL_AFTER_EPOCH = 3
+
+
+@pytest.mark.deepspeed
+def test_grpo_submitted_over_two_nodes_learns_and_resumes_after_a_node_loss(cluster, node_loss, tmp_path):
+    """Two learner ranks and the rollout and reward actors spread over the two nodes; the node that is not the
+    head is killed mid-run and the resubmitted job resumes from the run's latest checkpoint."""
+    config, run = tmp_path / "grpo_nodes.yaml", tmp_path / "run"
+    config.write_text(yaml.safe_dump(GRPO_NODES))
+    cluster.wait_nodes(2)
+    other = next(name for name in cluster.nodes if name != "head")
+    args = ("grpo", "--config", str(config), "--address", cluster.address, "--env", "DS_ACCELERATOR=cpu")
+    first = lance_submit(cluster, *args, "--no-wait", "--", "--output", str(run))
+    assert first.returncode == 0, first.stdout + first.stderr
+    first_id = submission_id(first)
+    latest, deadline = run / "checkpoints" / "latest", time.time() + 300
+    while not (latest.is_file() and latest.read_text().strip() >= f"epoch_{KILL_AFTER_EPOCH:04d}"):
+        assert time.time() < deadline and cluster.job(first_id)["status"] in ("PENDING", "RUNNING"), \
+            cluster.job(first_id)
+        time.sleep(0.2)
+    cluster.kill_node(other)  # a learner rank, a rollout and a reward actor go with it
+    assert cluster.wait_job(first_id, timeout=240)["status"] == "FAILED"
+    done = int(latest.read_text().strip().removeprefix("epoch_"))
+    first_log = lance_submit(cluster, "logs", first_id, "--address", cluster.address).stdout
+    assert "actors on 2 nodes ready" in first_log, first_log[-3000:]
+    cluster.wait_nodes(1)
+    cluster.add_node(f"{other}-after-grpo", num_cpus=2, resources={})
+    cluster.wait_nodes(2)
+    second = lance_submit(cluster, *args, "--", "--output", str(run), timeout=600)
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
+    assert f"(epoch {done} done)" in second.stdout, second.stdout[-4000:]
+    summary = json.loads((run / "summary.json").read_text())
+    placement = summary["placement"]
+    assert len(set(placement["learner"])) == 2 and len(set(placement["rollout"])) == 2, placement
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = GRPO_NODES["epochs"]
+    assert [r["epoch"] for r in history] == list(range(epochs)) and summary["last"]["updates"] == epochs
+    assert all(r["groups_trained"] == 2 and r["reward/count"] == 16 for r in history)
+    start = np.mean([r["reward/mean"] for r in history[:3]])
+    end = np.mean([r["reward/mean"] for r in history[-3:]])
+    spread = np.mean([r["reward/std"] for r in history[:3]])
+    assert end > start + 2 * spread, (start, end, spread)

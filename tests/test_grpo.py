@@ -1,5 +1,6 @@
 """GRPO on Ray with the tiny model: learning a cheap verifiable reward, a reward actor that dies,
-resume, LoRA with KL and CFG, bad inputs. Multi-node placement lives in test_grpo_nodes.py (its own Ray cluster)."""
+resume, LoRA with KL and CFG, bad inputs. Multi-node placement lives in test_grpo_nodes.py (its own Ray
+cluster) and test_cluster.py (a whole run over two nodes with a node loss)."""
 
 from __future__ import annotations
 

@@ -1,13 +1,12 @@
 """Reruns into an output that holds a run (pipelines/runtime/run_folder.py): the same config resumes (a finished
 run is reported, nothing runs, its figures stay), another config is refused naming the fields,
-``--resume`` needs a run, ``--overwrite`` removes the previous run's outputs. One real precompute and one
-real training run (relative paths, 1 worker, 2 steps); GRPO, tune and the demo by their decisions on
-prepared run folders, without Ray."""
+``--resume`` needs a run, ``--overwrite`` removes the previous run's outputs. One real precompute; the real
+training rerun (a finished run reported without starting Ray Train, relative paths) is the last step of
+tests/test_stage_chain.py; GRPO, tune and the demo by their decisions on prepared run folders, without Ray."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -121,57 +120,6 @@ def test_precompute_rerun_keeps_the_first_runs_figures(ray_local, tmp_path, caps
 
 
 # ---------------------------------------------------------------------------------------------- train
-def _train_data(latents: Path, root: Path) -> dict:
-    from jobs.config_io import read_yaml
-
-    data = read_yaml(ROOT / "jobs" / "configs" / "train_tiny.yaml")
-    data.update(name="rerun", output="runs", steps=2, max_failures=0)  # relative to the user's folder
-    data["data"] = {**data["data"], "uris": [os.path.relpath(latents, root)], "holdout_per_task": 1}
-    data["scaling"] = {"workers": 1, "cpus_per_worker": 1}
-    data["deepspeed"] = {"zero_stage": 0}
-    data["checkpoint"] = {"every_steps": 2, "keep_last": 1}
-    data["eval"] = {"samples": False}
-    return data
-
-
-@pytest.mark.slow
-def test_train_with_relative_paths_then_rerun_finishes_at_once(latents, tmp_path, monkeypatch):
-    """Relative ``data.uris`` and ``output`` from the user's folder reach the Ray Train workers (their
-    working directory differs); a rerun of the finished run says so and starts no trainer."""
-    from pipelines.train import driver
-    from pipelines.train.config import load_train_config
-    from pipelines.train.preflight import settle_rerun
-
-    monkeypatch.chdir(tmp_path)
-    data = _train_data(latents, tmp_path)
-    cfg = load_train_config(data)
-    assert cfg.data.uris == (str(latents),) and cfg.output == str(tmp_path / "runs")
-    first = driver.run_training(cfg)
-    assert [r["step"] for r in first.metrics] == [1, 2] and not first.complete_before
-    run_dir = tmp_path / "runs" / "rerun"
-    assert first.run_dir == run_dir and (run_dir / "checkpoint_0000002" / "train_state.json").is_file()
-    metrics = (run_dir / "metrics.jsonl").read_bytes()
-
-    def no_trainer(*args, **kwargs):
-        raise AssertionError("a complete run must not start Ray Train")
-
-    monkeypatch.setattr(driver, "build_trainer", no_trainer)
-    again = driver.run_training(load_train_config(data))
-    assert again.complete_before and again.metrics == first.metrics
-    assert again.checkpoint.endswith("checkpoint_0000002") and again.export == run_dir / "model.safetensors"
-    assert (run_dir / "metrics.jsonl").read_bytes() == metrics
-
-    # more steps continue the run; another learning rate is refused, naming it
-    assert settle_rerun(load_train_config({**data, "steps": 4})) is None
-    with pytest.raises(RunFolderError, match=r"optim.lr: 0.002 -> 0.001") as err:
-        settle_rerun(load_train_config({**data, "optim": {**data["optim"], "lr": 0.001}}))
-    assert "--output or --name" in str(err.value)
-    assert (run_dir / "checkpoint_0000002").is_dir()
-    # --overwrite removes the run folder (checkpoints, metrics, config) before anything starts
-    assert settle_rerun(load_train_config({**data, "optim": {**data["optim"], "lr": 0.001}}), "overwrite") is None
-    assert not run_dir.exists()
-
-
 def test_train_resume_needs_a_run(tmp_path, monkeypatch):
     from pipelines.train.config import load_train_config
     from pipelines.train.preflight import settle_rerun

@@ -1,13 +1,17 @@
 """The cluster's stage chain, pretrain -> continual -> SFT -> GRPO, walked through the shipped configs.
 
-Every path of the shipped configs (``/mnt/...`` volumes, ``s3://`` data) is moved under a temporary root
-and the model shrunk to the tiny preset; nothing else of the stage configs changes. Each training stage
-runs for real (one step), and the next stage must find the previous stage's export where its own config
-says, on the volume the RayJob manifests mount on every pod.
+Every path of the shipped configs (``/mnt/...`` volumes, ``s3://`` data) is moved under a temporary root,
+written relative to it (the test runs from that folder, as a user from theirs: relative paths must reach the
+Ray Train workers, whose working directory differs), and the model shrunk to the tiny preset; nothing else
+of the stage configs changes. Each training stage runs for real (one step), and the next stage must find the
+previous stage's export where its own config says, on the volume the RayJob manifests mount on every pod.
+The last stage is then rerun: a finished run is reported and starts no trainer (tests/test_reruns.py has the
+decisions without Ray).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -30,16 +34,17 @@ TASKS_IN_LATENTS = ("t2i", "t2v", "i2i", "v2v", "i2t", "v2t")
 
 
 def _moved(value, root: Path, latents: Path):
-    """Volumes under ``root``; every latent dataset of the shipped configs -> the test's tiny shards."""
+    """Volumes under ``root``; every latent dataset of the shipped configs -> the test's tiny shards; both
+    relative to ``root``."""
     if isinstance(value, dict):
         return {k: _moved(v, root, latents) for k, v in value.items()}
     if isinstance(value, list):
         moved = [_moved(v, root, latents) for v in value]
         return list(dict.fromkeys(moved)) if all(isinstance(v, str) for v in moved) else moved
     if isinstance(value, str) and value.startswith("/mnt/"):
-        return str(root / value.lstrip("/"))
+        return value.lstrip("/")
     if isinstance(value, str) and value.startswith("s3://") and "/latents/" in value:
-        return str(latents)
+        return os.path.relpath(latents, root)
     return value
 
 
@@ -75,13 +80,20 @@ def _mounted_volumes() -> set[str]:
 
 
 @pytest.mark.slow
-def test_stage_chain_through_the_shipped_configs(latents, tmp_path):
+def test_stage_chain_through_the_shipped_configs(latents, tmp_path, monkeypatch):
+    from pipelines.runtime.run_folder import RunFolderError
+    from pipelines.train import driver
+    from pipelines.train.preflight import settle_rerun
+
     root = tmp_path / "cluster"
+    root.mkdir()
+    monkeypatch.chdir(root)
     save_random_qwen(root / "mnt" / "weights" / "Qwen2.5-VL-3B-Instruct", model_preset("tiny"))
     volumes = _mounted_volumes()
     exports = {}
     for stage in STAGES:
         cfg = load_train_config(_stage_config(stage, root, latents))
+        assert cfg.data.uris == (str(latents),) and Path(cfg.output).is_relative_to(root)
         init = cfg.model.weights.lance or cfg.model.weights.qwen
         assert init is not None and Path(init).exists(), f"{stage} cannot find its input {init}"
         if stage != "pretrain":
@@ -94,10 +106,30 @@ def test_stage_chain_through_the_shipped_configs(latents, tmp_path):
         exports[stage] = result.export
 
     grpo = _moved(read_yaml(CONFIGS / "grpo_lance3b.yaml"), root, latents)
-    assert Path(grpo["model"]["weights"]["lance"]) == exports["sft"]
+    assert Path(grpo["model"]["weights"]["lance"]).resolve() == exports["sft"]
+
     grpo["model"] = {"preset": "tiny", "weights": {"lance": grpo["model"]["weights"]["lance"]}}
     cfg = GRPOConfig.model_validate(grpo)
     check_checkpoint(cfg, cfg.model.weights.lance)
     from lance_core.model import build_model
 
     load_initial_weights(build_model(model_preset("tiny")), cfg.model.weights.lance, "tiny")
+
+    # the finished SFT run again: reported, no trainer started, its figures kept
+    sft = _stage_config("sft", root, latents)
+    metrics = (result.run_dir / "metrics.jsonl").read_bytes()
+
+    def no_trainer(*args, **kwargs):
+        raise AssertionError("a complete run must not start Ray Train")
+
+    monkeypatch.setattr(driver, "build_trainer", no_trainer)
+    again = run_training(load_train_config(sft))
+    assert again.complete_before and again.metrics == result.metrics and again.export == result.export
+    assert (result.run_dir / "metrics.jsonl").read_bytes() == metrics
+    # more steps continue the run; another learning rate is refused, naming it; --overwrite removes the run
+    assert settle_rerun(load_train_config({**sft, "steps": 4})) is None
+    other_lr = {**sft, "optim": {**sft["optim"], "lr": sft["optim"]["lr"] / 2}}
+    with pytest.raises(RunFolderError, match=r"optim.lr: ") as err:
+        settle_rerun(load_train_config(other_lr))
+    assert "--output or --name" in str(err.value)
+    assert settle_rerun(load_train_config(other_lr), "overwrite") is None and not result.run_dir.exists()
