@@ -94,6 +94,47 @@ def test_deepspeed_config_built_from_typed_config():
     assert load_train_config({"deepspeed": {"zero_stage": 3, "ema_decay": 0.9999}}).deepspeed.ema_decay == 0.9999
 
 
+def test_warmup_stable_decay_schedule():
+    """``optim.decay: wsd``: DeepSpeed's own WarmupLR during the warm-up, the peak until the last
+    ``decay_fraction`` of the steps, then linear to 0 at the last step; its state is the step alone, and a run
+    resumed with more steps stays at the peak where the shorter run had begun to decay."""
+    from deepspeed.runtime.lr_schedules import WarmupLR
+
+    from pipelines.train.deepspeed_config import (
+        WarmupStableDecayLR,
+        build_deepspeed_config,
+        lr_scheduler_factory,
+    )
+
+    def optimizer():
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+
+    cfg = load_train_config({"steps": 100, "optim": {"lr": 1e-3, "warmup_steps": 10, "decay": "wsd",
+                                                      "decay_fraction": 0.25}})
+    assert "scheduler" not in build_deepspeed_config(cfg, on_gpu=False)
+    ours = lr_scheduler_factory(cfg)(optimizer())
+    theirs = WarmupLR(optimizer(), warmup_min_lr=0.0, warmup_max_lr=1e-3, warmup_num_steps=10, warmup_type="linear")
+    lrs = []
+    for step in range(100):
+        ours.step()
+        theirs.step()
+        lrs.append(ours.get_last_lr()[0])
+        assert ours.optimizer.param_groups[0]["lr"] == lrs[-1]
+        if step < 75:
+            assert lrs[-1] == pytest.approx(theirs.get_last_lr()[0]), step
+    assert lrs[9] < lrs[10] == lrs[74] == 1e-3 and lrs[75] == pytest.approx(1e-3 * 25 / 25)
+    assert lrs[80] == pytest.approx(1e-3 * 20 / 25) and lrs[99] == pytest.approx(1e-3 / 25)
+    again = WarmupStableDecayLR(optimizer(), 1e-3, 10, 100, 25)
+    again.load_state_dict(json.loads(json.dumps(ours.state_dict())))
+    assert again.get_last_lr() == ours.get_last_lr()
+    longer = lr_scheduler_factory(load_train_config({**cfg.model_dump(mode="json"), "steps": 200}))(optimizer())
+    longer.load_state_dict({"last_batch_iteration": 80})
+    assert longer.get_last_lr()[0] == 1e-3
+    assert lr_scheduler_factory(load_train_config({"optim": {"decay": "linear"}})) is None
+    with pytest.raises(ConfigError, match="decay_fraction"):
+        load_train_config({"optim": {"decay": "wsd", "decay_fraction": 0}})
+
+
 # ---------------------------------------------------------------------------------------------- mixture
 def test_progressive_schedule_raises_editing_share():
     cfg = MixtureSection(weights={"t2i": 1.0, "i2i": 1.0},

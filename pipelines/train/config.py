@@ -128,8 +128,12 @@ class OptimSection(StrictModel):
     eps: float = Field(1e-15, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(500, ge=0)
-    decay: Literal["constant", "linear"] = "constant"
-    """After the warm-up: ``constant`` (released SFT) or ``linear`` to 0 at the last step."""
+    decay: Literal["constant", "linear", "wsd"] = "constant"
+    """After the warm-up: ``constant`` (released SFT), ``linear`` to 0 at the last step, or ``wsd`` (warm-up,
+    stable, decay): the peak lr, then linear to 0 over the last ``decay_fraction`` of the steps. A wsd run
+    resumed with more ``steps`` goes on at the peak lr if its decay had not begun."""
+    decay_fraction: float = Field(0.2, gt=0, le=1)
+    """``wsd``: the share of ``steps`` in the final decay."""
     grad_clip: float = Field(1.0, ge=0)
     fused: bool = True
     """torch's fused AdamW kernel (CPU and GPU): one pass over each tensor, no full-size temporaries."""

@@ -42,7 +42,7 @@ from pipelines.runtime.run_log import MetricsLog, worker_logging
 from . import checkpoints as ckpt
 from .config import TrainConfig, check_global_packs
 from .data import PackLoader
-from .deepspeed_config import build_deepspeed_config, use_bf16
+from .deepspeed_config import build_deepspeed_config, lr_scheduler_factory, use_bf16
 from .evaluate import HeldOut, SampleWriter
 from .metrics import ExpertGradProbe, pack_flops, peak_tflops, task_loss_sums
 from .mixture import MixtureSchedule
@@ -237,7 +237,7 @@ class Trainer:
         self.probe = ExpertGradProbe(model) if cfg.metrics.expert_grad_check else None
         optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
-                                                    dist_init_required=False)
+                                                    lr_scheduler=lr_scheduler_factory(cfg), dist_init_required=False)
         self.module = self.engine.module
         self.named_trainable = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
         decay = cfg.deepspeed.ema_decay
