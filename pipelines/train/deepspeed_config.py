@@ -27,9 +27,9 @@ def build_deepspeed_config(cfg: TrainConfig, on_gpu: bool, accumulation: int = 1
             "params": {"warmup_min_lr": 0.0, "warmup_max_lr": optim.lr, "warmup_num_steps": max(optim.warmup_steps, 1),
                        "total_num_steps": max(cfg.steps, optim.warmup_steps + 1), "warmup_type": "linear"},
         }
-    elif optim.decay == "wsd":
-        pass  # built by :func:`lr_scheduler_factory`, handed to ``deepspeed.initialize``
-    elif optim.warmup_steps:  # DeepSpeed's WarmupLR refuses 0 steps; without warm-up the lr is constant
+    elif optim.decay == "constant" and optim.warmup_steps:
+        # DeepSpeed's WarmupLR refuses 0 steps; without warm-up the lr is constant. (wsd: the scheduler of
+        # lr_scheduler_factory, handed to deepspeed.initialize.)
         config["scheduler"] = {
             "type": "WarmupLR",
             "params": {"warmup_min_lr": 0.0, "warmup_max_lr": optim.lr, "warmup_num_steps": optim.warmup_steps,
