@@ -41,7 +41,7 @@ log = logging.getLogger("lance.learning")
 class LearningConfig(StrictModel):
     size: int = Field(16, gt=0)
     """Side of the digit images in pixels (the 8x8 originals upscaled; a multiple of the codec's 4)."""
-    steps: int = Field(1200, gt=0)
+    steps: int = Field(2000, gt=0)
     """Training steps of ``lance train``."""
     curve_every: int = Field(400, gt=0)
     """Steps between checkpoints, each exported and scored: the learning curve."""
@@ -53,7 +53,7 @@ class LearningConfig(StrictModel):
     cfg_scale: float = Field(4.0, ge=1.0)
     i2t_images: int | None = Field(None, gt=0)
     """Held-out images to caption (None: all of them)."""
-    grpo_epochs: int = Field(20, ge=0)
+    grpo_epochs: int = Field(40, ge=0)
     """0: no GRPO phase."""
     grpo_samples_per_prompt: int = Field(8, gt=0)
     """Generated images per GRPO evaluation prompt, before and after."""
@@ -72,7 +72,7 @@ class LearningConfig(StrictModel):
 QUICK = {"steps": 800, "curve_every": 400, "samples_per_digit": 4, "curve_samples_per_digit": 2,
          "sampling_steps": 12, "i2t_images": 100, "grpo_epochs": 6, "grpo_samples_per_prompt": 4,
          "grpo_from_step": 400}
-"""The quick run (tests, the demo, ``--quick``): two thirds of the training, fewer samples, a short GRPO phase from
+"""The quick run (tests, the demo, ``--quick``): two fifths of the training, fewer samples, a short GRPO phase from
 the first checkpoint."""
 
 
