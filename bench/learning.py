@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
              "goal": "+0.05 or half the error"},
             {"figure": "GRPO eval prompts: mean reward before", "value": grpo["before"]["mean_reward"], "goal": ""},
             {"figure": "GRPO eval prompts: mean reward after", "value": grpo["after"]["mean_reward"], "goal": ""},
+            {"figure": "GRPO eval images: chroma before (grey 0)", "value": grpo["before"]["chroma"], "goal": ""},
+            {"figure": "GRPO eval images: chroma after", "value": grpo["after"]["chroma"], "goal": "low"},
         ]
     rows += [{"figure": f"t2i accuracy at step {p['step']}", "value": p["t2i_accuracy"], "goal": "curve"}
              for p in figures["curve"]]

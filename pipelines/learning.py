@@ -220,7 +220,15 @@ def score_prompts(sampler: Sampler, judge: Judge, cfg: LearningConfig, prompt_fi
     images = sampler.images(prompts, cfg.size, cfg.sampling_steps, cfg.cfg_scale, seed)
     read, probability = judge.read(images, digits)
     return {"accuracy": float(np.mean([r == str(d) for r, d in zip(read, digits)])),
-            "mean_reward": float(np.mean(probability)), "images": images, "digits": digits, "prompts": prompts}
+            "mean_reward": float(np.mean(probability)), "chroma": chroma(images), "images": images,
+            "digits": digits, "prompts": prompts}
+
+
+def chroma(images: list[np.ndarray]) -> float:
+    """Mean distance of a pixel's channels from their mean (0-255; 0 for grey images): colour the judge,
+    which reads grey, neither sees nor pays for."""
+    pixels = np.stack(images).astype(np.float64)
+    return float(np.abs(pixels - pixels.mean(axis=-1, keepdims=True)).mean())
 
 
 def heldout_rows(root: Path, digits: Path, limit: int | None) -> list[tuple[dict, dict]]:
@@ -333,8 +341,9 @@ def run_learning(cfg: LearningConfig, root: Path, output: Path) -> dict:
         summary = run_grpo(grpo_cfg, run.root / "grpo", checkpoint=str(start))
         after_sampler = Sampler(model_cfg, tokenizer, Path(summary["model"]))
         after = score_prompts(after_sampler, judge, rollout_like, eval_prompts, cfg.seed + 2)
-        grpo = {"epochs": cfg.grpo_epochs, "from_step": cfg.grpo_from_step or cfg.steps, "before": {k: before[k] for k in ("accuracy", "mean_reward")},
-                "after": {k: after[k] for k in ("accuracy", "mean_reward")},
+        kept = ("accuracy", "mean_reward", "chroma")
+        grpo = {"epochs": cfg.grpo_epochs, "from_step": cfg.grpo_from_step or cfg.steps,
+                "before": {k: before[k] for k in kept}, "after": {k: after[k] for k in kept},
                 "accuracy_gain": after["accuracy"] - before["accuracy"],
                 "reward_gain": after["mean_reward"] - before["mean_reward"],
                 "train_reward_first": summary.get("reward_first"), "train_reward_last": summary.get("reward_last")}
@@ -370,7 +379,8 @@ def figure_lines(figures: dict) -> list[str]:
     if grpo:
         lines.append(f"GRPO ({grpo['epochs']} epochs from step {grpo['from_step']}) on prompts it never trained on: accuracy "
                      f"{grpo['before']['accuracy']:.1%} -> {grpo['after']['accuracy']:.1%}, mean reward "
-                     f"{grpo['before']['mean_reward']:.3f} -> {grpo['after']['mean_reward']:.3f}")
+                     f"{grpo['before']['mean_reward']:.3f} -> {grpo['after']['mean_reward']:.3f}, chroma "
+                     f"{grpo['before'].get('chroma', 0):.1f} -> {grpo['after'].get('chroma', 0):.1f}")
     lines.append("curve: " + ", ".join(f"step {p['step']} {p['t2i_accuracy']:.0%}" for p in figures["curve"]))
     return lines
 

@@ -31,6 +31,7 @@ def test_lance_demo_shows_the_system_learns_real_digits(tmp_path):
     assert len(curve) >= 2 and curve[-1]["t2i_accuracy"] > curve[0]["t2i_accuracy"]
     grpo = figures["grpo"]
     assert grpo["after"]["mean_reward"] >= grpo["before"]["mean_reward"] - GRPO_SLACK, grpo
+    assert grpo["before"]["chroma"] >= 0 and grpo["after"]["chroma"] >= 0
     for name in ("t2i_grid.png", "i2t_grid.png", "grpo_before_after.png", "curve.png", "i2t.jsonl", "figures.json"):
         assert (report / name).stat().st_size > 0, name
     generated = sorted((report / "t2i").glob("*.png"))
@@ -38,6 +39,18 @@ def test_lance_demo_shows_the_system_learns_real_digits(tmp_path):
     rows = [json.loads(line) for line in (report / "i2t.jsonl").read_text().splitlines()]
     assert len(rows) == figures["i2t_images"] and set(rows[0]) == {"image", "digit", "caption"}
     assert "t2i accuracy:" in out.stdout and "GRPO" in out.stdout
+
+
+def test_chroma_is_zero_for_grey_and_the_mean_channel_distance_otherwise():
+    import numpy as np
+
+    from pipelines.learning import chroma
+
+    grey = np.repeat(np.arange(16, dtype=np.uint8).reshape(4, 4, 1), 3, axis=-1)
+    assert chroma([grey, grey]) == 0.0
+    red = np.zeros((4, 4, 3), dtype=np.uint8)
+    red[..., 0] = 90  # channels 90, 0, 0 around their mean 30: distances 60, 30, 30
+    assert chroma([red, grey]) == 20.0
 
 
 @pytest.mark.slow
