@@ -88,6 +88,8 @@ else:
         del engine
 if rank == 0:
     Path(out).write_text(json.dumps(results))
+dist.barrier()
+dist.destroy_process_group()
 """
 
 
