@@ -55,11 +55,12 @@ class LearningConfig(StrictModel):
     """Held-out images to caption (None: all of them)."""
     grpo_epochs: int = Field(40, ge=0)
     """0: no GRPO phase."""
-    grpo_samples_per_prompt: int = Field(8, gt=0)
+    grpo_samples_per_prompt: int = Field(16, gt=0)
     """Generated images per GRPO evaluation prompt, before and after."""
-    grpo_from_step: int | None = Field(800, gt=0)
-    """GRPO starts from the export of this training step (a checkpoint of the curve, with room left to improve;
-    the final model is near 100 %), None: from the final export."""
+    grpo_from_step: int | None = Field(400, gt=0)
+    """GRPO starts from the export of this training step (a checkpoint of the curve, with room left to improve:
+    about a quarter of the held-out prompts drawn right at step 400, 93 % at step 800, near 100 % at the end),
+    None: from the final export."""
     seed: int = 0
     train: dict[str, Any] = Field(default_factory=dict)
     """Fields laid over jobs/configs/train_digits.yaml."""
