@@ -59,7 +59,7 @@ class LearningConfig(StrictModel):
     """Generated images per GRPO evaluation prompt, before and after."""
     grpo_from_step: int | None = Field(400, gt=0)
     """GRPO starts from the export of this training step (a checkpoint of the curve, with room left to improve:
-    about a quarter of the held-out prompts drawn right at step 400, 93 % at step 800, near 100 % at the end),
+    a quarter to a half of the held-out prompts drawn right at step 400, 93 % at step 800, near 100 % at the end),
     None: from the final export."""
     seed: int = 0
     train: dict[str, Any] = Field(default_factory=dict)
